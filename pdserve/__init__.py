@@ -1,0 +1,23 @@
+"""pdserve: prefill-decode disaggregated LLM serving."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import pdserve` stays cheap for the proxy and the bench client (no torch import).
+    if name == "LLM":
+        from pdserve.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from pdserve.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    if name in ("RequestOutput", "CompletionOutput"):
+        from pdserve.engine import outputs
+
+        return getattr(outputs, name)
+    raise AttributeError(name)

@@ -1,0 +1,108 @@
+"""Frozen configuration, built once (from the CLI or the offline API) and never mutated.
+
+Runtime facts (the number of KV blocks actually allocated, ports picked at start) live on the
+objects that own them, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["standalone", "prefill", "decode"]
+KVMode = Literal["read", "write"]
+DType = Literal["bfloat16", "float16", "float32", "auto"]
+
+# Defaults in one place.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_REGISTRY_PORT = 36367
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_NUM_SEQS = 64
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+DEFAULT_KV_CACHE_GIB = 1.0
+DEFAULT_MODEL = "dummy:qwen3-tiny"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a Qwen3 / Qwen3-MoE model, named as in Hugging Face's config.json."""
+
+    architecture: str = "Qwen3ForCausalLM"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    # Qwen3-MoE only.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # Generation facts.
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture == "Qwen3MoeForCausalLM"
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """True when `layer` uses the expert MLP (HF's rule for Qwen3-MoE)."""
+        return (
+            self.is_moe
+            and layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = DEFAULT_BLOCK_SIZE
+    num_kv_blocks: int | None = None  # wins over kv_cache_gib when set
+    kv_cache_gib: float = DEFAULT_KV_CACHE_GIB
+    shared_memory: bool = False  # put the KV cache in a POSIX shm segment (needed by the shm transport)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    role: Role = "standalone"
+    kv_mode: KVMode = "read"
+    kv_transport: Literal["auto", "shm", "tcp", "cuda_ipc"] = "auto"
+    kv_host: str = DEFAULT_HOST
+    kv_handshake_port: int = 0  # 0: pick a free port at start
+    kv_notify_port: int = 0
+    kv_lease_seconds: float = 30.0
+    kv_transfer_timeout: float = 30.0
+    kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    device: str = "cpu"
+    dtype: DType = "auto"
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads
+    cpus: tuple[int, ...] | None = None  # pin the process to these cores
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)

@@ -1,0 +1,145 @@
+"""Attention over the paged KV cache.
+
+KV cache layout (one allocation for all layers; on CPU optionally a shared-memory segment):
+
+    kv_cache: [num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]
+                  │            │       │      │
+                  │            │       │      └─ token slot inside the block
+                  │            │       └─ 0 = K, 1 = V
+                  │            └─ block id (what the block pool hands out)
+                  └─ layer
+
+so one block of one layer (K and V together) is one contiguous span of
+2 * block_size * num_kv_heads * head_dim elements: what KV transports move.
+
+A batch is flat: the first `num_decode_tokens` tokens are decodes (one token per sequence), the
+rest are prefill chunks, each a contiguous span of tokens of one sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """One prefill chunk in the flat batch."""
+
+    q_start: int  # offset of the chunk's first token in the flat batch
+    q_len: int  # tokens in this chunk
+    num_cached: int  # tokens of this sequence already in the cache before the chunk
+    block_ids: torch.Tensor  # [num_blocks_of_seq] long: the sequence's block table
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step facts every attention layer needs; built once per step by the runner."""
+
+    block_size: int
+    slot_mapping: torch.Tensor  # [T] long: block_id * block_size + offset, for each new token
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor  # [D, max_blocks] long, padded with block 0
+    decode_context_lens: torch.Tensor  # [D] long, context length including the new token
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    # Called with the layer index once that layer's KV for this step is in the cache (write-mode seam).
+    layer_hook: Callable[[int], None] | None = None
+    # Derived once per step, shared by every layer.
+    _k_index: torch.Tensor | None = None
+    _v_index: torch.Tensor | None = None
+    _decode_mask: torch.Tensor | None = None
+
+    def kv_write_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices of K and V slots in a layer's cache viewed as [num_blocks*2*block_size, ...]."""
+        if self._k_index is None:
+            blk = torch.div(self.slot_mapping, self.block_size, rounding_mode="floor")
+            off = self.slot_mapping - blk * self.block_size
+            self._k_index = blk * (2 * self.block_size) + off
+            self._v_index = self._k_index + self.block_size
+        return self._k_index, self._v_index  # type: ignore[return-value]
+
+    def decode_mask(self) -> torch.Tensor:
+        """[D, 1, 1, L] bool: key position < context length."""
+        if self._decode_mask is None:
+            n_blocks = self.decode_block_tables.shape[1]
+            pos = torch.arange(n_blocks * self.block_size, device=self.decode_context_lens.device)
+            self._decode_mask = (pos[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
+        return self._decode_mask
+
+
+def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Scatter this step's k, v ([T, kvh, hd]) into one layer's cache ([nb, 2, bs, kvh, hd])."""
+    flat = kv_layer.view(-1, kv_layer.shape[-2], kv_layer.shape[-1])
+    k_idx, v_idx = meta.kv_write_indices()
+    flat.index_copy_(0, k_idx, k.to(flat.dtype))
+    flat.index_copy_(0, v_idx, v.to(flat.dtype))
+
+
+def _gather(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the given blocks: each [..., n_blocks*bs, kvh, hd] (a copy, blocks concatenated)."""
+    nb, _, bs, kvh, hd = kv_layer.shape
+    rows = kv_layer.view(nb, -1).index_select(0, block_ids.reshape(-1))
+    rows = rows.view(*block_ids.shape, 2, bs, kvh, hd)
+    k = rows.select(-4, 0).flatten(-4, -3)
+    v = rows.select(-4, 1).flatten(-4, -3)
+    return k, v
+
+
+def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float):
+    """q: [D, H, hd] -> [D, H, hd]; grouped-query attention against each sequence's blocks."""
+    d, h, hd = q.shape
+    k, v = _gather(kv_layer, meta.decode_block_tables)  # [D, L, kvh, hd]
+    kvh = k.shape[-2]
+    group = h // kvh
+    qg = q.view(d, kvh, group, hd)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [D, kvh, G, L]
+    scores.masked_fill_(~meta.decode_mask(), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.transpose(1, 2))  # [D, kvh, G, hd]
+    return out.reshape(d, h, hd)
+
+
+def _prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan, scale: float
+) -> torch.Tensor:
+    """One chunk: q [n, H, hd]; k, v of the chunk [n, kvh, hd]. Causal over cached + chunk tokens."""
+    n = span.q_len
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
+    if span.num_cached == 0:
+        kh = k.transpose(0, 1).unsqueeze(0)
+        vh = v.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        total = span.num_cached + n
+        n_blocks = -(-total // kv_layer.shape[2])
+        kc, vc = _gather(kv_layer, span.block_ids[:n_blocks])
+        kh = kc[:total].transpose(0, 1).unsqueeze(0)
+        vh = vc[:total].transpose(0, 1).unsqueeze(0)
+        qpos = torch.arange(span.num_cached, total, device=q.device)
+        kpos = torch.arange(total, device=q.device)
+        mask = kpos[None, :] <= qpos[:, None]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)  # [n, H, hd]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store this step's K/V in the cache, then attend. q: [T, H, hd]; k, v: [T, kvh, hd] -> [T, H, hd]."""
+    write_kv(kv_layer, k, v, meta)
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        out[:nd] = _decode_attention(q[:nd], kv_layer, meta, scale)
+    for span in meta.prefills:
+        s, e = span.q_start, span.q_start + span.q_len
+        out[s:e] = _prefill_attention(q[s:e], k[s:e], v[s:e], kv_layer, span, scale)
+    return out
