@@ -1,0 +1,92 @@
+"""Engine flags shared by `serve`, `generate` and `demo`; turned into one frozen EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+
+from pdserve.config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_KV_CACHE_GIB,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    CacheConfig,
+    EngineConfig,
+    KVTransferConfig,
+    SchedulerConfig,
+)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def cpu_list(text: str) -> tuple[int, ...]:
+    """'0-3,6' -> (0, 1, 2, 3, 6)."""
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a core list like '0-3,6', got {text!r}") from None
+    return tuple(cpus)
+
+
+def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    if with_model:
+        p.add_argument("model", help="a local Hugging Face directory or dummy:<preset>")
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    g.add_argument("--cpus", type=cpu_list, default=None, help="pin to these cores, e.g. 0-3")
+    g.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE)
+    g.add_argument("--num-kv-blocks", type=positive_int, default=None)
+    g.add_argument("--kv-cache-memory", type=positive_float, default=DEFAULT_KV_CACHE_GIB, help="GiB")
+    g.add_argument("--max-num-seqs", type=positive_int, default=DEFAULT_MAX_NUM_SEQS)
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    g.add_argument("--max-model-len", type=positive_int, default=None)
+    g.add_argument("--no-chunked-prefill", action="store_true")
+
+
+def engine_config_from_args(
+    args: argparse.Namespace, kv_transfer: KVTransferConfig | None = None, shared_kv: bool = False
+) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        threads=args.threads,
+        cpus=args.cpus,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_kv_blocks=args.num_kv_blocks,
+            kv_cache_gib=args.kv_cache_memory,
+            shared_memory=shared_kv,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            enable_chunked_prefill=not args.no_chunked_prefill,
+        ),
+        kv_transfer=kv_transfer or KVTransferConfig(),
+    )

@@ -1,0 +1,151 @@
+"""Asyncio front of the engine: the step loop runs in its own thread.
+
+    asyncio (HTTP handlers) ──commands (SimpleQueue)──► engine thread: drain, step, step, ...
+            ▲                                              │
+            └──── per-request asyncio.Queue ◄─call_soon_threadsafe── StepOutputs
+
+The model's heavy kernels release the GIL, so HTTP parsing and SSE writes proceed while a step
+computes; the engine thread never awaits anything, so a slow client cannot stall a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pdserve.engine.engine import EngineStats, LLMEngine
+from pdserve.engine.outputs import StepOutput
+from pdserve.engine.request import RequestStatus
+from pdserve.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    kv_transfer_params: object | None
+    sink: asyncio.Queue[StepOutput]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._sinks: dict[str, tuple[asyncio.Queue[StepOutput], asyncio.AbstractEventLoop]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self.stats: EngineStats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- asyncio side ------------------------------------------------------------------------
+    async def generate(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        kv_transfer_params: object | None = None,
+    ) -> AsyncIterator[StepOutput]:
+        """Stream a request's outputs. Leaving the iteration early (client gone) aborts it."""
+        if self._stopping:
+            raise RuntimeError("the engine is shutting down")
+        self.engine.validate_prompt(token_ids, params)
+        sink: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._send(_Add(request_id, token_ids, params, kv_transfer_params, sink, asyncio.get_running_loop()))
+        finished = False
+        try:
+            while not finished:
+                out = await sink.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(_Abort(request_id))
+
+    def _send(self, cmd: _Add | _Abort | None) -> None:
+        self._inbox.put(cmd)
+        self._wake.set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._sinks)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop thread (in-flight requests should have drained first)."""
+        self._stopping = True
+        self._send(None)
+        self._thread.join(timeout)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; in-flight ones go on."""
+        self._stopping = True
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _deliver(self, out: StepOutput) -> None:
+        entry = self._sinks.get(out.request_id)
+        if entry is None:
+            return
+        if out.finished:
+            del self._sinks[out.request_id]
+        sink, loop = entry
+        try:
+            loop.call_soon_threadsafe(sink.put_nowait, out)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _drain_inbox(self) -> bool:
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if cmd is None:
+                return False
+            if isinstance(cmd, _Abort):
+                self.engine.abort_request(cmd.request_id)
+                continue
+            self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
+            try:
+                self.engine.add_request(cmd.request_id, cmd.token_ids, cmd.params, cmd.kv_transfer_params)
+            except ValueError as e:
+                self._deliver(StepOutput(cmd.request_id, [], "", True, "error", error=str(e)))
+
+    def _fail_all(self, reason: str) -> None:
+        for rid in list(self.engine.scheduler.requests):
+            self.engine.scheduler.finish(rid, RequestStatus.FINISHED_ERROR, reason)
+            self._deliver(StepOutput(rid, [], "", True, "error", error=reason))
+
+    def _run(self) -> None:
+        while True:
+            if not self._drain_inbox():
+                return
+            if not self.engine.has_unfinished():
+                self.stats = self.engine.stats()
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # a failed step must not kill the server: fail its requests
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {e}")
+                outs = []
+            for out in outs:
+                self._deliver(out)
+            self.stats = self.engine.stats()

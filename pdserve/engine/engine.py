@@ -1,0 +1,200 @@
+"""The engine: one step loop (schedule -> run -> sample -> detokenize) over one model.
+
+A role (standalone, prefill, decode) is a configuration of this engine: the KV connector plugs
+into the scheduler's and runner's seams; the loop itself does not change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.kv_cache import KVCache, plan_layout
+from pdserve.engine.outputs import StepOutput
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.text import TextState
+from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def apply_cpu_placement(threads: int | None, cpus: tuple[int, ...] | None) -> None:
+    """Pin this process to `cpus` and size torch's intra-op pool (defaults: one thread per core)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    n = threads or (len(cpus) if cpus else None)
+    if n:
+        torch.set_num_threads(n)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        apply_cpu_placement(config.threads, config.cpus)
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        self.loaded: LoadedModel = load_model(config.model, self.dtype, self.device, seed=config.seed)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
+        self.layout = plan_layout(self.model_config, config.cache, self.dtype)
+        self.kv_cache = KVCache(self.layout, self.device, shared=config.cache.shared_memory)
+        self.block_pool = BlockPool(self.layout.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.block_pool, self.layout.block_size)
+        self.runner = ModelRunner(
+            self.loaded.module, self.kv_cache.tensor, self.layout.block_size, self.model_config.vocab_size,
+            self.device,
+        )
+        self._texts: dict[str, TextState] = {}
+        self._eos = frozenset(self.loaded.eos_token_ids)
+        self._pending: list[StepOutput] = []
+        self.step_count = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError with a user-facing message if the request cannot be served."""
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of range for vocabulary size {vocab}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
+                f"{self.max_model_len} (prompt plus at least one generated token)"
+            )
+        if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} plus the prompt's {len(token_ids)} tokens exceeds this "
+                f"model's maximum context length of {self.max_model_len}"
+            )
+        blocks_needed = -(-(len(token_ids) + 1) // self.layout.block_size)
+        if blocks_needed > self.layout.num_blocks:
+            raise ValueError(
+                f"the prompt needs {blocks_needed} KV blocks; the cache has {self.layout.num_blocks} in all"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        kv_transfer_params: object | None = None,
+    ) -> Request:
+        token_ids = self.tokenize(prompt)
+        self.validate_prompt(token_ids, params)
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            eos_token_ids=self._eos,
+            max_model_len=self.max_model_len,
+            kv_transfer_params=kv_transfer_params,
+        )
+        self.scheduler.add(req)
+        self._texts[request_id] = TextState(self.tokenizer, params.stop, params.skip_special_tokens)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort now: blocks are freed at once. False when the request is unknown or already done."""
+        req = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
+        if req is None:
+            return False
+        self._pending.append(self._final_output(req, [], ""))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._pending)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.block_pool.num_free, self.block_pool.num_blocks)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """One scheduling step. Returns the new tokens (and finishes) of every affected request."""
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return outputs
+        sampled = self.runner.execute(batch)
+        self.step_count += 1
+        advanced = self.scheduler.update_after_step(batch, sampled)
+        outputs.extend(self._process(advanced))
+        return outputs
+
+    def _process(self, advanced: list[Request]) -> list[StepOutput]:
+        outs = []
+        for req in advanced:
+            text = self._texts[req.request_id]
+            new_id = req.output_token_ids[-1]
+            delta, hit_stop = text.push(new_id)
+            if hit_stop and not req.is_finished:
+                self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+            if req.is_finished:
+                outs.append(self._final_output(req, [new_id], delta))
+            else:
+                outs.append(
+                    StepOutput(
+                        req.request_id, [new_id], delta, False,
+                        num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
+                    )
+                )
+        return outs
+
+    def _final_output(self, req: Request, new_ids: list[int], delta: str) -> StepOutput:
+        text = self._texts.pop(req.request_id, None)
+        if text is not None:
+            delta += text.flush()
+        self.runner.sampler.forget(req.request_id)
+        return StepOutput(
+            req.request_id,
+            new_ids,
+            delta,
+            True,
+            finish_reason=req.status.finish_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+            error=req.error,
+            kv_transfer_params=req.kv_transfer_params,
+        )
+
+    def run_until_done(self, max_idle_s: float = 600.0) -> list[StepOutput]:
+        """Step until every request has finished (offline use)."""
+        outs: list[StepOutput] = []
+        last = time.monotonic()
+        while self.has_unfinished():
+            step = self.step()
+            if step:
+                last = time.monotonic()
+            elif time.monotonic() - last > max_idle_s:
+                raise TimeoutError("engine made no progress")
+            outs.extend(step)
+        return outs
+
+    def close(self) -> None:
+        self.kv_cache.close()

@@ -1,0 +1,97 @@
+"""Allocation of the paged KV cache: one tensor for all layers, optionally in POSIX shared memory.
+
+Layout: see pdserve/model/attention.py. On CPU the cache can live in a shared-memory segment so
+a peer process on the same host can map it and copy blocks one-sidedly (the shm transport).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import torch
+
+from pdserve.config import CacheConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_layers, self.num_blocks, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of one layer (K and V)."""
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_layers * self.layer_bytes
+
+
+def plan_layout(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> KVLayout:
+    per_block_all_layers = (
+        model.num_hidden_layers * 2 * cache.block_size * model.num_key_value_heads * model.head_dim
+    ) * dtype.itemsize
+    if cache.num_kv_blocks is not None:
+        num_blocks = cache.num_kv_blocks
+    else:
+        num_blocks = int(cache.kv_cache_gib * (1 << 30)) // per_block_all_layers
+    if num_blocks < 1:
+        raise ValueError(
+            f"KV cache too small: {cache.kv_cache_gib} GiB holds no block of {per_block_all_layers} bytes"
+        )
+    return KVLayout(
+        model.num_hidden_layers, num_blocks, cache.block_size, model.num_key_value_heads, model.head_dim, dtype
+    )
+
+
+class KVCache:
+    """Owns the cache tensor (and its shared-memory segment, if any). Call close() to release it."""
+
+    def __init__(self, layout: KVLayout, device: torch.device, shared: bool = False) -> None:
+        self.layout = layout
+        self.shm: shared_memory.SharedMemory | None = None
+        if shared and device.type == "cpu":
+            self.shm = shared_memory.SharedMemory(create=True, size=layout.total_bytes)
+            # Only the owning user may map our KV (the name is otherwise guessable under /dev/shm).
+            try:
+                os.chmod(f"/dev/shm/{self.shm.name.lstrip('/')}", 0o600)
+            except OSError:
+                pass
+            buf = torch.frombuffer(self.shm.buf, dtype=torch.uint8, count=layout.total_bytes)
+            self.tensor = buf.view(layout.dtype).view(layout.shape)
+            self.tensor.zero_()
+        else:
+            self.tensor = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
+
+    @property
+    def shm_name(self) -> str | None:
+        return None if self.shm is None else self.shm.name
+
+    def close(self) -> None:
+        if self.shm is not None:
+            # Drop tensor views first: the mmap cannot close while exported buffers exist.
+            self.tensor = torch.empty(0)
+            shm, self.shm = self.shm, None
+            try:
+                shm.close()
+            except BufferError:
+                pass
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,97 @@
+"""A request's life inside one engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from pdserve.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered: a request is finished exactly when its status is greater than PREEMPTED."""
+
+    WAITING = 0
+    WAITING_FOR_REMOTE_KVS = 1
+    RUNNING = 2
+    PREEMPTED = 3
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
+    FINISHED_ERROR = 7
+
+    @property
+    def finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    # Opaque to the scheduler; owned by the KV connector (typed there).
+    kv_transfer_params: object | None = None
+    error: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def max_output_tokens(self) -> int:
+        limit = self.max_model_len - self.num_prompt_tokens
+        mt = self.sampling_params.max_tokens
+        return limit if mt is None else min(mt, limit)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) of prompt + output."""
+        np_ = self.num_prompt_tokens
+        if end <= np_:
+            return self.prompt_token_ids[start:end]
+        if start >= np_:
+            return self.output_token_ids[start - np_ : end - np_]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - np_]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def check_stop(self) -> RequestStatus | None:
+        """Status to finish with after the newest token, or None to go on (stop strings: engine)."""
+        sp = self.sampling_params
+        n_out = len(self.output_token_ids)
+        last = self.output_token_ids[-1]
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and last in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if last in sp.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if n_out >= self.max_output_tokens or self.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

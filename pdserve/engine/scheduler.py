@@ -1,0 +1,222 @@
+"""Continuous batching with chunked prefill under a per-step token budget. Pure Python.
+
+Each step: running requests first (decodes, then unfinished prefill chunks), preempting the newest
+running request by recompute when blocks run out; then waiting requests in arrival order while the
+token budget, `max_num_seqs` and free blocks allow. Requests in WAITING_FOR_REMOTE_KVS are skipped
+until the KV connector reports their blocks ready.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pdserve.config import SchedulerConfig
+from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.request import Request, RequestStatus
+
+
+class SchedulerConnector(Protocol):
+    """The KV-transfer seam on the scheduler side (implemented in pdserve.kv)."""
+
+    def poll(self) -> tuple[set[str], dict[str, str]]:
+        """Ids whose remote KV has landed, and ids whose transfer failed (id -> reason)."""
+        ...
+
+    def on_request_finished(self, request: Request) -> bool:
+        """Called when a request finishes. True: the connector keeps its blocks and frees them later."""
+        ...
+
+
+@dataclass
+class ScheduledBatch:
+    """What one step computes: `decodes` get one token each; `prefills` (request, num_tokens)."""
+
+    decodes: list[Request] = field(default_factory=list)
+    prefills: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_pool: BlockPool,
+        block_size: int,
+        connector: SchedulerConnector | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = block_pool
+        self.block_size = block_size
+        self.connector = connector
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # ---- admission and removal -------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def allocate_for_remote(self, request: Request) -> bool:
+        """Give a remote-KV request blocks for its whole prompt up front (decode side)."""
+        need = self._blocks_needed(request, request.num_prompt_tokens)
+        if not self.pool.can_allocate(need):
+            return False
+        request.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def finish(self, request_id: str, status: RequestStatus, error: str | None = None) -> Request | None:
+        """End a request now (abort, stop string, error); frees its blocks unless the connector keeps them."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._finalize(req, status, error)
+        return req
+
+    def _finalize(self, req: Request, status: RequestStatus, error: str | None = None) -> None:
+        req.status = status
+        req.error = error
+        del self.requests[req.request_id]
+        keep = self.connector is not None and self.connector.on_request_finished(req)
+        if not keep:
+            self.release_blocks(req)
+
+    def release_blocks(self, req: Request) -> None:
+        if req.block_ids:
+            self.pool.free(req.block_ids)
+            req.block_ids = []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------
+    def _blocks_needed(self, req: Request, num_tokens_total: int) -> int:
+        return max(0, -(-num_tokens_total // self.block_size) - len(req.block_ids))
+
+    def _try_allocate(self, req: Request, num_new: int) -> bool:
+        need = self._blocks_needed(req, req.num_computed_tokens + num_new)
+        if not self.pool.can_allocate(need):
+            return False
+        req.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, victim: Request, batch: ScheduledBatch) -> None:
+        self.running.remove(victim)
+        self.release_blocks(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        batch.preempted.append(victim)
+
+    def _poll_connector(self) -> None:
+        if self.connector is None:
+            return
+        ready, failed = self.connector.poll()
+        for rid, reason in failed.items():
+            req = self.requests.get(rid)
+            if req is not None and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                self.waiting.remove(req)
+                self._finalize(req, RequestStatus.FINISHED_ERROR, reason)
+        for rid in ready:
+            req = self.requests.get(rid)
+            if req is not None and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                # The prompt's KV is in our blocks: only the last prompt token is recomputed to
+                # produce the first sampled token's logits.
+                req.num_computed_tokens = req.num_prompt_tokens - 1
+                req.status = RequestStatus.WAITING
+
+    def schedule(self) -> ScheduledBatch:
+        self._poll_connector()
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[Request] = []
+
+        # 1. Running requests, oldest first; the newest is preempted when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._try_allocate(req, num_new):
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break  # req preempted itself: nothing newer left to take blocks from
+            scheduled.append(req)
+            self._add_to_batch(batch, req, num_new)
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting requests, in arrival order, unless this step had to preempt.
+        if not batch.preempted:
+            skipped: list[Request] = []
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                    skipped.append(self.waiting.popleft())
+                    continue
+                num_new = req.num_tokens - req.num_computed_tokens
+                if num_new > budget and not self.config.enable_chunked_prefill:
+                    break
+                num_new = min(num_new, budget)
+                if not self._try_allocate(req, num_new):
+                    break
+                self.waiting.popleft()
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                self._add_to_batch(batch, req, num_new)
+                budget -= num_new
+            self.waiting.extendleft(reversed(skipped))
+        return batch
+
+    @staticmethod
+    def _add_to_batch(batch: ScheduledBatch, req: Request, num_new: int) -> None:
+        # A single new token is a decode, whatever the phase: one query against the cached context.
+        if num_new == 1:
+            batch.decodes.append(req)
+        else:
+            batch.prefills.append((req, num_new))
+
+    def update_after_step(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens of caught-up requests, finish those that
+        stopped. `sampled` maps request id -> token for every request in the batch. Returns the
+        requests that received a new token this step."""
+        advanced: list[Request] = []
+        for req, n in [(r, 1) for r in batch.decodes] + batch.prefills:
+            if req.is_finished or req.status != RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += n
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a partial prefill chunk: its sample is discarded
+            req.output_token_ids.append(sampled[req.request_id])
+            advanced.append(req)
+            stop = req.check_stop()
+            if stop is not None:
+                self.running.remove(req)
+                self._finalize(req, stop)
+        return advanced
+
+    def check_integrity(self) -> None:
+        """Blocks held by live requests plus free blocks account for the whole pool."""
+        self.pool.check_integrity()
+        held = [b for r in self.requests.values() for b in r.block_ids]
+        assert len(held) == len(set(held)), "a block is owned by two requests"

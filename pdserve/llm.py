@@ -1,0 +1,100 @@
+"""Offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.outputs import CompletionOutput, RequestOutput
+from pdserve.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate offline with the pdserve engine.
+
+    `model` is a local Hugging Face directory or `dummy:<preset>`; `dtype` is "auto", "bfloat16",
+    "float16" or "float32". Extra keyword arguments size the cache and the scheduler.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        seed: int = 0,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_gib: float = 1.0,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enable_chunked_prefill: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            device=device,
+            dtype=dtype,  # type: ignore[arg-type]
+            seed=seed,
+            threads=threads,
+            cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_gib=kv_cache_gib),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
+                enable_chunked_prefill=enable_chunked_prefill,
+            ),
+        )
+        self.engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Invalid prompts raise ValueError before any runs."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        for p, sp in zip(prompts, params, strict=True):
+            self.engine.validate_prompt(self.engine.tokenize(p), sp)
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for p, sp in zip(prompts, params, strict=True):
+            rid = str(next(self._ids))
+            req = self.engine.add_request(rid, p, sp)
+            order.append(rid)
+            results[rid] = RequestOutput(
+                rid, p if isinstance(p, str) else None, list(req.prompt_token_ids),
+                [CompletionOutput(0, "", [], None)],
+            )
+        for out in self.engine.run_until_done():
+            ro = results[out.request_id]
+            comp = ro.outputs[0]
+            comp.token_ids.extend(out.new_token_ids)
+            comp.text += out.new_text
+            if out.finished:
+                comp.finish_reason = out.finish_reason
+                ro.finished = True
+        return [results[r] for r in order]
+
+    def close(self) -> None:
+        self.engine.close()
