@@ -61,6 +61,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0  # lifetime total, for metrics and tests
 
     # ---- admission and removal -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -123,6 +124,7 @@ class Scheduler:
         victim.num_computed_tokens = 0
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(victim)
         batch.preempted.append(victim)
 

@@ -1,0 +1,23 @@
+"""`pdserve export MODEL DIR`: write any model (dummy ones included) as a Hugging Face directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model as a Hugging Face directory (for transformers, vLLM)")
+    p.add_argument("model", help="a local Hugging Face directory or dummy:<preset>")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdserve.model.export import export_model
+
+    out = export_model(args.model, args.out_dir, args.dtype, args.max_shard_size, seed=args.seed)
+    print(f"wrote {args.model} to {out}")
+    return 0
