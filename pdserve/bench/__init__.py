@@ -1,0 +1,12 @@
+"""`pdserve bench`: the client side of the benchmark lab (no torch; any OpenAI-compatible server).
+
+workload.py  prompts and arrival times      sse.py      SSE framing of a completions stream
+client.py    one streamed, timestamped request   runner.py   run_benchmark(BenchConfig) -> BenchResult
+metrics.py   aggregates, SLOs, request_goodput   goodput.py  DistServe goodput, primary failure mode
+report.py    vLLM-named JSON, summary table      plots.py    per-request bars, attainment vs rate
+command.py   the `bench` subcommand
+"""
+
+from pdserve.bench.runner import BenchConfig, BenchResult, run_benchmark
+
+__all__ = ["BenchConfig", "BenchResult", "run_benchmark"]

@@ -135,13 +135,11 @@ class AsyncEngine:
         while True:
             if not self._drain_inbox():
                 return
-            if not self.engine.has_unfinished():
-                self.stats = self.engine.stats()
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
             try:
-                outs = self.engine.step()
+                if self.engine.has_unfinished():
+                    outs = self.engine.step()
+                else:
+                    outs = self.engine.tick()  # KV connector housekeeping (frees, leases)
             except Exception as e:  # a failed step must not kill the server: fail its requests
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {e}")
@@ -149,3 +147,7 @@ class AsyncEngine:
             for out in outs:
                 self._deliver(out)
             self.stats = self.engine.stats()
+            if self.engine.idle:
+                # Nothing to compute (idle, or only requests waiting for remote KV): sleep until woken.
+                self._wake.wait(0.002 if self.engine.has_unfinished() else 0.05)
+                self._wake.clear()

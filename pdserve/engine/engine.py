@@ -22,6 +22,8 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.text import TextState
+from pdserve.kv.factory import make_connector, parse_kv_transfer_params
+from pdserve.kv.messages import KVTransferParams
 from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -56,17 +58,22 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self.layout = plan_layout(self.model_config, config.cache, self.dtype)
-        self.kv_cache = KVCache(self.layout, self.device, shared=config.cache.shared_memory)
+        role = config.kv_transfer.role
+        # Instances that exchange KV keep the cache in shared memory (the shm transport maps it).
+        shared = config.cache.shared_memory or role != "standalone"
+        self.kv_cache = KVCache(self.layout, self.device, shared=shared)
         self.block_pool = BlockPool(self.layout.num_blocks)
         self.scheduler = Scheduler(config.scheduler, self.block_pool, self.layout.block_size)
         self.runner = ModelRunner(
             self.loaded.module, self.kv_cache.tensor, self.layout.block_size, self.model_config.vocab_size,
             self.device,
         )
+        self.connector = make_connector(config, self.model_config, self.kv_cache, self.scheduler, self.runner)
         self._texts: dict[str, TextState] = {}
         self._eos = frozenset(self.loaded.eos_token_ids)
         self._pending: list[StepOutput] = []
         self.step_count = 0
+        self.idle = True  # the last step had nothing to compute
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -103,18 +110,26 @@ class LLMEngine:
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams,
-        kv_transfer_params: object | None = None,
+        kv_transfer_params: KVTransferParams | dict | None = None,
     ) -> Request:
+        """Queue a request. ValueError (a user-facing message) when it cannot be served."""
         token_ids = self.tokenize(prompt)
         self.validate_prompt(token_ids, params)
+        kvp = parse_kv_transfer_params(kv_transfer_params)
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
         req = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
             sampling_params=params,
             eos_token_ids=self._eos,
             max_model_len=self.max_model_len,
-            kv_transfer_params=kv_transfer_params,
+            kv_transfer_params=kvp,
         )
+        if self.connector is not None:
+            self.connector.on_add(req, kvp)
+        elif kvp is not None and (kvp.do_remote_decode or kvp.do_remote_prefill):
+            raise ValueError("this instance runs --role standalone: it neither sends nor receives KV")
         self.scheduler.add(req)
         self._texts[request_id] = TextState(self.tokenizer, params.stop, params.skip_special_tokens)
         return req
@@ -139,13 +154,32 @@ class LLMEngine:
         """One scheduling step. Returns the new tokens (and finishes) of every affected request."""
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
+        self.idle = batch.is_empty
+        outputs.extend(self._drain_errors())
         if batch.is_empty:
             return outputs
-        sampled = self.runner.execute(batch)
+        if self.connector is not None:
+            self.connector.begin_step(batch.prefills)
+        try:
+            sampled = self.runner.execute(batch)
+        finally:
+            if self.connector is not None:
+                self.connector.end_step()
         self.step_count += 1
         advanced = self.scheduler.update_after_step(batch, sampled)
         outputs.extend(self._process(advanced))
         return outputs
+
+    def tick(self) -> list[StepOutput]:
+        """Housekeeping while idle: KV connector events (frees, lease expiries, landed transfers)."""
+        self.idle = True
+        self.scheduler.poll_connector()
+        return self._drain_errors()
+
+    def _drain_errors(self) -> list[StepOutput]:
+        """Final outputs of requests the scheduler ended outside a step (failed KV transfers)."""
+        ended = self.scheduler.pop_ended()
+        return [self._final_output(r, [], "") for r in ended]
 
     def _process(self, advanced: list[Request]) -> list[StepOutput]:
         outs = []
@@ -193,8 +227,12 @@ class LLMEngine:
                 last = time.monotonic()
             elif time.monotonic() - last > max_idle_s:
                 raise TimeoutError("engine made no progress")
+            if self.idle:
+                time.sleep(0.001)  # waiting on remote KV: don't spin
             outs.extend(step)
         return outs
 
     def close(self) -> None:
+        if self.connector is not None:
+            self.connector.close()
         self.kv_cache.close()

@@ -15,6 +15,10 @@ import torch
 from pdserve.config import CacheConfig, ModelConfig
 
 
+# Names of the segments this process created: attaching one of them must not touch its tracking.
+OWNED_SEGMENTS: set[str] = set()
+
+
 @dataclass(frozen=True)
 class KVLayout:
     num_layers: int
@@ -67,6 +71,7 @@ class KVCache:
         self.shm: shared_memory.SharedMemory | None = None
         if shared and device.type == "cpu":
             self.shm = shared_memory.SharedMemory(create=True, size=layout.total_bytes)
+            OWNED_SEGMENTS.add(self.shm.name)
             # Only the owning user may map our KV (the name is otherwise guessable under /dev/shm).
             try:
                 os.chmod(f"/dev/shm/{self.shm.name.lstrip('/')}", 0o600)
@@ -87,6 +92,7 @@ class KVCache:
             # Drop tensor views first: the mmap cannot close while exported buffers exist.
             self.tensor = torch.empty(0)
             shm, self.shm = self.shm, None
+            OWNED_SEGMENTS.discard(shm.name)
             try:
                 shm.close()
             except BufferError:

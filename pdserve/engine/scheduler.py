@@ -62,6 +62,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # lifetime total, for metrics and tests
+        self._ended: list[Request] = []  # finished outside a step (failed transfers), not yet reported
 
     # ---- admission and removal -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -128,7 +129,8 @@ class Scheduler:
         self.waiting.appendleft(victim)
         batch.preempted.append(victim)
 
-    def _poll_connector(self) -> None:
+    def poll_connector(self) -> None:
+        """Let the KV connector report landed / failed transfers (also called when idle)."""
         if self.connector is None:
             return
         ready, failed = self.connector.poll()
@@ -137,6 +139,7 @@ class Scheduler:
             if req is not None and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
                 self.waiting.remove(req)
                 self._finalize(req, RequestStatus.FINISHED_ERROR, reason)
+                self._ended.append(req)
         for rid in ready:
             req = self.requests.get(rid)
             if req is not None and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
@@ -145,8 +148,12 @@ class Scheduler:
                 req.num_computed_tokens = req.num_prompt_tokens - 1
                 req.status = RequestStatus.WAITING
 
+    def pop_ended(self) -> list[Request]:
+        ended, self._ended = self._ended, []
+        return ended
+
     def schedule(self) -> ScheduledBatch:
-        self._poll_connector()
+        self.poll_connector()
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []

@@ -103,6 +103,7 @@ class WriteDest(msgspec.Struct, tag_field="type", tag="write_dest"):
     block_ids: list[int]
     handshake_host: str
     handshake_port: int
+    notify_port: int
     num_prompt_tokens: int
     token: str | None = None
 

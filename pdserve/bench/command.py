@@ -1,0 +1,242 @@
+"""`pdserve bench`: the command line over run_benchmark, the summary, the JSON and the plots."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
+
+from pdserve.bench.metrics import SLO_NAMES_HELP, parse_slo
+from pdserve.bench.report import format_summary, save_result
+from pdserve.bench.runner import BenchConfig, BenchResult, run_benchmark
+from pdserve.bench.workload import WorkloadConfig
+
+
+def _number(kind: Callable[[str], float], lo: float, hi: float = math.inf, hi_open: bool = False):
+    """argparse type: a number in [lo, hi] (or [lo, hi)); the error names the flag via argparse."""
+
+    def parse(text: str) -> float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if math.isnan(v) or v < lo or v > hi or (hi_open and v == hi):
+            raise argparse.ArgumentTypeError(f"{text!r} must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}")
+        return v
+
+    return parse
+
+
+def _positive(hint: str = ""):
+    def parse(text: str) -> float:
+        v = _number(float, 0.0)(text)
+        if v == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0{hint}")
+        return v
+
+    return parse
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    try:
+        ps = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not ps or any(not 0 <= p <= 100 for p in ps):
+        raise argparse.ArgumentTypeError(f"{text!r}: percentiles must be in [0, 100]")
+    return tuple(dict.fromkeys(ps))
+
+
+def _vocab_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        rng = (int(lo), int(hi))
+    except ValueError:
+        rng = (-1, -1)
+    if not sep or not 0 <= rng[0] < rng[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO:HI with 0 <= LO < HI")
+    return rng
+
+
+def _token_ids(text: str) -> frozenset[int]:
+    try:
+        ids = frozenset(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids") from None
+    return ids
+
+
+def _slo(text: str) -> str:
+    try:
+        parse_slo(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Every `pdserve bench` flag except --base-url (for reuse by `pdserve sweep`)."""
+    nonneg_int = _number(int, 0)
+    pos_int = _number(int, 1)
+    p.add_argument("--endpoint", default="/v1/completions", help="completions path (default: %(default)s)")
+    p.add_argument("--model", default=None, help="model name (default: first of GET /v1/models)")
+    p.add_argument("--api-key", default=None, help="sent as a Bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--num-prompts", type=pos_int, default=100, help="requests measured (default: %(default)s)")
+    p.add_argument("--input-len", type=pos_int, default=1024, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--output-len", type=pos_int, default=128, help="output tokens (default: %(default)s)")
+    p.add_argument(
+        "--range-ratio",
+        type=_number(float, 0.0, 1.0, hi_open=True),
+        default=0.0,
+        help="lengths uniform in [len*(1-r), len*(1+r)] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--vocab-range",
+        type=_vocab_range,
+        default=(0, 256),
+        metavar="LO:HI",
+        help="prompt token ids drawn from [LO, HI) (default: 0:256)",
+    )
+    p.add_argument(
+        "--exclude-token-ids",
+        type=_token_ids,
+        default=frozenset(),
+        metavar="ID,ID",
+        help="token ids never used in prompts, e.g. special ids inside --vocab-range",
+    )
+    p.add_argument(
+        "--request-rate",
+        type=_positive(" (inf = all at once)"),
+        default=math.inf,
+        help="requests/s, Poisson or gamma arrivals; inf = all at once (default: inf)",
+    )
+    p.add_argument(
+        "--burstiness",
+        type=_positive(),
+        default=1.0,
+        help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier (default: 1)",
+    )
+    p.add_argument("--max-concurrency", type=pos_int, default=None, help="cap on requests in flight")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: 0)")
+    p.add_argument("--warmup", type=nonneg_int, default=0, help="warm-up requests sent first, not measured")
+    p.add_argument(
+        "--slo",
+        type=_slo,
+        action="append",
+        default=[],
+        metavar="NAME:MS",
+        help=f"SLO criterion, repeatable; NAME is one of {SLO_NAMES_HELP}",
+    )
+    p.add_argument(
+        "--percentiles",
+        type=_percentiles,
+        default=(50.0, 90.0, 99.0),
+        help="percentiles reported (default: 50,90,99)",
+    )
+    p.add_argument("--save-result", default=None, metavar="FILE", help="write the result JSON here")
+    p.add_argument("--plot-dir", default=None, metavar="DIR", help="write per-request PNG plots here")
+    p.add_argument("--timeout", type=_positive(), default=None, help="per-request timeout, s (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark an OpenAI-compatible server (TTFT, ITL, SLO attainment, goodput)",
+        description="Random token-id prompts at a Poisson/gamma rate against /v1/completions, streamed.",
+    )
+    p.add_argument("--base-url", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    add_bench_arguments(p)
+    p.set_defaults(func=run, _bench_parser=p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    slo_names = [parse_slo(s).name for s in args.slo]
+    if dups := sorted(n for n, c in Counter(slo_names).items() if c > 1):
+        _error(args, f"argument --slo: criterion given twice: {', '.join(dups)}")
+    lo, hi = args.vocab_range
+    if not set(range(lo, hi)) - args.exclude_token_ids:
+        _error(args, "argument --exclude-token-ids: excludes every id in --vocab-range")
+    workload = WorkloadConfig(
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        range_ratio=args.range_ratio,
+        vocab_range=args.vocab_range,
+        exclude_token_ids=args.exclude_token_ids,
+        seed=args.seed,
+    )
+    return BenchConfig(
+        base_url=args.base_url,
+        endpoint=args.endpoint,
+        model=args.model,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None,
+        workload=workload,
+        request_rate=args.request_rate,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        warmup=args.warmup,
+        slos=tuple(parse_slo(s) for s in args.slo),
+        percentiles=args.percentiles,
+        timeout_s=args.timeout,
+    )
+
+
+def _error(args: argparse.Namespace, msg: str) -> None:
+    parser = getattr(args, "_bench_parser", None)
+    if parser is not None:
+        parser.error(msg)  # exits with status 2
+    raise ValueError(msg)
+
+
+def _print_errors(result: BenchResult, limit: int = 5) -> None:
+    errors = Counter(r.error.splitlines()[0] if r.error else "" for r in result.records if not r.success)
+    for msg, n in errors.most_common(limit):
+        print(f"  {n} x {msg[:300]}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if cfg.warmup:
+        print(f"Warming up with {cfg.warmup} requests...", file=sys.stderr)
+    bar = tqdm(total=cfg.workload.num_prompts, disable=args.no_progress, desc="bench", unit="req")
+    try:
+        result = asyncio.run(run_benchmark(cfg, on_done=lambda _rec: bar.update(1)))
+    except RuntimeError as exc:
+        print(f"pdserve bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+    if result.warmup_failed:
+        print(f"warning: {result.warmup_failed}/{cfg.warmup} warm-up requests failed", file=sys.stderr)
+    if result.metrics.failed:
+        print(f"{result.metrics.failed} requests failed:", file=sys.stderr)
+        _print_errors(result)
+    print(format_summary(result))
+    if args.save_result:
+        print(f"Result saved to {save_result(result, args.save_result)}")
+    if args.plot_dir:
+        from pdserve.bench.plots import plot_per_request  # matplotlib only when plotting
+
+        for path in plot_per_request(result.records, cfg.slos, args.plot_dir):
+            print(f"Plot saved to {path}")
+    return 0 if result.metrics.completed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (`python -m pdserve.bench.command ...`) until `pdserve` wires it in."""
+    parser = argparse.ArgumentParser(prog="pdserve")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""Result JSON (vLLM `vllm bench serve` field names, plus per-request detail and SLOs) and the
+printed summary table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pdserve.bench.goodput import FailureMode, primary_failure_mode
+from pdserve.bench.metrics import Distribution, violations
+from pdserve.bench.runner import BenchResult
+
+JsonValue = str | int | float | bool | None | list["JsonValue"] | dict[str, "JsonValue"]
+
+# (attribute, short name, header) as vLLM prints them.
+_SECTIONS = (
+    ("ttft", "TTFT", "Time to First Token"),
+    ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
+    ("itl", "ITL", "Inter-token Latency"),
+    ("e2el", "E2EL", "End-to-end Latency"),
+)
+
+
+def percentile_word(p: float) -> str:
+    """vLLM's key spelling: 99 -> "99", 99.9 -> "99.9"."""
+    return str(int(p)) if int(p) == p else str(p)
+
+
+def _num(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)  # JSON has no inf; vLLM writes "inf"
+
+
+def _distribution_fields(name: str, d: Distribution) -> dict[str, JsonValue]:
+    out: dict[str, JsonValue] = {
+        f"mean_{name}_ms": d.mean_ms,
+        f"median_{name}_ms": d.median_ms,
+        f"std_{name}_ms": d.std_ms,
+    }
+    for p, v in d.percentiles_ms:
+        out[f"p{percentile_word(p)}_{name}_ms"] = v
+    return out
+
+
+def result_json(result: BenchResult) -> dict[str, JsonValue]:
+    cfg, m, recs = result.config, result.metrics, result.records
+    w = cfg.workload
+    failure = primary_failure_mode(recs, cfg.slos) if cfg.slos else None
+    out: dict[str, JsonValue] = {
+        "date": result.date,
+        "endpoint_type": "openai",
+        "backend": "openai",
+        "label": None,
+        "model_id": result.model_id,
+        "tokenizer_id": None,  # prompts are sent as token ids; no tokenizer is used
+        "num_prompts": w.num_prompts,
+        "request_rate": _num(cfg.request_rate),
+        "burstiness": _num(cfg.burstiness),
+        "max_concurrency": cfg.max_concurrency,
+        "duration": result.duration_s,
+        "completed": m.completed,
+        "failed": m.failed,
+        "total_input_tokens": m.total_input,
+        "total_output_tokens": m.total_output,
+        "request_throughput": m.request_throughput,
+        "request_goodput": m.request_goodput,
+        "output_throughput": m.output_throughput,
+        "total_token_throughput": m.total_token_throughput,
+        "input_lens": [r.prompt_len for r in recs],
+        "output_lens": [r.output_tokens if r.success else 0 for r in recs],
+        "ttfts": [r.ttft or 0.0 for r in recs],
+        "itls": [list(r.itl) for r in recs],
+        "latencies": [r.e2el or 0.0 for r in recs],
+        "start_times": [r.send_time - result.start_time for r in recs],  # s after the benchmark start
+        "errors": [r.error for r in recs],
+        "max_output_tokens_per_s": m.max_output_tokens_per_s,
+        "max_concurrent_requests": m.max_concurrent_requests,
+    }
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        out.update(_distribution_fields(name, getattr(m, name)))
+    out.update(
+        {
+            "base_url": cfg.base_url,
+            "endpoint": cfg.endpoint,
+            "input_len": w.input_len,
+            "output_len": w.output_len,
+            "range_ratio": w.range_ratio,
+            "seed": w.seed,
+            "warmup": cfg.warmup,
+            "percentiles": list(cfg.percentiles),
+            "slos": [{"name": s.name, "threshold_ms": s.threshold_ms, "label": s.label} for s in cfg.slos],
+            "good_requests": m.good_count,
+            "slo_attainment": m.attainment,
+            "primary_failure_mode": _failure_json(failure),
+            "requests": [
+                {
+                    "index": r.index,
+                    "start_time": r.send_time - result.start_time,
+                    "queue_time": r.send_time - r.scheduled_time,
+                    "prompt_len": r.prompt_len,
+                    "output_tokens": r.output_tokens,
+                    "ttft": r.ttft,
+                    "itl": list(r.itl),
+                    "tpot": r.tpot if r.success else None,
+                    "e2el": r.e2el,
+                    "success": r.success,
+                    "good": good,
+                    "missed_slos": [s.name for s in violations(r, cfg.slos)] if r.success else [],
+                    "error": r.error,
+                }
+                for r, good in zip(recs, m.good, strict=True)
+            ],
+        }
+    )
+    return out
+
+
+def _failure_json(f: FailureMode | None) -> JsonValue:
+    if f is None:
+        return None
+    return {"label": f.label, "count": f.count, "bad": f.bad, "counts": dict(f.counts)}
+
+
+def save_result(result: BenchResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result_json(result), allow_nan=False) + "\n")
+    return path
+
+
+def format_summary(result: BenchResult) -> str:
+    cfg, m = result.config, result.metrics
+    lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")]
+    row = lambda label, value, fmt="": lines.append(f"{label:<40} {value:<10{fmt}}")
+    row("Successful requests:", m.completed)
+    row("Failed requests:", m.failed)
+    if cfg.max_concurrency is not None:
+        row("Maximum request concurrency:", cfg.max_concurrency)
+    if math.isfinite(cfg.request_rate):
+        row("Request rate configured (RPS):", cfg.request_rate, ".2f")
+    row("Benchmark duration (s):", result.duration_s, ".2f")
+    row("Total input tokens:", m.total_input)
+    row("Total generated tokens:", m.total_output)
+    row("Request throughput (req/s):", m.request_throughput, ".2f")
+    if m.request_goodput is not None:
+        row("Request goodput (req/s):", m.request_goodput, ".2f")
+    row("Output token throughput (tok/s):", m.output_throughput, ".2f")
+    row("Peak output token throughput (tok/s):", m.max_output_tokens_per_s, ".2f")
+    row("Peak concurrent requests:", m.max_concurrent_requests, ".2f")
+    row("Total token throughput (tok/s):", m.total_token_throughput, ".2f")
+    for attr, short, header in _SECTIONS:
+        d: Distribution = getattr(m, attr)
+        lines.append("{s:{c}^{n}}".format(s=header, n=50, c="-"))
+        row(f"Mean {short} (ms):", d.mean_ms, ".2f")
+        row(f"Median {short} (ms):", d.median_ms, ".2f")
+        for p, v in d.percentiles_ms:
+            row(f"P{percentile_word(p)} {short} (ms):", v, ".2f")
+    if cfg.slos:
+        lines.append("{s:{c}^{n}}".format(s="SLO Attainment", n=50, c="-"))
+        row("SLOs (ms):", ", ".join(s.spec() for s in cfg.slos))
+        row("Requests meeting all SLOs:", f"{m.good_count}/{m.num_requests} ({m.attainment:.1%})")
+        failure = primary_failure_mode(result.records, cfg.slos)
+        if failure is not None:
+            row("Primary failure mode:", f"{failure.label} ({failure.count} of {failure.bad} bad)")
+    lines.append("=" * 50)
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Server-sent events: bytes -> events -> typed items of an OpenAI completions stream.
+
+Pure functions and a tiny incremental decoder, so a recorded byte stream can be replayed in tests.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    data: str
+    event: str = "message"
+
+
+class SSEDecoder:
+    """Incremental SSE framing (WHATWG rules, the subset servers use): feed bytes, get events."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buf = ""
+        self._data: list[str] = []
+        self._event = ""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        text = self._buf + self._utf8.decode(chunk)
+        held = "\r" if text.endswith("\r") else ""  # may be the first half of a CRLF split across reads
+        text = text.removesuffix("\r").replace("\r\n", "\n").replace("\r", "\n")
+        *lines, rest = text.split("\n")
+        self._buf = rest + held
+        return [ev for line in lines if (ev := self._line(line)) is not None]
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: a last event without its blank line still counts (as vLLM's client does)."""
+        tail = self._buf + self._utf8.decode(b"", final=True)
+        self._buf = ""
+        if tail.removesuffix("\r"):
+            self._line(tail.removesuffix("\r"))
+        ev = self._line("")
+        return [ev] if ev is not None else []
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if line == "":
+            if not self._data:
+                self._event = ""
+                return None
+            ev = SSEEvent(data="\n".join(self._data), event=self._event or "message")
+            self._data, self._event = [], ""
+            return ev
+        if line.startswith(":"):
+            return None  # comment / keep-alive ping
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        return None
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """A chunk with a choice: one or more new tokens (or none, e.g. a special token's empty text)."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class UsageChunk:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@dataclass(frozen=True)
+class StreamError:
+    message: str
+
+
+@dataclass(frozen=True)
+class StreamDone:
+    pass
+
+
+StreamItem = TokenChunk | UsageChunk | StreamError | StreamDone
+
+
+def interpret(ev: SSEEvent) -> list[StreamItem]:
+    """What one SSE event of a /v1/completions stream means."""
+    if ev.data.strip() == "[DONE]":
+        return [StreamDone()]
+    try:
+        obj = json.loads(ev.data)
+    except json.JSONDecodeError:
+        if ev.event == "error":
+            return [StreamError(ev.data.strip() or "error event")]
+        return [StreamError(f"invalid JSON in SSE data: {ev.data[:200]!r}")]
+    if not isinstance(obj, dict):
+        return [StreamError(f"unexpected SSE payload: {ev.data[:200]!r}")]
+    if ev.event == "error" or "error" in obj or obj.get("object") == "error":
+        return [StreamError(_error_message(obj))]
+    items: list[StreamItem] = []
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        first = choices[0]
+        items.append(TokenChunk(text=str(first.get("text") or ""), finish_reason=first.get("finish_reason")))
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        items.append(UsageChunk(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))))
+    return items
+
+
+def _error_message(obj: dict[str, object]) -> str:
+    err = obj.get("error", obj)
+    if isinstance(err, dict):
+        msg = err.get("message") or err.get("msg") or json.dumps(err)[:300]
+        code = err.get("code") or err.get("type")
+        return f"{msg} ({code})" if code else str(msg)
+    return str(err)
+
+
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None

@@ -1,0 +1,188 @@
+"""The KV connector: the engine's link to its peer instances (prefill = producer, decode = consumer).
+
+Threads: the engine thread calls every public method here; the notify server thread and the
+transfer worker only post events to `self.events`, which the engine thread drains in `poll()`.
+So the block pool and the scheduler are only ever touched from the engine thread.
+
+    engine thread ── on_add / begin_step / layer hook / on_request_finished / poll ──┐
+    notify thread ── events.put(NotifyMessage) ──────────────────────────────────────┤
+    transfer worker (one thread, FIFO) ── transport.read / write_layer ── events.put ┘
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zmq
+
+from pdserve.config import EngineConfig, ModelConfig
+from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.request import Request
+from pdserve.kv.handshake import HandshakeClient, HandshakeServer, fingerprint, layout_info
+from pdserve.kv.messages import (
+    PROTOCOL_VERSION,
+    HandshakeReply,
+    HandshakeRequest,
+    KVTransferParams,
+    ShmDescriptor,
+    TcpDescriptor,
+    Transports,
+)
+from pdserve.kv.notify import NotifySender, NotifyServer
+from pdserve.kv.transports.base import KVTransport, TransferError
+from pdserve.kv.transports.shm import ShmTransport
+from pdserve.kv.transports.tcp import TcpServer, TcpTransport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KVTransferStats:
+    bytes_moved: int = 0
+    transfers: int = 0
+    transfer_seconds: list[float] = field(default_factory=list)  # drained by the metrics exporter
+    lease_expiries: int = 0
+    load_failures: int = 0
+    handshake_failures: int = 0
+    blocks_held: int = 0
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A transfer-worker result, posted to the engine thread."""
+
+    request_id: str
+    ok: bool
+    reason: str | None = None
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+class KVConnectorBase:
+    """Sockets, handshake, transports and the event queue shared by both roles."""
+
+    role = "standalone"
+
+    def __init__(self, config: EngineConfig, model: ModelConfig, cache: KVCache, token: str | None = None) -> None:
+        kt = config.kv_transfer
+        self.config = kt
+        self.cache = cache
+        self.token = token
+        self.engine_id = uuid.uuid4().hex[:16]
+        self.host = kt.kv_host
+        self.http_port: int | None = None  # set by the server once it knows its port
+        self.stats = KVTransferStats()
+        self.events: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.release: Callable[[Request], None] = lambda req: None  # set by the engine: frees blocks
+        self._ctx = zmq.Context()
+        self.fingerprint = fingerprint(model, cache.layout)
+        self.tcp_server = TcpServer(cache.tensor, self.host, token)
+        transports = Transports(tcp=TcpDescriptor(self.host, self.tcp_server.port))
+        if cache.shm_name is not None:
+            transports.shm = ShmDescriptor(cache.shm_name, cache.layout.total_bytes, socket.gethostname())
+        reply = HandshakeReply(PROTOCOL_VERSION, self.engine_id, self.fingerprint, layout_info(cache.layout),
+                               transports)
+        self.handshake_server = HandshakeServer(self._ctx, self.host, kt.kv_handshake_port, reply, token)
+        self.notify_server = NotifyServer(self._ctx, self.host, kt.kv_notify_port, self.events.put, token)
+        self.sender = NotifySender(self._ctx, token)
+        self.handshakes = HandshakeClient(
+            self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token)
+        )
+        self._transports: dict[tuple[str, int], KVTransport] = {}  # used by the worker thread only
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv-transfer")
+        self._lock = threading.Lock()
+
+    @property
+    def handshake_port(self) -> int:
+        return self.handshake_server.port
+
+    @property
+    def notify_port(self) -> int:
+        return self.notify_server.port
+
+    @property
+    def transfer_mode(self) -> str:
+        return self.config.kv_mode.upper()
+
+    # ---- worker-thread helpers -----------------------------------------------------------------
+    def _transport(self, host: str, handshake_port: int) -> KVTransport:
+        """Handshake (cached) and open the transport to a peer. Worker thread only."""
+        key = (host, handshake_port)
+        t = self._transports.get(key)
+        if t is not None:
+            return t
+        try:
+            reply = self.handshakes.get(host, handshake_port).result(timeout=self.config.kv_transfer_timeout)
+        except Exception as e:
+            self.stats.handshake_failures += 1
+            self.handshakes.forget(host, handshake_port)
+            raise TransferError(f"handshake with {host}:{handshake_port} failed: {e}") from None
+        t = self._open(reply)
+        self._transports[key] = t
+        return t
+
+    def _open(self, reply: HandshakeReply) -> KVTransport:
+        choice = self.config.kv_transport
+        shm = reply.transports.shm
+        same_host = shm is not None and shm.hostname == socket.gethostname()
+        if choice == "shm" or (choice == "auto" and same_host and self.cache.shm_name is not None):
+            if shm is None:
+                raise TransferError("the peer offers no shared-memory segment (is it on another host?)")
+            return ShmTransport(self.cache.tensor, shm, self.cache.layout.shape[:1] + (reply.layout.num_blocks,)
+                                + self.cache.layout.shape[2:])
+        if choice == "cuda_ipc":
+            raise TransferError("the cuda_ipc transport needs a CUDA device")
+        tcp = reply.transports.tcp
+        if tcp is None:
+            raise TransferError("the peer offers no TCP transport")
+        return TcpTransport(self.cache.tensor, tcp.host, tcp.port, self.token, self.config.kv_transfer_timeout)
+
+    def _drop_transport(self, host: str, handshake_port: int) -> None:
+        t = self._transports.pop((host, handshake_port), None)
+        if t is not None:
+            t.close()
+        self.handshakes.forget(host, handshake_port)
+
+    def _record(self, done: _Done) -> None:
+        if done.ok:
+            self.stats.bytes_moved += done.nbytes
+            self.stats.transfers += 1
+            self.stats.transfer_seconds.append(done.seconds)
+
+    # ---- engine-thread interface (overridden per role) -----------------------------------------
+    def on_add(self, request: Request, params: KVTransferParams | None) -> None:
+        """A new request: read its kv_transfer_params before the scheduler sees it."""
+
+    def begin_step(self, prefills: list[tuple[Request, int]]) -> None:
+        """Before the forward pass of a step (write mode: which requests push layer by layer)."""
+
+    def on_layer_done(self, layer: int) -> None:
+        """During the forward pass, once `layer`'s KV for this step is in the cache."""
+
+    def end_step(self) -> None:
+        """After the forward pass."""
+
+    def poll(self) -> tuple[set[str], dict[str, str]]:
+        """Drain events; return request ids whose remote KV is ready and those that failed."""
+        return set(), {}
+
+    def on_request_finished(self, request: Request) -> bool:
+        """True when the connector keeps the request's blocks (it releases them later)."""
+        return False
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        for t in self._transports.values():
+            t.close()
+        self.handshake_server.close()
+        self.notify_server.close()
+        self.handshakes.close()
+        self.sender.close()
+        self.tcp_server.close()

@@ -1,0 +1,170 @@
+"""The decode side (kv_consumer): receive a prompt's KV, then generate.
+
+A request with `do_remote_prefill` gets blocks for its whole prompt and waits in
+WAITING_FOR_REMOTE_KVS. READ: the transfer worker handshakes with the prefill instance (once,
+cached), pulls every layer of `remote_block_ids` into our blocks, and sends `read_done`. WRITE: we
+send `write_dest` with our block ids and wait for the prefill's `write_done`. On timeout the request
+fails or is recomputed locally (`--kv-load-failure-policy`). A request that ends while a transfer
+may still write into its blocks keeps them (quarantine) until the transfer settles.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.kv.connector import KVConnectorBase, _Done
+from pdserve.kv.messages import Abort, KVTransferParams, ReadDone, WriteDest, WriteDone
+from pdserve.kv.transports.base import TransferError
+
+
+@dataclass
+class _Pending:
+    request: Request
+    params: KVTransferParams
+    deadline: float
+    started: bool = False
+    abandoned: bool = False  # gave up (timeout/recompute) or the request ended: ignore the result
+    quarantined: bool = False  # the request ended; its blocks wait for the transfer to settle
+
+
+class KVConsumer(KVConnectorBase):
+    role = "decode"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.allocate: Callable[[Request], bool] = lambda req: False  # set by the engine
+        self._pending: dict[str, _Pending] = {}
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def on_add(self, request: Request, params: KVTransferParams | None) -> None:
+        if params is None or not params.do_remote_prefill:
+            return
+        mode = (params.transfer_mode or self.transfer_mode).upper()
+        if not params.remote_host or not params.remote_handshake_port or not params.remote_notify_port:
+            raise ValueError("kv_transfer_params with do_remote_prefill needs remote_host, "
+                             "remote_handshake_port and remote_notify_port")
+        if mode == "READ" and params.remote_block_ids is None:
+            raise ValueError("kv_transfer_params in READ mode needs remote_block_ids")
+        if params.num_prompt_tokens is not None and params.num_prompt_tokens != request.num_prompt_tokens:
+            raise ValueError(
+                f"the prompt has {request.num_prompt_tokens} tokens here but {params.num_prompt_tokens} on the "
+                "prefill instance (different tokenizer or chat template?)"
+            )
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        params = msgspec.structs.replace(params, transfer_mode=mode)
+        self._pending[request.request_id] = _Pending(
+            request, params, time.monotonic() + self.config.kv_transfer_timeout
+        )
+
+    def _start(self, p: _Pending) -> None:
+        p.started = True
+        req, prm = p.request, p.params
+        if prm.transfer_mode == "READ":
+            self._worker.submit(self._read, req.request_id, prm, list(req.block_ids))
+        else:
+            self.sender.send(prm.remote_host, prm.remote_notify_port, WriteDest(  # type: ignore[arg-type]
+                req.request_id, self.engine_id, list(req.block_ids), self.host, self.handshake_port,
+                self.notify_port, req.num_prompt_tokens))
+
+    def poll(self) -> tuple[set[str], dict[str, str]]:
+        ready: set[str] = set()
+        failed: dict[str, str] = {}
+        while True:
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(ev, ready, failed)
+        now = time.monotonic()
+        for rid, p in list(self._pending.items()):
+            if p.quarantined or p.abandoned:
+                if now > p.deadline + self.config.kv_transfer_timeout:  # a transfer that never settled
+                    self._settle(rid)
+                continue
+            if not p.started and self.allocate(p.request):
+                self._start(p)
+            if now > p.deadline:
+                self._fail(p, f"KV transfer timed out after {self.config.kv_transfer_timeout:g} s", failed)
+        return ready, failed
+
+    def _handle(self, ev: object, ready: set[str], failed: dict[str, str]) -> None:
+        if isinstance(ev, _Done | WriteDone):
+            p = self._pending.get(ev.request_id)
+            if p is None:
+                return
+            if isinstance(ev, _Done):
+                self._record(ev)
+            if p.quarantined or p.abandoned:
+                self._settle(ev.request_id)
+            elif ev.ok:
+                del self._pending[ev.request_id]
+                ready.add(ev.request_id)
+            else:
+                self._fail(p, f"KV transfer failed: {ev.reason}", failed)
+                if not p.quarantined:
+                    self._pending.pop(ev.request_id, None)
+        elif isinstance(ev, Abort):
+            p = self._pending.get(ev.request_id)
+            if p is not None and not (p.quarantined or p.abandoned):
+                self._fail(p, f"the prefill instance aborted the request: {ev.reason}", failed)
+                self._pending.pop(ev.request_id, None)
+        # ReadDone / WriteDest are addressed to producers: ignored here.
+
+    def _fail(self, p: _Pending, reason: str, failed: dict[str, str]) -> None:
+        self.stats.load_failures += 1
+        rid = p.request.request_id
+        prm = p.params
+        self.sender.send(prm.remote_host, prm.remote_notify_port, Abort(rid, self.engine_id, reason))  # type: ignore[arg-type]
+        if self.config.kv_load_failure_policy == "recompute":
+            p.abandoned = True  # a late result is ignored; the blocks stay with the request
+            p.request.num_computed_tokens = 0
+            p.request.status = RequestStatus.WAITING
+            if not p.started:
+                self._pending.pop(rid, None)
+        else:
+            failed[rid] = reason  # the scheduler finishes it; on_request_finished decides on the blocks
+
+    def _settle(self, rid: str) -> None:
+        p = self._pending.pop(rid)
+        if p.quarantined:
+            self.release(p.request)
+
+    def on_request_finished(self, request: Request) -> bool:
+        p = self._pending.get(request.request_id)
+        if p is None:
+            return False
+        if p.started and not p.abandoned:
+            # A transfer may still write into these blocks: keep them until it settles.
+            prm = p.params
+            self.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
+                             Abort(request.request_id, self.engine_id, "decode request ended"))
+            p.quarantined = True
+            return True
+        if p.started and p.abandoned:
+            p.quarantined = True
+            return True
+        del self._pending[request.request_id]
+        return False
+
+    # ---- worker thread -------------------------------------------------------------------------
+    def _read(self, rid: str, prm: KVTransferParams, dst: list[int]) -> None:
+        t0 = time.perf_counter()
+        host, port = prm.remote_host, prm.remote_handshake_port
+        try:
+            transport = self._transport(host, port)  # type: ignore[arg-type]
+            src = prm.remote_block_ids or []
+            if len(src) != len(dst):
+                raise TransferError(f"the prefill holds {len(src)} blocks for this prompt, we allocated {len(dst)}")
+            nbytes = transport.read(src, dst)
+        except TransferError as e:
+            self._drop_transport(host, port)  # type: ignore[arg-type]
+            self.events.put(_Done(rid, False, str(e)))
+            return
+        self.sender.send(host, prm.remote_notify_port, ReadDone(rid, self.engine_id))  # type: ignore[arg-type]
+        self.events.put(_Done(rid, True, None, nbytes, time.perf_counter() - t0))

@@ -1,0 +1,158 @@
+"""One-time metadata exchange per peer (ZMQ REQ -> REP): protocol version, fingerprint, layout,
+transport descriptors. The server runs in a thread; clients cache results per engine id."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import zmq
+
+from pdserve.config import ModelConfig
+from pdserve.engine.kv_cache import KVLayout
+from pdserve.kv.messages import (
+    PROTOCOL_VERSION,
+    HandshakeError,
+    HandshakeReply,
+    HandshakeRequest,
+    KVLayoutInfo,
+    MessageError,
+    Transports,
+    decode_handshake,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HandshakeRefused(RuntimeError):
+    pass
+
+
+def layout_info(layout: KVLayout) -> KVLayoutInfo:
+    return KVLayoutInfo(
+        num_layers=layout.num_layers,
+        num_blocks=layout.num_blocks,
+        block_size=layout.block_size,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        dtype=str(layout.dtype).removeprefix("torch."),
+        block_bytes=layout.block_bytes,
+        layer_stride_bytes=layout.layer_bytes,
+    )
+
+
+def fingerprint(model: ModelConfig, layout: KVLayout) -> str:
+    """Two instances may exchange KV only if this matches: model shape and KV layout (not block count)."""
+    text = repr((model, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim, layout.dtype))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class HandshakeServer:
+    def __init__(self, ctx: zmq.Context, host: str, port: int, reply: HandshakeReply,
+                 token: str | None = None) -> None:
+        self._reply = reply
+        self._token = token
+        self._sock = ctx.socket(zmq.REP)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        if port:
+            self._sock.bind(f"tcp://{host}:{port}")
+            self.port = port
+        else:
+            self.port = self._sock.bind_to_random_port(f"tcp://{host}")
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="pdserve-handshake", daemon=True).start()
+
+    def _answer(self, data: bytes) -> bytes:
+        try:
+            msg = decode_handshake(data)
+        except MessageError as e:
+            log.warning("handshake: malformed message dropped: %s", e)
+            return encode(HandshakeError(reason=f"malformed handshake: {e}"))
+        if not isinstance(msg, HandshakeRequest):
+            return encode(HandshakeError(reason="expected a handshake request"))
+        if self._token is not None and msg.token != self._token:
+            return encode(HandshakeError(reason="bad token"))
+        if msg.protocol_version != PROTOCOL_VERSION:
+            return encode(HandshakeError(
+                reason=f"protocol version {msg.protocol_version} != ours ({PROTOCOL_VERSION})"))
+        if msg.fingerprint != self._reply.fingerprint:
+            return encode(HandshakeError(
+                reason=f"model/KV layout fingerprint {msg.fingerprint} != ours ({self._reply.fingerprint}): "
+                "the two instances must serve the same model with the same dtype and block size"))
+        return encode(self._reply)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if not poller.poll(100):
+                    continue
+                self._sock.send(self._answer(self._sock.recv()))
+            except zmq.ZMQError:
+                if self._stop.is_set():
+                    break
+                log.exception("handshake server error")
+        self._sock.close(0)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class HandshakeClient:
+    """Handshakes in a background thread, once per (host, port); results (or failures) cached."""
+
+    def __init__(self, ctx: zmq.Context, request: HandshakeRequest, timeout: float = 5.0) -> None:
+        self._ctx = ctx
+        self._request = request
+        self._timeout_ms = int(timeout * 1000)
+        self._cache: dict[tuple[str, int], Future[HandshakeReply]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdserve-handshake-client")
+
+    def get(self, host: str, port: int) -> Future[HandshakeReply]:
+        key = (host, port)
+        with self._lock:
+            fut = self._cache.get(key)
+            if fut is None or (fut.done() and fut.exception() is not None and
+                               not isinstance(fut.exception(), HandshakeRefused)):
+                fut = self._pool.submit(self._shake, host, port)
+                self._cache[key] = fut
+            return fut
+
+    def forget(self, host: str, port: int) -> None:
+        with self._lock:
+            self._cache.pop((host, port), None)
+
+    def _shake(self, host: str, port: int) -> HandshakeReply:
+        sock = self._ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, self._timeout_ms)
+        sock.setsockopt(zmq.SNDTIMEO, self._timeout_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        try:
+            sock.connect(f"tcp://{host}:{port}")
+            sock.send(encode(self._request))
+            try:
+                reply = decode_handshake(sock.recv())
+            except zmq.Again:
+                raise TimeoutError(f"no handshake reply from {host}:{port}") from None
+        finally:
+            sock.close(0)
+        if isinstance(reply, HandshakeError):
+            raise HandshakeRefused(f"peer {host}:{port} refused the handshake: {reply.reason}")
+        if not isinstance(reply, HandshakeReply):
+            raise HandshakeRefused(f"peer {host}:{port} sent an unexpected handshake message")
+        if reply.fingerprint != self._request.fingerprint:
+            raise HandshakeRefused(f"peer {host}:{port} serves a different model or KV layout")
+        return reply
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["HandshakeClient", "HandshakeServer", "HandshakeRefused", "Transports", "fingerprint", "layout_info"]

@@ -1,0 +1,205 @@
+"""TCP transport: streamed block bytes between any two hosts.
+
+Frame: [u32 big-endian header length][msgpack header][payload]. Requests:
+  read  {op, block_ids}                 -> {ok, nbytes} + every layer's blocks, layer-major
+  write {op, layer, block_ids, nbytes} + payload -> {ok}
+Each instance runs one server thread (a thread per connection); a client keeps one connection
+per peer, used by one transfer at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+
+import msgspec
+import torch
+
+from pdserve.kv.transports.base import TransferError, check_ids
+
+log = logging.getLogger(__name__)
+_LEN = struct.Struct(">I")
+MAX_HEADER = 1 << 20
+
+
+class _Header(msgspec.Struct, omit_defaults=True):
+    op: str
+    block_ids: list[int] = []
+    layer: int = -1
+    nbytes: int = 0
+    ok: bool = True
+    reason: str = ""
+    token: str | None = None
+
+
+def _recv_exact(sock: socket.socket, n: int, into: memoryview | None = None) -> bytes | None:
+    buf = into if into is not None else memoryview(bytearray(n))
+    got = 0
+    while got < n:
+        k = sock.recv_into(buf[got:], n - got)
+        if k == 0:
+            raise ConnectionError("peer closed the connection")
+        got += k
+    return None if into is not None else bytes(buf)
+
+
+def _send_frame(sock: socket.socket, header: _Header, payload: list[memoryview] | None = None) -> None:
+    data = msgspec.msgpack.encode(header)
+    sock.sendall(_LEN.pack(len(data)) + data)
+    for p in payload or []:
+        sock.sendall(p)
+
+
+def _recv_header(sock: socket.socket) -> _Header:
+    (n,) = _LEN.unpack(_recv_exact(sock, 4))
+    if n > MAX_HEADER:
+        raise TransferError(f"header of {n} bytes exceeds the limit")
+    try:
+        return msgspec.msgpack.decode(_recv_exact(sock, n), type=_Header)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise TransferError(f"malformed header: {e}") from None
+
+
+def _block_views(cache: torch.Tensor, layers: range, block_ids: list[int]) -> list[memoryview]:
+    """Byte views of each (layer, block), layer-major; blocks are contiguous within a layer."""
+    flat = cache.view(torch.uint8).view(cache.shape[0], cache.shape[1], -1)
+    return [memoryview(flat[layer, b].numpy()) for layer in layers for b in block_ids]
+
+
+class TcpServer:
+    """Serves reads of and writes into this instance's KV cache."""
+
+    def __init__(self, cache: torch.Tensor, host: str, token: str | None = None) -> None:
+        self.cache = cache
+        self.token = token
+        self._sock = socket.create_server((host, 0))
+        self.host, self.port = host, self._sock.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._accept, name="pdserve-kv-tcp", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        nb = self.cache.shape[1]
+        with conn:
+            try:
+                while True:
+                    h = _recv_header(conn)
+                    if self.token is not None and h.token != self.token:
+                        _send_frame(conn, _Header(op="reply", ok=False, reason="bad token"))
+                        return
+                    check_ids(h.block_ids, nb)
+                    if h.op == "read":
+                        views = _block_views(self.cache, range(self.cache.shape[0]), h.block_ids)
+                        _send_frame(conn, _Header(op="reply", nbytes=sum(v.nbytes for v in views)), views)
+                    elif h.op == "write":
+                        if not 0 <= h.layer < self.cache.shape[0]:
+                            raise TransferError(f"layer {h.layer} out of range")
+                        views = _block_views(self.cache, range(h.layer, h.layer + 1), h.block_ids)
+                        if h.nbytes != sum(v.nbytes for v in views):
+                            raise TransferError("payload size does not match the block list")
+                        for v in views:
+                            _recv_exact(conn, v.nbytes, into=v)
+                        _send_frame(conn, _Header(op="reply"))
+                    else:
+                        raise TransferError(f"unknown op {h.op!r}")
+            except (ConnectionError, OSError):
+                return
+            except TransferError as e:
+                log.warning("kv tcp: rejected a request: %s", e)
+                try:
+                    _send_frame(conn, _Header(op="reply", ok=False, reason=str(e)))
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self._sock.close()
+
+
+class TcpTransport:
+    name = "tcp"
+
+    def __init__(self, local: torch.Tensor, host: str, port: int, token: str | None = None,
+                 timeout: float = 30.0) -> None:
+        self.local = local
+        self.token = token
+        self._addr = (host, port)
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def _conn(self) -> socket.socket:
+        if self._sock is None:
+            try:
+                self._sock = socket.create_connection(self._addr, timeout=self._timeout)
+            except OSError as e:
+                raise TransferError(f"cannot connect to KV peer {self._addr}: {e}") from None
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._sock
+
+    def _reply(self, sock: socket.socket) -> _Header:
+        h = _recv_header(sock)
+        if not h.ok:
+            raise TransferError(f"KV peer refused: {h.reason}")
+        return h
+
+    def _run(self, fn):
+        with self._lock:
+            try:
+                return fn(self._conn())
+            except (OSError, ConnectionError) as e:
+                self._drop()
+                raise TransferError(f"KV transfer to {self._addr} failed: {e}") from None
+            except TransferError:
+                self._drop()
+                raise
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def read(self, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+        if len(src_block_ids) != len(dst_block_ids):
+            raise TransferError("block count mismatch")
+        views = _block_views(self.local, range(self.local.shape[0]), dst_block_ids)
+
+        def go(sock: socket.socket) -> int:
+            _send_frame(sock, _Header(op="read", block_ids=src_block_ids, token=self.token))
+            h = self._reply(sock)
+            if h.nbytes != sum(v.nbytes for v in views):
+                raise TransferError("peer's block size differs from ours")
+            for v in views:
+                _recv_exact(sock, v.nbytes, into=v)
+            return h.nbytes
+
+        return self._run(go)
+
+    def write_layer(self, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+        if len(src_block_ids) != len(dst_block_ids):
+            raise TransferError("block count mismatch")
+        views = _block_views(self.local, range(layer, layer + 1), src_block_ids)
+        n = sum(v.nbytes for v in views)
+
+        def go(sock: socket.socket) -> int:
+            _send_frame(
+                sock, _Header(op="write", layer=layer, block_ids=dst_block_ids, nbytes=n, token=self.token), views
+            )
+            self._reply(sock)
+            return n
+
+        return self._run(go)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()

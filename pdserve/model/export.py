@@ -1,0 +1,163 @@
+"""Write a model as a Hugging Face directory that transformers (and vLLM) load.
+
+Layout: config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n.safetensors
++ model.safetensors.index.json past `max_shard_size`), tokenizer.json, tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from pdserve.config import ModelConfig
+from pdserve.model.loader import MODEL_TYPES, load_model
+from pdserve.model.tokenizer import Tokenizer
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DEFAULT_MAX_SHARD_SIZE = 4 * 1000**3  # bytes ("4GB", as transformers counts)
+_UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+
+
+def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json content that transformers' Qwen3Config / Qwen3MoeConfig (and vLLM) accept."""
+    eos = list(config.eos_token_ids)
+    d: dict[str, Any] = {
+        "architectures": [config.architecture],
+        "model_type": MODEL_TYPES[config.architecture],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "initializer_range": 0.02,
+        "rms_norm_eps": config.rms_norm_eps,
+        "use_cache": True,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": config.attention_bias,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": config.num_hidden_layers,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "torch_dtype": _DTYPE_NAMES.get(dtype, "float32"),
+    }
+    if config.is_moe:
+        d.update(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=config.decoder_sparse_step,
+            mlp_only_layers=list(config.mlp_only_layers),
+            output_router_logits=False,
+            router_aux_loss_coef=0.001,
+        )
+    return d
+
+
+def generation_config_dict(config: ModelConfig) -> dict[str, Any]:
+    """generation_config.json content: bos/eos ids (greedy by default)."""
+    eos = list(config.eos_token_ids)
+    d: dict[str, Any] = {"do_sample": False}
+    if config.bos_token_id is not None:
+        d["bos_token_id"] = config.bos_token_id
+    if eos:
+        d["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return d
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or a string like "4GB", "500MB", "2GiB"."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * _UNITS[unit])
+    return int(s)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_weights(
+    state_dict: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> list[str]:
+    """Write safetensors files (sharded with an index past max_shard_size); returns the file names."""
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state_dict.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().to("cpu").contiguous()
+        size += n
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(names, shards, strict=True):
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        weight_map = {k: fname for fname, shard in zip(names, shards, strict=True) for k in shard}
+        _write_json(
+            out_dir / "model.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
+    return names
+
+
+def save_hf_dir(
+    out_dir: str | os.PathLike,
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    tokenizer: Tokenizer | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write config, generation config, weights (`state_dict` with HF names) and tokenizer to out_dir.
+
+    With tie_word_embeddings, lm_head.weight is left out (as transformers does). The tokenizer
+    defaults to the byte-level one sized to the vocabulary.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: v for k, v in state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")
+    }
+    dtype = next(iter(tensors.values())).dtype
+    _write_json(out / "config.json", hf_config_dict(config, dtype))
+    _write_json(out / "generation_config.json", generation_config_dict(config))
+    save_weights(tensors, out, max_shard_size)
+    if tokenizer is None:
+        tokenizer = Tokenizer.byte_level(config.vocab_size, config.max_position_embeddings)
+    tokenizer.save(out)
+    return out
+
+
+def export_model(
+    model: str,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | str = "bfloat16",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    seed: int = 0,
+) -> Path:
+    """Load `model` (HF dir or dummy:<preset>) on CPU and write it as an HF directory at out_dir."""
+    loaded = load_model(model, dtype, "cpu", seed=seed)
+    return save_hf_dir(out_dir, loaded.config, loaded.module.state_dict(), loaded.tokenizer, max_shard_size)

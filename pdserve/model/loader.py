@@ -1,0 +1,333 @@
+"""Load a model: a local Hugging Face directory (safetensors) or `dummy:<preset>` random weights.
+
+Modules are built on the meta device, cast, then allocated once in the target dtype on the target
+device (`to_empty`), so no model is ever materialized twice or in float32 first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pdserve.config import ModelConfig
+from pdserve.model.presets import PRESETS, get_preset
+from pdserve.model.qwen3 import Qwen3ForCausalLM, RMSNorm
+from pdserve.model.qwen3_moe import Qwen3MoeForCausalLM
+from pdserve.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DUMMY_PREFIX = "dummy:"
+ARCHITECTURES: dict[str, type[Qwen3ForCausalLM]] = {
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+}
+MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+_IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run model (eval mode, no grad) with its config and tokenizer."""
+
+    module: Qwen3ForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    eos_token_ids: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch._C, "_cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """Map a dtype name to a torch dtype; "auto" picks bf16 where the hardware runs it natively."""
+    key = name.lower()
+    if key == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if dev.type == "cpu" and cpu_supports_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: auto, float32, bfloat16, float16")
+    return DTYPES[key]
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Qwen3ForCausalLM:
+    """An allocated but uninitialized model of `config` in `dtype` on `device` (eval mode, no grad)."""
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {config.architecture!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+    with torch.device("meta"):
+        module = ARCHITECTURES[config.architecture](config)
+    if config.tie_word_embeddings:  # avoid allocating lm_head separately; re-tied below
+        module.lm_head.weight = nn.Parameter(torch.empty(0, 0, device="meta"))
+    module = module.to(dtype=dtype).to_empty(device=torch.device(device))
+    if config.tie_word_embeddings:
+        module.tie_weights()
+    return module.eval().requires_grad_(False)
+
+
+_POOL = 1 << 23  # normals drawn once, then copied in chunks into large CPU tensors
+_CHUNK = 1 << 18
+_DIRECT_MAX = 1 << 20  # tensors up to this many elements draw their own normals
+
+
+@torch.no_grad()
+def init_random_(module: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Deterministic dummy weights: linear/embedding ~ N(0, std), biases 0, norms 1.
+
+    Large CPU tensors are filled with chunks of one pool of normals at random offsets (memory-copy
+    speed, so an 8B model initializes in seconds); small tensors and GPU tensors draw directly.
+    """
+    device = next(module.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    pool: torch.Tensor | None = None
+    seen: set[int] = set()
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(m, RMSNorm):
+                p.fill_(1.0)
+            elif name == "bias":
+                p.zero_()
+            elif device.type != "cpu" or p.numel() <= _DIRECT_MAX:
+                p.normal_(0.0, std, generator=gen)
+            else:
+                if pool is None or pool.dtype != p.dtype:
+                    pool = torch.empty(_POOL + _CHUNK, dtype=p.dtype).normal_(0.0, std, generator=gen)
+                _fill_from_pool_(p.view(-1), pool, gen)
+
+
+def _fill_from_pool_(flat: torch.Tensor, pool: torch.Tensor, gen: torch.Generator) -> None:
+    """Fill `flat` with _CHUNK-long windows of `pool` starting at random offsets (one gather).
+
+    Runs on one thread: it is memory-bound, and first-touch page faults from several threads are
+    much slower than from one (and collapse when cores are shared with other processes).
+    """
+    windows = pool.unfold(0, _CHUNK, 1)  # [_POOL + 1, _CHUNK] view, no copy
+    n_full, rest = divmod(flat.numel(), _CHUNK)
+    offsets = torch.randint(0, _POOL, (n_full + 1,), generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.index_select(windows, 0, offsets[:n_full], out=flat[: n_full * _CHUNK].view(n_full, _CHUNK))
+        if rest:
+            off = int(offsets[-1])
+            flat[n_full * _CHUNK :].copy_(pool[off : off + rest])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF directory (sharded via its index, or single)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names missing shard files: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    return files
+
+
+# ---- config.json -> ModelConfig ------------------------------------------------------------
+
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _architecture(cfg: dict[str, Any]) -> str:
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in MODEL_TYPES:
+            return arch
+    by_type = {t: a for a, t in MODEL_TYPES.items()}
+    if not archs and cfg.get("model_type") in by_type:
+        return by_type[cfg["model_type"]]
+    found = archs or cfg.get("model_type")
+    raise ValueError(
+        f"unsupported architecture {found!r}; supported: {', '.join(MODEL_TYPES)} "
+        f"(model_type {', '.join(MODEL_TYPES.values())})"
+    )
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise ValueError(f"unsupported rope scaling {rope_type!r}: only default RoPE is implemented")
+    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10_000.0)
+
+
+def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+    """Build a ModelConfig from config.json (and generation_config.json, for eos ids)."""
+    arch = _architecture(cfg)
+    if cfg.get("use_sliding_window"):
+        raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+    heads = int(cfg["num_attention_heads"])
+    eos: list[int] = []
+    for i in _id_list((generation or {}).get("eos_token_id")) + _id_list(cfg.get("eos_token_id")):
+        if i not in eos:
+            eos.append(i)
+    moe_fields: dict[str, Any] = {}
+    if arch == "Qwen3MoeForCausalLM":
+        moe_fields = dict(
+            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0)),
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0)),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+            mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
+        )
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(cfg),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        eos_token_ids=tuple(eos),
+        bos_token_id=(generation or {}).get("bos_token_id", cfg.get("bos_token_id")),
+        **moe_fields,
+    )
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def load_weights_(module: Qwen3ForCausalLM, files: list[Path]) -> None:
+    """Copy checkpoint tensors into `module` by name; ValueError on shape mismatch or missing weights."""
+    params = dict(module.named_parameters())
+    tied = module.config.tie_word_embeddings
+    loaded: set[str] = set()
+    device = next(module.parameters()).device
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if key == "lm_head.weight" and tied:
+                    continue  # tied to the embedding (as transformers does)
+                p = params.get(key)
+                if p is None:
+                    if not key.endswith(_IGNORED_KEY_SUFFIXES):
+                        log.warning("ignoring unexpected checkpoint tensor %s (%s)", key, f.name)
+                    continue
+                t = sf.get_tensor(key)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"shape mismatch for {key} in {f.name}: checkpoint {tuple(t.shape)}, "
+                        f"model {tuple(p.shape)}"
+                    )
+                p.copy_(t.to(device=device, dtype=p.dtype))
+                loaded.add(key)
+    missing = [n for n in params if n not in loaded]
+    if missing == ["lm_head.weight"]:
+        log.warning("checkpoint has no lm_head.weight: tying it to model.embed_tokens.weight")
+        module.tie_weights()
+        missing = []
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint is missing weights: {shown}")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _load_dir(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Qwen3ForCausalLM, Tokenizer]:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in model directory {path}")
+    try:
+        config = config_from_hf(_read_json(path / "config.json"), _read_json(path / "generation_config.json"))
+    except KeyError as e:
+        raise ValueError(f"{path / 'config.json'} lacks required field {e}") from None
+    files = weight_files(path)
+    if (path / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_dir(path)
+    else:
+        log.warning("no tokenizer.json in %s: using the byte-level tokenizer", path)
+        tokenizer = Tokenizer.byte_level(config.vocab_size, config.max_position_embeddings)
+    module = build_model(config, dtype, device)
+    load_weights_(module, files)
+    return module, tokenizer
+
+
+def load_model(
+    model: str,
+    dtype: torch.dtype | str,
+    device: str | torch.device,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load `model`: a local HF directory, or `dummy:<preset>` (seeded random weights, byte tokenizer)."""
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
+    if model.startswith(DUMMY_PREFIX):
+        config = get_preset(model[len(DUMMY_PREFIX) :])
+        tokenizer = Tokenizer.byte_level(config.vocab_size, config.max_position_embeddings)
+        module = build_model(config, dtype, device)
+        init_random_(module, seed)
+    else:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model {model!r} is not a local directory; pass an HF model directory or "
+                f"{DUMMY_PREFIX}<preset> (presets: {', '.join(PRESETS)})"
+            )
+        module, tokenizer = _load_dir(path, dtype, device)
+        config = module.config
+    eos = tuple(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids))
+    config = replace(config, eos_token_ids=eos)
+    module.config = config
+    return LoadedModel(module, config, tokenizer, eos, dtype, device)

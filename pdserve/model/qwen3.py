@@ -1,0 +1,204 @@
+"""Qwen3 dense decoder (`Qwen3ForCausalLM`) over the paged KV cache.
+
+Module and parameter names follow the Hugging Face checkpoint exactly (`model.embed_tokens`,
+`model.layers.N.self_attn.q_proj`, ..., `lm_head`), so loading weights is a name lookup. The MoE
+variant (qwen3_moe.py) reuses every piece here and only swaps the MLP of sparse layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.config import ModelConfig
+from pdserve.model.attention import AttentionMetadata, paged_attention
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension (statistics in float32, like HF)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RotaryEmbedding:
+    """Neox-style RoPE; a float32 cos/sin table up to `max_positions`, built lazily per device."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.theta = theta
+        self._table: torch.Tensor | None = None  # [max_positions, 2, head_dim // 2] float32
+
+    def _build(self, device: torch.device) -> torch.Tensor:
+        half = self.head_dim // 2
+        inv_freq = 1.0 / (
+            self.theta
+            ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim)
+        )
+        pos = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(pos, inv_freq)  # [P, half]
+        return torch.stack([freqs.cos(), freqs.sin()], dim=1).view(self.max_positions, 2, half)
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `positions` ([T]), each [T, 1, head_dim // 2] in `dtype`."""
+        if self._table is None or self._table.device != positions.device:
+            self._table = self._build(positions.device)
+        cs = self._table.index_select(0, positions).to(dtype)
+        return cs[:, 0:1], cs[:, 1:2]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x ([T, heads, hd]) by the half-split (rotate_half) convention of HF Qwen3."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Qwen3Attention(nn.Module):
+    """GQA self-attention with per-head q/k RMSNorm and RoPE, over one layer of the paged cache."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        h, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=bias)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = paged_attention(q, k, v, kv_layer, meta, self.scale)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(g) * self.up_proj(x))
+        return self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); calls meta.layer_hook after attention."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, mlp: nn.Module) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = Qwen3Attention(config)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_layer, meta)
+        if meta.layer_hook is not None:
+            meta.layer_hook(self.layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig, layers: list[Qwen3DecoderLayer]) -> None:
+        super().__init__()
+        # _weight skips nn.Embedding's random init: weights come from the loader.
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_cache[i], meta)
+        return self.norm(x)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Qwen3 dense causal LM over a paged KV cache.
+
+    forward(input_ids [T], positions [T], kv_cache [layers, blocks, 2, block_size, kvh, hd], meta)
+    returns the final hidden states [T, hidden]; compute_logits maps selected rows to float32 logits.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers = [
+            Qwen3DecoderLayer(config, i, self.make_mlp(config, i)) for i in range(config.num_hidden_layers)
+        ]
+        self.model = Qwen3Model(config, layers)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    @staticmethod
+    def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward block of layer `layer_idx` (overridden by the MoE variant)."""
+        return Qwen3MLP(config.hidden_size, config.intermediate_size)
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with lm_head (after loading or materializing)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Run the flat batch; writes this step's K/V into kv_cache; returns hidden [T, hidden]."""
+        return self.model(input_ids, positions, kv_cache, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in float32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,111 @@
+"""The bodies of the two halves of a disaggregated request, and the prefill's answer (docs/protocol.md §1).
+
+Client bodies are raw JSON objects: the proxy changes only the fields named here and forwards
+everything else untouched, so whatever the instances accept keeps working through the proxy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from pdserve.kv.messages import KVTransferParams
+from pdserve.proxy.instances import Instance
+from pdserve.proxy.settings import TransferMode
+
+JSONObject = dict[str, Any]  # a client's raw request body
+
+
+class BadBody(ValueError):
+    """The client's body is not a JSON object."""
+
+
+class BadParams(ValueError):
+    """A prefill answer whose kv_transfer_params are not usable."""
+
+
+def parse_body(raw: bytes) -> JSONObject:
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise BadBody(f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadBody("the body must be a JSON object")
+    return body
+
+
+def params_json(params: KVTransferParams) -> JSONObject:
+    """Params as JSON, both direction flags always present (as vLLM's proxies send them)."""
+    out: JSONObject = msgspec.to_builtins(params)
+    out["do_remote_decode"] = params.do_remote_decode
+    out["do_remote_prefill"] = params.do_remote_prefill
+    return out
+
+
+def prefill_params(mode: TransferMode, decode: Instance | None = None) -> KVTransferParams:
+    """What the prefill half carries; in WRITE mode, the decode instance's coordinates."""
+    if mode == "READ":
+        return KVTransferParams(do_remote_decode=True, do_remote_prefill=False, transfer_mode="READ")
+    assert decode is not None, "WRITE mode pairs the prefill with a decode instance"
+    return KVTransferParams(
+        do_remote_decode=True, do_remote_prefill=False, transfer_mode="WRITE",
+        remote_engine_id=decode.engine_id, remote_host=decode.kv_host,
+        remote_handshake_port=decode.handshake_port, remote_notify_port=decode.notify_port,
+    )
+
+
+def write_decode_params(prefill: Instance) -> KVTransferParams:
+    """What the decode half carries in WRITE mode: the prefill instance's coordinates."""
+    host, _, port = prefill.address.rpartition(":")
+    return KVTransferParams(
+        do_remote_prefill=True, do_remote_decode=False, transfer_mode="WRITE",
+        remote_engine_id=prefill.engine_id, remote_host=prefill.kv_host or host, remote_port=int(port),
+        remote_handshake_port=prefill.handshake_port, remote_notify_port=prefill.notify_port,
+    )
+
+
+def prefill_body(body: JSONObject, chat: bool, params: KVTransferParams) -> bytes:
+    """The prefill half: one token, not streamed, with `params`.
+
+    `min_tokens` is dropped (a client's min_tokens > 1 would make max_tokens=1 invalid)."""
+    half = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens")}
+    half["max_tokens"] = 1
+    if chat:
+        half["max_completion_tokens"] = 1
+    half["stream"] = False
+    half["kv_transfer_params"] = params_json(params)
+    return msgspec.json.encode(half)
+
+
+def decode_body(body: JSONObject, params: JSONObject | KVTransferParams | None) -> bytes:
+    """The decode half: the client's body with `params` (None: no kv_transfer_params, a local prefill)."""
+    half = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    if params is not None:
+        half["kv_transfer_params"] = params_json(params) if isinstance(params, KVTransferParams) else params
+    return msgspec.json.encode(half)
+
+
+def params_from_prefill(raw: bytes) -> JSONObject | None:
+    """The `kv_transfer_params` of a prefill response, validated, as forwarded to decode (extra fields kept).
+
+    None when the prefill sent none (vLLM does so when the request already finished, e.g. its first
+    token was EOS): the decode instance must then compute the prompt itself. BadParams when unusable."""
+    try:
+        answer = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise BadParams(f"the prefill response is not JSON: {e}") from None
+    if not isinstance(answer, dict):
+        raise BadParams("the prefill response is not a JSON object")
+    raw_params = answer.get("kv_transfer_params")
+    if raw_params is None:
+        return None
+    if not isinstance(raw_params, dict):
+        raise BadParams("kv_transfer_params is not an object")
+    try:
+        params = msgspec.convert(raw_params, KVTransferParams)
+    except msgspec.ValidationError as e:
+        raise BadParams(f"bad kv_transfer_params: {e}") from None
+    if not params.do_remote_prefill:
+        raise BadParams("kv_transfer_params of the prefill response lack do_remote_prefill: true")
+    return raw_params

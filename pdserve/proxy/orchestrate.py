@@ -1,0 +1,245 @@
+"""Orchestration of one client request: which instances, in what order, with what bodies, and what
+happens when one fails. The result is a `Reply` that nothing has been sent of yet (relay.py sends it).
+
+* standard: the client's body, untouched, to one standalone instance.
+* disagg READ (serial): prefill half (`max_tokens=1`, `stream=false`, `do_remote_decode`) -> its
+  `kv_transfer_params` -> the client's body plus those params to a decode instance.
+* disagg WRITE (concurrent): both halves at once, each carrying the other's KV coordinates; the
+  decode half is committed when its first byte arrives; a prefill failure before that aborts it.
+
+Failures before anything reached the client are retried once on another instance of the same
+role (`max_attempts`); a prefill half that still fails falls back per `--fallback`: the plain
+request to the decode instance (`local-prefill`) or a 503 (`fail`). A 4xx is the client's fault:
+returned as is, never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import anyio
+
+from pdserve.proxy import bodies
+from pdserve.proxy.errors import ProxyError, no_instance
+from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
+from pdserve.proxy.metrics import ProxyMetrics
+from pdserve.proxy.routing import Picker
+from pdserve.proxy.settings import ProxySettings
+from pdserve.proxy.upstream import Buffered, Stream, Upstream, UpstreamFailure
+
+log = logging.getLogger(__name__)
+
+Reply = Buffered | Stream
+CHAT_PATH = "/v1/chat/completions"
+
+
+@dataclass
+class ClientRequest:
+    """One client request as the orchestrator sees it."""
+
+    path: str  # /v1/completions or /v1/chat/completions
+    raw: bytes  # the client's body
+    request_id: str  # X-Request-Id of both halves
+    auth: str | None  # the client's Authorization header
+    arrival: float  # time.perf_counter()
+    first_sent: float | None = None  # when the first upstream request was sent
+
+
+class _PrefillFailed(Exception):
+    def __init__(self, failure: UpstreamFailure) -> None:
+        self.failure = failure
+
+
+class Orchestrator:
+    def __init__(
+        self, settings: ProxySettings, table: InstanceTable, upstream: Upstream, picker: Picker,
+        metrics: ProxyMetrics,
+    ) -> None:
+        self.settings = settings
+        self.table = table
+        self.upstream = upstream
+        self.picker = picker
+        self.metrics = metrics
+
+    async def serve(self, req: ClientRequest) -> Reply:
+        """The reply to `req`; ProxyError when it cannot be served."""
+        if self.settings.mode == "standard":
+            return await self._one_of("S", req, req.raw, req.request_id)
+        try:
+            body = bodies.parse_body(req.raw)
+        except bodies.BadBody as e:
+            raise ProxyError(400, str(e), code="invalid_json") from None
+        if not self.table.candidates("D"):
+            raise no_instance("decode")
+        if self.settings.kv_mode == "READ":
+            return await self._read(req, body)
+        return await self._write(req, body)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _pick(self, role: RoleCode, tried: set[str]) -> Instance | None:
+        return self.picker.pick(role, self.table.candidates(role, tried))
+
+    async def _call(
+        self, inst: Instance, req: ClientRequest, body: bytes, request_id: str, timeout_s: float | None = None
+    ) -> Reply:
+        headers = self.upstream.headers(request_id, req.auth)
+        if req.first_sent is None:
+            req.first_sent = time.perf_counter()
+            self.metrics.request_overhead.observe(req.first_sent - req.arrival)
+        try:
+            return await self.upstream.call(inst, req.path, body, headers, timeout_s)
+        except UpstreamFailure as e:
+            self.metrics.upstream_failures.inc(labels=(ROLE_NAMES[inst.role], e.kind))
+            raise
+
+    async def _one_of(self, role: RoleCode, req: ClientRequest, body: bytes, request_id: str) -> Reply:
+        """`body` to an instance of `role`, retried on another one while attempts remain."""
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        for attempt in range(self.settings.max_attempts):
+            inst = self._pick(role, tried)
+            if inst is None:
+                break
+            tried.add(inst.address)
+            if attempt:
+                self.metrics.retries.inc(labels=(ROLE_NAMES[role],))
+            try:
+                return await self._call(inst, req, body, request_id)
+            except UpstreamFailure as e:
+                last = e
+        if last is None:
+            raise no_instance(ROLE_NAMES[role])
+        raise ProxyError(502, f"the {ROLE_NAMES[role]} instance failed: {last}", code="upstream_error")
+
+    def _fallback(self, reason: str, failure: UpstreamFailure | None) -> None:
+        """Check that a local prefill is allowed (else a 503), and count it."""
+        if self.settings.fallback == "fail" and reason != "no_params":
+            if failure is None:
+                raise no_instance("prefill")
+            raise ProxyError(503, f"the prefill instance failed: {failure}", code="prefill_failed")
+        self.metrics.fallbacks.inc(labels=(reason,))
+        log.info("local prefill on the decode instance (%s)", reason)
+
+    # -- READ -----------------------------------------------------------------------------------
+
+    async def _read(self, req: ClientRequest, body: bodies.JSONObject) -> Reply:
+        half = bodies.prefill_body(body, req.path == CHAT_PATH, bodies.prefill_params("READ"))
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        for attempt in range(self.settings.max_attempts):
+            inst = self._pick("P", tried)
+            if inst is None:
+                break
+            tried.add(inst.address)
+            if attempt:
+                self.metrics.retries.inc(labels=("prefill",))
+            try:
+                reply = await self._call(inst, req, half, req.request_id, self.settings.prefill_timeout_s)
+                if isinstance(reply, Stream):
+                    reply.close()
+                    raise UpstreamFailure(inst, "status", "streamed a prefill half sent with stream=false")
+                if reply.status != 200:
+                    return reply  # the client's fault (4xx): as is
+                params = bodies.params_from_prefill(reply.body)
+            except UpstreamFailure as e:
+                last = e
+                continue
+            except bodies.BadParams as e:
+                last = UpstreamFailure(inst, "status", str(e))
+                log.warning("prefill instance %s: %s", inst.address, e)
+                continue
+            if params is None:
+                self._fallback("no_params", None)
+            return await self._one_of("D", req, bodies.decode_body(body, params), req.request_id)
+        self._fallback("prefill_failed" if last else "no_prefill", last)
+        return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
+
+    # -- WRITE ----------------------------------------------------------------------------------
+
+    async def _write(self, req: ClientRequest, body: bodies.JSONObject) -> Reply:
+        tried: dict[RoleCode, set[str]] = {"P": set(), "D": set()}
+        last: dict[RoleCode, UpstreamFailure | None] = {"P": None, "D": None}
+        failed_role: RoleCode | None = None
+        limit = self.settings.max_attempts
+        while len(tried["P"]) < limit:
+            decode = self._pick("D", tried["D"])
+            if decode is None or len(tried["D"]) >= limit:
+                if last["D"] is None:
+                    raise no_instance("decode")
+                raise ProxyError(502, f"the decode instance failed: {last['D']}", code="upstream_error")
+            prefill = self._pick("P", tried["P"])
+            if prefill is None:
+                break
+            if failed_role is not None:
+                self.metrics.retries.inc(labels=(ROLE_NAMES[failed_role],))
+            attempt = len(tried["P"]) + len(tried["D"])
+            request_id = req.request_id if attempt == 0 else f"{req.request_id}-{attempt}"
+            try:
+                return await self._write_pair(req, body, prefill, decode, request_id)
+            except _PrefillFailed as e:
+                failed_role, last["P"] = "P", e.failure
+                tried["P"].add(prefill.address)
+            except UpstreamFailure as e:
+                failed_role, last["D"] = "D", e
+                tried["D"].add(decode.address)
+        self._fallback("prefill_failed" if last["P"] else "no_prefill", last["P"])
+        plain = bodies.decode_body(body, None)
+        return await self._one_of("D", req, plain, f"{req.request_id}-local")
+
+    async def _write_pair(
+        self, req: ClientRequest, body: bodies.JSONObject, prefill: Instance, decode: Instance, request_id: str
+    ) -> Reply:
+        """Both halves at once. _PrefillFailed or UpstreamFailure (decode) while nothing is committed."""
+        p_half = bodies.prefill_body(body, req.path == CHAT_PATH, bodies.prefill_params("WRITE", decode))
+        d_half = bodies.decode_body(body, bodies.write_decode_params(prefill))
+        p_task = asyncio.ensure_future(
+            self._call(prefill, req, p_half, request_id, self.settings.prefill_timeout_s)
+        )
+        decode_scope = anyio.CancelScope()
+        committed: list[Stream] = []
+
+        def prefill_done(task: asyncio.Future[Reply]) -> None:
+            if task.cancelled():
+                return
+            exc, reply = task.exception(), None if task.exception() else task.result()
+            if exc is None and isinstance(reply, Buffered) and reply.status == 200:
+                return  # the prefill half succeeded
+            if isinstance(reply, Stream):
+                reply.close()
+            if committed:
+                committed[0].lease.abort(f"the prefill half failed: {exc or 'unexpected answer'}")
+            else:
+                decode_scope.cancel()
+
+        p_task.add_done_callback(prefill_done)
+        try:
+            with decode_scope:
+                reply = await self._call(decode, req, d_half, request_id)
+            if decode_scope.cancelled_caught:
+                return self._prefill_outcome(prefill, p_task)
+        except BaseException:
+            p_task.cancel()
+            raise
+        if isinstance(reply, Stream):
+            committed.append(reply)
+            reply.companions.append(p_task)  # type: ignore[arg-type]
+            return reply
+        p_task.cancel()  # a complete decode answer (or its 4xx): the prefill half is moot
+        return reply
+
+    @staticmethod
+    def _prefill_outcome(prefill: Instance, p_task: asyncio.Future[Reply]) -> Reply:
+        """The prefill half ended the pair before decode's first byte: its 4xx, or _PrefillFailed."""
+        exc = p_task.exception()
+        if isinstance(exc, UpstreamFailure):
+            raise _PrefillFailed(exc)
+        if exc is not None:
+            raise exc
+        reply = p_task.result()
+        if isinstance(reply, Buffered) and 400 <= reply.status < 500:
+            return reply
+        raise _PrefillFailed(UpstreamFailure(prefill, "status", f"unexpected prefill answer ({reply})"))

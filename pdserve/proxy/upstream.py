@@ -1,0 +1,169 @@
+"""Calls to instances over one pooled aiohttp session, with failures sorted into what can be retried.
+
+`Upstream.call` POSTs a JSON body and returns either a complete response (`Buffered`: any 4xx, a
+non-streaming 200) or an open SSE stream whose first chunk has arrived (`Stream`): nothing has been
+sent to the client yet, so every failure up to that point (refused connection, a 5xx, a timeout, an
+eviction, a connection dropped before the first byte) is an `UpstreamFailure` the orchestrator may
+retry on another instance. Each call holds a `Lease` on its instance (in-flight count); an eviction
+aborts the call through the lease's cancel scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+import anyio
+
+from pdserve.proxy.instances import Instance, InstanceTable, Lease
+from pdserve.proxy.settings import ProxySettings
+
+log = logging.getLogger(__name__)
+
+FailureKind = Literal["unreachable", "status", "timeout", "evicted", "dropped"]
+SSE_TYPE = "text/event-stream"
+
+
+class UpstreamFailure(Exception):
+    """An instance failed a call before anything reached the client; retrying elsewhere is safe."""
+
+    def __init__(self, inst: Instance, kind: FailureKind, detail: str, status: int | None = None) -> None:
+        super().__init__(f"{inst.address}: {kind}: {detail}")
+        self.instance = inst
+        self.kind = kind
+        self.detail = detail
+        self.status = status
+
+
+@dataclass
+class Buffered:
+    """A complete upstream response, passed to the client as is (or parsed, for a prefill half)."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+@dataclass
+class Stream:
+    """An open upstream SSE response whose first chunk has arrived. `close()` ends the call."""
+
+    response: aiohttp.ClientResponse
+    first: bytes
+    lease: Lease
+    table: InstanceTable
+    first_byte_at: float  # time.perf_counter() of the first chunk
+    companions: list[asyncio.Task[object]] = field(default_factory=list)  # e.g. WRITE's prefill half
+
+    @property
+    def instance(self) -> Instance:
+        return self.lease.instance
+
+    async def read(self) -> bytes:
+        """The next chunk as it arrives; b"" at the end. Raises aiohttp.ClientError/OSError on a drop."""
+        return await self.response.content.readany()
+
+    def close(self) -> None:
+        """Close the connection (an unfinished request is aborted by the instance), end the lease, and
+        cancel the companion calls still running."""
+        self.response.close()
+        self.table.release(self.lease)
+        for task in self.companions:
+            task.cancel()
+
+
+class Upstream:
+    """The proxy's client side: one pooled session for every instance."""
+
+    def __init__(self, settings: ProxySettings, table: InstanceTable) -> None:
+        self.settings = settings
+        self.table = table
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        return self.session
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def headers(self, request_id: str, client_auth: str | None) -> dict[str, str]:
+        """Headers of every call for one client request: the shared X-Request-Id and the credentials."""
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        auth = f"Bearer {self.settings.instance_api_key}" if self.settings.instance_api_key else client_auth
+        if auth:
+            headers["Authorization"] = auth
+        return headers
+
+    async def call(
+        self, inst: Instance, path: str, body: bytes, headers: dict[str, str], timeout_s: float | None = None
+    ) -> Buffered | Stream:
+        """POST `body` to `inst`; a `Stream` (first chunk in hand) or a `Buffered` 2xx/4xx response."""
+        assert self.session is not None, "start() first"
+        lease = self.table.acquire(inst)
+        resp: aiohttp.ClientResponse | None = None
+        result: Buffered | Stream | None = None
+        deadline = math.inf if timeout_s is None else anyio.current_time() + timeout_s
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                lease.scope = scope
+                resp = await self.session.post(inst.url + path, data=body, headers=headers)
+                if resp.status >= 500:
+                    detail = (await resp.read())[:300].decode("utf-8", "replace")
+                    raise UpstreamFailure(inst, "status", f"HTTP {resp.status}: {detail}", resp.status)
+                if resp.status == 200 and resp.content_type == SSE_TYPE:
+                    first = await resp.content.readany()
+                    if not first:
+                        raise UpstreamFailure(inst, "dropped", "the stream ended before its first byte")
+                    result = Stream(resp, first, lease, self.table, time.perf_counter())
+                else:
+                    result = Buffered(resp.status, resp.content_type, await resp.read())
+            if scope.cancelled_caught:
+                if lease.lost is not None:
+                    raise UpstreamFailure(inst, "evicted", lease.lost)
+                raise UpstreamFailure(inst, "timeout", f"no response within {timeout_s} s")
+        except aiohttp.ClientConnectorError as e:
+            self.table.set_health(inst, False, f"unreachable: {e}")
+            raise self._failed(UpstreamFailure(inst, "unreachable", str(e))) from None
+        except asyncio.TimeoutError:
+            raise self._failed(UpstreamFailure(inst, "timeout", "connect timed out")) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise self._failed(UpstreamFailure(inst, "dropped", f"{type(e).__name__}: {e}")) from None
+        except UpstreamFailure as e:
+            raise self._failed(e) from None
+        finally:
+            if not isinstance(result, Stream):  # done, failed or cancelled: the call ends here
+                if isinstance(result, Buffered) and resp is not None:
+                    resp.release()
+                elif resp is not None:
+                    resp.close()
+                self.table.release(lease)
+        assert result is not None
+        return result
+
+    @staticmethod
+    def _failed(failure: UpstreamFailure) -> UpstreamFailure:
+        failure.instance.failures += 1
+        log.warning("upstream failure: %s", failure)
+        return failure
+
+    async def get(self, inst: Instance, path: str, headers: dict[str, str]) -> Buffered:
+        """A plain GET (e.g. /v1/models); UpstreamFailure when unreachable or 5xx."""
+        assert self.session is not None, "start() first"
+        try:
+            async with self.session.get(inst.url + path, headers=headers,
+                                        timeout=aiohttp.ClientTimeout(total=10)) as r:
+                body = await r.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise UpstreamFailure(inst, "unreachable", f"{type(e).__name__}: {e}") from None
+        if r.status >= 500:
+            raise UpstreamFailure(inst, "status", f"HTTP {r.status}", r.status)
+        return Buffered(r.status, r.content_type, body)

@@ -1,0 +1,57 @@
+"""The FastAPI app: OpenAI routes under /v1 (API key when set), /health and /metrics.
+
+`build_app(ctx)` takes a running AsyncEngine through the context; it owns no globals, so tests
+can build several apps in one process.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from pdserve import __version__
+from pdserve.server.auth import require_api_key
+from pdserve.server.chat import create_chat_completion
+from pdserve.server.completions import create_completion
+from pdserve.server.context import ServerContext, get_context
+from pdserve.server.errors import APIError, install_error_handlers
+from pdserve.server.prometheus import CONTENT_TYPE
+from pdserve.server.protocol import ModelCard, ModelList
+from pdserve.server.request_id import RequestIdMiddleware
+
+
+async def health(request: Request) -> Response:
+    """200 while serving; 503 once a drain has begun (load balancers stop sending)."""
+    ctx = get_context(request)
+    if not ctx.ready:
+        raise APIError(503, "the server is shutting down", code="server_shutting_down")
+    return JSONResponse({"status": "ok", "role": ctx.settings.role})
+
+
+async def metrics(request: Request) -> Response:
+    return PlainTextResponse(get_context(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def list_models(request: Request) -> Response:
+    ctx = get_context(request)
+    cards = [
+        ModelCard(id=name, root=ctx.llm.config.model, max_model_len=ctx.llm.max_model_len)
+        for name in ctx.settings.served_model_names
+    ]
+    return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
+
+
+def build_app(ctx: ServerContext) -> FastAPI:
+    app = FastAPI(title="pdserve", version=__version__)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1.add_api_route("/models", list_models, methods=["GET"])
+    v1.add_api_route("/completions", create_completion, methods=["POST"])
+    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
+    app.include_router(v1)
+    return app

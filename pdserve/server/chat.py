@@ -1,0 +1,86 @@
+"""`POST /v1/chat/completions`: messages through the model's chat template, an assistant reply out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pdserve.server import sse
+from pdserve.server.body import parse_body
+from pdserve.server.context import get_context
+from pdserve.server.inputs import chat_prompt, sampling_params
+from pdserve.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaMessage,
+    KVParamsJSON,
+    Usage,
+)
+from pdserve.server.serving import (
+    Started,
+    check_model,
+    finish_reason,
+    kv_params,
+    start,
+    usage_of,
+    wait_for_end,
+)
+
+
+async def create_chat_completion(request: Request) -> Response:
+    arrival = time.monotonic()
+    ctx = get_context(request)
+    ctx.admission.check_open()
+    req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
+    check_model(ctx, req.model)
+    token_ids = chat_prompt(ctx.llm, req)
+    params = sampling_params(req, req.output_limit)
+    started = start(request, ctx, req, token_ids, params, "chatcmpl", arrival)
+    if req.stream:
+        return sse.GenerationStream(_stream(req, started), started.generation.abort, {})
+    text, final = await wait_for_end(request, started.generation)
+    body = ChatCompletionResponse(
+        id=started.response_id,
+        created=started.created,
+        model=started.model,
+        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason(final))],
+        usage=usage_of(final),
+        kv_transfer_params=kv_params(final),
+    )
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def _stream(req: ChatCompletionRequest, s: Started) -> AsyncIterator[bytes]:
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None) -> bytes:
+        return sse.event(
+            ChatCompletionChunk(
+                id=s.response_id,
+                created=s.created,
+                model=s.model,
+                choices=choices,
+                usage=usage,
+                kv_transfer_params=kv,
+            )
+        )
+
+    # The first chunk announces the role, as OpenAI's does.
+    yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+    async for out in s.generation.outputs():
+        if out.finish_reason == "error":
+            yield sse.error_event(out.error or "the engine failed this request")
+            break
+        if out.new_token_ids or out.new_text or out.finished:
+            running = usage_of(out) if req.include_usage and req.continuous_usage else None
+            kv = kv_params(out) if out.finished else None
+            delta = DeltaMessage(content=out.new_text)
+            yield chunk([ChatChunkChoice(delta=delta, finish_reason=finish_reason(out))], running, kv)
+        if out.finished and req.include_usage:
+            yield chunk([], usage_of(out))
+    yield sse.DONE

@@ -1,0 +1,121 @@
+"""`pdserve serve MODEL`: one process, the engine's step loop in a thread, uvicorn in front."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, KVTransferConfig
+from pdserve.engine.args import add_engine_args, engine_config_from_args, positive_float, positive_int
+from pdserve.server.settings import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    ServerSettings,
+)
+
+log = logging.getLogger("pdserve.server")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=DEFAULT_HOST)
+    g.add_argument("--port", type=int, default=DEFAULT_PORT)
+    g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="name(s) clients use in 'model' (default: MODEL); the first is reported",
+    )
+    g.add_argument("--role", choices=["standalone", "prefill", "decode"], default="standalone")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    g.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES)
+    g.add_argument(
+        "--max-queued-requests",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_QUEUED_REQUESTS,
+        help="requests beyond the running batch (--max-num-seqs) before answering 429",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=positive_float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        help="on SIGTERM, seconds in-flight requests may take before they are aborted",
+    )
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--no-access-log", action="store_true")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        served_model_names=tuple(args.served_model_name or [args.model]),
+        host=args.host,
+        port=args.port,
+        role=args.role,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_queued_requests=args.max_queued_requests,
+        drain_timeout_s=args.drain_timeout,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    import uvicorn  # heavy imports after argument parsing
+
+    from pdserve.engine.async_engine import AsyncEngine
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.server.app import build_app
+    from pdserve.server.context import ServerContext
+    from pdserve.server.lifecycle import DrainingServer
+
+    settings = settings_from_args(args)
+    config = engine_config_from_args(args, KVTransferConfig(role=settings.role))
+    log.info("loading %s (role %s)", config.model, settings.role)
+    llm = LLMEngine(config)
+    engine = AsyncEngine(llm)
+    stats = engine.stats
+    log.info(
+        "engine ready: %d KV blocks of %d tokens, max_model_len %d",
+        stats.num_total_blocks,
+        config.cache.block_size,
+        llm.max_model_len,
+    )
+    ctx = ServerContext(engine, settings)
+    server = DrainingServer(
+        uvicorn.Config(
+            build_app(ctx),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            log_level=args.log_level,
+            access_log=not args.no_access_log,
+            timeout_graceful_shutdown=10,
+        ),
+        ctx,
+    )
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+        llm.close()
+    log.info("exited cleanly")
+    return 0

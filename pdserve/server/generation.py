@@ -1,0 +1,103 @@
+"""One engine request as seen by the HTTP side: a task that drains the engine's stream.
+
+The task, not the HTTP handler, iterates `AsyncEngine.generate`, so metrics are recorded and the
+request id released exactly once, when the engine says the request has finished, whatever the
+client does. The handler reads the outputs from a queue; if it goes away (client disconnect,
+handler cancelled) it calls `abort()`, the engine frees the blocks and sends a final "abort"
+output, and the task ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.outputs import StepOutput
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv.messages import KVTransferParams
+from pdserve.server.admission import Admission
+from pdserve.server.metrics import RequestTimer, ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    kv_transfer_params: KVTransferParams | None
+    arrival: float
+
+
+class Generation:
+    """Start with `Generation.start` (admission and task start happen with no await between)."""
+
+    def __init__(self, engine: AsyncEngine, admission: Admission, metrics: ServerMetrics, inp: GenerationInput):
+        self.engine = engine
+        self.input = inp
+        self.request_id = inp.request_id
+        self._admission = admission
+        self._timer = RequestTimer(metrics, inp.arrival)
+        self._outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.finished = False
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"generation-{inp.request_id}")
+
+    @classmethod
+    def start(
+        cls, engine: AsyncEngine, admission: Admission, metrics: ServerMetrics, inp: GenerationInput
+    ) -> Generation:
+        admission.admit(inp.request_id)  # raises APIError (503 / 409 / 429)
+        return cls(engine, admission, metrics, inp)
+
+    async def _run(self) -> None:
+        inp = self.input
+        try:
+            async for out in self.engine.generate(inp.request_id, inp.token_ids, inp.params, inp.kv_transfer_params):
+                self._timer.observe(out)
+                self._outputs.put_nowait(out)
+        except Exception as e:  # validation raced with a drain, or the engine is gone
+            log.warning("request %s failed to start: %s", inp.request_id, e)
+            out = StepOutput(inp.request_id, [], "", True, "error", num_prompt_tokens=len(inp.token_ids), error=str(e))
+            self._timer.observe(out)
+            self._outputs.put_nowait(out)
+        finally:
+            self.finished = True
+            self._admission.release(inp.request_id)
+
+    def abort(self) -> None:
+        """Ask the engine to stop this request (no-op once it has finished)."""
+        if not self.finished:
+            self.engine.abort(self.request_id)
+
+    async def outputs(self) -> AsyncIterator[StepOutput]:
+        """The engine's outputs, ending with the one that has `finished` set."""
+        while True:
+            out = await self._outputs.get()
+            yield out
+            if out.finished:
+                return
+
+    async def collect(self) -> tuple[str, StepOutput]:
+        """Wait for the end: the whole text and the final output."""
+        parts: list[str] = []
+        async for out in self.outputs():
+            parts.append(out.new_text)
+            if out.finished:
+                return "".join(parts), out
+        raise AssertionError("unreachable")
+
+
+async def watch_disconnect(request: Request, on_disconnect: Callable[[], None]) -> None:
+    """Call `on_disconnect` when the client goes away. Run as a task once the body has been read
+    (the ASGI receive channel then only carries `http.disconnect`); cancel it when done."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            on_disconnect()
+            return

@@ -1,0 +1,74 @@
+"""From a validated request to what the engine takes: prompt token ids and SamplingParams.
+
+Everything the engine would refuse is refused here first, as a 400 with the engine's message,
+before any response byte is sent (a stream cannot change its status code once started).
+"""
+
+from __future__ import annotations
+
+from pdserve.config import Role
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv.factory import parse_kv_transfer_params
+from pdserve.kv.messages import KVTransferParams
+from pdserve.server.errors import APIError
+from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, KVParamsJSON, SamplingFields
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            seed=req.seed,
+            stop=req.stop or (),
+            stop_token_ids=req.stop_token_ids or (),
+            ignore_eos=req.ignore_eos,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
+
+
+def completion_prompt(engine: LLMEngine, req: CompletionRequest) -> list[int]:
+    prompt = req.single_prompt
+    return engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+def chat_prompt(engine: LLMEngine, req: ChatCompletionRequest) -> list[int]:
+    messages = [{"role": m.role, "content": m.text} for m in req.messages]
+    try:
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+    except Exception as e:  # a template's raise_exception(), e.g. a role order it rejects
+        raise APIError(400, f"cannot apply the chat template: {e}", code="invalid_value", param="messages") from None
+    return engine.tokenizer.encode(text)
+
+
+def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams) -> None:
+    """The engine's own checks: empty prompt, ids out of vocabulary, context length, cache size."""
+    try:
+        engine.validate_prompt(token_ids, params)
+    except ValueError as e:
+        msg = str(e)
+        code = "context_length_exceeded" if "context length" in msg else "invalid_value"
+        param = "max_tokens" if msg.startswith("max_tokens") else "prompt"
+        raise APIError(400, msg, code=code, param=param) from None
+
+
+def kv_transfer_params(role: Role, value: KVParamsJSON | None) -> KVTransferParams | None:
+    """Parse the request's kv_transfer_params (typed), and refuse what this instance's role cannot do."""
+    try:
+        kvp = parse_kv_transfer_params(value)
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value", param="kv_transfer_params") from None
+    if role == "standalone" and kvp is not None and (kvp.do_remote_decode or kvp.do_remote_prefill):
+        raise APIError(
+            400,
+            "this instance runs --role standalone: it neither sends nor receives KV",
+            code="invalid_value",
+            param="kv_transfer_params",
+        )
+    return kvp

@@ -1,0 +1,77 @@
+"""The server's Prometheus metrics (`GET /metrics`) and the per-request timer that feeds them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from pdserve.engine.engine import EngineStats
+from pdserve.engine.outputs import StepOutput
+from pdserve.server.prometheus import Counter, Gauge, Histogram, Registry
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class ServerMetrics:
+    """All metrics of one app. Engine gauges read `stats()` (the engine's latest snapshot) per
+    scrape; `in_flight()` is the HTTP side's count of admitted, unfinished requests."""
+
+    def __init__(self, stats: Callable[[], EngineStats], in_flight: Callable[[], int]) -> None:
+        self.registry = r = Registry()
+        gauges = {
+            "pdserve_num_requests_running": ("Requests in the engine's running batch.", lambda: stats().num_running),
+            "pdserve_num_requests_waiting": ("Requests queued in the engine.", lambda: stats().num_waiting),
+            "pdserve_num_requests_in_flight": ("Requests admitted by the server, not yet finished.", in_flight),
+            "pdserve_kv_blocks_free": ("Free KV cache blocks.", lambda: stats().num_free_blocks),
+            "pdserve_kv_blocks_total": ("KV cache blocks in all.", lambda: stats().num_total_blocks),
+        }
+        for name, (help_text, read) in gauges.items():
+            r.register(Gauge(name, help_text, read))
+        self.prompt_tokens = r.register(Counter("pdserve_prompt_tokens_total", "Prompt tokens of finished requests."))
+        self.generation_tokens = r.register(Counter("pdserve_generation_tokens_total", "Tokens generated."))
+        self.requests = r.register(
+            Counter("pdserve_requests_total", "Finished requests by finish reason.", ("finish_reason",))
+        )
+        self.ttft = r.register(Histogram(
+            "pdserve_time_to_first_token_seconds", "Arrival to first generated token.", _LATENCY_BUCKETS
+        ))  # fmt: skip
+        self.itl = r.register(Histogram(
+            "pdserve_inter_token_latency_seconds", "Gap between consecutive generated tokens.", _LATENCY_BUCKETS
+        ))  # fmt: skip
+        self.e2e = r.register(Histogram(
+            "pdserve_e2e_request_latency_seconds", "Arrival to the request's end.", _E2E_BUCKETS
+        ))  # fmt: skip
+
+    def render(self) -> str:
+        return self.registry.render()
+
+
+class RequestTimer:
+    """Feeds one request's outputs into the metrics: TTFT, every inter-token gap, E2E, counts."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float | None = None) -> None:
+        self.metrics = metrics
+        self.arrival = time.monotonic() if arrival is None else arrival
+        self._last_token: float | None = None
+        self.first_token_time: float | None = None
+
+    def observe(self, out: StepOutput) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        n = len(out.new_token_ids)
+        if n:
+            if self._last_token is None:
+                self.first_token_time = now
+                m.ttft.observe(now - self.arrival)
+            else:
+                gap = (now - self._last_token) / n
+                for _ in range(n):
+                    m.itl.observe(gap)
+            self._last_token = now
+            m.generation_tokens.inc(n)
+        if out.finished:
+            m.prompt_tokens.inc(out.num_prompt_tokens)
+            m.requests.inc(labels=(out.finish_reason or "unknown",))
+            m.e2e.observe(now - self.arrival)

@@ -1,0 +1,30 @@
+"""Server settings: built once from the CLI (or by a test), frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, Role
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_QUEUED_REQUESTS = 1024
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the HTTP layer needs to know; the engine has its own EngineConfig."""
+
+    served_model_names: tuple[str, ...]
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    role: Role = "standalone"
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS  # None: no limit
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+
+    @property
+    def model_name(self) -> str:
+        """The name reported in responses and listed first by /v1/models."""
+        return self.served_model_names[0]

@@ -1,0 +1,167 @@
+"""The official `openai` client against a real `pdserve serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import TINY_MODEL, ServerProcess, pdserve_server
+
+PROMPT = "The quick brown fox"
+GREEDY = {"temperature": 0.0, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def server(module_tmp: Path) -> Iterator[ServerProcess]:
+    with pdserve_server(module_tmp) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1_url, api_key="unused", max_retries=0)
+
+
+def test_models(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [TINY_MODEL]
+
+
+def test_completion_stream_equals_non_stream(client: openai.OpenAI) -> None:
+    full = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=12, **GREEDY)
+    choice = full.choices[0]
+    assert choice.finish_reason == "length"
+    assert full.usage is not None
+    assert (full.usage.prompt_tokens, full.usage.completion_tokens) == (len(PROMPT.encode()), 12)
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 12
+    assert full.id.startswith("cmpl-") and full.object == "text_completion"
+
+    chunks = list(
+        client.completions.create(
+            model=TINY_MODEL,
+            prompt=PROMPT,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == choice.text and text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completion_token_ids_prompt(client: openai.OpenAI) -> None:
+    ids = list(PROMPT.encode())
+    by_text = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=6, **GREEDY)
+    by_ids = client.completions.create(model=TINY_MODEL, prompt=ids, max_tokens=6, **GREEDY)
+    nested = client.completions.create(model=TINY_MODEL, prompt=[ids], max_tokens=6, **GREEDY)
+    assert by_text.choices[0].text == by_ids.choices[0].text == nested.choices[0].text
+
+
+def test_vllm_extensions(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model=TINY_MODEL,
+        prompt=PROMPT,
+        max_tokens=20,
+        **GREEDY,
+        extra_body={"min_tokens": 20, "ignore_eos": True, "kv_transfer_params": {"do_remote_decode": False}},
+    )
+    assert r.usage is not None and r.usage.completion_tokens == 20
+    # Echoed at the top level, as vLLM does (the engine's view of them: defaults omitted).
+    assert r.model_extra is not None and isinstance(r.model_extra["kv_transfer_params"], dict)
+    plain = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=1)
+    assert plain.model_extra is not None and plain.model_extra["kv_transfer_params"] is None
+
+
+def test_stop_string(client: openai.OpenAI) -> None:
+    base = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=12, **GREEDY).choices[0].text
+    stop = base[3:5]
+    r = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=12, stop=[stop], **GREEDY)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == base[: base.index(stop)]
+
+
+def test_chat_stream_equals_non_stream(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    full = client.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=10, **GREEDY)
+    msg = full.choices[0].message
+    assert msg.role == "assistant" and full.object == "chat.completion"
+    assert full.usage is not None and full.usage.completion_tokens == 10
+
+    stream = client.chat.completions.create(
+        model=TINY_MODEL,
+        messages=messages,
+        max_completion_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_chat_text_parts(client: openai.OpenAI) -> None:
+    plain = client.chat.completions.create(
+        model=TINY_MODEL, messages=[{"role": "user", "content": "a\nb"}], max_tokens=5, **GREEDY
+    )
+    parts = client.chat.completions.create(
+        model=TINY_MODEL,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        max_tokens=5,
+        **GREEDY,
+    )
+    assert plain.choices[0].message.content == parts.choices[0].message.content
+
+
+def test_request_id_header(server: ServerProcess) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 2}
+    r = httpx.post(f"{server.v1_url}/completions", json=body, headers={"X-Request-Id": "my-id-1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "my-id-1"
+    assert r.json()["id"] == "cmpl-my-id-1"
+    generated = httpx.post(f"{server.v1_url}/completions", json=body).headers["x-request-id"]
+    assert generated and generated != "my-id-1"
+
+
+def test_64_concurrent_streams(server: ServerProcess) -> None:
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, int]:
+        stream = await client.completions.create(
+            model=TINY_MODEL,
+            prompt=f"{PROMPT} {i}",
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+            **GREEDY,
+        )
+        text, tokens = "", 0
+        async for c in stream:
+            if c.choices:
+                text += c.choices[0].text
+            if c.usage:
+                tokens = c.usage.completion_tokens
+        return text, tokens
+
+    async def main() -> list[tuple[str, int]]:
+        http = httpx.AsyncClient(limits=httpx.Limits(max_connections=100), timeout=60)
+        async with openai.AsyncOpenAI(base_url=server.v1_url, api_key="x", http_client=http, max_retries=0) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert len(results) == 64 and all(tokens == 16 for _, tokens in results)
+    m = server.wait_metrics({"pdserve_num_requests_running": 0, "pdserve_num_requests_waiting": 0})
+    assert m["pdserve_kv_blocks_free"] == m["pdserve_kv_blocks_total"]
+    assert m['pdserve_requests_total{finish_reason="length"}'] >= 64
+    assert m["pdserve_time_to_first_token_seconds_count"] >= 64
