@@ -217,10 +217,14 @@ class Orchestrator:
 
         p_task.add_done_callback(prefill_done)
         try:
+            reply = None
             with decode_scope:
                 reply = await self._call(decode, req, d_half, request_id)
-            if decode_scope.cancelled_caught:
+            if decode_scope.cancel_called:  # the prefill half failed first
+                if isinstance(reply, Stream):
+                    reply.close()
                 return self._prefill_outcome(prefill, p_task)
+            assert reply is not None
         except BaseException:
             p_task.cancel()
             raise

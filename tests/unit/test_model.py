@@ -12,6 +12,8 @@ from pdserve.model import loader
 from pdserve.model.attention import AttentionMetadata, PrefillSpan
 from pdserve.model.export import export_model, save_hf_dir
 from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
+from pdserve.model.presets import get_preset
+from pdserve.model.qwen3 import Qwen3ForCausalLM
 from pdserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -169,7 +171,8 @@ def test_dummy_weights_deterministic_and_pooled(monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
     assert torch.equal(a["model.norm.weight"], torch.ones(64))
-    tied = load_model("dummy:qwen3-tiny", torch.float32, "cpu").module
+    with torch.device("meta"):
+        tied = Qwen3ForCausalLM(get_preset("qwen3-cpu-bench"))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     # The pooled fast path for large CPU tensors: still N(0, 0.02) and deterministic.
     monkeypatch.setattr(loader, "_DIRECT_MAX", 1024)
