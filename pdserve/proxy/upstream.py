@@ -95,13 +95,14 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
 
+    def auth_headers(self, client_auth: str | None) -> dict[str, str]:
+        """`--instance-api-key` if set, else the client's own Authorization header (if any)."""
+        auth = f"Bearer {self.settings.instance_api_key}" if self.settings.instance_api_key else client_auth
+        return {"Authorization": auth} if auth else {}
+
     def headers(self, request_id: str, client_auth: str | None) -> dict[str, str]:
         """Headers of every call for one client request: the shared X-Request-Id and the credentials."""
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
-        auth = f"Bearer {self.settings.instance_api_key}" if self.settings.instance_api_key else client_auth
-        if auth:
-            headers["Authorization"] = auth
-        return headers
+        return {"Content-Type": "application/json", "X-Request-Id": request_id, **self.auth_headers(client_auth)}
 
     async def call(
         self, inst: Instance, path: str, body: bytes, headers: dict[str, str], timeout_s: float | None = None

@@ -6,6 +6,7 @@ POSIX shared-memory segments (mode 0600) on the same host.
 
 from __future__ import annotations
 
+import os
 from multiprocessing import resource_tracker, shared_memory
 
 import torch
@@ -40,13 +41,22 @@ class ShmTransport:
         if self._shm.size < count * local.element_size():
             raise TransferError("peer segment is smaller than its advertised layout")
         self.remote = torch.frombuffer(self._shm.buf, dtype=local.dtype, count=count).view(shape)
+        self._path = f"/dev/shm/{peer.segment.lstrip('/')}"
+
+    def _check_alive(self) -> None:
+        # Our mapping outlives the peer: a segment its owner (or, after a kill, the owner's
+        # resource tracker) unlinked means the peer is gone, and its blocks are no longer owned.
+        if not os.path.exists(self._path):
+            raise TransferError("the peer's KV segment is gone (peer exited)")
 
     def read(self, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+        self._check_alive()
         check_ids(src_block_ids, self.remote.shape[1])
         copy_blocks(self.local, self.remote, block_runs(src_block_ids, dst_block_ids))
         return len(dst_block_ids) * self.local[:, 0].numel() * self.local.element_size()
 
     def write_layer(self, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+        self._check_alive()
         check_ids(dst_block_ids, self.remote.shape[1])
         copy_blocks(self.remote, self.local, block_runs(src_block_ids, dst_block_ids), layer)
         return len(dst_block_ids) * self.local[0, 0].numel() * self.local.element_size()

@@ -1,0 +1,167 @@
+"""The proxy's ASGI app: the two generation paths (raw ASGI, see relay.py) and the admin routes.
+
+GET /health     200 when the topology can serve (disagg: a healthy prefill and a healthy decode
+                instance; standard: one instance), else 503 with the reason
+GET /instances  every known instance, its state and load (JSON list)
+GET /metrics    Prometheus text
+GET /v1/models  from a healthy instance
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.routing import Route
+
+from pdserve.proxy.errors import ProxyError, no_instance
+from pdserve.proxy.health import HealthChecker
+from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
+from pdserve.proxy.metrics import ProxyMetrics
+from pdserve.proxy.orchestrate import CHAT_PATH, Orchestrator
+from pdserve.proxy.registry import RegistryServer, sweep_forever
+from pdserve.proxy.relay import ProxyEndpoint, check_api_key
+from pdserve.proxy.routing import make_picker
+from pdserve.proxy.settings import ProxySettings
+from pdserve.proxy.upstream import Upstream, UpstreamFailure
+from pdserve.server.prometheus import CONTENT_TYPE
+
+log = logging.getLogger(__name__)
+
+
+class InstanceView(msgspec.Struct):
+    """One row of GET /instances."""
+
+    address: str
+    url: str
+    role: str
+    source: str  # "registered" or "static"
+    healthy: bool
+    in_flight: int
+    requests: int
+    failures: int
+    engine_id: str
+    kv_host: str
+    handshake_port: int
+    notify_port: int
+    transfer_mode: str | None
+    last_seen_s_ago: float | None
+
+    @classmethod
+    def of(cls, i: Instance, now: float) -> InstanceView:
+        return cls(
+            i.address, i.url, ROLE_NAMES[i.role], "static" if i.static else "registered", i.healthy, i.in_flight,
+            i.requests, i.failures, i.engine_id, i.kv_host, i.handshake_port, i.notify_port, i.transfer_mode,
+            round(now - i.last_seen, 3) if i.last_seen else None,
+        )
+
+
+@dataclass
+class ProxyState:
+    """Everything one proxy app owns."""
+
+    settings: ProxySettings
+    table: InstanceTable
+    upstream: Upstream
+    registry: RegistryServer | None
+    metrics: ProxyMetrics
+    orchestrator: Orchestrator
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def unavailable_reason(self) -> str | None:
+        """Why the topology cannot serve now (None: it can)."""
+        roles: tuple[RoleCode, ...] = ("S",) if self.settings.mode == "standard" else ("P", "D")
+        missing = [ROLE_NAMES[r] for r in roles if not self.table.candidates(r)]
+        return f"no healthy {' and no healthy '.join(missing)} instance" if missing else None
+
+
+def build_state(settings: ProxySettings) -> ProxyState:
+    table = InstanceTable(settings)
+    registry = None
+    if settings.registry_port is not None:
+        registry = RegistryServer(table, settings.registry_host, settings.registry_port, settings.registry_token)
+    metrics = ProxyMetrics(table, registry.stats if registry else None)
+    upstream = Upstream(settings, table)
+    orchestrator = Orchestrator(settings, table, upstream, make_picker(settings.routing), metrics)
+    return ProxyState(settings, table, upstream, registry, metrics, orchestrator)
+
+
+def _error(err: ProxyError) -> Response:
+    return Response(err.body(), status_code=err.status, media_type="application/json")
+
+
+def build_app(settings: ProxySettings) -> FastAPI:
+    state = build_state(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        session = await state.upstream.start()
+        health = HealthChecker(state.table, session, state.upstream.auth_headers(None))
+        if state.registry is not None:
+            state.registry.bind()
+            state.tasks.append(asyncio.create_task(state.registry.serve_forever()))
+        interval = min(0.25, settings.heartbeat_timeout_s / 4)
+        state.tasks.append(asyncio.create_task(sweep_forever(state.table, interval)))
+        if state.table.static():
+            await health.check_all()
+            state.tasks.append(asyncio.create_task(health.run_forever()))
+        log.info("proxy ready: mode %s%s, routing %s", settings.mode,
+                 f" ({settings.kv_mode})" if settings.mode == "disagg" else "", settings.routing)
+        try:
+            yield
+        finally:
+            for task in state.tasks:
+                task.cancel()
+            await asyncio.gather(*state.tasks, return_exceptions=True)
+            if state.registry is not None:
+                state.registry.close()
+            await state.upstream.stop()
+
+    app = FastAPI(title="pdserve proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.proxy = state
+    for path in ("/v1/completions", CHAT_PATH):
+        endpoint = ProxyEndpoint(path, state.orchestrator, state.metrics, settings.api_key)
+        app.router.routes.append(Route(path, endpoint, methods=["POST"]))
+
+    @app.get("/health")
+    async def health_route() -> Response:
+        reason = state.unavailable_reason()
+        if reason is not None:
+            return _error(ProxyError(503, reason, code="no_instance"))
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get("/instances")
+    async def instances_route() -> Response:
+        now = time.monotonic()
+        rows = [InstanceView.of(i, now) for i in state.table.all()]
+        return Response(msgspec.json.encode(rows), media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models_route(request: Request) -> Response:
+        try:
+            check_api_key(request.headers.raw, settings.api_key)
+        except ProxyError as e:
+            return _error(e)
+        roles: tuple[RoleCode, ...] = ("S",) if settings.mode == "standard" else ("D", "P")
+        headers = state.upstream.auth_headers(request.headers.get("authorization"))
+        for inst in [i for r in roles for i in state.table.candidates(r)][:2]:
+            try:
+                got = await state.upstream.get(inst, "/v1/models", headers)
+            except UpstreamFailure as e:
+                log.warning("GET /v1/models: %s", e)
+                continue
+            return Response(got.body, status_code=got.status, media_type=got.content_type or "application/json")
+        return _error(no_instance("decode" if settings.mode == "disagg" else "standalone"))
+
+    return app

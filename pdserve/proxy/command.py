@@ -1,0 +1,86 @@
+"""`pdserve proxy`: the router in front of prefill/decode (disagg) or standalone (standard) instances."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REGISTRY_PORT
+from pdserve.proxy.settings import (
+    DEFAULT_GRACEFUL_SHUTDOWN_S,
+    DEFAULT_HEALTH_INTERVAL_S,
+    DEFAULT_HEARTBEAT_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    ProxySettings,
+)
+
+_EPILOG = """\
+Instances register themselves over ZMQ (`pdserve serve ... --proxy-address HOST:REGISTRY_PORT`) or
+are listed here (--prefill/--decode/--instance URL; health-checked with GET /health). WRITE mode
+needs each instance's KV ports: registered instances send them; static ones must serve GET /kv_info.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "proxy", help="route requests to instances (disagg: prefill then decode; standard: one instance)",
+        description=__doc__, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
+    p.add_argument("--registry-host", default=None, help="ZMQ registry bind address (default: --host)")
+    p.add_argument("--registry-port", type=int, default=DEFAULT_REGISTRY_PORT,
+                   help="ZMQ registry port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--no-registry", action="store_true", help="no ZMQ registry: static instances only")
+    p.add_argument("--mode", choices=("disagg", "standard"), default="disagg")
+    p.add_argument("--kv-mode", choices=("read", "write"), default="read",
+                   help="disagg: read = serial, decode pulls; write = concurrent, prefill pushes")
+    p.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL", help="static prefill instances")
+    p.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL", help="static decode instances")
+    p.add_argument("--instance", nargs="+", action="extend", default=[], metavar="URL",
+                   help="static standalone instances (standard mode)")
+    p.add_argument("--routing", choices=("round-robin", "least-loaded"), default="round-robin")
+    p.add_argument("--api-key", default=None, help="clients must send `Authorization: Bearer KEY` on /v1/*")
+    p.add_argument("--instance-api-key", default=None,
+                   help="sent to instances (default: the client's Authorization header is forwarded)")
+    p.add_argument("--registry-token", default=None, help="registrations without this token are dropped")
+    p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="S",
+                   help="evict a registered instance silent this long (default %(default)s)")
+    p.add_argument("--health-interval", type=float, default=DEFAULT_HEALTH_INTERVAL_S, metavar="S",
+                   help="GET /health period of static instances (default %(default)s)")
+    p.add_argument("--fallback", choices=("local-prefill", "fail"), default="local-prefill",
+                   help="when no prefill instance works: prefill on the decode instance, or answer 503")
+    p.add_argument("--prefill-timeout", type=float, default=None, metavar="S",
+                   help="give up on a prefill half after S seconds (default: no limit)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> ProxySettings:
+    return ProxySettings(
+        host=args.host, port=args.port, registry_host=args.registry_host or args.host,
+        registry_port=None if args.no_registry else args.registry_port, mode=args.mode,
+        kv_mode=args.kv_mode.upper(), prefill=tuple(args.prefill), decode=tuple(args.decode),
+        instances=tuple(args.instance), routing=args.routing, api_key=args.api_key,
+        instance_api_key=args.instance_api_key, registry_token=args.registry_token,
+        heartbeat_timeout_s=args.heartbeat_timeout, health_interval_s=args.health_interval,
+        fallback=args.fallback, prefill_timeout_s=args.prefill_timeout, max_body_bytes=args.max_body_bytes,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM (graceful: in-flight requests finish), then exit 0."""
+    import uvicorn
+
+    from pdserve.proxy.app import build_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = uvicorn.Config(
+        build_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+        access_log=False, timeout_graceful_shutdown=DEFAULT_GRACEFUL_SHUTDOWN_S,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 3
