@@ -93,6 +93,7 @@ class KVTransferConfig:
     kv_lease_seconds: float = 30.0
     kv_transfer_timeout: float = 30.0
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
+    token: str | None = None  # shared secret on registration, handshake, notify and data messages
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ class AsyncEngine:
         """Stream a request's outputs. Leaving the iteration early (client gone) aborts it."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
-        self.engine.validate_prompt(token_ids, params)
+        kv_transfer_params = self.engine.validate_request(token_ids, params, kv_transfer_params)
         sink: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._send(_Add(request_id, token_ids, params, kv_transfer_params, sink, asyncio.get_running_loop()))
         finished = False
@@ -97,17 +97,27 @@ class AsyncEngine:
         self._stopping = True
 
     # ---- engine thread -------------------------------------------------------------------------
-    def _deliver(self, out: StepOutput) -> None:
-        entry = self._sinks.get(out.request_id)
-        if entry is None:
-            return
-        if out.finished:
-            del self._sinks[out.request_id]
-        sink, loop = entry
-        try:
-            loop.call_soon_threadsafe(sink.put_nowait, out)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+    @property
+    def is_alive(self) -> bool:
+        """False once the step-loop thread has died (the server then reports unhealthy)."""
+        return self._thread.is_alive()
+
+    def _deliver(self, outs: list[StepOutput]) -> None:
+        """Hand outputs to their asyncio queues: one thread-safe call per event loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[StepOutput], StepOutput]]] = {}
+        for out in outs:
+            entry = self._sinks.get(out.request_id)
+            if entry is None:
+                continue
+            if out.finished:
+                del self._sinks[out.request_id]
+            sink, loop = entry
+            by_loop.setdefault(loop, []).append((sink, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
     def _drain_inbox(self) -> bool:
         while True:
@@ -120,16 +130,20 @@ class AsyncEngine:
             if isinstance(cmd, _Abort):
                 self.engine.abort_request(cmd.request_id)
                 continue
+            if cmd.request_id in self._sinks:
+                err = StepOutput(cmd.request_id, [], "", True, "error", error="duplicate request id in flight")
+                cmd.loop.call_soon_threadsafe(_put_all, [(cmd.sink, err)])
+                continue
             self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
             try:
                 self.engine.add_request(cmd.request_id, cmd.token_ids, cmd.params, cmd.kv_transfer_params)
-            except ValueError as e:
-                self._deliver(StepOutput(cmd.request_id, [], "", True, "error", error=str(e)))
+            except Exception as e:  # validated already; anything here fails this request only
+                self._deliver([StepOutput(cmd.request_id, [], "", True, "error", error=str(e))])
 
     def _fail_all(self, reason: str) -> None:
         for rid in list(self.engine.scheduler.requests):
             self.engine.scheduler.finish(rid, RequestStatus.FINISHED_ERROR, reason)
-            self._deliver(StepOutput(rid, [], "", True, "error", error=reason))
+            self._deliver([StepOutput(rid, [], "", True, "error", error=reason)])
 
     def _run(self) -> None:
         while True:
@@ -144,10 +158,14 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {e}")
                 outs = []
-            for out in outs:
-                self._deliver(out)
+            self._deliver(outs)
             self.stats = self.engine.stats()
             if self.engine.idle:
                 # Nothing to compute (idle, or only requests waiting for remote KV): sleep until woken.
                 self._wake.wait(0.002 if self.engine.has_unfinished() else 0.05)
                 self._wake.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue[StepOutput], StepOutput]]) -> None:
+    for sink, out in items:
+        sink.put_nowait(out)

@@ -24,6 +24,7 @@ from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.text import TextState
 from pdserve.kv.factory import make_connector, parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
+from pdserve.model.cpu_linear import can_prepack, prepack_linears_
 from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.loaded: LoadedModel = load_model(config.model, self.dtype, self.device, seed=config.seed)
         self.model_config = self.loaded.config
+        if can_prepack(self.device, self.dtype):
+            prepack_linears_(self.loaded.module)
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self.layout = plan_layout(self.model_config, config.cache, self.dtype)
@@ -68,7 +71,9 @@ class LLMEngine:
             self.loaded.module, self.kv_cache.tensor, self.layout.block_size, self.model_config.vocab_size,
             self.device,
         )
-        self.connector = make_connector(config, self.model_config, self.kv_cache, self.scheduler, self.runner)
+        self.connector = make_connector(
+            config, self.model_config, self.kv_cache, self.scheduler, self.runner, config.kv_transfer.token
+        )
         self._texts: dict[str, TextState] = {}
         self._eos = frozenset(self.loaded.eos_token_ids)
         self._pending: list[StepOutput] = []
@@ -105,6 +110,18 @@ class LLMEngine:
                 f"the prompt needs {blocks_needed} KV blocks; the cache has {self.layout.num_blocks} in all"
             )
 
+    def validate_request(
+        self, token_ids: list[int], params: SamplingParams, kv_transfer_params: KVTransferParams | dict | None
+    ) -> KVTransferParams | None:
+        """Every add-time check, callable from any thread: ValueError with a user-facing message."""
+        self.validate_prompt(token_ids, params)
+        kvp = parse_kv_transfer_params(kv_transfer_params)
+        if self.connector is not None:
+            self.connector.validate(kvp, len(token_ids))
+        elif kvp is not None and (kvp.do_remote_decode or kvp.do_remote_prefill):
+            raise ValueError("this instance runs --role standalone: it neither sends nor receives KV")
+        return kvp
+
     def add_request(
         self,
         request_id: str,
@@ -114,8 +131,7 @@ class LLMEngine:
     ) -> Request:
         """Queue a request. ValueError (a user-facing message) when it cannot be served."""
         token_ids = self.tokenize(prompt)
-        self.validate_prompt(token_ids, params)
-        kvp = parse_kv_transfer_params(kv_transfer_params)
+        kvp = self.validate_request(token_ids, params, kv_transfer_params)
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         req = Request(
@@ -128,8 +144,6 @@ class LLMEngine:
         )
         if self.connector is not None:
             self.connector.on_add(req, kvp)
-        elif kvp is not None and (kvp.do_remote_decode or kvp.do_remote_prefill):
-            raise ValueError("this instance runs --role standalone: it neither sends nor receives KV")
         self.scheduler.add(req)
         self._texts[request_id] = TextState(self.tokenizer, params.stop, params.skip_special_tokens)
         return req

@@ -14,7 +14,6 @@ import torch
 
 from pdserve.config import CacheConfig, ModelConfig
 
-
 # Names of the segments this process created: attaching one of them must not touch its tracking.
 OWNED_SEGMENTS: set[str] = set()
 

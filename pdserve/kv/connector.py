@@ -157,6 +157,9 @@ class KVConnectorBase:
             self.stats.transfer_seconds.append(done.seconds)
 
     # ---- engine-thread interface (overridden per role) -----------------------------------------
+    def validate(self, params: KVTransferParams | None, num_prompt_tokens: int) -> None:
+        """Raise ValueError (a user-facing message) if `params` cannot be honoured here."""
+
     def on_add(self, request: Request, params: KVTransferParams | None) -> None:
         """A new request: read its kv_transfer_params before the scheduler sees it."""
 

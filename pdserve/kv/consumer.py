@@ -42,7 +42,7 @@ class KVConsumer(KVConnectorBase):
         self._pending: dict[str, _Pending] = {}
 
     # ---- engine thread ---------------------------------------------------------------------
-    def on_add(self, request: Request, params: KVTransferParams | None) -> None:
+    def validate(self, params: KVTransferParams | None, num_prompt_tokens: int) -> None:
         if params is None or not params.do_remote_prefill:
             return
         mode = (params.transfer_mode or self.transfer_mode).upper()
@@ -51,11 +51,17 @@ class KVConsumer(KVConnectorBase):
                              "remote_handshake_port and remote_notify_port")
         if mode == "READ" and params.remote_block_ids is None:
             raise ValueError("kv_transfer_params in READ mode needs remote_block_ids")
-        if params.num_prompt_tokens is not None and params.num_prompt_tokens != request.num_prompt_tokens:
+        if params.num_prompt_tokens is not None and params.num_prompt_tokens != num_prompt_tokens:
             raise ValueError(
-                f"the prompt has {request.num_prompt_tokens} tokens here but {params.num_prompt_tokens} on the "
+                f"the prompt has {num_prompt_tokens} tokens here but {params.num_prompt_tokens} on the "
                 "prefill instance (different tokenizer or chat template?)"
             )
+
+    def on_add(self, request: Request, params: KVTransferParams | None) -> None:
+        if params is None or not params.do_remote_prefill:
+            return
+        self.validate(params, request.num_prompt_tokens)
+        mode = (params.transfer_mode or self.transfer_mode).upper()
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         params = msgspec.structs.replace(params, transfer_mode=mode)
         self._pending[request.request_id] = _Pending(

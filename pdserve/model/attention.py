@@ -78,28 +78,29 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     flat.index_copy_(0, v_idx, v.to(flat.dtype))
 
 
-def _gather(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the given blocks: each [..., n_blocks*bs, kvh, hd] (a copy, blocks concatenated)."""
+def _gather(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """K and V of the given blocks in one copy, head-major: [2, kvh, *block_ids.shape[:-1], n*bs, hd].
+
+    Selecting blocks from a [2, kvh, nb, bs, hd] *view* of the cache writes the result contiguous in
+    exactly the layout the matmuls read (per KV head, tokens in order), so the scattered blocks are
+    read once and nothing is copied again.
+    """
     nb, _, bs, kvh, hd = kv_layer.shape
-    rows = kv_layer.view(nb, -1).index_select(0, block_ids.reshape(-1))
-    rows = rows.view(*block_ids.shape, 2, bs, kvh, hd)
-    k = rows.select(-4, 0).flatten(-4, -3)
-    v = rows.select(-4, 1).flatten(-4, -3)
-    return k, v
+    rows = kv_layer.permute(1, 3, 0, 2, 4).index_select(2, block_ids.reshape(-1))
+    return rows.view(2, kvh, *block_ids.shape[:-1], block_ids.shape[-1] * bs, hd)
 
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float):
     """q: [D, H, hd] -> [D, H, hd]; grouped-query attention against each sequence's blocks."""
     d, h, hd = q.shape
-    k, v = _gather(kv_layer, meta.decode_block_tables)  # [D, L, kvh, hd]
-    kvh = k.shape[-2]
-    group = h // kvh
-    qg = q.view(d, kvh, group, hd)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [D, kvh, G, L]
-    scores.masked_fill_(~meta.decode_mask(), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v.transpose(1, 2))  # [D, kvh, G, hd]
-    return out.reshape(d, h, hd)
+    kv = _gather(kv_layer, meta.decode_block_tables)  # [2, kvh, D, L, hd]
+    kvh = kv.shape[1]
+    qg = q.view(d, kvh, h // kvh, hd).transpose(0, 1)  # [kvh, D, G, hd]
+    scores = torch.matmul(qg, kv[0].transpose(-1, -2)).float() * scale  # [kvh, D, G, L]
+    scores.masked_fill_(~meta.decode_mask().transpose(0, 1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(kv.dtype)
+    out = torch.matmul(probs, kv[1])  # [kvh, D, G, hd]
+    return out.transpose(0, 1).reshape(d, h, hd)
 
 
 def _prefill_attention(
@@ -115,9 +116,9 @@ def _prefill_attention(
     else:
         total = span.num_cached + n
         n_blocks = -(-total // kv_layer.shape[2])
-        kc, vc = _gather(kv_layer, span.block_ids[:n_blocks])
-        kh = kc[:total].transpose(0, 1).unsqueeze(0)
-        vh = vc[:total].transpose(0, 1).unsqueeze(0)
+        kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n*bs, hd]
+        kh = kv[0, :, :total].unsqueeze(0)
+        vh = kv[1, :, :total].unsqueeze(0)
         qpos = torch.arange(span.num_cached, total, device=q.device)
         kpos = torch.arange(total, device=q.device)
         mask = kpos[None, :] <= qpos[:, None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from types import FrameType
 
 from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REGISTRY_PORT
 from pdserve.proxy.settings import (
@@ -75,12 +76,19 @@ def run(args: argparse.Namespace) -> int:
 
     from pdserve.proxy.app import build_app
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Not recorded as uvicorn does (it re-raises the signal after shutdown): a signal-initiated
+            # graceful shutdown exits 0. A second signal forces the exit.
+            self.force_exit = self.should_exit
+            self.should_exit = True
+
     settings = settings_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(
         build_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
         access_log=False, timeout_graceful_shutdown=DEFAULT_GRACEFUL_SHUTDOWN_S,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     return 0 if server.started else 3

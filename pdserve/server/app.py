@@ -42,6 +42,19 @@ async def list_models(request: Request) -> Response:
     return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
 
 
+async def kv_info(request: Request) -> Response:
+    """This instance's KV coordinates (what a proxy with static instances needs for WRITE mode)."""
+    ctx = get_context(request)
+    conn = ctx.llm.connector
+    if conn is None:
+        raise APIError(404, "this instance runs --role standalone: it has no KV ports", code="not_found")
+    return JSONResponse({
+        "engine_id": conn.engine_id, "role": conn.role, "host": conn.host,
+        "handshake_port": conn.handshake_port, "notify_port": conn.notify_port,
+        "transfer_mode": conn.transfer_mode,
+    })
+
+
 def build_app(ctx: ServerContext) -> FastAPI:
     app = FastAPI(title="pdserve", version=__version__)
     app.state.ctx = ctx
@@ -49,6 +62,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/kv_info", kv_info, methods=["GET"])
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.add_api_route("/models", list_models, methods=["GET"])
     v1.add_api_route("/completions", create_completion, methods=["POST"])

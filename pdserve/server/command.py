@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, KVTransferConfig
+from pdserve.config import DEFAULT_HOST, DEFAULT_PORT
 from pdserve.engine.args import add_engine_args, engine_config_from_args, positive_float, positive_int
+from pdserve.server.kv_args import add_kv_transfer_args, kv_transfer_config_from_args
 from pdserve.server.settings import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -40,7 +41,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="name(s) clients use in 'model' (default: MODEL); the first is reported",
     )
-    g.add_argument("--role", choices=["standalone", "prefill", "decode"], default="standalone")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     g.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES)
     g.add_argument(
@@ -57,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", action="store_true")
+    add_kv_transfer_args(p)
     p.set_defaults(func=run)
 
 
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.server.lifecycle import DrainingServer
 
     settings = settings_from_args(args)
-    config = engine_config_from_args(args, KVTransferConfig(role=settings.role))
+    config = engine_config_from_args(args, kv_transfer_config_from_args(args))
     log.info("loading %s (role %s)", config.model, settings.role)
     llm = LLMEngine(config)
     engine = AsyncEngine(llm)
@@ -99,6 +100,14 @@ def run(args: argparse.Namespace) -> int:
         config.cache.block_size,
         llm.max_model_len,
     )
+    registrar = None
+    if llm.connector is not None:
+        llm.connector.http_port = settings.port
+    if args.proxy_address:
+        from pdserve.server.registration import Registrar, register_message
+
+        message = register_message(llm, settings.host, settings.port, args.registry_token)
+        registrar = Registrar(args.proxy_address, message)
     ctx = ServerContext(engine, settings)
     server = DrainingServer(
         uvicorn.Config(
@@ -115,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
+        if registrar is not None:
+            registrar.stop()
         engine.shutdown()
         llm.close()
     log.info("exited cleanly")

@@ -20,10 +20,14 @@ class ServerContext:
     settings: ServerSettings
     metrics: ServerMetrics = field(init=False)
     admission: Admission = field(init=False)
+    generations: dict[str, Generation] = field(init=False, default_factory=dict)  # also keeps tasks alive
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.llm.config.scheduler.max_num_seqs, self.settings.max_queued_requests)
         self.metrics = ServerMetrics(lambda: self.engine.stats, lambda: self.admission.num_in_flight)
+        connector = self.llm.connector
+        if connector is not None:
+            self.metrics.attach_kv(lambda: connector.stats)
 
     @property
     def llm(self) -> LLMEngine:
@@ -32,18 +36,26 @@ class ServerContext:
     @property
     def ready(self) -> bool:
         """Serving: the engine is up and no drain has begun."""
-        return not self.admission.draining
+        return not self.admission.draining and self.engine.is_alive
 
     def begin_drain(self) -> None:
         """Refuse new requests (503) from now on; in-flight ones go on."""
         self.admission.draining = True
 
     def abort_all(self) -> None:
-        for request_id in list(self.admission.in_flight):
-            self.engine.abort(request_id)
+        for gen in list(self.generations.values()):
+            gen.abort()
 
     def start(self, inp: GenerationInput) -> Generation:
-        return Generation.start(self.engine, self.admission, self.metrics, inp)
+        """Admit (APIError 503 / 409 / 429) and start the request's generation task."""
+        self.admission.admit(inp.request_id)
+        gen = Generation(self.engine, self.metrics, inp, self._done)
+        self.generations[inp.request_id] = gen
+        return gen
+
+    def _done(self, request_id: str) -> None:
+        self.admission.release(request_id)
+        self.generations.pop(request_id, None)
 
 
 def get_context(request: Request) -> ServerContext:

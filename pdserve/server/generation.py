@@ -20,7 +20,6 @@ from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv.messages import KVTransferParams
-from pdserve.server.admission import Admission
 from pdserve.server.metrics import RequestTimer, ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -36,24 +35,20 @@ class GenerationInput:
 
 
 class Generation:
-    """Start with `Generation.start` (admission and task start happen with no await between)."""
+    """Created by `ServerContext.start` right after admission (no await in between);
+    `on_done(request_id)` runs once the engine has delivered the final output."""
 
-    def __init__(self, engine: AsyncEngine, admission: Admission, metrics: ServerMetrics, inp: GenerationInput):
+    def __init__(
+        self, engine: AsyncEngine, metrics: ServerMetrics, inp: GenerationInput, on_done: Callable[[str], None]
+    ) -> None:
         self.engine = engine
         self.input = inp
         self.request_id = inp.request_id
-        self._admission = admission
+        self._on_done = on_done
         self._timer = RequestTimer(metrics, inp.arrival)
         self._outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         self.finished = False
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"generation-{inp.request_id}")
-
-    @classmethod
-    def start(
-        cls, engine: AsyncEngine, admission: Admission, metrics: ServerMetrics, inp: GenerationInput
-    ) -> Generation:
-        admission.admit(inp.request_id)  # raises APIError (503 / 409 / 429)
-        return cls(engine, admission, metrics, inp)
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"generation-{inp.request_id}")
 
     async def _run(self) -> None:
         inp = self.input
@@ -68,7 +63,7 @@ class Generation:
             self._outputs.put_nowait(out)
         finally:
             self.finished = True
-            self._admission.release(inp.request_id)
+            self._on_done(inp.request_id)
 
     def abort(self) -> None:
         """Ask the engine to stop this request (no-op once it has finished)."""

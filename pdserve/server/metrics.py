@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from pdserve.engine.engine import EngineStats
 from pdserve.engine.outputs import StepOutput
+from pdserve.kv.connector import KVTransferStats
 from pdserve.server.prometheus import Counter, Gauge, Histogram, Registry
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -20,6 +21,7 @@ class ServerMetrics:
 
     def __init__(self, stats: Callable[[], EngineStats], in_flight: Callable[[], int]) -> None:
         self.registry = r = Registry()
+        self._kv_stats: Callable[[], KVTransferStats] | None = None
         gauges = {
             "pdserve_num_requests_running": ("Requests in the engine's running batch.", lambda: stats().num_running),
             "pdserve_num_requests_waiting": ("Requests queued in the engine.", lambda: stats().num_waiting),
@@ -44,7 +46,29 @@ class ServerMetrics:
             "pdserve_e2e_request_latency_seconds", "Arrival to the request's end.", _E2E_BUCKETS
         ))  # fmt: skip
 
+    def attach_kv(self, stats: Callable[[], KVTransferStats]) -> None:
+        """KV-transfer metrics of a prefill or decode instance (read from the connector's counters)."""
+        r = self.registry
+        counters = {
+            "pdserve_kv_bytes_transferred_total": ("KV bytes moved to or from peers.", lambda: stats().bytes_moved),
+            "pdserve_kv_transfers_total": ("Completed KV transfers.", lambda: stats().transfers),
+            "pdserve_kv_lease_expiries_total": ("Prefill blocks reclaimed unread.", lambda: stats().lease_expiries),
+            "pdserve_kv_load_failures_total": ("KV loads that failed or timed out.", lambda: stats().load_failures),
+            "pdserve_kv_handshake_failures_total": ("Failed handshakes.", lambda: stats().handshake_failures),
+        }
+        for name, (help_text, read) in counters.items():
+            r.register(Gauge(name, help_text, read, kind="counter"))
+        r.register(Gauge("pdserve_kv_blocks_held", "Blocks kept for a peer.", lambda: stats().blocks_held))
+        self._kv_times = r.register(Histogram(
+            "pdserve_kv_transfer_seconds", "Duration of one request's KV transfer.", _LATENCY_BUCKETS
+        ))  # fmt: skip
+        self._kv_stats = stats
+
     def render(self) -> str:
+        if self._kv_stats is not None:
+            pending = self._kv_stats().transfer_seconds
+            while pending:  # appended by the engine thread; popped here only
+                self._kv_times.observe(pending.pop(0))
         return self.registry.render()
 
 

@@ -73,9 +73,10 @@ class Gauge(_Metric):
 
     kind = "gauge"
 
-    def __init__(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+    def __init__(self, name: str, help_text: str, read: Callable[[], float], kind: str = "gauge") -> None:
         super().__init__(name, help_text)
         self._read = read
+        self.kind = kind  # "counter" for a monotonic value kept elsewhere
 
     def samples(self) -> list[str]:
         return [f"{self.name} {_num(self._read())}"]

@@ -1,0 +1,235 @@
+"""The proxy in disagg mode in front of real prefill and decode instances (2P + 2D), READ and WRITE.
+
+Topologies: READ with static URLs (needs only `--role prefill|decode`), READ and WRITE with
+instances registering over ZMQ (`--kv-mode`, `--proxy-address`; skipped until the server has them).
+Each topology checks: output equal to a standalone instance's at temperature 0 (completions and
+chat, streamed or not); a killed prefill (kill -9) does not fail requests (retry, then local
+prefill) and a restarted one is admitted again; a decode killed mid-stream gives the client an
+error event at once, later requests go to the other decode; every KV block comes back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import (
+    REPO_ROOT,
+    TINY_MODEL,
+    ServerProcess,
+    free_port,
+    parse_metrics,
+    pdserve_argv,
+    pdserve_server,
+    wait_healthy,
+)
+
+GREEDY = {"temperature": 0.0, "seed": 3}
+PROMPTS = ["Hello there", "A longer prompt that spans several KV blocks of sixteen tokens: " + "abc " * 20]
+HEARTBEAT_TIMEOUT_S = 1.0
+
+
+def _serve_options() -> set[str]:
+    from pdserve.server.command import add_parser
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_parser(sub)
+    return {opt for action in sub.choices["serve"]._actions for opt in action.option_strings}
+
+
+_REGISTRATION = {"--kv-mode", "--proxy-address"} <= _serve_options()
+_NO_REGISTRATION = pytest.mark.skipif(
+    not _REGISTRATION, reason="`pdserve serve` has no --kv-mode/--proxy-address yet (KV roles not wired)"
+)
+
+
+def _spawn(argv: list[str], port: int, log_path: Path) -> ServerProcess:
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return ServerProcess(proc, port, log_path)
+
+
+@dataclass
+class Topology:
+    mode: str  # read | write
+    registered: bool
+    proxy: ServerProcess
+    prefills: list[ServerProcess]
+    decodes: list[ServerProcess]
+    argv: dict[int, list[str]]  # port -> command line, to restart an instance
+    tmp: Path
+
+    def rows(self) -> list[dict[str, object]]:
+        return httpx.get(self.proxy.base_url + "/instances", timeout=10).json()
+
+    def wait_ready(self, n_prefill: int, n_decode: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [r for r in self.rows() if r["healthy"]]
+            counts = (sum(r["role"] == "prefill" for r in rows), sum(r["role"] == "decode" for r in rows))
+            if counts == (n_prefill, n_decode):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"healthy (prefill, decode) = {counts}, wanted {(n_prefill, n_decode)}")
+            time.sleep(0.1)
+
+    def restart(self, dead: ServerProcess) -> ServerProcess:
+        dead.stop()
+        new = _spawn(self.argv[dead.port], dead.port, dead.log_path)
+        wait_healthy(new)
+        return new
+
+    def proxy_metric(self, name: str) -> float:
+        return parse_metrics(httpx.get(self.proxy.base_url + "/metrics", timeout=10).text).get(name, 0.0)
+
+
+@contextlib.contextmanager
+def _topology(tmp: Path, mode: str, registered: bool) -> Iterator[Topology]:
+    registry, proxy_port = free_port(), free_port()
+    argv: dict[int, list[str]] = {}
+    for role in ("prefill", "prefill", "decode", "decode"):
+        port = free_port()
+        argv[port] = pdserve_argv("serve", TINY_MODEL, "--port", str(port), "--threads", "1", "--num-kv-blocks",
+                                  "256", "--no-access-log", "--role", role)
+        if registered:
+            argv[port] += ["--kv-mode", mode, "--proxy-address", f"127.0.0.1:{registry}"]
+    ports = list(argv)
+    proxy_argv = pdserve_argv("proxy", "--port", str(proxy_port), "--registry-port", str(registry), "--kv-mode", mode,
+                              "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--health-interval", "0.2")
+    if not registered:
+        proxy_argv += ["--prefill", *(f"http://127.0.0.1:{p}" for p in ports[:2]),
+                       "--decode", *(f"http://127.0.0.1:{p}" for p in ports[2:])]
+    procs = [_spawn(proxy_argv, proxy_port, tmp / f"proxy-{mode}-{proxy_port}.log")]
+    procs += [_spawn(argv[p], p, tmp / f"{mode}-{p}.log") for p in ports]
+    try:
+        for p in procs:
+            wait_healthy(p, "/metrics" if p is procs[0] else "/health")
+        topo = Topology(mode, registered, procs[0], procs[1:3], procs[3:5], argv, tmp)
+        topo.wait_ready(2, 2)
+        yield topo
+        assert topo.proxy.stop() == 0
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(module_tmp: Path) -> Iterator[ServerProcess]:
+    with pdserve_server(module_tmp) as s:
+        yield s
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(("read", False), id="read-static"),
+    pytest.param(("read", True), id="read-registered", marks=_NO_REGISTRATION),
+    pytest.param(("write", True), id="write-registered", marks=_NO_REGISTRATION),
+])
+def topo(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[Topology]:
+    mode, registered = request.param
+    with _topology(module_tmp, mode, registered) as t:
+        yield t
+
+
+def _client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def _outputs(server: ServerProcess) -> list[str]:
+    c = _client(server)
+    out = []
+    for prompt in PROMPTS:
+        out.append(c.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=10, **GREEDY).choices[0].text)
+        stream = c.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=10, stream=True, **GREEDY)
+        out.append("".join(ch.choices[0].text for ch in stream if ch.choices))
+        messages = [{"role": "user", "content": prompt}]
+        chat = c.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=10, **GREEDY)  # type: ignore[arg-type]
+        out.append(chat.choices[0].message.content or "")
+        stream = c.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=10, stream=True,  # type: ignore[arg-type]
+                                           **GREEDY)
+        out.append("".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices))
+    return out
+
+
+def _blocks_all_free(servers: list[ServerProcess]) -> None:
+    for s in servers:
+        total = s.metrics()["pdserve_kv_blocks_total"]
+        s.wait_metrics({"pdserve_kv_blocks_free": total}, timeout=15)
+
+
+def test_outputs_equal_standalone(topo: Topology, reference: ServerProcess) -> None:
+    want = _outputs(reference)
+    assert _outputs(topo.proxy) == want and all(want)
+    assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="prefill_failed"}') == 0
+    rows = topo.rows()
+    assert all(r["requests"] > 0 for r in rows)  # both prefills and both decodes took part
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
+def test_prefill_killed_then_restarted(topo: Topology, reference: ServerProcess) -> None:
+    c, prompt = _client(topo.proxy), PROMPTS[1]
+    want = _client(reference).completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=8, **GREEDY)
+    topo.prefills[0].proc.send_signal(signal.SIGKILL)
+    for _ in range(4):  # the dead prefill is retried around
+        assert c.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=8, **GREEDY).choices[0].text == \
+            want.choices[0].text
+    assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="prefill_failed"}') == 0
+    topo.prefills[1].proc.send_signal(signal.SIGKILL)
+    for _ in range(2):  # no prefill left: local prefill on the decode instance
+        assert c.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=8, **GREEDY).choices[0].text == \
+            want.choices[0].text
+    topo.wait_ready(0, 2)
+    assert httpx.get(topo.proxy.base_url + "/health").status_code == 503
+    topo.prefills = [topo.restart(p) for p in topo.prefills]  # same ports: re-registered / health-checked again
+    topo.wait_ready(2, 2)
+    assert httpx.get(topo.proxy.base_url + "/health").status_code == 200
+    before = {r["address"]: r["requests"] for r in topo.rows() if r["role"] == "prefill"}
+    fallbacks = topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="no_prefill"}') + topo.proxy_metric(
+        'pdserve_proxy_fallbacks_total{reason="prefill_failed"}')
+    for _ in range(2):
+        assert c.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=8, **GREEDY).choices[0].text == \
+            want.choices[0].text
+    after = {r["address"]: r["requests"] for r in topo.rows() if r["role"] == "prefill"}
+    assert sum(after.values()) - sum(before.values()) == 2
+    assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="no_prefill"}') + topo.proxy_metric(
+        'pdserve_proxy_fallbacks_total{reason="prefill_failed"}') == fallbacks
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
+def test_decode_killed_mid_stream(topo: Topology) -> None:
+    body = {"model": TINY_MODEL, "prompt": PROMPTS[0], "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    lines: list[str] = []
+    with httpx.stream("POST", topo.proxy.v1_url + "/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        it = r.iter_lines()
+        while len([x for x in lines if x.startswith("data: ")]) < 5:
+            lines.append(next(it))
+        busy = next(r["address"] for r in topo.rows() if r["role"] == "decode" and r["in_flight"] == 1)
+        victim = next(d for d in topo.decodes if d.base_url.endswith(str(busy)))
+        victim.proc.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        lines.extend(it)
+        waited = time.monotonic() - t0
+    events = [x.removeprefix("data: ") for x in lines if x.startswith("data: ")]
+    assert events[-1] == "[DONE]" and '"error"' in events[-2] and waited < HEARTBEAT_TIMEOUT_S + 1
+    survivor = next(d for d in topo.decodes if d is not victim)
+    before = survivor.metrics().get('pdserve_requests_total{finish_reason="length"}', 0)
+    c = _client(topo.proxy)
+    for _ in range(3):
+        c.completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=4, **GREEDY)
+    assert survivor.metrics()['pdserve_requests_total{finish_reason="length"}'] - before == 3
+    topo.wait_ready(2, 1)
+    topo.decodes = [survivor]
+    _blocks_all_free(topo.prefills + topo.decodes)

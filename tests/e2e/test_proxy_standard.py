@@ -1,0 +1,138 @@
+"""The proxy in standard mode in front of two real `pdserve serve` standalone instances (static
+URLs), driven by the official `openai` client; then failures: no instance, an instance killed."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import TINY_MODEL, ServerProcess, free_port, launch, parse_metrics, pdserve_argv, pdserve_server
+
+PROMPT = "The quick brown fox"
+GREEDY = {"temperature": 0.0, "seed": 7}
+FINISHED = 'pdserve_requests_total{finish_reason="length"}'
+
+
+@contextlib.contextmanager
+def proxy_process(tmp: Path, *args: str, health: str = "/health") -> Iterator[ServerProcess]:
+    port = free_port()
+    argv = pdserve_argv("proxy", "--port", str(port), "--registry-port", str(free_port()), "--log-level", "info",
+                        "--health-interval", "0.2", *args)
+    with launch(argv, port, tmp / f"proxy-{port}.log", health_path=health) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def instances(module_tmp: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    with pdserve_server(module_tmp) as a, pdserve_server(module_tmp) as b:
+        yield a, b
+
+
+@pytest.fixture(scope="module")
+def proxy(module_tmp: Path, instances: tuple[ServerProcess, ServerProcess]) -> Iterator[ServerProcess]:
+    a, b = instances
+    with proxy_process(module_tmp, "--mode", "standard", "--instance", a.base_url, b.base_url) as p:
+        yield p
+        assert p.stop() == 0  # SIGTERM: graceful exit 0
+
+
+def _client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def _finished(server: ServerProcess) -> float:
+    return server.metrics().get(FINISHED, 0.0)
+
+
+def test_openai_client_through_the_proxy(proxy: ServerProcess, instances: tuple[ServerProcess, ...]) -> None:
+    via, direct = _client(proxy), _client(instances[0])
+    assert [m.id for m in via.models.list().data] == [TINY_MODEL]
+    want = direct.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=12, **GREEDY).choices[0].text
+    got = via.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=12, **GREEDY)
+    assert got.choices[0].text == want and got.usage is not None and got.usage.completion_tokens == 12
+    chunks = list(via.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=12, stream=True,
+                                         stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    messages = [{"role": "user", "content": "hi"}]
+    chat_want = direct.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=8, **GREEDY)  # type: ignore[arg-type]
+    chat = via.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=8, **GREEDY)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content == chat_want.choices[0].message.content
+    stream = via.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=8, stream=True, **GREEDY)  # type: ignore[arg-type]
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == chat_want.choices[0].message.content
+
+
+def test_requests_spread_evenly(proxy: ServerProcess, instances: tuple[ServerProcess, ...]) -> None:
+    before = [_finished(s) for s in instances]
+    via = _client(proxy)
+    for i in range(6):
+        via.completions.create(model=TINY_MODEL, prompt=f"{PROMPT} {i}", max_tokens=4, stream=i % 2 == 1, **GREEDY)
+    time.sleep(0.2)
+    assert [_finished(s) - b for s, b in zip(instances, before, strict=True)] == [3.0, 3.0]
+    rows = httpx.get(proxy.base_url + "/instances").json()
+    assert [(r["role"], r["healthy"], r["in_flight"]) for r in rows] == [("standalone", True, 0)] * 2
+
+
+def test_4xx_passes_through(proxy: ServerProcess, instances: tuple[ServerProcess, ...]) -> None:
+    bad = {"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": -1}
+    direct = httpx.post(instances[0].v1_url + "/completions", json=bad)
+    before = parse_metrics(httpx.get(proxy.base_url + "/metrics").text)
+    via = httpx.post(proxy.v1_url + "/completions", json=bad)
+    assert via.status_code == direct.status_code == 400
+    assert via.json() == direct.json() and set(via.json()["error"]) == {"message", "type", "param", "code"}
+    after = parse_metrics(httpx.get(proxy.base_url + "/metrics").text)
+    assert after.get('pdserve_proxy_retries_total{role="standalone"}', 0) == before.get(
+        'pdserve_proxy_retries_total{role="standalone"}', 0)
+    with pytest.raises(openai.BadRequestError):
+        _client(proxy).completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=-1)
+
+
+def test_no_instance_is_503(module_tmp: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with proxy_process(module_tmp, "--mode", "standard", "--instance", dead, health="/metrics") as p:
+        r = httpx.post(p.v1_url + "/completions", json={"model": TINY_MODEL, "prompt": PROMPT})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "no_instance" and "standalone" in r.json()["error"]["message"]
+        assert httpx.get(p.base_url + "/health").status_code == 503
+        with pytest.raises(openai.InternalServerError):
+            _client(p).completions.create(model=TINY_MODEL, prompt=PROMPT)
+
+
+def test_killed_instance_mid_stream(proxy: ServerProcess, instances: tuple[ServerProcess, ServerProcess]) -> None:
+    """SIGKILL the instance serving a long stream: the client gets an error event and [DONE] (no hang),
+    later requests all go to the survivor. Runs last: it kills one of the module's instances."""
+    body = {"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    lines: list[str] = []
+    with httpx.stream("POST", proxy.v1_url + "/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        it = r.iter_lines()
+        while len([x for x in lines if x.startswith("data: ")]) < 5:
+            lines.append(next(it))
+        rows = httpx.get(proxy.base_url + "/instances").json()
+        busy = next(r["address"] for r in rows if r["in_flight"] == 1)
+        victim = next(s for s in instances if s.base_url.endswith(busy))
+        survivor = next(s for s in instances if s is not victim)
+        victim.proc.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        lines.extend(it)
+        waited = time.monotonic() - t0
+    events = [x.removeprefix("data: ") for x in lines if x.startswith("data: ")]
+    assert events[-1] == "[DONE]" and '"error"' in events[-2] and waited < 3.0
+    assert all('"error"' not in e for e in events[:-2])
+    before = _finished(survivor)
+    via = _client(proxy)
+    for _ in range(4):
+        via.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=4, **GREEDY)
+    assert _finished(survivor) - before == 4
+    rows = {r["address"]: r for r in httpx.get(proxy.base_url + "/instances").json()}
+    assert rows[busy]["healthy"] is False
+    text = httpx.get(proxy.base_url + "/metrics").text
+    assert parse_metrics(text)['pdserve_proxy_requests_total{outcome="stream_error"}'] == 1

@@ -1,0 +1,206 @@
+"""Helpers of the proxy's in-process tests (no tests here): fake instances and a proxy on loopback.
+
+`FakeInstance` is a small aiohttp server speaking the instance side of docs/protocol.md (a
+prefill half answers with `kv_transfer_params`; a WRITE decode half waits until its prefill peer
+"wrote" the KV) with injectable failures, and records what it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+import msgspec
+import uvicorn
+from aiohttp import web
+
+from pdserve.proxy.app import ProxyState, build_app
+from pdserve.proxy.settings import ProxySettings
+
+Behavior = Literal["ok", "500", "400", "hang", "drop", "no_params", "refuse"]
+
+
+@dataclass
+class Seen:
+    path: str
+    request_id: str
+    auth: str | None
+    body: dict[str, Any]
+
+
+@dataclass
+class KVBus:
+    """Shared by the fakes of one test: a WRITE decode half waits until the prefill half "wrote"."""
+
+    mode: Literal["READ", "WRITE"] = "READ"  # what the fakes' /kv_info reports
+    written: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def event(self, request_id: str) -> asyncio.Event:
+        return self.written.setdefault(request_id, asyncio.Event())
+
+
+class FakeInstance:
+    def __init__(
+        self, role: Literal["P", "D", "S"], bus: KVBus | None = None, behavior: Behavior = "ok",
+        tokens: int = 4, delay_s: float = 0.0, drop_after: int = 2, engine_id: str | None = None,
+    ) -> None:
+        self.role = role
+        self.bus = bus or KVBus()
+        self.behavior = behavior
+        self.tokens = tokens
+        self.delay_s = delay_s
+        self.drop_after = drop_after
+        self.engine_id = engine_id or f"engine-{role}-{id(self) % 10000}"
+        self.seen: list[Seen] = []
+        self.cancelled = 0  # requests whose connection the proxy closed before they ended
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> FakeInstance:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._generate)
+        app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/kv_info", self._kv_info)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.bind(("127.0.0.1", self.port))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake"}]})
+
+    async def _kv_info(self, _: web.Request) -> web.Response:
+        role = {"P": "prefill", "D": "decode", "S": "standalone"}[self.role]
+        return web.json_response({"engine_id": self.engine_id, "host": "127.0.0.1", "handshake_port": self.port + 1,
+                                  "notify_port": self.port + 2, "role": role, "transfer_mode": self.bus.mode})
+
+    def params(self, request_id: str) -> dict[str, Any]:
+        return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
+                "remote_block_ids": [3, 1, 4], "remote_host": "127.0.0.1", "remote_port": self.port,
+                "remote_handshake_port": self.port + 1, "remote_notify_port": self.port + 2,
+                "transfer_mode": "READ", "lease_seconds": 30.0, "extra_field": request_id}
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        rid = request.headers.get("X-Request-Id", "")
+        self.seen.append(Seen(request.path, rid, request.headers.get("Authorization"), body))
+        try:
+            return await self._answer(request, body, rid)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled += 1
+            raise
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], rid: str) -> web.StreamResponse:
+        if self.behavior == "500":
+            return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
+        if self.behavior == "400":
+            err = {"error": {"message": "max_tokens: bad", "type": "invalid_request_error", "param": "max_tokens",
+                             "code": "invalid_value"}}
+            return web.json_response(err, status=400)
+        if self.behavior == "hang":
+            await asyncio.sleep(3600)
+        kv = body.get("kv_transfer_params") or {}
+        if kv.get("do_remote_decode"):  # the prefill half
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if kv.get("transfer_mode") == "WRITE":
+                self.bus.event(rid).set()
+            params = None if self.behavior == "no_params" else self.params(rid)
+            return web.json_response({"id": rid, "choices": [{"index": 0, "text": "w0", "finish_reason": "length"}],
+                                      "kv_transfer_params": params})
+        if kv.get("do_remote_prefill") and kv.get("transfer_mode") == "WRITE":
+            await self.bus.event(rid).wait()
+        words = [f"w{i}" for i in range(self.tokens)]
+        if not body.get("stream"):
+            return web.json_response({"id": rid, "object": "text_completion",
+                                      "choices": [{"index": 0, "text": " ".join(words), "finish_reason": "length"}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i, w in enumerate(words):
+            if self.behavior == "drop" and i == self.drop_after:
+                await resp.write(b'data: {"partial": ')  # half an event, then the connection dies
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            chunk = {"id": rid, "choices": [{"index": 0, "text": w, "finish_reason": None}]}
+            await resp.write(b"data: " + msgspec.json.encode(chunk) + b"\n\n")
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    state: ProxyState
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(settings: ProxySettings) -> AsyncIterator[RunningProxy]:
+    """The proxy app served by uvicorn on a free loopback port, in this event loop."""
+    app = build_app(settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the proxy did not start")
+            await asyncio.sleep(0.005)
+        yield RunningProxy(f"http://127.0.0.1:{port}", app.state.proxy)
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+async def until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+               headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
+    """(status, body, X-Request-Id) of a POST."""
+    async with session.post(url, json=body, headers=headers or {}) as r:
+        return r.status, await r.read(), r.headers.get("x-request-id", "")
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    return [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
