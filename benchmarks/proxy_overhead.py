@@ -30,6 +30,7 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+import psutil
 
 from pdserve.bench.client import Endpoint, RequestRecord, send_request
 from pdserve.bench.workload import BenchRequest
@@ -92,7 +93,15 @@ def _checked(records: list[RequestRecord]) -> list[RequestRecord]:
     return records
 
 
-async def measure(args: argparse.Namespace, direct: str, proxy: str) -> tuple[list[float], list[float], dict]:
+def cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+async def measure(
+    args: argparse.Namespace, direct: str, proxy: str, proxy_pid: int
+) -> tuple[list[float], list[float], dict[str, list[Throughput]], float]:
+    """(direct TTFTs, proxy TTFTs, throughput rounds per side, proxy CPU seconds per relayed token)."""
     sides = {"direct": Endpoint(direct, args.model, timeout_s=600), "proxy": Endpoint(proxy, args.model, timeout_s=600)}
     ttft: dict[str, list[float]] = {"direct": [], "proxy": []}
     rounds: dict[str, list[Throughput]] = {"direct": [], "proxy": []}
@@ -108,12 +117,16 @@ async def measure(args: argparse.Namespace, direct: str, proxy: str) -> tuple[li
         batch = workload(args.concurrency, args.input_len, args.output_len, args.seed + 1)
         for side in sides.values():
             _checked(await asyncio.gather(*(send_request(session, side, r) for r in batch)))  # warm-up
+        proxy_cpu = 0.0
         for i in range(args.rounds):
             for name in (("direct", "proxy") if i % 2 == 0 else ("proxy", "direct")):
-                t0 = time.perf_counter()
+                c0, t0 = cpu_s(proxy_pid), time.perf_counter()
                 recs = _checked(await asyncio.gather(*(send_request(session, sides[name], r) for r in batch)))
                 rounds[name].append(Throughput(sum(r.output_tokens for r in recs), time.perf_counter() - t0))
-    return ttft["direct"], ttft["proxy"], rounds
+                if name == "proxy":
+                    proxy_cpu += cpu_s(proxy_pid) - c0
+    relayed = sum(r.tokens for r in rounds["proxy"])
+    return ttft["direct"], ttft["proxy"], rounds, proxy_cpu / relayed
 
 
 def main() -> None:
@@ -150,8 +163,9 @@ def main() -> None:
     try:
         proxy = start(proxy_argv, proxy_port, tmp / f"pdserve-overhead-proxy-{proxy_port}.log", rest if pin else None)
         try:
-            direct_ttft, proxy_ttft, rounds = asyncio.run(measure(
-                args, f"http://127.0.0.1:{inst_port}/v1/completions", f"http://127.0.0.1:{proxy_port}/v1/completions"
+            direct_ttft, proxy_ttft, rounds, cpu_per_token = asyncio.run(measure(
+                args, f"http://127.0.0.1:{inst_port}/v1/completions", f"http://127.0.0.1:{proxy_port}/v1/completions",
+                proxy.pid,
             ))
         finally:
             stop(proxy)
@@ -172,6 +186,7 @@ def main() -> None:
     print(f"  direct {dt:9.1f} tok/s   proxy {pt:9.1f} tok/s   ratio {pt / dt:.3f} (target >= 0.95)")
     for name in ("direct", "proxy"):
         print(f"  {name} rounds: " + ", ".join(f"{r.tokens_per_s:.1f}" for r in rounds[name]))
+    print(f"  proxy CPU: {cpu_per_token * 1e6:.1f} us per relayed token (one SSE event each)")
 
 
 if __name__ == "__main__":

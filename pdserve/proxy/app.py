@@ -20,6 +20,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from pdserve.proxy.errors import ProxyError, no_instance
 from pdserve.proxy.health import HealthChecker
@@ -97,7 +98,25 @@ def _error(err: ProxyError) -> Response:
     return Response(err.body(), status_code=err.status, media_type="application/json")
 
 
-def build_app(settings: ProxySettings) -> FastAPI:
+class ProxyApp:
+    """The ASGI app: POSTs to the generation paths go straight to their endpoint (no middleware,
+    no routing: the proxy's own latency counts), everything else to the FastAPI admin app."""
+
+    def __init__(self, admin: FastAPI, hot: dict[str, ProxyEndpoint]) -> None:
+        self.admin = admin
+        self.hot = hot
+        self.state = admin.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.hot.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.admin(scope, receive, send)
+
+
+def build_app(settings: ProxySettings) -> ProxyApp:
     state = build_state(settings)
 
     @contextlib.asynccontextmanager
@@ -126,8 +145,9 @@ def build_app(settings: ProxySettings) -> FastAPI:
 
     app = FastAPI(title="pdserve proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.proxy = state
-    for path in ("/v1/completions", CHAT_PATH):
-        endpoint = ProxyEndpoint(path, state.orchestrator, state.metrics, settings.api_key)
+    hot = {path: ProxyEndpoint(path, state.orchestrator, state.metrics, settings.api_key)
+           for path in ("/v1/completions", CHAT_PATH)}
+    for path, endpoint in hot.items():
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
 
     @app.get("/health")
@@ -164,4 +184,4 @@ def build_app(settings: ProxySettings) -> FastAPI:
             return Response(got.body, status_code=got.status, media_type=got.content_type or "application/json")
         return _error(no_instance("decode" if settings.mode == "disagg" else "standalone"))
 
-    return app
+    return ProxyApp(app, hot)

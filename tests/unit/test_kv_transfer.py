@@ -74,7 +74,7 @@ async def disagg(p: AsyncEngine, d: AsyncEngine, rid: str, prompt: list[int], mo
     return toks, dout
 
 
-def wait_blocks_free(*engines: AsyncEngine, timeout: float = 10.0) -> None:
+def wait_blocks_free(*engines: AsyncEngine, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all(e.stats.num_free_blocks == e.stats.num_total_blocks for e in engines):
@@ -125,7 +125,8 @@ def _snapshot_on_release(engine: LLMEngine, store: dict) -> None:
 
 @pytest.mark.parametrize("mode", ["read", "write"])
 def test_decode_blocks_hold_the_standalone_kv(mode):
-    s, p, d = make("dummy:qwen3-tiny"), make("dummy:qwen3-tiny", "prefill", mode), make("dummy:qwen3-tiny", "decode", mode)
+    tiny = "dummy:qwen3-tiny"
+    s, p, d = make(tiny), make(tiny, "prefill", mode), make(tiny, "decode", mode)
     s_kv: dict = {}
     d_kv: dict = {}
     _snapshot_on_release(s.engine, s_kv)
@@ -225,7 +226,7 @@ def test_random_aborts_and_a_dead_peer_leak_nothing(mode):
                 "remote_notify_port": p.engine.connector.notify_port}
             return await asyncio.gather(*(run(d, f"o{i}", prompts((20,))[0], prm) for i in range(5)))
 
-        outs = asyncio.run(asyncio.wait_for(orphaned(), timeout=30))
+        outs = asyncio.run(asyncio.wait_for(orphaned(), timeout=60))
         assert all(o.finish_reason == "error" for _, o in outs)
         wait_blocks_free(d)
     finally:

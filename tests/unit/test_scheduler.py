@@ -165,7 +165,7 @@ def test_random_workload_never_leaks():
     rng = random.Random(0)
     s, pool = make(num_blocks=40, block_size=4, budget=24, max_seqs=6)
     n = 0
-    for step in range(400):
+    for _ in range(400):
         if rng.random() < 0.3:
             s.add(req(f"r{n}", rng.randint(1, 40), max_tokens=rng.randint(1, 20)))
             n += 1
