@@ -84,7 +84,11 @@ class KVConnectorBase:
         self._ctx = zmq.Context()
         self.fingerprint = fingerprint(model, cache.layout)
         self.tcp_server = TcpServer(cache.tensor, self.host, token)
-        transports = Transports(tcp=TcpDescriptor(self.host, self.tcp_server.port))
+        transports = Transports(tcp=TcpDescriptor(self.host, self.tcp_server.port), hostname=socket.gethostname())
+        if cache.tensor.is_cuda:
+            from pdserve.kv.transports.cuda_ipc import export_cache
+
+            transports.cuda_ipc = export_cache(cache.tensor)
         if cache.shm_name is not None:
             transports.shm = ShmDescriptor(cache.shm_name, cache.layout.total_bytes, socket.gethostname())
         reply = HandshakeReply(PROTOCOL_VERSION, self.engine_id, self.fingerprint, layout_info(cache.layout),
@@ -129,17 +133,23 @@ class KVConnectorBase:
         return t
 
     def _open(self, reply: HandshakeReply) -> KVTransport:
+        """Pick the transport: --kv-transport, or auto: same host -> cuda_ipc (GPU) / shm (CPU), else tcp."""
         choice = self.config.kv_transport
-        shm = reply.transports.shm
-        same_host = shm is not None and shm.hostname == socket.gethostname()
-        if choice == "shm" or (choice == "auto" and same_host and self.cache.shm_name is not None):
-            if shm is None:
-                raise TransferError("the peer offers no shared-memory segment (is it on another host?)")
-            return ShmTransport(self.cache.tensor, shm, self.cache.layout.shape[:1] + (reply.layout.num_blocks,)
-                                + self.cache.layout.shape[2:])
-        if choice == "cuda_ipc":
-            raise TransferError("the cuda_ipc transport needs a CUDA device")
-        tcp = reply.transports.tcp
+        offered = reply.transports
+        same_host = offered.hostname == socket.gethostname()
+        shape = self.cache.layout.shape[:1] + (reply.layout.num_blocks,) + self.cache.layout.shape[2:]
+        on_gpu = self.cache.tensor.is_cuda
+        if choice == "cuda_ipc" or (choice == "auto" and same_host and on_gpu and offered.cuda_ipc is not None):
+            if offered.cuda_ipc is None or not on_gpu:
+                raise TransferError("cuda_ipc needs both instances' KV caches on CUDA devices of one host")
+            from pdserve.kv.transports.cuda_ipc import CudaIpcTransport
+
+            return CudaIpcTransport(self.cache.tensor, offered.cuda_ipc, shape)
+        if choice == "shm" or (choice == "auto" and same_host and offered.shm is not None and not on_gpu):
+            if offered.shm is None or self.cache.shm_name is None:
+                raise TransferError("shm needs both instances' KV caches in host shared memory on one host")
+            return ShmTransport(self.cache.tensor, offered.shm, shape)
+        tcp = offered.tcp
         if tcp is None:
             raise TransferError("the peer offers no TCP transport")
         return TcpTransport(self.cache.tensor, tcp.host, tcp.port, self.token, self.config.kv_transfer_timeout)

@@ -74,9 +74,23 @@ class TcpDescriptor(msgspec.Struct):
     port: int
 
 
+class CudaIpcDescriptor(msgspec.Struct):
+    device: int
+    handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    device_uuid: str
+
+
 class Transports(msgspec.Struct, omit_defaults=True):
     shm: ShmDescriptor | None = None
     tcp: TcpDescriptor | None = None
+    cuda_ipc: CudaIpcDescriptor | None = None
+    hostname: str = ""
 
 
 class HandshakeReply(msgspec.Struct, tag_field="type", tag="handshake_ok"):

@@ -23,8 +23,14 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 def make(model: str, role: str = "standalone", mode: str = "read", transport: str = "auto",
          timeout: float = 10.0, lease: float = 30.0, policy: str = "fail", blocks: int = 64) -> AsyncEngine:
+    return make_on("cpu", model, role, mode, transport, timeout, lease, policy, blocks)
+
+
+def make_on(device: str, model: str, role: str = "standalone", mode: str = "read", transport: str = "auto",
+            timeout: float = 10.0, lease: float = 30.0, policy: str = "fail", blocks: int = 64) -> AsyncEngine:
     cfg = EngineConfig(
         model=model,
+        device=device,
         dtype="float32",
         cache=CacheConfig(num_kv_blocks=blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=32),

@@ -63,9 +63,35 @@ def _recv_header(sock: socket.socket) -> _Header:
 
 
 def _block_views(cache: torch.Tensor, layers: range, block_ids: list[int]) -> list[memoryview]:
-    """Byte views of each (layer, block), layer-major; blocks are contiguous within a layer."""
+    """Byte views of each (layer, block), layer-major; blocks are contiguous within a layer.
+    (Host caches only: a CUDA cache goes through `_Staged`.)"""
     flat = cache.view(torch.uint8).view(cache.shape[0], cache.shape[1], -1)
     return [memoryview(flat[layer, b].numpy()) for layer in layers for b in block_ids]
+
+
+class _Staged:
+    """Host staging for a CUDA cache: the blocks to send are copied out first; received bytes land
+    in host memory and are copied to the device by `commit()`."""
+
+    def __init__(self, cache: torch.Tensor, layers: range, block_ids: list[int], load: bool) -> None:
+        self.cache, self.layers, self.ids = cache, layers, torch.tensor(block_ids, device=cache.device)
+        part = cache[layers.start : layers.stop].index_select(1, self.ids)
+        self.host = part.cpu() if load else torch.empty(part.shape, dtype=cache.dtype, pin_memory=True)
+        self.views = _block_views(self.host, range(len(layers)), list(range(len(block_ids))))
+
+    def commit(self) -> None:
+        dev = self.host.to(self.cache.device, non_blocking=True)
+        self.cache[self.layers.start : self.layers.stop].index_copy_(1, self.ids, dev)
+        torch.cuda.synchronize(self.cache.device)
+
+
+def _views(
+    cache: torch.Tensor, layers: range, block_ids: list[int], load: bool
+) -> tuple[list[memoryview], _Staged | None]:
+    if cache.is_cuda:
+        staged = _Staged(cache, layers, block_ids, load)
+        return staged.views, staged
+    return _block_views(cache, layers, block_ids), None
 
 
 class TcpServer:
@@ -99,16 +125,18 @@ class TcpServer:
                         return
                     check_ids(h.block_ids, nb)
                     if h.op == "read":
-                        views = _block_views(self.cache, range(self.cache.shape[0]), h.block_ids)
+                        views, _ = _views(self.cache, range(self.cache.shape[0]), h.block_ids, load=True)
                         _send_frame(conn, _Header(op="reply", nbytes=sum(v.nbytes for v in views)), views)
                     elif h.op == "write":
                         if not 0 <= h.layer < self.cache.shape[0]:
                             raise TransferError(f"layer {h.layer} out of range")
-                        views = _block_views(self.cache, range(h.layer, h.layer + 1), h.block_ids)
+                        views, staged = _views(self.cache, range(h.layer, h.layer + 1), h.block_ids, load=False)
                         if h.nbytes != sum(v.nbytes for v in views):
                             raise TransferError("payload size does not match the block list")
                         for v in views:
                             _recv_exact(conn, v.nbytes, into=v)
+                        if staged is not None:
+                            staged.commit()
                         _send_frame(conn, _Header(op="reply"))
                     else:
                         raise TransferError(f"unknown op {h.op!r}")
@@ -172,7 +200,7 @@ class TcpTransport:
     def read(self, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
         if len(src_block_ids) != len(dst_block_ids):
             raise TransferError("block count mismatch")
-        views = _block_views(self.local, range(self.local.shape[0]), dst_block_ids)
+        views, staged = _views(self.local, range(self.local.shape[0]), dst_block_ids, load=False)
 
         def go(sock: socket.socket) -> int:
             _send_frame(sock, _Header(op="read", block_ids=src_block_ids, token=self.token))
@@ -181,6 +209,8 @@ class TcpTransport:
                 raise TransferError("peer's block size differs from ours")
             for v in views:
                 _recv_exact(sock, v.nbytes, into=v)
+            if staged is not None:
+                staged.commit()
             return h.nbytes
 
         return self._run(go)
@@ -188,7 +218,7 @@ class TcpTransport:
     def write_layer(self, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
         if len(src_block_ids) != len(dst_block_ids):
             raise TransferError("block count mismatch")
-        views = _block_views(self.local, range(layer, layer + 1), src_block_ids)
+        views, _ = _views(self.local, range(layer, layer + 1), src_block_ids, load=True)
         n = sum(v.nbytes for v in views)
 
         def go(sock: socket.socket) -> int:

@@ -1,0 +1,44 @@
+"""GPU-only: the engine on CUDA matches CPU, and cuda_ipc moves KV between two engines on one GPU.
+
+Skipped without a CUDA device (CI is CPU-only); run by benchmarks/gpu_check.py on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from pdserve import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_cuda_greedy_matches_cpu():
+    prompts = [[(3 * i + j) % 250 for j in range(n)] for i, n in enumerate((5, 40, 100))]
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    cpu = LLM("dummy:qwen3-tiny", dtype="float32", num_kv_blocks=64)
+    gpu = LLM("dummy:qwen3-tiny", device="cuda", dtype="float32", num_kv_blocks=64)
+    a = [o.outputs[0].token_ids for o in cpu.generate(prompts, sp)]
+    b = [o.outputs[0].token_ids for o in gpu.generate(prompts, sp)]
+    assert a == b
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_cuda_ipc_disagg_equals_standalone(mode):
+    from tests.unit.test_kv_transfer import close, disagg, make_on, prompts, run
+
+    s = make_on("cuda", "dummy:qwen3-tiny")
+    p = make_on("cuda", "dummy:qwen3-tiny", "prefill", mode, "cuda_ipc")
+    d = make_on("cuda", "dummy:qwen3-tiny", "decode", mode, "cuda_ipc")
+    try:
+        async def main():
+            for i, prompt in enumerate(prompts()):
+                ref, _ = await run(s, f"r{i}", prompt)
+                got, out = await disagg(p, d, f"r{i}", prompt, mode)
+                assert out.error is None and got == ref
+
+        asyncio.run(main())
+    finally:
+        close(s, p, d)
