@@ -57,7 +57,9 @@ def blocks_back(*servers) -> None:
         s.wait_metrics({"pdserve_kv_blocks_free": total}, timeout=30)
 
 
-@pytest.mark.parametrize(("mode", "transport"), [("read", "auto"), ("write", "auto"), ("read", "tcp"), ("write", "tcp")])
+@pytest.mark.parametrize(
+    ("mode", "transport"), [("read", "auto"), ("write", "auto"), ("read", "tcp"), ("write", "tcp")]
+)
 def test_disagg_over_http_equals_standalone(module_tmp, mode, transport):
     flags = ("--kv-mode", mode, "--kv-transport", transport, "--max-num-batched-tokens", "32")
     with ExitStack() as st:
