@@ -48,6 +48,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self.stats: EngineStats = engine.stats()
+        if engine.connector is not None:  # KV events (transfer done, blocks read) wake an idle loop
+            engine.connector.events.wake = self._wake.set
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
@@ -147,6 +149,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while True:
+            self._wake.clear()  # before looking for work: a wake-up after this point is not lost
             if not self._drain_inbox():
                 return
             try:
@@ -162,8 +165,7 @@ class AsyncEngine:
             self.stats = self.engine.stats()
             if self.engine.idle:
                 # Nothing to compute (idle, or only requests waiting for remote KV): sleep until woken.
-                self._wake.wait(0.002 if self.engine.has_unfinished() else 0.05)
-                self._wake.clear()
+                self._wake.wait(0.005 if self.engine.has_unfinished() else 0.05)
 
 
 def _put_all(items: list[tuple[asyncio.Queue[StepOutput], StepOutput]]) -> None:

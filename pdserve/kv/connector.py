@@ -54,6 +54,21 @@ class KVTransferStats:
     blocks_held: int = 0
 
 
+class _WakingQueue:
+    """Events for the engine thread; every put also wakes an idle engine loop (`wake`)."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.wake: Callable[[], None] = lambda: None
+
+    def put(self, item: object) -> None:
+        self._q.put(item)
+        self.wake()
+
+    def get_nowait(self) -> object:
+        return self._q.get_nowait()
+
+
 @dataclass(frozen=True)
 class _Done:
     """A transfer-worker result, posted to the engine thread."""
@@ -79,7 +94,7 @@ class KVConnectorBase:
         self.host = kt.kv_host
         self.http_port: int | None = None  # set by the server once it knows its port
         self.stats = KVTransferStats()
-        self.events: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.events = _WakingQueue()
         self.release: Callable[[Request], None] = lambda req: None  # set by the engine: frees blocks
         self._ctx = zmq.Context()
         self.fingerprint = fingerprint(model, cache.layout)

@@ -12,6 +12,7 @@ copy overlaps the next layers' compute. Then `write_done` goes to decode and the
 from __future__ import annotations
 
 import dataclasses
+import queue
 import time
 from dataclasses import dataclass
 
@@ -41,7 +42,9 @@ class KVProducer(KVConnectorBase):
         self._held: dict[str, _Held] = {}  # finished, blocks kept
         self._dests: dict[str, tuple[WriteDest, float]] = {}  # write_dest seen, by request id
         self._step_pushes: list[tuple[Request, WriteDest]] = []
-        self._pushed_in_forward: set[str] = set()
+        self._forward_push: set[str] = set()  # requests whose layers were queued during a forward pass
+        self._push_results: dict[str, _Done] = {}  # forward pushes that completed before the request ended
+        self._push_failed: set[str] = set()  # worker thread only: skip the rest of a failed push
 
     # ---- engine thread ---------------------------------------------------------------------
     def on_add(self, request: Request, params: KVTransferParams | None) -> None:
@@ -59,16 +62,16 @@ class KVProducer(KVConnectorBase):
     def begin_step(self, prefills: list[tuple[Request, int]]) -> None:
         self._step_pushes = []
         for req, n in prefills:
-            entry = self._remote.get(req.request_id)
             dest = self._dests.get(req.request_id)
-            if entry is None or dest is None or req.num_computed_tokens + n < req.num_tokens:
+            if req.request_id not in self._remote or dest is None or req.num_computed_tokens + n < req.num_tokens:
                 continue
             self._step_pushes.append((req, dest[0]))
-            self._pushed_in_forward.add(req.request_id)
+            self._forward_push.add(req.request_id)
 
     def on_layer_done(self, layer: int) -> None:
+        final = layer == self.cache.layout.num_layers - 1
         for req, dest in self._step_pushes:
-            self._worker.submit(self._push_layers, req.request_id, dest, list(req.block_ids), [layer], False)
+            self._worker.submit(self._push_layers, req.request_id, dest, list(req.block_ids), [layer], final)
 
     def end_step(self) -> None:
         self._step_pushes = []
@@ -79,18 +82,14 @@ class KVProducer(KVConnectorBase):
         if entry is None:
             return False
         _, params = entry
-        ok = request.status in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED)
-        pushed = rid in self._pushed_in_forward
-        self._pushed_in_forward.discard(rid)
-        if not ok:
+        pushed = rid in self._forward_push
+        self._forward_push.discard(rid)
+        pushed_done = self._push_results.pop(rid, None) is not None
+        if request.status not in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED):
             if params.transfer_mode == "WRITE" and params.remote_host and params.remote_notify_port:
                 self.sender.send(params.remote_host, params.remote_notify_port,
                                  Abort(rid, self.engine_id, f"prefill ended: {request.status.finish_reason}"))
-            if pushed:  # the worker may still read these blocks: free when it reports
-                self._held[rid] = _Held(request, time.monotonic() + self.config.kv_lease_seconds, "WRITE",
-                                        pushing=True)
-                return True
-            return False
+            return self._hold_while_pushing(request) if pushed and not pushed_done else False
         request.kv_transfer_params = KVTransferParams(
             do_remote_prefill=True,
             remote_engine_id=self.engine_id,
@@ -103,20 +102,33 @@ class KVProducer(KVConnectorBase):
             num_prompt_tokens=request.num_prompt_tokens,
             lease_seconds=self.config.kv_lease_seconds,
         )
-        held = _Held(request, time.monotonic() + self.config.kv_lease_seconds, params.transfer_mode or "READ")
-        self._held[rid] = held
-        self.stats.blocks_held += len(request.block_ids)
-        if held.mode == "WRITE":
-            dest = self._dests.pop(rid, None)
-            if dest is not None:
-                self._start_push(held, dest[0], all_layers=not pushed)
+        if params.transfer_mode != "WRITE":
+            self._hold(request, "READ")
+            return True
+        if pushed:  # every layer went out during the forward pass; decode was told by the worker
+            return self._hold_while_pushing(request) if not pushed_done else False
+        held = self._hold(request, "WRITE")
+        dest = self._dests.pop(rid, None)
+        if dest is not None:
+            self._start_push(held, dest[0])
         return True
 
-    def _start_push(self, held: _Held, dest: WriteDest, all_layers: bool) -> None:
-        """Queue the remaining layers (or just the completion marker) behind any queued layer jobs."""
+    def _hold(self, request: Request, mode: str) -> _Held:
+        held = _Held(request, time.monotonic() + self.config.kv_lease_seconds, mode)
+        self._held[request.request_id] = held
+        self.stats.blocks_held += len(request.block_ids)
+        return held
+
+    def _hold_while_pushing(self, request: Request) -> bool:
+        """Keep the blocks until the worker reports: it may still be reading them."""
+        self._hold(request, "WRITE").pushing = True
+        return True
+
+    def _start_push(self, held: _Held, dest: WriteDest) -> None:
+        """Push every layer of a finished request (write_dest came after its prompt was computed)."""
         held.dest = dest
         held.pushing = True
-        layers = list(range(self.cache.layout.num_layers)) if all_layers else []
+        layers = list(range(self.cache.layout.num_layers))
         self._worker.submit(self._push_layers, held.request.request_id, dest, list(held.request.block_ids),
                             layers, True)
 
@@ -124,7 +136,7 @@ class KVProducer(KVConnectorBase):
         while True:
             try:
                 ev = self.events.get_nowait()
-            except Exception:
+            except queue.Empty:
                 break
             self._handle(ev)
         now = time.monotonic()
@@ -147,7 +159,7 @@ class KVProducer(KVConnectorBase):
         elif isinstance(ev, WriteDest):
             held = self._held.get(ev.request_id)
             if held is not None and held.mode == "WRITE" and not held.pushing:
-                self._start_push(held, ev, all_layers=True)
+                self._start_push(held, ev)
             elif held is None:
                 self._dests[ev.request_id] = (ev, time.monotonic())
         elif isinstance(ev, Abort):
@@ -159,13 +171,10 @@ class KVProducer(KVConnectorBase):
             self.stats.bytes_moved += ev.nbytes
         elif isinstance(ev, _Done):
             self._record(ev)
-            held = self._held.get(ev.request_id)
-            if held is None:
-                return
-            if held.dest is not None:
-                self.sender.send(held.dest.handshake_host, held.dest.notify_port,
-                                 WriteDone(ev.request_id, self.engine_id, ev.ok, ev.reason))
-            self._free(ev.request_id)
+            if ev.request_id in self._held:
+                self._free(ev.request_id)
+            elif ev.request_id in self._remote:  # pushed during the forward pass; still computing
+                self._push_results[ev.request_id] = ev
 
     def _free(self, rid: str) -> None:
         held = self._held.pop(rid)
@@ -174,6 +183,12 @@ class KVProducer(KVConnectorBase):
 
     # ---- worker thread -------------------------------------------------------------------------
     def _push_layers(self, rid: str, dest: WriteDest, src: list[int], layers: list[int], final: bool) -> None:
+        """Write `layers` of `src` into decode's blocks. The final job tells decode directly (it need
+        not wait for the rest of this step's compute) and reports to the engine thread."""
+        if rid in self._push_failed:  # an earlier layer failed; decode and the engine know already
+            if final:
+                self._push_failed.discard(rid)
+            return
         t0 = time.perf_counter()
         nbytes = 0
         try:
@@ -183,9 +198,13 @@ class KVProducer(KVConnectorBase):
                 nbytes += transport.write_layer(layer, src[:n], dest.block_ids[:n])
         except TransferError as e:
             self._drop_transport(dest.handshake_host, dest.handshake_port)
+            if not final:
+                self._push_failed.add(rid)
+            self.sender.send(dest.handshake_host, dest.notify_port, WriteDone(rid, self.engine_id, False, str(e)))
             self.events.put(_Done(rid, False, str(e)))
             return
         if final:
+            self.sender.send(dest.handshake_host, dest.notify_port, WriteDone(rid, self.engine_id, True))
             self.events.put(_Done(rid, True, None, nbytes, time.perf_counter() - t0))
         elif nbytes:
             self.events.put(_Partial(nbytes))

@@ -34,22 +34,46 @@ class _Header(msgspec.Struct, omit_defaults=True):
     token: str | None = None
 
 
-def _recv_exact(sock: socket.socket, n: int, into: memoryview | None = None) -> bytes | None:
-    buf = into if into is not None else memoryview(bytearray(n))
-    got = 0
-    while got < n:
-        k = sock.recv_into(buf[got:], n - got)
-        if k == 0:
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = memoryview(bytearray(n))
+    _recv_views(sock, [buf])
+    return bytes(buf)
+
+
+_IOV = 512  # buffers per sendmsg / recvmsg_into call
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """Drop the first n bytes from a list of buffers."""
+    while n and views:
+        if n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views = views[1:]
+        else:
+            views = [views[0][n:], *views[1:]]
+            n = 0
+    return views
+
+
+def _send_views(sock: socket.socket, views: list[memoryview]) -> None:
+    """Scatter-gather send: one syscall for many blocks."""
+    views = [v.cast("B") for v in views]
+    while views:
+        views = _advance(views, sock.sendmsg(views[:_IOV]))
+
+
+def _recv_views(sock: socket.socket, views: list[memoryview]) -> None:
+    views = [v.cast("B") for v in views]
+    while views:
+        n = sock.recvmsg_into(views[:_IOV])[0]
+        if n == 0:
             raise ConnectionError("peer closed the connection")
-        got += k
-    return None if into is not None else bytes(buf)
+        views = _advance(views, n)
 
 
 def _send_frame(sock: socket.socket, header: _Header, payload: list[memoryview] | None = None) -> None:
     data = msgspec.msgpack.encode(header)
-    sock.sendall(_LEN.pack(len(data)) + data)
-    for p in payload or []:
-        sock.sendall(p)
+    _send_views(sock, [memoryview(_LEN.pack(len(data)) + data), *(payload or [])])
 
 
 def _recv_header(sock: socket.socket) -> _Header:
@@ -133,8 +157,7 @@ class TcpServer:
                         views, staged = _views(self.cache, range(h.layer, h.layer + 1), h.block_ids, load=False)
                         if h.nbytes != sum(v.nbytes for v in views):
                             raise TransferError("payload size does not match the block list")
-                        for v in views:
-                            _recv_exact(conn, v.nbytes, into=v)
+                        _recv_views(conn, views)
                         if staged is not None:
                             staged.commit()
                         _send_frame(conn, _Header(op="reply"))
@@ -207,8 +230,7 @@ class TcpTransport:
             h = self._reply(sock)
             if h.nbytes != sum(v.nbytes for v in views):
                 raise TransferError("peer's block size differs from ours")
-            for v in views:
-                _recv_exact(sock, v.nbytes, into=v)
+            _recv_views(sock, views)
             if staged is not None:
                 staged.commit()
             return h.nbytes

@@ -1,0 +1,168 @@
+"""KV transfer benchmarks (run: .venv/bin/python benchmarks/kv_transfer.py [--quick]).
+
+1. Bandwidth: shm READ / WRITE and tcp READ of N blocks of the qwen3-cpu-bench KV layout, against
+   a plain memcpy of the same bytes in the same run (contiguous and scattered block ids).
+2. Handoff latency: from the prefill's last layer (write mode: last layer of the last chunk; read
+   mode: the prefill's final output) to the decode request being ready, in-process engines on
+   real sockets, the test harness playing the proxy.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pdserve.config import CacheConfig, EngineConfig, KVTransferConfig, SchedulerConfig  # noqa: E402
+from pdserve.engine.async_engine import AsyncEngine  # noqa: E402
+from pdserve.engine.engine import LLMEngine  # noqa: E402
+from pdserve.engine.kv_cache import KVCache, KVLayout  # noqa: E402
+from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
+from pdserve.kv.messages import ShmDescriptor  # noqa: E402
+from pdserve.kv.transports.shm import ShmTransport  # noqa: E402
+from pdserve.kv.transports.tcp import TcpServer, TcpTransport  # noqa: E402
+
+
+def timeit(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bandwidth(num_blocks: int, n: int, repeats: int) -> dict:
+    layout = KVLayout(4, num_blocks, 16, 2, 128, torch.bfloat16)  # qwen3-cpu-bench's KV layout
+    a = KVCache(layout, torch.device("cpu"), shared=True)
+    b = KVCache(layout, torch.device("cpu"), shared=True)
+    a.tensor.normal_()
+    nbytes = n * layout.num_layers * layout.block_bytes
+    src_flat = torch.empty(nbytes, dtype=torch.uint8).random_()
+    dst_flat = torch.empty_like(src_flat)
+    memcpy = timeit(lambda: dst_flat.copy_(src_flat), repeats)
+    shm = ShmTransport(b.tensor, ShmDescriptor(a.shm_name, layout.total_bytes, ""), layout.shape)
+    contiguous = list(range(n))
+    rng = random.Random(0)
+    scattered_src = rng.sample(range(num_blocks), n)
+    scattered_dst = rng.sample(range(num_blocks), n)
+    server = TcpServer(a.tensor, "127.0.0.1")
+    tcp = TcpTransport(b.tensor, "127.0.0.1", server.port)
+    res = {
+        "bytes": nbytes,
+        "memcpy_GBps": nbytes / memcpy / 1e9,
+        "shm_read_contiguous_GBps": nbytes / timeit(lambda: shm.read(contiguous, contiguous), repeats) / 1e9,
+        "shm_read_scattered_GBps": nbytes / timeit(lambda: shm.read(scattered_src, scattered_dst), repeats) / 1e9,
+        "shm_write_layers_contiguous_GBps": nbytes / timeit(
+            lambda: [shm.write_layer(layer, contiguous, contiguous) for layer in range(layout.num_layers)], repeats
+        ) / 1e9,
+        "tcp_read_contiguous_GBps": nbytes / timeit(lambda: tcp.read(contiguous, contiguous), repeats) / 1e9,
+    }
+    assert torch.equal(b.tensor[:, scattered_dst[:4]], a.tensor[:, scattered_src[:4]])
+    for k in list(res):
+        if k.endswith("_GBps") and k != "memcpy_GBps":
+            res[k.replace("_GBps", "_vs_memcpy")] = res[k] / res["memcpy_GBps"]
+    tcp.close()
+    server.close()
+    shm.close()
+    a.close()
+    b.close()
+    return res
+
+
+def _engine(role: str, mode: str, model: str) -> AsyncEngine:
+    return AsyncEngine(LLMEngine(EngineConfig(
+        model=model, threads=1, cache=CacheConfig(num_kv_blocks=256),
+        scheduler=SchedulerConfig(max_num_batched_tokens=512),
+        kv_transfer=KVTransferConfig(role=role, kv_mode=mode),
+    )))
+
+
+def handoff(mode: str, model: str, prompt_len: int, repeats: int) -> dict:
+    """Seconds from the prefill's last KV layer (or final output) to the decode request being ready."""
+    p, d = _engine("prefill", mode, model), _engine("decode", mode, model)
+    marks: dict[str, float] = {}
+    pc, dc = p.engine.connector, d.engine.connector
+    last_layer = p.engine.model_config.num_hidden_layers - 1
+    orig_hook, orig_poll = pc.on_layer_done, dc.poll
+
+    def hook(layer: int) -> None:
+        orig_hook(layer)
+        if layer == last_layer and pc._step_pushes:
+            marks["last_layer"] = time.perf_counter()
+
+    def poll():
+        ready, failed = orig_poll()
+        if ready:
+            marks.setdefault("ready", time.perf_counter())
+        return ready, failed
+
+    pc.on_layer_done = hook
+    p.engine.runner.layer_hook = hook
+    dc.poll = poll
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    async def go(i: int) -> float:
+        marks.clear()
+        prompt = [(i * 7 + j) % 250 for j in range(prompt_len)]
+        rid = f"h{i}"
+        if mode == "read":
+            async for out in p.generate(rid, prompt, one, {"do_remote_decode": True}):
+                pass
+            marks["last_layer"] = time.perf_counter()  # the prefill's final output: KV complete
+            async for _ in d.generate(rid, prompt, one, out.kv_transfer_params):
+                pass
+        else:
+            params = {"do_remote_prefill": True, "transfer_mode": "WRITE", "remote_host": pc.host,
+                      "remote_handshake_port": pc.handshake_port, "remote_notify_port": pc.notify_port}
+
+            async def drain(it):
+                async for _ in it:
+                    pass
+
+            await asyncio.gather(drain(p.generate(rid, prompt, one, {"do_remote_decode": True})),
+                                 drain(d.generate(rid, prompt, one, params)))
+        return marks["ready"] - marks["last_layer"]
+
+    async def main() -> list[float]:
+        return [await go(i) for i in range(repeats + 1)][1:]
+
+    try:
+        times = asyncio.run(main())
+    finally:
+        for e in (p, d):
+            e.shutdown()
+            e.engine.close()
+    return {"median_ms": statistics.median(times) * 1000, "min_ms": min(times) * 1000, "n": len(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default="dummy:qwen3-cpu-bench")
+    ap.add_argument("--prompt-len", type=int, default=1000)
+    args = ap.parse_args()
+    reps = 3 if args.quick else 7
+    out = {
+        "machine": os.uname().nodename,
+        "date": time.strftime("%Y-%m-%d"),
+        "bandwidth": bandwidth(2048, 1024 if not args.quick else 256, reps),
+        "handoff_read": handoff("read", args.model, args.prompt_len, reps),
+        "handoff_write": handoff("write", args.model, args.prompt_len, reps),
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

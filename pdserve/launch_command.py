@@ -1,0 +1,112 @@
+"""`pdserve up TOPOLOGY MODEL`: start a proxy and its instances on this machine, serve until
+Ctrl-C or SIGTERM, then stop every child.
+
+    pdserve up standard dummy:qwen3-tiny --instances 2
+    pdserve up disagg dummy:qwen3-tiny --prefill 1 --decode 1 --kv-mode write --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import time
+from types import FrameType
+
+from pdserve.config import DEFAULT_HOST, DEFAULT_PORT
+from pdserve.engine.args import cpu_list, positive_float, positive_int
+from pdserve.launch import TopologyError, TopologySpec, default_run_dir, launch_topology, plan_instances
+
+
+def cpu_map(text: str) -> tuple[tuple[int, ...], ...]:
+    """'0;1' or '0-3;4-7' -> one core tuple per instance."""
+    return tuple(cpu_list(part) for part in text.split(";") if part.strip())
+
+
+def gpu_list(text: str) -> tuple[int, ...]:
+    return cpu_list(text)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "up", help="start a topology (proxy + instances) on this machine and serve until Ctrl-C",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("topology", choices=("standard", "disagg"))
+    p.add_argument("model", help="a local Hugging Face directory or dummy:<preset>")
+    p.add_argument("--instances", type=positive_int, default=1, help="standard: standalone instances")
+    p.add_argument("--prefill", type=positive_int, default=1, help="disagg: prefill instances")
+    p.add_argument("--decode", type=positive_int, default=1, help="disagg: decode instances")
+    p.add_argument("--kv-mode", choices=("read", "write"), default="write",
+                   help="disagg: read = proxy serial, decode pulls; write = concurrent, prefill pushes")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cpus-per-instance", type=positive_int, default=None, metavar="K",
+                   help="pin instance i to usable cores [i*K, (i+1)*K) (default: cores divided evenly)")
+    g.add_argument("--cpu-map", type=cpu_map, default=None, metavar="'0;1'",
+                   help="explicit cores per instance, ';'-separated, in role order (prefill first)")
+    p.add_argument("--gpus", type=gpu_list, default=None, metavar="0,1",
+                   help="GPUs split evenly between instances (CUDA_VISIBLE_DEVICES, --device cuda)")
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the proxy's port; 0 picks one (default %(default)s)")
+    p.add_argument("--run-dir", default=None, help="folder for the logs (default runs/up-<timestamp>)")
+    p.add_argument("--engine-args", default="", metavar='"..."',
+                   help='extra `pdserve serve` flags for every instance, e.g. "--num-kv-blocks 512"')
+    p.add_argument("--proxy-args", default="", metavar='"..."', help="extra `pdserve proxy` flags")
+    p.add_argument("--startup-timeout", type=positive_float, default=300.0, metavar="S")
+    p.add_argument("--stop-timeout", type=positive_float, default=15.0, metavar="S",
+                   help="SIGTERM grace before SIGKILL (default %(default)s)")
+    p.set_defaults(func=run)
+
+
+def spec_from_args(args: argparse.Namespace) -> TopologySpec:
+    return TopologySpec(
+        kind=args.topology, model=args.model, instances=args.instances, prefill=args.prefill, decode=args.decode,
+        kv_mode=args.kv_mode, cpus_per_instance=args.cpus_per_instance, cpu_map=args.cpu_map, gpus=args.gpus,
+        host=args.host, port=args.port, run_dir=args.run_dir or str(default_run_dir()),
+        engine_args=tuple(shlex.split(args.engine_args)), proxy_args=tuple(shlex.split(args.proxy_args)),
+        startup_timeout_s=args.startup_timeout, stop_grace_s=args.stop_timeout,
+    )
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM/SIGHUP handler to unwind into the cleanup."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    plans = plan_instances(spec)  # ValueError (bad core split) before anything starts
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_stop)
+    print(f"starting {spec.label} of {spec.model}; logs in {spec.run_dir}", file=sys.stderr)
+    for plan in plans:
+        gpus = f", GPUs {plan.gpus}" if plan.gpus is not None else ""
+        print(f"  {plan.name}: cores {','.join(map(str, plan.cpus))}{gpus}", file=sys.stderr)
+    topo = None
+    try:
+        topo = launch_topology(spec)
+        print(f"pdserve {spec.label} ready: {topo.url}  (Ctrl-C stops it)", flush=True)
+        for c in topo.children:
+            print(f"  {c.name:<12} pid {c.pid:<8} {c.url}  log {c.log_path}", file=sys.stderr)
+        while not (dead := topo.dead()):
+            time.sleep(0.5)
+        for c in dead:
+            print(f"pdserve up: {c.name} exited with code {c.proc.returncode}; log {c.log_path}:\n{c.log_tail()}",
+                  file=sys.stderr)
+        return 1
+    except TopologyError as e:
+        print(f"pdserve up: {e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Stop) as e:
+        print(f"\nstopping ({type(e).__name__ if isinstance(e, KeyboardInterrupt) else e})...", file=sys.stderr)
+        return 0
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the cleanup
+            signal.signal(sig, signal.SIG_IGN)
+        if topo is not None:
+            codes = topo.stop()
+            print("stopped: " + ", ".join(f"{k} {v}" for k, v in codes.items()), file=sys.stderr)
