@@ -177,7 +177,8 @@ def instance_argv(spec: TopologySpec, plan: InstancePlan, port: int, registry: s
     """The `pdserve serve` command line of one instance (spec.engine_args last, so they win)."""
     argv = [sys.executable, "-m", "pdserve.cli", "serve", spec.model, "--host", spec.host, "--port", str(port),
             "--role", plan.role, "--proxy-address", registry, "--cpus", _cpu_text(plan.cpus),
-            "--threads", str(len(plan.cpus)), "--no-access-log", "--drain-timeout", str(max(1.0, spec.stop_grace_s / 3))]
+            "--threads", str(len(plan.cpus)), "--no-access-log",
+            "--drain-timeout", str(max(1.0, spec.stop_grace_s / 3))]
     if plan.role != "standalone":
         argv += ["--kv-mode", spec.kv_mode]
     if plan.gpus is not None:

@@ -10,7 +10,9 @@ may still write into its blocks keeps them (quarantine) until the transfer settl
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ class KVConsumer(KVConnectorBase):
         super().__init__(*args, **kwargs)
         self.allocate: Callable[[Request], bool] = lambda req: False  # set by the engine
         self._pending: dict[str, _Pending] = {}
+        self._last_liveness = 0.0
 
     # ---- engine thread ---------------------------------------------------------------------
     def validate(self, params: KVTransferParams | None, num_prompt_tokens: int) -> None:
@@ -74,6 +77,7 @@ class KVConsumer(KVConnectorBase):
         if prm.transfer_mode == "READ":
             self._worker.submit(self._read, req.request_id, prm, list(req.block_ids))
         else:
+            self.handshakes.get(prm.remote_host, prm.remote_handshake_port)  # type: ignore[arg-type]
             self.sender.send(prm.remote_host, prm.remote_notify_port, WriteDest(  # type: ignore[arg-type]
                 req.request_id, self.engine_id, list(req.block_ids), self.host, self.handshake_port,
                 self.notify_port, req.num_prompt_tokens))
@@ -88,16 +92,44 @@ class KVConsumer(KVConnectorBase):
                 break
             self._handle(ev, ready, failed)
         now = time.monotonic()
+        dead = self._dead_peers(now)
         for rid, p in list(self._pending.items()):
+            gone = (p.params.remote_host, p.params.remote_handshake_port) in dead
             if p.quarantined or p.abandoned:
-                if now > p.deadline + self.config.kv_transfer_timeout:  # a transfer that never settled
+                # Settled once no write can land any more: the peer is gone, or long past the deadline.
+                if gone or now > p.deadline + self.config.kv_transfer_timeout:
                     self._settle(rid)
                 continue
             if not p.started and self.allocate(p.request):
                 self._start(p)
-            if now > p.deadline:
+            if gone:
+                self._fail(p, "the prefill instance is gone (its KV segment was removed)", failed)
+            elif now > p.deadline:
                 self._fail(p, f"KV transfer timed out after {self.config.kv_transfer_timeout:g} s", failed)
         return ready, failed
+
+    def _dead_peers(self, now: float) -> set[tuple[str, int]]:
+        """Same-host WRITE peers whose shared-memory KV segment has disappeared (checked every 0.1 s).
+
+        A live producer may still write into our blocks over shm; one whose segment is gone cannot."""
+        if now - self._last_liveness < 0.1:
+            return set()
+        self._last_liveness = now
+        dead = set()
+        for p in self._pending.values():
+            prm = p.params
+            if prm.transfer_mode != "WRITE" or not p.started:
+                continue
+            key = (prm.remote_host, prm.remote_handshake_port)
+            fut = self.handshakes.get(*key)  # type: ignore[arg-type]
+            if not fut.done() or fut.exception() is not None:
+                continue
+            shm = fut.result().transports.shm
+            if shm is not None and shm.hostname == socket.gethostname() and not os.path.exists(
+                f"/dev/shm/{shm.segment.lstrip('/')}"
+            ):
+                dead.add(key)
+        return dead
 
     def _handle(self, ev: object, ready: set[str], failed: dict[str, str]) -> None:
         if isinstance(ev, _Done | WriteDone):

@@ -151,6 +151,7 @@ class ProxyEndpoint:
                     chunk = await stream.read()
                 except (aiohttp.ClientError, OSError) as e:
                     failure = f"the {stream.instance.address} stream broke: {type(e).__name__}: {e}"
+                    self.orchestrator.upstream.suspect(stream.instance)
                     break
                 if not chunk:
                     break

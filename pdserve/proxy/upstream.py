@@ -84,6 +84,7 @@ class Upstream:
         self.settings = settings
         self.table = table
         self.session: aiohttp.ClientSession | None = None
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
@@ -92,6 +93,7 @@ class Upstream:
         return self.session
 
     async def stop(self) -> None:
+        await self.stop_probes()
         if self.session is not None:
             await self.session.close()
 
@@ -137,6 +139,7 @@ class Upstream:
         except asyncio.TimeoutError:
             raise self._failed(UpstreamFailure(inst, "timeout", "connect timed out")) from None
         except (aiohttp.ClientError, OSError) as e:
+            self.suspect(inst)
             raise self._failed(UpstreamFailure(inst, "dropped", f"{type(e).__name__}: {e}")) from None
         except UpstreamFailure as e:
             raise self._failed(e) from None
@@ -155,6 +158,34 @@ class Upstream:
         failure.instance.failures += 1
         log.warning("upstream failure: %s", failure)
         return failure
+
+    def suspect(self, inst: Instance) -> None:
+        """A connection to `inst` broke: probe `GET /health` now, so that a dead instance stops being
+        picked at once rather than when its heartbeats are missed (a later heartbeat or health check
+        re-admits one that is fine)."""
+        if inst.healthy and inst.address not in self._probes:
+            task = asyncio.ensure_future(self._probe(inst))
+            self._probes[inst.address] = task
+            task.add_done_callback(lambda _: self._probes.pop(inst.address, None))
+
+    async def _probe(self, inst: Instance) -> None:
+        assert self.session is not None
+        try:
+            async with self.session.get(inst.url + "/health", headers=self.auth_headers(None),
+                                        timeout=aiohttp.ClientTimeout(total=2)) as r:
+                await r.read()
+                reason = None if r.status == 200 else f"GET /health -> HTTP {r.status}"
+        except asyncio.TimeoutError:
+            return  # slow, maybe busy: heartbeats / health checks decide
+        except (aiohttp.ClientError, OSError) as e:
+            reason = f"GET /health failed: {type(e).__name__}: {e}"
+        if reason is not None:
+            self.table.set_health(inst, False, f"after a broken connection, {reason}")
+
+    async def stop_probes(self) -> None:
+        for task in list(self._probes.values()):
+            task.cancel()
+        await asyncio.gather(*self._probes.values(), return_exceptions=True)
 
     async def get(self, inst: Instance, path: str, headers: dict[str, str]) -> Buffered:
         """A plain GET (e.g. /v1/models); UpstreamFailure when unreachable or 5xx."""

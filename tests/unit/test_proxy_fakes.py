@@ -58,6 +58,7 @@ class FakeInstance:
         self.engine_id = engine_id or f"engine-{role}-{id(self) % 10000}"
         self.seen: list[Seen] = []
         self.cancelled = 0  # requests whose connection the proxy closed before they ended
+        self.healthy = True  # what GET /health says
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -86,7 +87,7 @@ class FakeInstance:
             self._runner = None
 
     async def _health(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok" if self.healthy else "draining"}, status=200 if self.healthy else 503)
 
     async def _models(self, _: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake"}]})

@@ -26,7 +26,8 @@ COMPLETION = {"model": "fake", "prompt": "hello", "max_tokens": 4}
 
 
 def _standard(*urls: str, **kw: object) -> ProxySettings:
-    return ProxySettings(mode="standard", instances=urls, registry_port=None, health_interval_s=0.1, **kw)  # type: ignore[arg-type]
+    kw = {"health_interval_s": 0.1, **kw}
+    return ProxySettings(mode="standard", instances=urls, registry_port=None, **kw)  # type: ignore[arg-type]
 
 
 def _run(
@@ -162,6 +163,19 @@ def test_mid_stream_failure_sends_an_error_event() -> None:
         assert 'pdserve_proxy_requests_total{outcome="stream_error"} 1' in metrics
 
     _run([FakeInstance("S", behavior="drop")], lambda u: _standard(*u), body)
+
+
+def test_a_broken_stream_probes_the_instance() -> None:
+    async def body(proxy: RunningProxy, s: aiohttp.ClientSession, fakes: list[FakeInstance]) -> None:
+        inst = proxy.state.table.all()[0]
+        await post(s, proxy.url + "/v1/completions", {**COMPLETION, "stream": True})
+        await asyncio.sleep(0.2)
+        assert inst.healthy  # the probe found it alive
+        fakes[0].healthy = False
+        await post(s, proxy.url + "/v1/completions", {**COMPLETION, "stream": True})
+        await until(lambda: not inst.healthy, timeout=1.0)  # long before the next periodic check
+
+    _run([FakeInstance("S", behavior="drop")], lambda u: _standard(*u, health_interval_s=60), body)
 
 
 def test_client_disconnect_cancels_upstream() -> None:

@@ -1,0 +1,209 @@
+"""Analysis of a sweep: attainment curves and DistServe goodput per SLO set, the headline row of
+each series at one rate, the Markdown table shaped like the seed article's, and the JSON.
+
+Two goodputs are reported, because the article's "relative goodput" row is the ratio of requests
+meeting both SLOs at its headline rate (8 req/s), while DistServe defines goodput as the highest
+rate whose attainment stays >= 90%: `relative` is good req/s at the headline rate divided by the
+baseline's, `distserve` the interpolated rate (see goodput.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pdserve.bench.goodput import AttainmentPoint, DistServeGoodput, FailureMode, distserve_goodput
+from pdserve.bench.goodput import primary_failure_mode as _primary
+from pdserve.bench.metrics import SLO
+from pdserve.bench.report import JsonValue, result_json
+from pdserve.bench.sweep import RatePoint, Series, SLOSet, SweepConfig
+
+
+def good_count(point: RatePoint, slos: Sequence[SLO]) -> int:
+    return sum(1 for r in point.records if r.success and all(s.met(r) for s in slos))
+
+
+def attainment_curve(points: Sequence[RatePoint], slos: Sequence[SLO]) -> tuple[AttainmentPoint, ...]:
+    """(rate, fraction of all requests meeting every criterion), by rate."""
+    return tuple(AttainmentPoint(p.rate, good_count(p, slos) / len(p.records)) for p in points if p.records)
+
+
+@dataclass(frozen=True)
+class HeadlineCell:
+    """One series at the headline rate."""
+
+    rate: float
+    good: int  # meeting the headline set
+    total: int
+    failed: int
+    request_goodput: float  # good / duration (vLLM's definition), req/s
+    failure: FailureMode | None
+    p99_itl_ms: float  # every inter-token gap of every successful request pooled (vLLM's P99 ITL)
+    p99_ttft_ms: float
+    per_set_good: tuple[tuple[str, int], ...]  # every SLO set: requests meeting it
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    name: str
+    curves: tuple[tuple[str, tuple[AttainmentPoint, ...]], ...]  # per SLO set
+    goodput: tuple[tuple[str, DistServeGoodput | None], ...]  # per SLO set; None: nothing measured
+    headline: HeadlineCell | None
+    error: str | None
+
+    def curve(self, set_name: str) -> tuple[AttainmentPoint, ...]:
+        return dict(self.curves)[set_name]
+
+    def goodput_of(self, set_name: str) -> DistServeGoodput | None:
+        return dict(self.goodput).get(set_name)
+
+
+def _p99_ms(values: Sequence[float]) -> float:
+    return float(np.percentile(np.asarray(values) * 1e3, 99)) if len(values) else math.nan
+
+
+def headline_cell(point: RatePoint, slo_sets: Sequence[SLOSet], headline: SLOSet) -> HeadlineCell:
+    ok = [r for r in point.records if r.success]
+    good = good_count(point, headline.slos)
+    return HeadlineCell(
+        rate=point.rate, good=good, total=len(point.records), failed=len(point.records) - len(ok),
+        request_goodput=good / point.duration_s if point.duration_s > 0 else 0.0,
+        failure=_primary(point.records, headline.slos),
+        p99_itl_ms=_p99_ms([g for r in ok for g in r.itl]),
+        p99_ttft_ms=_p99_ms([r.ttft for r in ok if r.ttft is not None]),
+        per_set_good=tuple((s.name, good_count(point, s.slos)) for s in slo_sets),
+    )
+
+
+def summarize_series(series: Series, slo_sets: Sequence[SLOSet], headline: SLOSet, headline_rate: float,
+                     target: float = 0.9) -> SeriesSummary:
+    curves = tuple((s.name, attainment_curve(series.points, s.slos)) for s in slo_sets)
+    goodput = tuple((name, distserve_goodput(c, target) if c else None) for name, c in curves)
+    point = series.at(headline_rate)
+    cell = headline_cell(point, slo_sets, headline) if point is not None and point.records else None
+    return SeriesSummary(series.name, curves, goodput, cell, series.error)
+
+
+def summarize(cfg: SweepConfig, series: Sequence[Series]) -> tuple[SeriesSummary, ...]:
+    rate = cfg.chosen_headline_rate
+    return tuple(summarize_series(s, cfg.slo_sets, cfg.headline, rate) for s in series)
+
+
+def _ratio(x: float | None, base: float | None) -> str:
+    if x is None or base is None:
+        return "n/a"
+    if base <= 0:
+        return "n/a (baseline 0)"
+    return f"{x / base:.2g}x"
+
+
+def _goodput_text(g: DistServeGoodput | None) -> str:
+    if g is None:
+        return "n/a"
+    if g.below_range:
+        return "< lowest rate"
+    return f"{'>= ' if g.lower_bound else ''}{g.rate:.2f}"
+
+
+def _failure_text(f: FailureMode | None) -> str:
+    return "none (all good)" if f is None else f"{f.label} ({f.count} of {f.bad} bad)"
+
+
+def markdown_summary(cfg: SweepConfig, summaries: Sequence[SeriesSummary]) -> str:
+    """The headline table (the article's Table 3 shape), DistServe goodput per SLO set, attainment
+    per rate; a series without a point at the headline rate shows n/a."""
+    rate, head = cfg.chosen_headline_rate, cfg.headline
+    w = cfg.bench.workload
+    base = next((s for s in summaries if s.name == cfg.baseline), None)
+    base_cell = base.headline if base else None
+    base_gp = base.goodput_of(head.name) if base else None
+    cols = [s.name for s in summaries]
+    lines = [
+        f"Headline: {rate:g} req/s; SLOs {head.describe()}; {w.num_prompts} requests per rate, "
+        f"{w.input_len} input / {w.output_len} output tokens; baseline {cfg.baseline}.",
+        "",
+        "| Metric | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+
+    def row(label: str, cells: Sequence[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    cells = [s.headline for s in summaries]
+    row(f"Requests meeting both SLOs at {rate:g} req/s", [f"{c.good}/{c.total}" if c else "n/a" for c in cells])
+    row("Primary failure mode", [_failure_text(c.failure) if c else "n/a" for c in cells])
+    row(f"Relative goodput (good req/s at {rate:g} req/s vs {cfg.baseline})",
+        [_ratio(c.request_goodput if c else None, base_cell.request_goodput if base_cell else None) for c in cells])
+    gps = [s.goodput_of(head.name) for s in summaries]
+    row("DistServe goodput (req/s at >= 90% attainment)", [_goodput_text(g) for g in gps])
+    row(f"Relative DistServe goodput (vs {cfg.baseline})",
+        [_ratio(g.rate if g else None, base_gp.rate if base_gp else None) for g in gps])
+    row(f"P99 ITL, all gaps pooled (ms) at {rate:g} req/s", [f"{c.p99_itl_ms:.0f}" if c else "n/a" for c in cells])
+    row(f"P99 TTFT (ms) at {rate:g} req/s", [f"{c.p99_ttft_ms:.0f}" if c else "n/a" for c in cells])
+    for s in cfg.slo_sets:
+        if s.name != head.name:
+            row(f"Meeting {s.name} ({s.spec()}) at {rate:g} req/s",
+                [f"{dict(c.per_set_good)[s.name]}/{c.total}" if c else "n/a" for c in cells])
+    if any(c and c.failed for c in cells):
+        row("Failed requests", [str(c.failed) if c else "n/a" for c in cells])
+    lines += ["", "DistServe goodput (req/s, highest rate with >= 90% of requests meeting every criterion):", "",
+              "| SLO set | criteria | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for s in cfg.slo_sets:
+        lines.append(f"| {s.name} | {s.spec()} | " + " | ".join(_goodput_text(x.goodput_of(s.name))
+                                                                for x in summaries) + " |")
+    lines += ["", f"Attainment of {head.name} ({head.spec()}) per rate:", "",
+              "| rate (req/s) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in cfg.rates:
+        vals = [next((f"{p.attainment:.0%}" for p in s.curve(head.name) if math.isclose(p.rate, r)), "-")
+                for s in summaries]
+        lines.append(f"| {r:g} | " + " | ".join(vals) + " |")
+    errors = [f"- {s.name}: {s.error.splitlines()[0]}" for s in summaries if s.error]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def _goodput_json(g: DistServeGoodput | None) -> JsonValue:
+    if g is None:
+        return None
+    return {"rate": g.rate, "target": g.target, "lower_bound": g.lower_bound, "below_range": g.below_range}
+
+
+def _cell_json(c: HeadlineCell | None) -> JsonValue:
+    if c is None:
+        return None
+    f = c.failure
+    return {"rate": c.rate, "good": c.good, "total": c.total, "failed": c.failed, "request_goodput": c.request_goodput,
+            "primary_failure_mode": None if f is None else {"label": f.label, "count": f.count, "bad": f.bad},
+            "p99_itl_ms": c.p99_itl_ms, "p99_ttft_ms": c.p99_ttft_ms, "good_per_slo_set": dict(c.per_set_good)}
+
+
+def sweep_json(cfg: SweepConfig, series: Sequence[Series], summaries: Sequence[SeriesSummary]) -> dict[str, JsonValue]:
+    """Config, per-series summary, and every per-rate bench result (vLLM field names, see report.py)."""
+    w = cfg.bench.workload
+    return {
+        "model": cfg.model,
+        "rates": list(cfg.rates),
+        "headline_rate": cfg.chosen_headline_rate,
+        "headline_slo_set": cfg.headline_set,
+        "baseline": cfg.baseline,
+        "slo_sets": {s.name: [{"name": x.name, "threshold_ms": x.threshold_ms} for x in s.slos] for s in cfg.slo_sets},
+        "workload": {"num_prompts": w.num_prompts, "input_len": w.input_len, "output_len": w.output_len,
+                     "range_ratio": w.range_ratio, "seed": w.seed},
+        "warmup": cfg.warmup,
+        "engine_args": list(cfg.engine_args),
+        "series": [
+            {
+                "name": s.name, "kind": s.kind, "base_url": s.base_url, "error": s.error,
+                "attainment": {n: [[p.rate, p.attainment] for p in c] for n, c in m.curves},
+                "distserve_goodput": {n: _goodput_json(g) for n, g in m.goodput},
+                "headline": _cell_json(m.headline),
+                "runs": [result_json(p.result) | {"load_avg_1m": p.load_avg_1m}
+                         for p in s.points if p.result is not None],
+            }
+            for s, m in zip(series, summaries, strict=True)
+        ],
+    }
