@@ -1,0 +1,103 @@
+"""Sampling and stopping through the offline API on dummy:qwen3-tiny."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm():
+    m = LLM("dummy:qwen3-tiny", dtype="float32", num_kv_blocks=64, max_model_len=256)
+    yield m
+    m.close()
+
+
+PROMPT = [(5 * j) % 250 for j in range(20)]
+
+
+def toks(llm, **kw):
+    return llm.generate([PROMPT], SamplingParams(**kw))[0].outputs[0]
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(llm):
+    a = toks(llm, max_tokens=24, temperature=1.5, seed=7, ignore_eos=True).token_ids
+    b = toks(llm, max_tokens=24, temperature=1.5, seed=7, ignore_eos=True).token_ids
+    c = toks(llm, max_tokens=24, temperature=1.5, seed=8, ignore_eos=True).token_ids
+    assert a == b and a != c
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(llm):
+    greedy = toks(llm, max_tokens=12, temperature=0, ignore_eos=True).token_ids
+    assert toks(llm, max_tokens=12, temperature=2.0, top_k=1, seed=1, ignore_eos=True).token_ids == greedy
+    assert toks(llm, max_tokens=12, temperature=2.0, top_p=1e-6, seed=1, ignore_eos=True).token_ids == greedy
+
+
+def test_top_k_restricts_choices(llm):
+    # With top_k=2, every sampled token must be one of the two most likely at its step: check the
+    # first token against the greedy first token and the runner-up set over many seeds.
+    firsts = {toks(llm, max_tokens=1, temperature=5.0, top_k=2, seed=s).token_ids[0] for s in range(40)}
+    assert len(firsts) == 2
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    greedy = toks(llm, max_tokens=12, temperature=0, ignore_eos=True).token_ids
+    out = toks(llm, max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[greedy[3]])
+    first = greedy.index(greedy[3])
+    assert out.token_ids == greedy[: first + 1] and out.finish_reason == "stop"
+    out = toks(llm, max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[greedy[0]], min_tokens=5)
+    assert greedy[0] not in out.token_ids[:5] and len(out.token_ids) >= 5
+
+
+def test_stop_string_is_cut_from_the_text(llm):
+    full = toks(llm, max_tokens=16, temperature=0, ignore_eos=True)
+    stop = full.text[5:8]
+    out = toks(llm, max_tokens=16, temperature=0, ignore_eos=True, stop=[stop])
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.index(stop)]
+
+
+def test_max_tokens_and_eos(llm):
+    out = toks(llm, max_tokens=3, temperature=0, ignore_eos=True)
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"n": 2}, "n must be 1"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts(llm):
+    with pytest.raises(ValueError, match="maximum context length"):
+        llm.generate([[1] * 300], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="exceeds"):
+        llm.generate([[1] * 200], SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate([[100000]], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], SamplingParams(max_tokens=1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err"),
+    [
+        ({"model": "/no/such/dir"}, FileNotFoundError),
+        ({"model": "dummy:nope"}, ValueError),
+        ({"model": "dummy:qwen3-tiny", "dtype": "float8"}, ValueError),
+    ],
+)
+def test_bad_engine_arguments(kwargs, err):
+    with pytest.raises(err):
+        LLM(**kwargs)
