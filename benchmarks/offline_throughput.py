@@ -727,7 +727,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON)
-    p.add_argument("--vllm-kv-gib", type=float, default=1.0)
+    p.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB, an integer)")
     p.add_argument("--no-vllm", action="store_true")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-hw-checks", dest="hw_checks", action="store_false")

@@ -178,7 +178,12 @@ def _cell_json(c: HeadlineCell | None) -> JsonValue:
     f = c.failure
     return {"rate": c.rate, "good": c.good, "total": c.total, "failed": c.failed, "request_goodput": c.request_goodput,
             "primary_failure_mode": None if f is None else {"label": f.label, "count": f.count, "bad": f.bad},
-            "p99_itl_ms": c.p99_itl_ms, "p99_ttft_ms": c.p99_ttft_ms, "good_per_slo_set": dict(c.per_set_good)}
+            "p99_itl_ms": _finite(c.p99_itl_ms), "p99_ttft_ms": _finite(c.p99_ttft_ms),
+            "good_per_slo_set": dict(c.per_set_good)}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def sweep_json(cfg: SweepConfig, series: Sequence[Series], summaries: Sequence[SeriesSummary]) -> dict[str, JsonValue]:

@@ -7,6 +7,7 @@ can build several apps in one process.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, FastAPI
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -17,7 +18,7 @@ from pdserve.server.completions import create_completion
 from pdserve.server.context import ServerContext, get_context
 from pdserve.server.errors import APIError, install_error_handlers
 from pdserve.server.prometheus import CONTENT_TYPE
-from pdserve.server.protocol import ModelCard, ModelList
+from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from pdserve.server.request_id import RequestIdMiddleware
 
 
@@ -55,6 +56,31 @@ async def kv_info(request: Request) -> Response:
     })
 
 
+def _body(model: type[BaseModel]) -> dict:
+    """OpenAPI `requestBody` for a handler that reads and validates its body itself (size limit
+    first), so the schema (what clients and fuzzers see) still names every field."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "x-components": defs}
+
+
+def _install_openapi(app: FastAPI) -> None:
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = build()
+            comps = spec.setdefault("components", {}).setdefault("schemas", {})
+            for path in spec["paths"].values():
+                for op in path.values():
+                    comps.update(op.pop("x-components", {}))
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def build_app(ctx: ServerContext) -> FastAPI:
     app = FastAPI(title="pdserve", version=__version__)
     app.state.ctx = ctx
@@ -65,7 +91,9 @@ def build_app(ctx: ServerContext) -> FastAPI:
     app.add_api_route("/kv_info", kv_info, methods=["GET"])
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.add_api_route("/models", list_models, methods=["GET"])
-    v1.add_api_route("/completions", create_completion, methods=["POST"])
-    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
+    v1.add_api_route("/completions", create_completion, methods=["POST"], openapi_extra=_body(CompletionRequest))
+    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"],
+                     openapi_extra=_body(ChatCompletionRequest))
     app.include_router(v1)
+    _install_openapi(app)
     return app

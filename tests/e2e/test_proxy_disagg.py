@@ -1,11 +1,13 @@
 """The proxy in disagg mode in front of real prefill and decode instances (2P + 2D), READ and WRITE.
 
-Topologies: READ with static URLs (needs only `--role prefill|decode`), READ and WRITE with
-instances registering over ZMQ (`--kv-mode`, `--proxy-address`; skipped until the server has them).
-Each topology checks: output equal to a standalone instance's at temperature 0 (completions and
-chat, streamed or not); a killed prefill (kill -9) does not fail requests (retry, then local
-prefill) and a restarted one is admitted again; a decode killed mid-stream gives the client an
-error event at once, later requests go to the other decode; every KV block comes back.
+Two topologies, each with one role static (URLs on the proxy's command line: health checks, and
+`GET /kv_info` for WRITE) and the other registering over ZMQ (`--proxy-address`): READ with static
+prefills and registered decodes, WRITE with registered prefills and static decodes.
+Each checks: output equal to a standalone instance's at temperature 0 (completions and chat,
+streamed or not); a killed prefill (kill -9) does not fail requests (retry, then local prefill)
+and a restarted one is admitted again (health check / re-registration with a new engine id); a
+decode killed mid-stream gives the client an error event at once, later requests go to the other
+decode; every KV block comes back.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _spawn(argv: list[str], port: int, log_path: Path) -> ServerProcess:
 @dataclass
 class Topology:
     mode: str  # read | write
-    registered: bool
+    registered: str  # the role that registers over ZMQ; the other one is static
     proxy: ServerProcess
     prefills: list[ServerProcess]
     decodes: list[ServerProcess]
@@ -101,21 +103,20 @@ class Topology:
 
 
 @contextlib.contextmanager
-def _topology(tmp: Path, mode: str, registered: bool) -> Iterator[Topology]:
+def _topology(tmp: Path, mode: str, registered: str) -> Iterator[Topology]:
     registry, proxy_port = free_port(), free_port()
     argv: dict[int, list[str]] = {}
+    proxy_argv = pdserve_argv("proxy", "--port", str(proxy_port), "--registry-port", str(registry), "--kv-mode", mode,
+                              "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--health-interval", "0.2")
     for role in ("prefill", "prefill", "decode", "decode"):
         port = free_port()
         argv[port] = pdserve_argv("serve", TINY_MODEL, "--port", str(port), "--threads", "1", "--num-kv-blocks",
-                                  "256", "--no-access-log", "--role", role)
-        if registered:
-            argv[port] += ["--kv-mode", mode, "--proxy-address", f"127.0.0.1:{registry}"]
+                                  "256", "--no-access-log", "--role", role, "--kv-mode", mode)
+        if role == registered:
+            argv[port] += ["--proxy-address", f"127.0.0.1:{registry}"]
+        else:
+            proxy_argv += [f"--{role}", f"http://127.0.0.1:{port}"]
     ports = list(argv)
-    proxy_argv = pdserve_argv("proxy", "--port", str(proxy_port), "--registry-port", str(registry), "--kv-mode", mode,
-                              "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--health-interval", "0.2")
-    if not registered:
-        proxy_argv += ["--prefill", *(f"http://127.0.0.1:{p}" for p in ports[:2]),
-                       "--decode", *(f"http://127.0.0.1:{p}" for p in ports[2:])]
     procs = [_spawn(proxy_argv, proxy_port, tmp / f"proxy-{mode}-{proxy_port}.log")]
     procs += [_spawn(argv[p], p, tmp / f"{mode}-{p}.log") for p in ports]
     try:
@@ -126,8 +127,19 @@ def _topology(tmp: Path, mode: str, registered: bool) -> Iterator[Topology]:
         yield topo
         assert topo.proxy.stop() == 0
     finally:
-        for p in procs:
-            p.stop()
+        _stop_all(procs)
+
+
+def _stop_all(procs: list[ServerProcess]) -> None:
+    """SIGTERM every process at once (they drain in parallel), then reap them (kill what remains)."""
+    for p in procs:
+        if p.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.proc.send_signal(signal.SIGTERM)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.proc.wait(20)
+        p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +149,8 @@ def reference(module_tmp: Path) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="module", params=[
-    pytest.param(("read", False), id="read-static"),
-    pytest.param(("read", True), id="read-registered", marks=_NO_REGISTRATION),
-    pytest.param(("write", True), id="write-registered", marks=_NO_REGISTRATION),
+    pytest.param(("read", "decode"), id="read-static-prefill-registered-decode", marks=_NO_REGISTRATION),
+    pytest.param(("write", "prefill"), id="write-registered-prefill-static-decode", marks=_NO_REGISTRATION),
 ])
 def topo(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[Topology]:
     mode, registered = request.param
