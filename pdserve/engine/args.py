@@ -16,14 +16,22 @@ from pdserve.config import (
 )
 
 
-def positive_int(text: str) -> int:
+def _bounded_int(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _bounded_int(text, 1, "positive")
+
+
+def non_negative_int(text: str) -> int:
+    return _bounded_int(text, 0, "non-negative")
 
 
 def positive_float(text: str) -> float:

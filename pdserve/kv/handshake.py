@@ -20,6 +20,7 @@ from pdserve.kv.messages import (
     KVLayoutInfo,
     MessageError,
     Transports,
+    bind_socket,
     decode_handshake,
     encode,
 )
@@ -55,14 +56,7 @@ class HandshakeServer:
                  token: str | None = None) -> None:
         self._reply = reply
         self._token = token
-        self._sock = ctx.socket(zmq.REP)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-        if port:
-            self._sock.bind(f"tcp://{host}:{port}")
-            self.port = port
-        else:
-            self.port = self._sock.bind_to_random_port(f"tcp://{host}")
+        self._sock, self.port = bind_socket(ctx, zmq.REP, host, port, 1 << 20)
         self._stop = threading.Event()
         threading.Thread(target=self._run, name="pdserve-handshake", daemon=True).start()
 

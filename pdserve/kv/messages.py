@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import msgspec
+import zmq
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # larger ZMQ messages are dropped before decoding
@@ -148,6 +149,17 @@ _register_decoder = msgspec.msgpack.Decoder(Register)
 
 class MessageError(ValueError):
     """A message that is too large, malformed, or of the wrong shape."""
+
+
+def bind_socket(ctx: zmq.Context, kind: int, host: str, port: int, max_bytes: int) -> tuple[zmq.Socket, int]:
+    """A server socket on host:port (0: a free port), with a cap on incoming message size."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    if port:
+        sock.bind(f"tcp://{host}:{port}")
+        return sock, port
+    return sock, sock.bind_to_random_port(f"tcp://{host}")
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import msgspec
 import zmq
 
-from pdserve.kv.messages import MessageError, NotifyMessage, decode_notify, encode
+from pdserve.kv.messages import MessageError, NotifyMessage, bind_socket, decode_notify, encode
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +21,7 @@ class NotifyServer:
                  token: str | None = None) -> None:
         self._on_message = on_message
         self._token = token
-        self._sock = ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 22)
-        if port:
-            self._sock.bind(f"tcp://{host}:{port}")
-            self.port = port
-        else:
-            self.port = self._sock.bind_to_random_port(f"tcp://{host}")
+        self._sock, self.port = bind_socket(ctx, zmq.ROUTER, host, port, 1 << 22)
         self._stop = threading.Event()
         self.num_rejected = 0
         threading.Thread(target=self._run, name="pdserve-notify", daemon=True).start()

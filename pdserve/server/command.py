@@ -7,7 +7,13 @@ import logging
 import sys
 
 from pdserve.config import DEFAULT_HOST, DEFAULT_PORT
-from pdserve.engine.args import add_engine_args, engine_config_from_args, positive_float, positive_int
+from pdserve.engine.args import (
+    add_engine_args,
+    engine_config_from_args,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from pdserve.server.kv_args import add_kv_transfer_args, kv_transfer_config_from_args
 from pdserve.server.settings import (
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -17,16 +23,6 @@ from pdserve.server.settings import (
 )
 
 log = logging.getLogger("pdserve.server")
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES)
     g.add_argument(
         "--max-queued-requests",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=DEFAULT_MAX_QUEUED_REQUESTS,
         help="requests beyond the running batch (--max-num-seqs) before answering 429",
     )
