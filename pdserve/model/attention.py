@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -103,27 +102,42 @@ def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMe
     return out.transpose(0, 1).reshape(d, h, hd)
 
 
+# Queries per block of the prefill attention: the block's fp32 scores stay cache-sized, and keys
+# beyond the block's last query (all masked) are skipped.
+_QUERY_BLOCK = 64
+
+
 def _prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan, scale: float
 ) -> torch.Tensor:
-    """One chunk: q [n, H, hd]; k, v of the chunk [n, kvh, hd]. Causal over cached + chunk tokens."""
-    n = span.q_len
-    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
-    if span.num_cached == 0:
-        kh = k.transpose(0, 1).unsqueeze(0)
-        vh = v.transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    """One chunk: q [n, H, hd]; k, v of the chunk [n, kvh, hd]. Causal over cached + chunk tokens.
+
+    Batched GEMMs per KV head (a group's query heads stacked as rows) and an fp32 softmax, in
+    blocks of queries. On this CPU it is ~5x faster than the fused SDPA kernel for bf16 GQA, and
+    never materialises an n x n score matrix."""
+    n, h, hd = q.shape
+    c = span.num_cached
+    if c == 0:
+        keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, n, hd]
     else:
-        total = span.num_cached + n
-        n_blocks = -(-total // kv_layer.shape[2])
-        kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n*bs, hd]
-        kh = kv[0, :, :total].unsqueeze(0)
-        vh = kv[1, :, :total].unsqueeze(0)
-        qpos = torch.arange(span.num_cached, total, device=q.device)
-        kpos = torch.arange(total, device=q.device)
-        mask = kpos[None, :] <= qpos[:, None]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.squeeze(0).transpose(0, 1)  # [n, H, hd]
+        n_blocks = -(-(c + n) // kv_layer.shape[2])
+        kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n_blocks*bs, hd]
+        keys, values = kv[0, :, : c + n], kv[1, :, : c + n]
+    kvh = keys.shape[0]
+    group = h // kvh
+    q4 = q.view(n, kvh, group, hd).permute(1, 2, 0, 3)  # [kvh, G, n, hd]
+    out = torch.empty(kvh, group, n, hd, dtype=q.dtype, device=q.device)
+    kpos = torch.arange(c + n, device=q.device)
+    for a in range(0, n, _QUERY_BLOCK):
+        b = min(n, a + _QUERY_BLOCK)
+        visible = c + b
+        qb = q4[:, :, a:b].reshape(kvh, group * (b - a), hd)
+        scores = torch.matmul(qb, keys[:, :visible].transpose(1, 2)).float().mul_(scale)
+        scores = scores.view(kvh, group, b - a, visible)
+        scores.masked_fill_(kpos[None, :visible] > kpos[a:b, None] + c, float("-inf"))  # causal
+        probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kvh, group * (b - a), visible)
+        out[:, :, a:b] = torch.matmul(probs, values[:, :visible]).view(kvh, group, b - a, hd)
+    return out.permute(2, 0, 1, 3).reshape(n, h, hd)
 
 
 def paged_attention(
