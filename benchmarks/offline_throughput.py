@@ -87,7 +87,13 @@ def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 
 def median(xs: list[float]) -> float:
+    """Median of the finite values (a two-point difference can come out <= 0 on a noisy wall clock)."""
+    xs = [x for x in xs if x == x and x not in (float("inf"), float("-inf"))]
     return statistics.median(xs) if xs else float("nan")
+
+
+def per_s(n: float, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +166,7 @@ class VllmClient:
             "--max-num-seqs", str(args.batch), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--max-model-len", str(args.max_model_len),
         ]  # fmt: skip
-        self.log = open(log_path, "w")  # closed in close()
+        self.log = open(log_path, "w", buffering=1)  # closed in close()
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd="/"
         )
@@ -171,6 +177,7 @@ class VllmClient:
         for line in self.proc.stdout:
             if line.startswith(MARK):
                 return json.loads(line[len(MARK) :])
+            self.log.write(line)
         return {"error": f"vLLM worker exited (rc={self.proc.wait()}); see {self.log.name}"}
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -346,8 +353,8 @@ def rates(run: dict) -> dict:
     """tok/s of one round, per clock."""
     out = {}
     for clock in ("wall", "cpu"):
-        out[f"prefill_tok_s_{clock}"] = run["prefill_tokens"] / run["prefill"][clock]
-        out[f"decode_tok_s_{clock}"] = run["decode_tokens"] / run["decode"][clock]
+        out[f"prefill_tok_s_{clock}"] = per_s(run["prefill_tokens"], run["prefill"][clock])
+        out[f"decode_tok_s_{clock}"] = per_s(run["decode_tokens"], run["decode"][clock])
     return out
 
 
@@ -400,64 +407,181 @@ def kv_bytes_per_token(cfg: dict) -> int:
 # ------------------------------------------------------------------------------------------------
 # Profile (pdserve)
 # ------------------------------------------------------------------------------------------------
-def profile_pdserve(runner: PdserveRunner, batch: int, ctx: int, steps: int, seed: int) -> dict:
-    """torch.profiler over one `ctx`-token prefill and `steps` decode steps at `batch` x `ctx`."""
-    import torch
+class ComponentTimer:
+    """CPU time per pdserve component: wraps functions (in this process only) with nested timers.
+
+    `exclusive` is a component's time minus the time of the wrapped components it called, so the
+    exclusive times add up to the wrapped total.
+    """
+
+    def __init__(self) -> None:
+        self.inclusive: dict[str, float] = {}
+        self.exclusive: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._stack: list[list[float]] = []  # [child time] per open frame
+        self._undo: list[tuple[object, str, object]] = []
+
+    def wrap(self, owner: object, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
+        timer = self
+
+        def wrapped(*a, **k):
+            timer._stack.append([0.0])
+            t0 = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.process_time() - t0
+                child = timer._stack.pop()[0]
+                timer.inclusive[name] = timer.inclusive.get(name, 0.0) + dt
+                timer.exclusive[name] = timer.exclusive.get(name, 0.0) + dt - child
+                timer.calls[name] = timer.calls.get(name, 0) + 1
+                if timer._stack:
+                    timer._stack[-1][0] += dt
+
+        self._undo.append((owner, attr, fn))
+        setattr(owner, attr, wrapped)
+
+    def install(self) -> ComponentTimer:
+        from pdserve.engine import engine, runner, sampler, scheduler
+        from pdserve.model import attention, cpu_linear, qwen3
+
+        self.wrap(engine.LLMEngine, "step", "engine.step (all)")
+        self.wrap(engine.LLMEngine, "_process", "engine._process (detokenize, outputs)")
+        self.wrap(scheduler.Scheduler, "schedule", "scheduler.schedule")
+        self.wrap(scheduler.Scheduler, "update_after_step", "scheduler.update_after_step")
+        self.wrap(runner.ModelRunner, "build", "runner.build (batch tensors, metadata)")
+        self.wrap(sampler.Sampler, "prepare", "sampler.prepare")
+        self.wrap(sampler.Sampler, "__call__", "sampler (argmax)")
+        self.wrap(qwen3.Qwen3ForCausalLM, "forward", "model.forward (embedding, residual adds, views)")
+        self.wrap(qwen3.Qwen3ForCausalLM, "compute_logits", "compute_logits (.float())")
+        self.wrap(cpu_linear.PackedLinear, "forward", "linear (oneDNN packed)")
+        self.wrap(qwen3.RMSNorm, "forward", "rms_norm")
+        self.wrap(qwen3.RotaryEmbedding, "__call__", "rope table lookup")
+        self.wrap(qwen3, "apply_rope", "apply_rope")
+        self.wrap(qwen3.Qwen3MLP, "forward", "mlp elementwise (silu, mul)")
+        self.wrap(qwen3.Qwen3Attention, "forward", "attention block glue (views, reshape)")
+        self.wrap(qwen3, "paged_attention", "paged_attention glue (out buffer, slicing)")
+        self.wrap(attention, "write_kv", "write_kv (index_copy_)")
+        self.wrap(attention, "_gather", "decode: _gather KV blocks (index_select)")
+        self.wrap(attention, "_decode_attention", "decode: attention math (matmul, softmax)")
+        self.wrap(attention, "_prefill_attention", "prefill: attention (SDPA)")
+        return self
+
+    def uninstall(self) -> None:
+        for owner, attr, fn in reversed(self._undo):
+            setattr(owner, attr, fn)
+        self._undo.clear()
+
+    def table(self, steps: int) -> list[dict]:
+        rows = [
+            {
+                "component": n,
+                "exclusive_ms_per_step": self.exclusive[n] * 1e3 / steps,
+                "inclusive_ms_per_step": self.inclusive[n] * 1e3 / steps,
+                "calls_per_step": self.calls[n] / steps,
+            }
+            for n in self.exclusive
+        ]
+        return sorted(rows, key=lambda r: -r["exclusive_ms_per_step"])
+
+
+def profile_pdserve(
+    runner: PdserveRunner, batch: int, ctx: int, steps: int, seed: int, workload: tuple[int, int] | None = None
+) -> dict:
+    """CPU time by component (ComponentTimer) and torch.profiler's top ops (wall clock, inflated
+    when the core is shared), over one `ctx`-token prefill and `steps` decode steps at batch x ctx."""
     from torch.profiler import ProfilerActivity, profile
 
     from pdserve import SamplingParams
 
-    def table(prof, n_steps: int) -> list[dict]:
-        rows = []
-        for e in prof.key_averages():
-            rows.append(
-                {
-                    "op": e.key,
-                    "self_ms_per_step": e.self_cpu_time_total / 1000 / n_steps,
-                    "total_ms_per_step": e.cpu_time_total / 1000 / n_steps,
-                    "calls_per_step": e.count / n_steps,
-                }
-            )
+    def ops_table(prof, n_steps: int) -> list[dict]:
+        rows = [
+            {
+                "op": e.key,
+                "self_ms_per_step": e.self_cpu_time_total / 1000 / n_steps,
+                "total_ms_per_step": e.cpu_time_total / 1000 / n_steps,
+                "calls_per_step": e.count / n_steps,
+            }
+            for e in prof.key_averages()
+        ]
         rows.sort(key=lambda r: -r["self_ms_per_step"])
-        return rows[:25]
+        return rows[:20]
 
     out: dict = {}
-    prompt = make_prompts(1, ctx, seed)[0]
-    runner.prefill_only(prompt)  # warm
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    if workload:  # the benchmark's whole prefill phase (batch x input_len), by component
+        timer = ComponentTimer().install()
+        try:
+            r = runner.run(make_prompts(workload[0], workload[1], seed + 4), 0)
+        finally:
+            timer.uninstall()
+        out["workload_prefill"] = r["prefill"] | {"steps": r["prefill_steps"], "batch": workload[0], "len": workload[1]}
+        out["workload_prefill_components"] = [
+            {k: (v * r["prefill_steps"] if k.endswith("per_step") else v) for k, v in row.items()}
+            for row in timer.table(r["prefill_steps"])
+        ]
+    runner.prefill_only(make_prompts(1, ctx, seed)[0])  # warm
+    timer = ComponentTimer().install()
+    try:
         t = now()
         runner.prefill_only(make_prompts(1, ctx, seed + 1)[0])
         out["prefill_step"] = since(t)
-    out["prefill_ops"] = table(prof, 1)
+        out["prefill_components"] = timer.table(1)
+    finally:
+        timer.uninstall()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.prefill_only(make_prompts(1, ctx, seed + 2)[0])
+    out["prefill_ops"] = ops_table(prof, 1)
+
     eng = runner.llm.engine
-    sp = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(make_prompts(batch, ctx, seed + 2)):
+    sp = SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(make_prompts(batch, ctx, seed + 3)):
         eng.add_request(f"prof{i}", p, sp)
     while eng.stats().num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running):
         eng.step()
     eng.step()  # a warm decode step
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    timer = ComponentTimer().install()
+    try:
         t = now()
         for _ in range(steps):
             eng.step()
         d = since(t)
+        out["decode_components"] = timer.table(steps)
+    finally:
+        timer.uninstall()
     out["decode_step"] = {k: v / steps for k, v in d.items()}
-    out["decode_ops"] = table(prof, steps)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            eng.step()
+    out["decode_ops"] = ops_table(prof, steps)
     while eng.has_unfinished():
         eng.step()
-    del torch
     return out
 
 
 def print_profile(p: dict) -> None:
+    if "workload_prefill" in p:
+        w = p["workload_prefill"]
+        print(
+            f"\n  profile: pdserve workload prefill ({w['batch']} x {w['len']} tokens, {w['steps']} step(s)): "
+            f"cpu {w['cpu']:.2f} s (wall {w['wall']:.2f} s)"
+        )
+        for r in p["workload_prefill_components"][:10]:
+            print(f"    {r['component'][:52]:<52} {r['exclusive_ms_per_step']:>12.1f} ms")
     for phase in ("prefill", "decode"):
         st = p[f"{phase}_step"]
-        print(f"\n  profile: pdserve {phase} step, wall {st['wall'] * 1e3:.1f} ms, cpu {st['cpu'] * 1e3:.1f} ms")
-        print(f"    {'op':<44} {'self ms/step':>12} {'total ms/step':>13} {'calls/step':>10}")
-        for r in p[f"{phase}_ops"][:15]:
+        print(f"\n  profile: pdserve {phase} step: cpu {st['cpu'] * 1e3:.1f} ms (wall {st['wall'] * 1e3:.1f} ms)")
+        print(f"    {'component (CPU time)':<52} {'excl ms/step':>12} {'incl ms/step':>12} {'calls':>6}")
+        for r in p[f"{phase}_components"]:
             print(
-                f"    {r['op'][:44]:<44} {r['self_ms_per_step']:>12.2f} {r['total_ms_per_step']:>13.2f} "
-                f"{r['calls_per_step']:>10.0f}"
+                f"    {r['component'][:52]:<52} {r['exclusive_ms_per_step']:>12.2f} "
+                f"{r['inclusive_ms_per_step']:>12.2f} {r['calls_per_step']:>6.0f}"
+            )
+        print(f"    {'torch.profiler op (wall clock)':<52} {'self ms/step':>12} {'total ms/step':>12} {'calls':>6}")
+        for r in p[f"{phase}_ops"][:12]:
+            print(
+                f"    {r['op'][:52]:<52} {r['self_ms_per_step']:>12.2f} {r['total_ms_per_step']:>12.2f} "
+                f"{r['calls_per_step']:>6.0f}"
             )
 
 
@@ -476,7 +600,10 @@ def bench_model(preset: str, args: argparse.Namespace, roof, workdir: Path) -> d
     runners: list = []
     if not args.no_vllm:
         t = time.perf_counter()
-        client = VllmClient(args.vllm_python, model_dir, args.core, args, workdir / f"vllm-{preset}.log")
+        log_path = Path(args.log_dir) / f"vllm-{preset}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        res["vllm_log"] = str(log_path)
+        client = VllmClient(args.vllm_python, model_dir, args.core, args, log_path)
         res["vllm_startup_s"] = time.perf_counter() - t
         if "error" in client.hello:
             res["vllm_error"] = client.hello["error"]
@@ -538,16 +665,18 @@ def bench_model(preset: str, args: argparse.Namespace, roof, workdir: Path) -> d
         }
 
     if args.hw_checks and preset == "qwen3-cpu-bench":
-        res["hardware_checks"] = hardware_checks(pd, rounds["pdserve"], cfg, model_dir, roof, args)
+        res["hardware_checks"] = hardware_checks(pd, rounds["pdserve"], rounds.get("vllm"), cfg, model_dir, roof, args)
     if args.profile and preset == "qwen3-cpu-bench":
-        res["profile"] = profile_pdserve(pd, 16, 1000, 8, seed=20_000)
+        res["profile"] = profile_pdserve(pd, 16, 1000, 8, seed=20_000, workload=(args.batch, args.input_len))
         print_profile(res["profile"])
     for r in runners:
         r.close()
     return res
 
 
-def hardware_checks(pd: PdserveRunner, rounds: list[dict], cfg: dict, model_dir: str, roof, args) -> dict:
+def hardware_checks(
+    pd: PdserveRunner, rounds: list[dict], vllm_rounds: list[dict] | None, cfg: dict, model_dir: str, roof, args
+) -> dict:
     ctx, batch = 1000, 16
     # Decode steps at batch 16 with ~1000-token contexts: reuse the workload's when it is that one.
     if args.batch == batch and args.input_len == ctx:
@@ -558,9 +687,7 @@ def hardware_checks(pd: PdserveRunner, rounds: list[dict], cfg: dict, model_dir:
         for k in range(args.repeats):
             per_round.append(pd.run(make_prompts(batch, ctx, seed=30_000 + k), 16))
         source = "dedicated runs (16 decode steps each)"
-    step = {
-        clock: median([median(r[f"step_{clock}"]) for r in per_round]) for clock in ("cpu", "wall")
-    }
+    step = {clock: median([median(r[f"step_{clock}"]) for r in per_round]) for clock in ("cpu", "wall")}
     ctx_lo = ctx + 1
     ctx_hi = ctx + per_round[0]["decode_steps"]
     prefill = [pd.prefill_only(p) for p in make_prompts(args.repeats, ctx, seed=40_000)]
@@ -574,8 +701,26 @@ def hardware_checks(pd: PdserveRunner, rounds: list[dict], cfg: dict, model_dir:
     gemm = roof.gemm_bf16_gflops * 1e9
     t_gemm = flops["total"] / gemm
     t_gemm_shapes = flops["total"] / (roof.prefill_shapes_gflops * 1e9) if roof.prefill_shapes_gflops else None
+    # For reference: vLLM's decode step in this run (same workload), and the step's linears alone.
+    vllm_step = None
+    if vllm_rounds and args.batch == batch and args.input_len == ctx:
+        vllm_step = {
+            clock: median([r["decode"][clock] / r["decode_steps"] for r in vllm_rounds]) for clock in ("cpu", "wall")
+        }
+    # The step's linear FLOPs at the best rate these shapes reach (large M): a floor no bf16 engine
+    # gets under on this core, whatever its memory traffic.
+    peak = roof.prefill_shapes_gflops or roof.gemm_bf16_gflops
+    t_compute = 2 * prefill_flops(cfg, 1)["linear_params"] * batch / (peak * 1e9)
     out = {
         "decode_step_source": source,
+        "decode_compute_floor_s": t_compute,
+        "decode_compute_floor_gflops": peak,
+        "decode_compute_floor_over_weight_bound": t_compute / (wbytes / bw),
+        "vllm_decode_step_s": vllm_step,
+        "vllm_decode_over_weight_bound": vllm_step["cpu"] / (wbytes / bw) if vllm_step else None,
+        "decode_linears_s": roof.decode_linears_s,
+        "decode_linears_gflops": roof.decode_linears_gflops,
+        "decode_linears_over_weight_bound": roof.decode_linears_s / (wbytes / bw) if roof.decode_linears_s else None,
         "decode_step_s": step,
         "decode_contexts": [ctx_lo, ctx_hi],
         "decode_batch": batch,
@@ -612,6 +757,17 @@ def hardware_checks(pd: PdserveRunner, rounds: list[dict], cfg: dict, model_dir:
         f"(target <= {DECODE_VS_BW_MAX}); (weights+KV)/BW {t_weights_kv * 1e3:.2f} ms",
         flush=True,
     )
+    if roof.decode_linears_s:
+        print(
+            f"    for reference: the step's linears alone (roofline, M={batch}) {roof.decode_linears_s * 1e3:.2f} ms = "
+            f"{out['decode_linears_over_weight_bound']:.2f}x the weight bound"
+            + (
+                f"; vLLM's decode step {vllm_step['cpu'] * 1e3:.2f} ms = {out['vllm_decode_over_weight_bound']:.2f}x"
+                if vllm_step
+                else ""
+            ),
+            flush=True,
+        )
     print(
         f"  prefill {ctx} tokens: {pre['cpu'] * 1e3:.1f} ms cpu ({pre['wall'] * 1e3:.1f} wall); "
         f"{flops['total'] / 1e9:.1f} GFLOP at {roof.gemm_bf16_gflops:.0f} GFLOP/s = {t_gemm * 1e3:.1f} ms -> "
@@ -632,6 +788,16 @@ def lscpu_model() -> str:
     return "unknown"
 
 
+def cpu_isa() -> str:
+    """The bf16-relevant ISA extensions of this CPU, from /proc/cpuinfo."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    want = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    return ", ".join(f"{f}: {'yes' if f in flags else 'no'}" for f in want)
+
+
 def yes(b: bool) -> str:
     return "**met**" if b else "**missed**"
 
@@ -643,8 +809,9 @@ def markdown(result: dict) -> str:
         "## Offline throughput on one core: pdserve vs transformers vs vLLM CPU",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']['cpu_model']} (`lscpu`), {result['machine']['nproc']} cores, shared with other "
-        f"jobs; everything pinned to core {a['core']}, one thread.  ",
+        f"Machine: {result['machine']['cpu_model']} (`lscpu`), {result['machine']['nproc']} cores "
+        f"({result['machine'].get('isa')}), shared with other jobs; everything pinned to core {a['core']}, one "
+        "thread.  ",
         f"Date: {result['date']}; torch {result['versions']['torch']}, transformers "
         f"{result['versions'].get('transformers')}, vLLM {result['versions'].get('vllm')}.  ",
         f"Workload: {a['batch']} prompts x {a['input_len']} random tokens, {a['decode_steps']} decode steps "
@@ -686,6 +853,16 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | pdserve/vllm | n/a | n/a | >= 1.0x: not measurable (vLLM cannot run it) |")
     hw = result["models"].get("qwen3-cpu-bench", {}).get("hardware_checks")
     if hw:
+        lin_ms = f"{hw['decode_linears_s'] * 1e3:.2f} ms" if hw.get("decode_linears_s") else "n/a"
+        lin_x = f"{hw['decode_linears_over_weight_bound']:.2f}x" if hw.get("decode_linears_s") else ""
+        vs = hw.get("vllm_decode_step_s")
+        v_ms = f"{vs['cpu'] * 1e3:.2f} ms ({vs['wall'] * 1e3:.2f})" if vs else "n/a"
+        v_x = f"{hw['vllm_decode_over_weight_bound']:.2f}x" if vs else ""
+        floor = (
+            f"| (reference: the step's linear FLOPs at the best GEMM rate, {hw['decode_compute_floor_gflops']:.0f} "
+            f"GFLOP/s) | | {hw['decode_compute_floor_s'] * 1e3:.2f} ms | "
+            f"{hw['decode_compute_floor_over_weight_bound']:.2f}x | info |"
+        )
         lines += [
             "",
             "Hardware-limit checks (qwen3-cpu-bench, pdserve, one core):",
@@ -700,6 +877,10 @@ def markdown(result: dict) -> str:
             f"<= {hw['decode_target_max']}x {yes(hw['decode_met'])} |",
             f"| (same step vs weights + KV read) | | (weights + {hw['kv_bytes_read_per_step'] / 1e6:.0f} MB KV) / BW "
             f"= {hw['decode_bound_weights_kv_s'] * 1e3:.2f} ms | {hw['decode_over_weight_kv_bound']:.2f}x | info |",
+            f"| (reference: the step's linears alone, M={hw['decode_batch']}, oneDNN packed) | {lin_ms} | | "
+            f"{lin_x} | info |",
+            f"| (reference: vLLM's decode step, same workload) | {v_ms} | | {v_x} | info |",
+            floor,
             f"| prefill, {hw['prefill_tokens']} tokens | {hw['prefill_s']['cpu'] * 1e3:.1f} ms "
             f"({hw['prefill_s']['wall'] * 1e3:.1f}) | {hw['prefill_flops']['total'] / 1e9:.1f} GFLOP / "
             f"{hw['gemm_gflops']:.0f} GFLOP/s = {hw['prefill_bound_s'] * 1e3:.1f} ms | "
@@ -710,6 +891,27 @@ def markdown(result: dict) -> str:
             f"({hw['prefill_over_decode_step_wall']:.1f}x) | | | >= {hw['prefill_over_decode_target_min']:.0f}x "
             f"{yes(hw['prefill_over_decode_met'])} |",
         ]
+    prof = result["models"].get("qwen3-cpu-bench", {}).get("profile")
+    if prof:
+        pre = {r["component"]: r["exclusive_ms_per_step"] for r in prof["prefill_components"]}
+        dec = {r["component"]: r["exclusive_ms_per_step"] for r in prof["decode_components"]}
+        wl = {r["component"]: r["exclusive_ms_per_step"] for r in prof.get("workload_prefill_components", [])}
+        w = prof.get("workload_prefill")
+        wl_head = f" workload prefill, {w['batch']} x {w['len']} ({w['cpu'] * 1e3:.0f} ms) |" if w else ""
+        names = sorted(set(pre) | set(dec), key=lambda n: -(dec.get(n, 0.0) + pre.get(n, 0.0) / 25))
+        lines += [
+            "",
+            "pdserve CPU time by component (`--profile`: functions wrapped with CPU-time timers; exclusive ms per "
+            "step; qwen3-cpu-bench):",
+            "",
+            f"| component | prefill, 1 x 1000 tokens ({prof['prefill_step']['cpu'] * 1e3:.0f} ms) | decode step, "
+            f"16 x ~1000 context ({prof['decode_step']['cpu'] * 1e3:.1f} ms) |{wl_head}",
+            "| --- | ---: | ---: |" + (" ---: |" if w else ""),
+        ]
+        for n in names:
+            if pre.get(n, 0.0) >= 0.5 or dec.get(n, 0.0) >= 0.1:
+                extra = f" {wl.get(n, 0.0):.0f} |" if w else ""
+                lines.append(f"| {n} | {pre.get(n, 0.0):.1f} | {dec.get(n, 0.0):.2f} |{extra}")
     lines.append("")
     return "\n".join(lines)
 
@@ -728,6 +930,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON)
     p.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB, an integer)")
+    p.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "pdserve-offline-bench"))
     p.add_argument("--no-vllm", action="store_true")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-hw-checks", dest="hw_checks", action="store_false")
@@ -752,7 +955,7 @@ def main() -> None:
     roofline.pin_to_core(args.core)
     model_shapes = roofline.model_prefill_shapes(2048, 6144, 16 * 128, 2 * 128)  # qwen3-cpu-bench
     print(f"roofline on core {args.core} ...", flush=True)
-    roof = roofline.measure(args.core, 5, 1.0, (2048, 2048, 6144), 1000, model_shapes)
+    roof = roofline.measure(args.core, 5, 1.0, (2048, 2048, 6144), 1000, model_shapes, decode_rows=16, decode_layers=4)
     print(
         f"  read {roof.read_gbs:.1f} GB/s ({roof.read_method}), copy {roof.copy_gbs:.1f} GB/s, "
         f"bf16 GEMM {roof.gemm_bf16_gflops:.0f} GFLOP/s, model prefill linears {roof.prefill_shapes_gflops:.0f}",
@@ -762,7 +965,7 @@ def main() -> None:
     result: dict = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "benchmarks/offline_throughput.py", *sys.argv[1:]]),
-        "machine": {"cpu_model": lscpu_model(), "nproc": os.cpu_count()},
+        "machine": {"cpu_model": lscpu_model(), "nproc": os.cpu_count(), "isa": cpu_isa()},
         "versions": {"torch": torch.__version__},
         "args": vars(args) | {"roof_tokens": 1000},
         "roofline": roofline.asdict(roof),

@@ -144,6 +144,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
+    load0 = os.getloadavg()[0]  # other work on the machine skews both sides: shown with the figures
     all_cpus = os.sched_getaffinity(0)
     inst_cpus = {int(c) for c in args.instance_cpus.split(",")}
     rest = all_cpus - inst_cpus
@@ -174,7 +175,7 @@ def main() -> None:
 
     where = (f"instance on cpus {sorted(inst_cpus)} ({threads} thread), proxy + client on {sorted(rest)}"
              if pin else f"no pinning, {len(all_cpus)} cpus shared, instance {threads} thread(s)")
-    print(f"model {args.model}; {where}")
+    print(f"model {args.model}; {where}; load average before/after {load0:.2f}/{os.getloadavg()[0]:.2f}")
     d50, p50 = statistics.median(direct_ttft), statistics.median(proxy_ttft)
     print(f"TTFT p50 over {args.ttft_requests} sequential requests ({args.ttft_input_len}-token prompts):")
     print(f"  direct {d50 * 1e3:8.3f} ms   proxy {p50 * 1e3:8.3f} ms   difference {(p50 - d50) * 1e3:+.3f} ms "

@@ -13,10 +13,15 @@ pairwise summation is compute-bound on one core). The figure used as *the* read 
 (`read_gbs`) is the highest of the three medians, i.e. the fastest streaming read a single core was
 seen to sustain; the others are reported beside it. Copy bandwidth counts bytes read + bytes
 written. GEMM rates are torch.matmul in bf16 (a large square-ish shape) and F.linear with a model's
-prefill shapes (x [T, in] by weight [out, in], as nn.Linear does).
+prefill shapes (x [T, in] by weight [out, in], as nn.Linear does). With a model's shapes it also
+times one decode step's linears (each layer its own weights, M = 16 rows, weights prepacked for
+oneDNN): at batch 16 a bf16 decode step on a core without AMX is bounded by this compute, not by
+reading the weights.
 
 The machine is shared: each figure is the median of `repeats` timed runs after one warm-up (the
-best run is reported beside it).
+best run is reported beside it), timed on the process's CPU time (time.process_time: one pinned
+thread, so the time it actually held its core; wall-clock medians of the main figures are
+reported as *_wall).
 """
 
 from __future__ import annotations
@@ -36,9 +41,15 @@ import torch.nn.functional as F
 
 @dataclass
 class Timing:
-    median_s: float
+    median_s: float  # on CLOCK
     best_s: float
     runs_s: list[float]
+    wall_median_s: float
+
+
+# The clock every figure is taken on: the process's CPU time (one pinned thread, so the time it
+# was on its core). The machine is shared: wall time would count the time other jobs held the core.
+CLOCK = time.process_time
 
 
 @dataclass
@@ -54,13 +65,22 @@ class Roofline:
     read_gbs: float  # the one used: max of the three medians
     read_method: str
     read_gbs_best: float  # best single run of the chosen method
+    read_gbs_wall: float  # the chosen method's median on the wall clock
     copy_gbs: float  # (read + write bytes) / s, median
     gemm_shape: tuple[int, int, int]  # M, K, N
     gemm_bf16_gflops: float  # median
     gemm_bf16_gflops_best: float
+    gemm_bf16_gflops_wall: float
     # name -> {"shape": [M, K, N], "gflops": median} for a model's prefill linears (if asked).
     prefill_shapes: dict[str, dict] = field(default_factory=dict)
     prefill_shapes_gflops: float | None = None  # FLOP-weighted rate over those shapes (one layer)
+    # A decode step's linears (every layer's own weights, so nothing stays in cache) at M rows,
+    # with weights prepacked for oneDNN (the fastest bf16 linear torch has here): seconds per step.
+    decode_linears_rows: int | None = None
+    decode_linears_layers: int | None = None
+    decode_linears_s: float | None = None
+    decode_linears_gflops: float | None = None
+    decode_linears_gbs: float | None = None  # weight bytes / time
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -86,12 +106,13 @@ def cpu_model_name() -> str:
 def time_it(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
     for _ in range(warmup):
         fn()
-    runs = []
+    runs, walls = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        w0, t0 = time.perf_counter(), CLOCK()
         fn()
-        runs.append(time.perf_counter() - t0)
-    return Timing(statistics.median(runs), min(runs), runs)
+        runs.append(CLOCK() - t0)
+        walls.append(time.perf_counter() - w0)
+    return Timing(statistics.median(runs), min(runs), runs, statistics.median(walls))
 
 
 def read_bandwidth(nbytes: int, repeats: int) -> dict[str, Timing]:
@@ -123,6 +144,24 @@ def linear_rate(t: int, k: int, n: int, repeats: int) -> Timing:
     return time_it(lambda: F.linear(x, w), repeats, warmup=2)
 
 
+def decode_linears(shapes: dict[str, tuple[int, int]], layers: int, rows: int, repeats: int) -> tuple[Timing, int]:
+    """Every linear of `layers` layers once on [rows, in] (one decode step's linears); (timing, weight bytes)."""
+    packed, xs = [], {}
+    nbytes = 0
+    for _ in range(layers):
+        for fin, fout in shapes.values():
+            w = torch.randn(fout, fin, dtype=torch.bfloat16)
+            nbytes += w.numel() * w.element_size()
+            packed.append((fin, torch.ops.mkldnn._reorder_linear_weight(w, rows)))
+            xs.setdefault(fin, torch.randn(rows, fin, dtype=torch.bfloat16))
+
+    def step() -> None:
+        for fin, pw in packed:
+            torch.ops.mkldnn._linear_pointwise(xs[fin], pw, None, "none", [], "")
+
+    return time_it(step, repeats, warmup=2), nbytes
+
+
 def model_prefill_shapes(hidden: int, intermediate: int, q_dim: int, kv_dim: int) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear of one dense Qwen3 layer."""
     return {
@@ -143,6 +182,8 @@ def measure(
     gemm_shape: tuple[int, int, int] = (2048, 2048, 6144),
     prefill_tokens: int | None = None,
     model_shapes: dict[str, tuple[int, int]] | None = None,
+    decode_rows: int = 16,
+    decode_layers: int = 4,
 ) -> Roofline:
     """Pin to `core`, measure, return a Roofline. `model_shapes` (name -> (in, out)) with
     `prefill_tokens` also times F.linear on [prefill_tokens, in] for each."""
@@ -157,6 +198,8 @@ def measure(
         g = gemm_rate(m, k, n, repeats)
         flops = 2 * m * k * n
         shapes: dict[str, dict] = {}
+        dec: Timing | None = None
+        dec_bytes = dec_flops = 0
         total_flops = total_s = 0.0
         if model_shapes and prefill_tokens:
             for name, (fin, fout) in model_shapes.items():
@@ -165,6 +208,8 @@ def measure(
                 shapes[name] = {"shape": [prefill_tokens, fin, fout], "gflops": f / t.median_s / 1e9}
                 total_flops += f
                 total_s += t.median_s
+            dec, dec_bytes = decode_linears(model_shapes, decode_layers, decode_rows, repeats)
+            dec_flops = 2 * decode_rows * dec_bytes // 2
     return Roofline(
         core=core,
         cpu_model=cpu_model_name(),
@@ -177,12 +222,19 @@ def measure(
         read_gbs=gbs[method],
         read_method=method,
         read_gbs_best=nbytes / reads[method].best_s / 1e9,
+        read_gbs_wall=nbytes / reads[method].wall_median_s / 1e9,
         copy_gbs=2 * nbytes / cp.median_s / 1e9,
         gemm_shape=gemm_shape,
         gemm_bf16_gflops=flops / g.median_s / 1e9,
         gemm_bf16_gflops_best=flops / g.best_s / 1e9,
+        gemm_bf16_gflops_wall=flops / g.wall_median_s / 1e9,
         prefill_shapes=shapes,
         prefill_shapes_gflops=(total_flops / total_s / 1e9) if total_s else None,
+        decode_linears_rows=decode_rows if dec else None,
+        decode_linears_layers=decode_layers if dec else None,
+        decode_linears_s=dec.median_s if dec else None,
+        decode_linears_gflops=dec_flops / dec.median_s / 1e9 if dec else None,
+        decode_linears_gbs=dec_bytes / dec.median_s / 1e9 if dec else None,
     )
 
 

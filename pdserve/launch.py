@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -326,7 +326,7 @@ def default_run_dir(prefix: str = "up") -> Path:
 
 def _start(spec: TopologySpec, run_dir: Path, attempt: int) -> RunningTopology:
     plans = plan_instances(spec)
-    port = spec.port if spec.port and attempt == 0 else (spec.port or free_port(spec.host))
+    port = spec.port or free_port(spec.host)
     registry_port = free_port(spec.host)
     suffix = f".retry{attempt}" if attempt else ""
     proxy = start_child("proxy", "proxy", proxy_argv(spec, port, registry_port), run_dir / f"proxy{suffix}.log",
@@ -415,7 +415,3 @@ class Topology:
     def __exit__(self, *exc: object) -> None:
         if self.running is not None:
             self.running.stop()
-
-
-def with_run_dir(spec: TopologySpec, run_dir: str | Path) -> TopologySpec:
-    return replace(spec, run_dir=str(run_dir))

@@ -69,6 +69,7 @@ class HealthChecker:
         if ok and not was_healthy and self.table.settings.mode == "disagg":
             refusal = await self._learn_kv_info(inst)
             if refusal is not None:
+                self.table.refuse(inst.address, refusal)  # logged once per reason
                 ok, reason = False, refusal
         self.table.set_health(inst, ok, reason)
 
@@ -80,11 +81,10 @@ class HealthChecker:
                 body = await r.read()
                 status = r.status
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            return f"GET /kv_info failed: {type(e).__name__}: {e}"
-        if status != 200:
-            if settings.kv_mode == "WRITE":
-                self.table.refuse(inst.address, f"GET /kv_info -> HTTP {status}; WRITE mode needs registration")
-            return None
+            return f"GET /kv_info failed: {type(e).__name__}: {e}"  # it answered /health: retried next round
+        if status != 200:  # READ needs no coordinates; WRITE cannot pair an instance without them
+            return f"GET /kv_info -> HTTP {status}: WRITE mode needs it (or registration)" if (
+                settings.kv_mode == "WRITE") else None
         try:
             info = msgspec.json.decode(body, type=KVInfo)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:

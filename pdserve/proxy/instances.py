@@ -156,6 +156,7 @@ class InstanceTable:
     def set_health(self, inst: Instance, ok: bool, reason: str = "", now: float | None = None) -> None:
         """Result of a health check (static instances) or of a failed connection (any instance)."""
         if ok:
+            self._refused.pop(inst.address, None)
             inst.last_seen = time.monotonic() if now is None else now
             if not inst.healthy:
                 log.info("%s instance %s is healthy", ROLE_NAMES[inst.role], inst.address)

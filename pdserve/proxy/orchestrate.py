@@ -5,7 +5,8 @@ happens when one fails. The result is a `Reply` that nothing has been sent of ye
 * disagg READ (serial): prefill half (`max_tokens=1`, `stream=false`, `do_remote_decode`) -> its
   `kv_transfer_params` -> the client's body plus those params to a decode instance.
 * disagg WRITE (concurrent): both halves at once, each carrying the other's KV coordinates; the
-  decode half is committed when its first byte arrives; a prefill failure before that aborts it.
+  pair is committed once decode's first byte has arrived and the prefill half has answered 200;
+  a failure of either half before that aborts the other, and the pair is retried.
 
 Failures before anything reached the client are retried once on another instance of the same
 role (`max_attempts`); a prefill half that still fails falls back per `--fallback`: the plain
@@ -193,51 +194,40 @@ class Orchestrator:
     async def _write_pair(
         self, req: ClientRequest, body: bodies.JSONObject, prefill: Instance, decode: Instance, request_id: str
     ) -> Reply:
-        """Both halves at once. _PrefillFailed or UpstreamFailure (decode) while nothing is committed."""
+        """Both halves at once. The reply is committed once decode's first byte has arrived *and* the
+        prefill half has answered 200 (a decode may stream a first chunk, e.g. chat's role, before it
+        has the KV); until then a failure of either half aborts the other (its connection is closed)
+        and raises _PrefillFailed or UpstreamFailure (decode), which the caller may retry."""
         p_half = bodies.prefill_body(body, req.path == CHAT_PATH, bodies.prefill_params("WRITE", decode))
         d_half = bodies.decode_body(body, bodies.write_decode_params(prefill))
-        p_task = asyncio.ensure_future(
-            self._call(prefill, req, p_half, request_id, self.settings.prefill_timeout_s)
-        )
+        p_task = asyncio.ensure_future(self._call(prefill, req, p_half, request_id, self.settings.prefill_timeout_s))
         decode_scope = anyio.CancelScope()
-        committed: list[Stream] = []
-
-        def prefill_done(task: asyncio.Future[Reply]) -> None:
-            if task.cancelled():
-                return
-            exc, reply = task.exception(), None if task.exception() else task.result()
-            if exc is None and isinstance(reply, Buffered) and reply.status == 200:
-                return  # the prefill half succeeded
-            if isinstance(reply, Stream):
-                reply.close()
-            if committed:
-                committed[0].lease.abort(f"the prefill half failed: {exc or 'unexpected answer'}")
-            else:
-                decode_scope.cancel()
-
-        p_task.add_done_callback(prefill_done)
+        p_task.add_done_callback(lambda t: None if t.cancelled() or _prefill_ok(t) else decode_scope.cancel())
+        reply: Reply | None = None
         try:
-            reply = None
             with decode_scope:
                 reply = await self._call(decode, req, d_half, request_id)
-            if decode_scope.cancel_called:  # the prefill half failed first
-                if isinstance(reply, Stream):
-                    reply.close()
-                return self._prefill_outcome(prefill, p_task)
-            assert reply is not None
+            if isinstance(reply, Stream):  # hold decode's first chunk until the prefill half answers
+                await asyncio.wait((p_task,))
+                reply.first_byte_at = time.perf_counter()  # the hold is protocol, not proxy overhead
+            elif reply is not None and reply.status == 200 and not decode_scope.cancel_called:
+                await asyncio.wait((p_task,), timeout=1.0)  # a complete answer: the prefill's is due
         except BaseException:
             p_task.cancel()
+            if isinstance(reply, Stream):
+                reply.close()
             raise
-        if isinstance(reply, Stream):
-            committed.append(reply)
-            reply.companions.append(p_task)  # type: ignore[arg-type]
-            return reply
-        p_task.cancel()  # a complete decode answer (or its 4xx): the prefill half is moot
+        if decode_scope.cancel_called:  # the prefill half failed
+            if isinstance(reply, Stream):
+                reply.close()
+            return self._prefill_outcome(prefill, p_task)
+        p_task.cancel()  # no-op when it answered; a decode 4xx makes it moot
+        assert reply is not None
         return reply
 
     @staticmethod
     def _prefill_outcome(prefill: Instance, p_task: asyncio.Future[Reply]) -> Reply:
-        """The prefill half ended the pair before decode's first byte: its 4xx, or _PrefillFailed."""
+        """The prefill half failed before the pair was committed: its 4xx (the client's), or _PrefillFailed."""
         exc = p_task.exception()
         if isinstance(exc, UpstreamFailure):
             raise _PrefillFailed(exc)
@@ -246,4 +236,14 @@ class Orchestrator:
         reply = p_task.result()
         if isinstance(reply, Buffered) and 400 <= reply.status < 500:
             return reply
-        raise _PrefillFailed(UpstreamFailure(prefill, "status", f"unexpected prefill answer ({reply})"))
+        if isinstance(reply, Stream):
+            reply.close()
+        raise _PrefillFailed(UpstreamFailure(prefill, "status", "the prefill half did not answer 200 with JSON"))
+
+
+def _prefill_ok(task: asyncio.Future[Reply]) -> bool:
+    """Whether a finished prefill half succeeded (200, JSON)."""
+    if task.exception() is not None:
+        return False
+    reply = task.result()
+    return isinstance(reply, Buffered) and reply.status == 200

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import aiohttp
@@ -58,23 +58,27 @@ class Stream:
     lease: Lease
     table: InstanceTable
     first_byte_at: float  # time.perf_counter() of the first chunk
-    companions: list[asyncio.Task[object]] = field(default_factory=list)  # e.g. WRITE's prefill half
 
     @property
     def instance(self) -> Instance:
         return self.lease.instance
 
+    ended: bool = False  # the whole body was read
+
     async def read(self) -> bytes:
         """The next chunk as it arrives; b"" at the end. Raises aiohttp.ClientError/OSError on a drop."""
-        return await self.response.content.readany()
+        chunk = await self.response.content.readany()
+        self.ended = not chunk
+        return chunk
 
     def close(self) -> None:
-        """Close the connection (an unfinished request is aborted by the instance), end the lease, and
-        cancel the companion calls still running."""
-        self.response.close()
+        """End the call: a finished response's connection goes back to the pool; an unfinished one is
+        closed (the instance aborts the request). Ends the lease."""
+        if self.ended:
+            self.response.release()
+        else:
+            self.response.close()
         self.table.release(self.lease)
-        for task in self.companions:
-            task.cancel()
 
 
 class Upstream:

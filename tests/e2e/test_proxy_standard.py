@@ -106,6 +106,30 @@ def test_no_instance_is_503(module_tmp: Path) -> None:
             _client(p).completions.create(model=TINY_MODEL, prompt=PROMPT)
 
 
+def test_registered_instance_with_a_token(module_tmp: Path) -> None:
+    """A standalone instance registering over ZMQ (role S, token checked) serves a standard proxy; once
+    killed, it is evicted after the heartbeat timeout."""
+    registry = free_port()
+    with proxy_process(module_tmp, "--mode", "standard", "--registry-port", str(registry), "--registry-token", "tok",
+                       "--heartbeat-timeout", "1", health="/metrics") as p:
+        assert httpx.get(p.base_url + "/health").status_code == 503
+        with pdserve_server(module_tmp, "--proxy-address", f"127.0.0.1:{registry}", "--registry-token", "tok") as inst:
+            deadline = time.monotonic() + 10
+            while httpx.get(p.base_url + "/health").status_code != 200:
+                assert time.monotonic() < deadline, "the instance never registered"
+                time.sleep(0.1)
+            (row,) = httpx.get(p.base_url + "/instances").json()
+            assert (row["role"], row["source"]) == ("standalone", "registered")
+            assert row["address"] == f"127.0.0.1:{inst.port}"
+            got = _client(p).completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=5, **GREEDY)
+            assert got.choices[0].text
+            inst.proc.send_signal(signal.SIGKILL)
+            t0 = time.monotonic()
+            while httpx.get(p.base_url + "/health").status_code == 200:
+                assert time.monotonic() - t0 < 3, "not evicted"
+                time.sleep(0.1)
+
+
 def test_killed_instance_mid_stream(proxy: ServerProcess, instances: tuple[ServerProcess, ServerProcess]) -> None:
     """SIGKILL the instance serving a long stream: the client gets an error event and [DONE] (no hang),
     later requests all go to the survivor. Runs last: it kills one of the module's instances."""

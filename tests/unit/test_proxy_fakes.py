@@ -48,6 +48,7 @@ class FakeInstance:
     def __init__(
         self, role: Literal["P", "D", "S"], bus: KVBus | None = None, behavior: Behavior = "ok",
         tokens: int = 4, delay_s: float = 0.0, drop_after: int = 2, engine_id: str | None = None,
+        early_chunk: bool = False,
     ) -> None:
         self.role = role
         self.bus = bus or KVBus()
@@ -56,6 +57,7 @@ class FakeInstance:
         self.delay_s = delay_s
         self.drop_after = drop_after
         self.engine_id = engine_id or f"engine-{role}-{id(self) % 10000}"
+        self.early_chunk = early_chunk  # a streamed decode half sends a first chunk before it has the KV
         self.seen: list[Seen] = []
         self.cancelled = 0  # requests whose connection the proxy closed before they ended
         self.healthy = True  # what GET /health says
@@ -115,6 +117,8 @@ class FakeInstance:
 
     async def _answer(self, request: web.Request, body: dict[str, Any], rid: str) -> web.StreamResponse:
         if self.behavior == "500":
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
             return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
         if self.behavior == "400":
             err = {"error": {"message": "max_tokens: bad", "type": "invalid_request_error", "param": "max_tokens",
@@ -131,14 +135,18 @@ class FakeInstance:
             params = None if self.behavior == "no_params" else self.params(rid)
             return web.json_response({"id": rid, "choices": [{"index": 0, "text": "w0", "finish_reason": "length"}],
                                       "kv_transfer_params": params})
+        words = [f"w{i}" for i in range(self.tokens)]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if body.get("stream") and self.early_chunk:
+            await resp.prepare(request)
+            await resp.write(b'data: {"id": "%s", "choices": [{"index": 0, "text": ""}]}\n\n' % rid.encode())
         if kv.get("do_remote_prefill") and kv.get("transfer_mode") == "WRITE":
             await self.bus.event(rid).wait()
-        words = [f"w{i}" for i in range(self.tokens)]
         if not body.get("stream"):
             return web.json_response({"id": rid, "object": "text_completion",
                                       "choices": [{"index": 0, "text": " ".join(words), "finish_reason": "length"}]})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
+        if not resp.prepared:
+            await resp.prepare(request)
         for i, w in enumerate(words):
             if self.behavior == "drop" and i == self.drop_after:
                 await resp.write(b'data: {"partial": ')  # half an event, then the connection dies

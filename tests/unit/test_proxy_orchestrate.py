@@ -4,11 +4,13 @@ instances, in process: the bodies of both halves, retries, fallbacks, aborts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import msgspec
+import pytest
 import zmq
 
 from pdserve.kv.messages import Register, encode
@@ -242,6 +244,24 @@ def test_write_prefill_failure_aborts_decode_then_retries() -> None:
          kv_mode="WRITE")
 
 
+def test_write_commits_only_after_the_prefill_answered() -> None:
+    """A decode half that streams a first chunk before it has the KV (chat's role chunk) is not
+    committed yet: a prefill failure after that chunk is still retried cleanly."""
+    bus = KVBus("WRITE")
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        await until(lambda: all(i.healthy and i.kv_ready for i in proxy.state.table.all()))
+        min(ps, key=lambda f: f"127.0.0.1:{f.port}").behavior = "500"  # round-robin's first pick fails
+        status, raw, _ = await post(s, proxy.url + "/v1/completions", BODY)
+        assert status == 200 and b"error" not in raw
+        assert _texts(raw) == ["", "w0", "w1", "w2", "w3"]  # the early chunk of the retried pair only
+        assert len(ds[0].seen) == 2
+        await until(lambda: ds[0].cancelled == 1)
+
+    prefills = [FakeInstance("P", bus, delay_s=0.1), FakeInstance("P", bus, delay_s=0.1)]
+    _run(prefills, [FakeInstance("D", bus, early_chunk=True)], body, kv_mode="WRITE")
+
+
 def test_write_all_prefills_fail_falls_back() -> None:
     bus = KVBus("WRITE")
 
@@ -264,6 +284,19 @@ def test_write_prefill_4xx_passes_through() -> None:
         await until(lambda: ds[0].cancelled == 1)
 
     _run([FakeInstance("P", bus, behavior="400")], [FakeInstance("D", bus)], body, kv_mode="WRITE")
+
+
+def test_write_mode_refuses_static_instances_of_another_mode(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        await asyncio.sleep(0.3)
+        assert not any(i.healthy for i in proxy.state.table.all())
+        assert (await s.get(proxy.url + "/health")).status == 503
+        assert (await post(s, proxy.url + "/v1/completions", BODY))[0] == 503
+
+    _run([FakeInstance("P")], [FakeInstance("D")], body, kv_mode="WRITE")  # their /kv_info says READ
+    assert "transfer_mode READ differs from the proxy's --kv-mode WRITE" in caplog.text
 
 
 def test_write_mode_with_registered_instances_and_eviction() -> None:
