@@ -7,7 +7,7 @@ BIN      = $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test faults soak lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check pdserve tests benchmarks
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+faults: $(STAMP)
+	$(BIN)/python -m pytest -q tests/faults --faults-full
+
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check pdserve tests benchmarks

@@ -175,26 +175,30 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        # 2. Waiting requests, in arrival order, unless this step had to preempt.
+        # 2. Waiting requests, unless this step had to preempt: first those that hold their blocks
+        #    already (remote KV landed), then the rest in arrival order.
         if not batch.preempted:
-            skipped: list[Request] = []
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                req = self.waiting[0]
+            admitted: set[int] = set()
+            for req in sorted(self.waiting, key=lambda r: not r.block_ids):
+                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
                 if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
-                    skipped.append(self.waiting.popleft())
                     continue
                 num_new = req.num_tokens - req.num_computed_tokens
                 if num_new > budget and not self.config.enable_chunked_prefill:
                     break
                 num_new = min(num_new, budget)
                 if not self._try_allocate(req, num_new):
+                    if req.block_ids or not self.running:
+                        continue  # a later, smaller request may still fit; nothing waits on this one
                     break
-                self.waiting.popleft()
+                admitted.add(id(req))
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
                 self._add_to_batch(batch, req, num_new)
                 budget -= num_new
-            self.waiting.extendleft(reversed(skipped))
+            if admitted:
+                self.waiting = deque(r for r in self.waiting if id(r) not in admitted)
         return batch
 
     @staticmethod

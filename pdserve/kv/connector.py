@@ -109,7 +109,7 @@ class KVConnectorBase:
         reply = HandshakeReply(PROTOCOL_VERSION, self.engine_id, self.fingerprint, layout_info(cache.layout),
                                transports)
         self.handshake_server = HandshakeServer(self._ctx, self.host, kt.kv_handshake_port, reply, token)
-        self.notify_server = NotifyServer(self._ctx, self.host, kt.kv_notify_port, self.events.put, token)
+        self.notify_server = NotifyServer(self._ctx, self.host, kt.kv_notify_port, self._on_notify, token)
         self.sender = NotifySender(self._ctx, token)
         self.handshakes = HandshakeClient(
             self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token)
@@ -117,6 +117,10 @@ class KVConnectorBase:
         self._transports: dict[tuple[str, int], KVTransport] = {}  # used by the worker thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv-transfer")
         self._lock = threading.Lock()
+
+    def _on_notify(self, msg: object) -> None:
+        """Notify thread: hand the message to the engine thread."""
+        self.events.put(msg)
 
     @property
     def handshake_port(self) -> int:

@@ -66,6 +66,7 @@ class KVConsumer(KVConnectorBase):
         self.validate(params, request.num_prompt_tokens)
         mode = (params.transfer_mode or self.transfer_mode).upper()
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        request.kv_transfer_params = None  # consumed here; responses carry none (as vLLM's)
         params = msgspec.structs.replace(params, transfer_mode=mode)
         self._pending[request.request_id] = _Pending(
             request, params, time.monotonic() + self.config.kv_transfer_timeout
@@ -176,6 +177,14 @@ class KVConsumer(KVConnectorBase):
     def on_request_finished(self, request: Request) -> bool:
         p = self._pending.get(request.request_id)
         if p is None:
+            return False
+        prm = p.params
+        if p.started and prm.transfer_mode == "WRITE" and prm.remote_engine_id is not None \
+                and prm.remote_engine_id not in self.handshake_server.peers:
+            # The producer never handshaked with us: it cannot know our segment, so cannot write.
+            self.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
+                             Abort(request.request_id, self.engine_id, "decode request ended"))
+            del self._pending[request.request_id]
             return False
         if p.started and not p.abandoned:
             # A transfer may still write into these blocks: keep them until it settles.

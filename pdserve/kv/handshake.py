@@ -56,6 +56,7 @@ class HandshakeServer:
                  token: str | None = None) -> None:
         self._reply = reply
         self._token = token
+        self.peers: set[str] = set()  # engine ids that completed a handshake (they know our segment)
         self._sock, self.port = bind_socket(ctx, zmq.REP, host, port, 1 << 20)
         self._stop = threading.Event()
         threading.Thread(target=self._run, name="pdserve-handshake", daemon=True).start()
@@ -77,6 +78,7 @@ class HandshakeServer:
             return encode(HandshakeError(
                 reason=f"model/KV layout fingerprint {msg.fingerprint} != ours ({self._reply.fingerprint}): "
                 "the two instances must serve the same model with the same dtype and block size"))
+        self.peers.add(msg.engine_id)
         return encode(self._reply)
 
     def _run(self) -> None:

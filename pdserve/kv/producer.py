@@ -45,6 +45,8 @@ class KVProducer(KVConnectorBase):
         self._forward_push: set[str] = set()  # requests whose layers were queued during a forward pass
         self._push_results: dict[str, _Done] = {}  # forward pushes that completed before the request ended
         self._push_failed: set[str] = set()  # worker thread only: skip the rest of a failed push
+        self._cancelled: set[str] = set()  # decode aborted: set by the notify thread, read by the worker
+        self._peer_aborted: set[str] = set()  # decode aborted while this request still computes
 
     # ---- engine thread ---------------------------------------------------------------------
     def on_add(self, request: Request, params: KVTransferParams | None) -> None:
@@ -58,6 +60,11 @@ class KVProducer(KVConnectorBase):
         self._remote[request.request_id] = (request, msgspec.structs.replace(params, transfer_mode=mode))
         if mode == "WRITE" and params.remote_host and params.remote_handshake_port:
             self.handshakes.get(params.remote_host, params.remote_handshake_port)  # warm up, in background
+
+    def _on_notify(self, msg: object) -> None:
+        if isinstance(msg, Abort):  # let the worker stop at the next layer, before the engine sees it
+            self._cancelled.add(msg.request_id)
+        super()._on_notify(msg)
 
     def begin_step(self, prefills: list[tuple[Request, int]]) -> None:
         self._step_pushes = []
@@ -85,6 +92,9 @@ class KVProducer(KVConnectorBase):
         pushed = rid in self._forward_push
         self._forward_push.discard(rid)
         pushed_done = self._push_results.pop(rid, None) is not None
+        if rid in self._peer_aborted:  # nobody will read these blocks
+            self._peer_aborted.discard(rid)
+            return self._hold_while_pushing(request) if pushed and not pushed_done else False
         if request.status not in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED):
             if params.transfer_mode == "WRITE" and params.remote_host and params.remote_notify_port:
                 self.sender.send(params.remote_host, params.remote_notify_port,
@@ -163,10 +173,18 @@ class KVProducer(KVConnectorBase):
             elif held is None:
                 self._dests[ev.request_id] = (ev, time.monotonic())
         elif isinstance(ev, Abort):
-            self._dests.pop(ev.request_id, None)
-            held = self._held.get(ev.request_id)
+            rid = ev.request_id
+            held = self._held.get(rid)
+            dest = self._dests.pop(rid, None)
+            dest_msg = dest[0] if dest is not None else (held.dest if held is not None else None)
+            if dest_msg is not None:
+                # Behind any queued pushes for it: once this runs, nothing more is written for rid,
+                # and decode may reuse the blocks it was holding for us.
+                self._worker.submit(self._ack_abort, rid, dest_msg)
             if held is not None and not held.pushing:
-                self._free(ev.request_id)
+                self._free(rid)
+            elif rid in self._remote:
+                self._peer_aborted.add(rid)
         elif isinstance(ev, _Partial):
             self.stats.bytes_moved += ev.nbytes
         elif isinstance(ev, _Done):
@@ -182,6 +200,12 @@ class KVProducer(KVConnectorBase):
         self.release(held.request)
 
     # ---- worker thread -------------------------------------------------------------------------
+    def _ack_abort(self, rid: str, dest: WriteDest) -> None:
+        """Worker: every push queued for rid has run (or stopped); tell decode it may free its blocks."""
+        self._cancelled.discard(rid)
+        self.sender.send(dest.handshake_host, dest.notify_port,
+                         WriteDone(rid, self.engine_id, False, "aborted by the decode instance"))
+
     def _push_layers(self, rid: str, dest: WriteDest, src: list[int], layers: list[int], final: bool) -> None:
         """Write `layers` of `src` into decode's blocks. The final job tells decode directly (it need
         not wait for the rest of this step's compute) and reports to the engine thread."""
@@ -195,6 +219,9 @@ class KVProducer(KVConnectorBase):
             transport = self._transport(dest.handshake_host, dest.handshake_port)
             n = min(len(src), len(dest.block_ids))
             for layer in layers:
+                if rid in self._cancelled:
+                    self.events.put(_Done(rid, False, "aborted by the decode instance"))
+                    return
                 nbytes += transport.write_layer(layer, src[:n], dest.block_ids[:n])
         except TransferError as e:
             self._drop_transport(dest.handshake_host, dest.handshake_port)

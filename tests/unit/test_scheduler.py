@@ -176,3 +176,42 @@ def test_random_workload_never_leaks():
         s.check_integrity()
     run(s, max_steps=5000)
     assert pool.num_free == pool.num_blocks
+
+
+def test_no_head_of_line_deadlock_behind_a_request_that_cannot_fit():
+    """Remote-KV requests hold their blocks while waiting; a preempted request at the head of the
+    queue that cannot get blocks must not stop them from running (and freeing their blocks)."""
+    s, pool = make(num_blocks=8, block_size=4, budget=64)
+    conn = FakeConnector()
+    s.connector = conn
+    big = req("big", 20, max_tokens=2)  # needs 5 blocks
+    s.add(big)
+    remotes = [req(f"r{i}", 8, max_tokens=2) for i in range(3)]  # 2 blocks each: 6 of 8 held
+    for r in remotes:
+        r.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        s.add(r)
+        assert s.allocate_for_remote(r)
+    conn.ready |= {r.request_id for r in remotes}
+    run(s)
+    assert all(len(r.output_token_ids) == 2 for r in remotes + [big])
+    assert pool.num_free == pool.num_blocks
+
+
+def test_ready_remote_requests_go_first_no_self_preemption_livelock():
+    """A chunked prefill that keeps preempting itself for lack of blocks must not starve requests
+    whose remote KV has landed (they hold the blocks it needs)."""
+    s, pool = make(num_blocks=8, block_size=4, budget=8)
+    conn = FakeConnector()
+    s.connector = conn
+    big = req("big", 16, max_tokens=2)  # 4 blocks, two 8-token chunks
+    s.add(big)
+    s.update_after_step(s.schedule(), {"big": 1})  # first chunk: big holds 2 blocks
+    remotes = [req(f"r{i}", 8, max_tokens=2) for i in range(3)]
+    for r in remotes:
+        r.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        s.add(r)
+        assert s.allocate_for_remote(r)  # 6 blocks held: big cannot grow
+    conn.ready |= {r.request_id for r in remotes}
+    run(s, max_steps=200)
+    assert all(len(r.output_token_ids) == 2 for r in [*remotes, big])
+    assert pool.num_free == pool.num_blocks
