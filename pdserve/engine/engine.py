@@ -7,7 +7,6 @@ into the scheduler's and runner's seams; the loop itself does not change.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.cpu import apply_cpu_placement, keep_freed_memory
 from pdserve.engine.kv_cache import KVCache, plan_layout
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.request import Request, RequestStatus
@@ -30,15 +30,6 @@ from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
 log = logging.getLogger(__name__)
 
 
-def apply_cpu_placement(threads: int | None, cpus: tuple[int, ...] | None) -> None:
-    """Pin this process to `cpus` and size torch's intra-op pool (defaults: one thread per core)."""
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    n = threads or (len(cpus) if cpus else None)
-    if n:
-        torch.set_num_threads(n)
-
-
 @dataclass(frozen=True)
 class EngineStats:
     num_running: int
@@ -52,6 +43,8 @@ class LLMEngine:
         self.config = config
         apply_cpu_placement(config.threads, config.cpus)
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
         self.loaded: LoadedModel = load_model(config.model, self.dtype, self.device, seed=config.seed)
