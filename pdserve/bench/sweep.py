@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -96,10 +97,12 @@ class RatePoint:
     duration_s: float
     result: BenchResult | None = None  # the full result, for the JSON (None in synthetic tests)
     load_avg_1m: float | None = None  # the machine's 1-minute load average after the run (noise check)
+    busy_before: float | None = None  # fraction of all CPU time busy just before the run (others' work)
 
     @classmethod
-    def of(cls, result: BenchResult) -> RatePoint:
-        return cls(result.config.request_rate, result.records, result.duration_s, result, os.getloadavg()[0])
+    def of(cls, result: BenchResult, busy_before: float | None = None) -> RatePoint:
+        return cls(result.config.request_rate, result.records, result.duration_s, result, os.getloadavg()[0],
+                   busy_before)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,8 @@ class SweepConfig:
     proxy_args: tuple[str, ...] = ()
     startup_timeout_s: float = 300.0
     out_dir: str = "runs/sweep"
+    quiet_busy: float | None = None  # before each rate, wait until the machine is at most this busy
+    quiet_timeout_s: float = 120.0  # ... but no longer than this
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.slo_sets]
@@ -164,25 +169,58 @@ def pick_headline_rate(rates: Sequence[float], wanted: float | None) -> float:
 Log = Callable[[str], None]
 
 
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(v), v[3] + v[4]
+
+
+def cpu_busy(interval_s: float = 2.0) -> float | None:
+    """Fraction of all CPU time (every core) spent busy over the next `interval_s`; None off Linux.
+    Measured while the topology idles, it is the load other programs put on the machine."""
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(interval_s)
+        total1, idle1 = _cpu_times()
+    except (OSError, ValueError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(max_busy: float, timeout_s: float, log: Log) -> float | None:
+    """Block until the machine is at most `max_busy` busy (or `timeout_s` passed); the last reading."""
+    deadline = time.monotonic() + timeout_s
+    busy = cpu_busy()
+    while busy is not None and busy > max_busy and time.monotonic() < deadline:
+        log(f"  machine {busy:.0%} busy (other programs); waiting for <= {max_busy:.0%}")
+        busy = cpu_busy(5.0)
+    return busy
+
+
 def run_rates(cfg: SweepConfig, name: str, base_url: str, log: Log) -> tuple[tuple[RatePoint, ...], str | None]:
     """Every rate against `base_url` (warm-up before the first). Stops at the first setup failure."""
     points: list[RatePoint] = []
     for i, rate in enumerate(cfg.rates):
         bench = replace(cfg.bench, base_url=base_url, request_rate=rate, warmup=cfg.warmup if i == 0 else 0,
                         slos=cfg.headline.slos)
+        busy = wait_quiet(cfg.quiet_busy, cfg.quiet_timeout_s, log) if cfg.quiet_busy is not None else cpu_busy(1.0)
         try:
             result = asyncio.run(run_benchmark(bench))
         except (RuntimeError, OSError, aiohttp.ClientError) as e:  # setup failed (no /v1/models, refused)
             return tuple(points), f"rate {rate:g}: {type(e).__name__}: {e}"
-        points.append(RatePoint.of(result))
+        points.append(RatePoint.of(result, busy))
         m = result.metrics
         good = sum(1 for r in result.records if all(s.met(r) for s in cfg.headline.slos))
         log(f"  {name} @ {rate:g} req/s: {good}/{m.num_requests} meet {cfg.headline.name}, {m.failed} failed, "
             f"p99 TTFT {m.ttft.percentile(99):.0f} ms, p99 ITL {m.itl.percentile(99):.0f} ms, "
-            f"{result.duration_s:.0f} s, load avg {points[-1].load_avg_1m:.1f}")
+            f"{result.duration_s:.0f} s, busy before {_pct(busy)}, load avg after {points[-1].load_avg_1m:.1f}")
         if m.completed == 0:
             return tuple(points), f"rate {rate:g}: every request failed (e.g. {result.records[0].error[:200]})"
     return tuple(points), None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 def run_topology(cfg: SweepConfig, name: str, log: Log) -> Series:

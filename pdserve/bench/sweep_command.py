@@ -10,6 +10,7 @@ fig3_per_request.png and fig4_attainment*.png; logs of every process under logs/
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shlex
 import signal
@@ -19,12 +20,14 @@ from pathlib import Path
 from types import FrameType
 
 from pdserve.bench.command import add_bench_arguments, config_from_args
+from pdserve.bench.runner import BenchConfig
 from pdserve.bench.sweep import (
     BASELINE,
     DEFAULT_TOPOLOGIES,
     HEADLINE_SET,
     Log,
     Series,
+    SLOSet,
     SweepConfig,
     default_slo_sets,
     parse_named_url,
@@ -32,7 +35,8 @@ from pdserve.bench.sweep import (
     parse_slo_set,
     run_sweep,
 )
-from pdserve.bench.sweep_report import SeriesSummary, markdown_summary, summarize, sweep_json
+from pdserve.bench.sweep_report import SeriesSummary, markdown_summary, series_from_json, summarize, sweep_json
+from pdserve.bench.workload import WorkloadConfig
 
 _NOT_FOR_SWEEP = {"request_rate": "--rates", "save_result": "--out", "plot_dir": "--out",
                   "slo": "--ttft-slo/--itl-slo/--slo-set"}
@@ -51,7 +55,11 @@ def _arg(parse):  # ValueError -> argparse's message
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="benchmark every topology over a range of request rates, one report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep_model", metavar="MODEL", help="model every topology serves (HF dir or dummy:<preset>)")
+    p.add_argument("sweep_model", metavar="MODEL", nargs="?",
+                   help="model every topology serves (HF dir or dummy:<preset>)")
+    p.add_argument("--from-results", default=None, metavar="RESULTS.json[.gz]",
+                   help="run nothing: re-render summary.md and the figures of an earlier sweep with these "
+                        "SLOs / headline rate / baseline (into --out, default the results' folder)")
     p.add_argument("--topologies", default=",".join(DEFAULT_TOPOLOGIES),
                    help="comma list of standard:N, disagg-read, disagg-write[:XpYd]; '' for none (default %(default)s)")
     p.add_argument("--rates", type=_arg(parse_rates), default=parse_rates("0.5:10:0.5"),
@@ -70,7 +78,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-args", default="", metavar='"..."', help="extra `pdserve serve` flags for every instance")
     p.add_argument("--proxy-args", default="", metavar='"..."', help="extra `pdserve proxy` flags")
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="S")
-    p.add_argument("--out", default="runs/sweep", help="output folder (default %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default runs/sweep)")
+    p.add_argument("--wait-quiet", type=float, default=None, metavar="FRACTION",
+                   help="before each rate, wait until other programs keep the machine at most this busy "
+                        "(e.g. 0.2 on a shared machine)")
+    p.add_argument("--wait-quiet-timeout", type=float, default=120.0, metavar="S",
+                   help="longest wait for --wait-quiet per rate (default %(default)g)")
     add_bench_arguments(p)
     p.set_defaults(func=run, warmup=4, timeout=600.0, no_progress=True)
     for action in p._actions:  # bench flags a sweep replaces: hidden from --help, refused in run()
@@ -78,7 +91,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             action.help = argparse.SUPPRESS
 
 
+def _slo_sets(args: argparse.Namespace) -> tuple[SLOSet, ...]:
+    return default_slo_sets(args.ttft_slo, args.itl_slo) + tuple(args.slo_set)
+
+
 def config_from_sweep_args(args: argparse.Namespace) -> SweepConfig:
+    if not args.sweep_model:
+        raise ValueError("MODEL is required (or --from-results FILE)")
     for dest, instead in _NOT_FOR_SWEEP.items():
         if getattr(args, dest) not in (None, [], float("inf")):
             raise ValueError(f"`pdserve sweep` sets this itself; use {instead}")
@@ -86,23 +105,28 @@ def config_from_sweep_args(args: argparse.Namespace) -> SweepConfig:
     topologies = tuple(t.strip() for t in args.topologies.split(",") if t.strip())
     return SweepConfig(
         model=args.sweep_model, bench=bench, rates=args.rates, topologies=topologies, external=tuple(args.base_url),
-        slo_sets=default_slo_sets(args.ttft_slo, args.itl_slo) + tuple(args.slo_set), headline_set=args.headline_set,
+        slo_sets=_slo_sets(args), headline_set=args.headline_set,
         headline_rate=args.headline_rate, baseline=args.baseline, warmup=args.warmup,
         engine_args=tuple(shlex.split(args.engine_args)), proxy_args=tuple(shlex.split(args.proxy_args)),
-        startup_timeout_s=args.startup_timeout, out_dir=args.out,
+        startup_timeout_s=args.startup_timeout, out_dir=args.out or "runs/sweep", quiet_busy=args.wait_quiet,
+        quiet_timeout_s=args.wait_quiet_timeout,
     )
 
 
-def write_outputs(cfg: SweepConfig, series: Sequence[Series]) -> tuple[tuple[SeriesSummary, ...], list[Path]]:
-    """results.json, summary.md, Figure 3 and Figure 4 in cfg.out_dir."""
+def write_outputs(cfg: SweepConfig, series: Sequence[Series],
+                  with_json: bool = True) -> tuple[tuple[SeriesSummary, ...], list[Path]]:
+    """results.json (unless not `with_json`), summary.md, Figure 3 and Figure 4 in cfg.out_dir."""
     from pdserve.bench.sweep_plots import plot_fig3, plot_fig4  # matplotlib only here
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(cfg, series)
-    paths = [out / "results.json", out / "summary.md"]
-    paths[0].write_text(json.dumps(sweep_json(cfg, series, summaries), allow_nan=False) + "\n")
-    paths[1].write_text(markdown_summary(cfg, summaries))
+    paths = []
+    if with_json:
+        paths.append(out / "results.json")
+        paths[0].write_text(json.dumps(sweep_json(cfg, series, summaries), allow_nan=False) + "\n")
+    paths.append(out / "summary.md")
+    paths[-1].write_text(markdown_summary(cfg, summaries))
     if (fig3 := plot_fig3(cfg, series, out / "fig3_per_request.png")) is not None:
         paths.append(fig3)
     paths += plot_fig4(cfg, summaries, out)
@@ -129,7 +153,37 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def load_results(path: str) -> dict:
+    """A results.json (or .json.gz) written by `pdserve sweep`."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def rerender(args: argparse.Namespace) -> int:
+    """--from-results: the report of an earlier sweep under this command line's SLOs and headline."""
+    data = load_results(args.from_results)
+    series = series_from_json(data)
+    w = data["workload"]
+    workload = WorkloadConfig(num_prompts=w["num_prompts"], input_len=w["input_len"], output_len=w["output_len"],
+                              range_ratio=w.get("range_ratio", 0.0), seed=w.get("seed", 0))
+    cfg = SweepConfig(
+        model=data["model"], bench=BenchConfig(base_url="", workload=workload), rates=tuple(data["rates"]),
+        topologies=tuple(s.name for s in series if s.kind == "topology"),
+        external=tuple((s.name, s.base_url) for s in series if s.kind != "topology"), slo_sets=_slo_sets(args),
+        headline_set=args.headline_set, headline_rate=args.headline_rate or data["headline_rate"],
+        baseline=args.baseline, out_dir=args.out or str(Path(args.from_results).parent),
+    )
+    _, paths = write_outputs(cfg, series, with_json=False)
+    print(markdown_summary(cfg, summarize(cfg, series)))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.from_results:
+        return rerender(args)
     cfg = config_from_sweep_args(args)
     signal.signal(signal.SIGTERM, _raise_stop)  # unwinds through Topology.__exit__: children stopped
     try:

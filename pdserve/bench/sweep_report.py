@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pdserve.bench.client import RequestRecord
 from pdserve.bench.goodput import AttainmentPoint, DistServeGoodput, FailureMode, distserve_goodput
 from pdserve.bench.goodput import primary_failure_mode as _primary
 from pdserve.bench.metrics import SLO
@@ -44,6 +45,7 @@ class HeadlineCell:
     p99_itl_ms: float  # every inter-token gap of every successful request pooled (vLLM's P99 ITL)
     p99_ttft_ms: float
     per_set_good: tuple[tuple[str, int], ...]  # every SLO set: requests meeting it
+    load_avg_1m: float | None = None  # the machine's load average after the run (other work on it)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ def headline_cell(point: RatePoint, slo_sets: Sequence[SLOSet], headline: SLOSet
         p99_itl_ms=_p99_ms([g for r in ok for g in r.itl]),
         p99_ttft_ms=_p99_ms([r.ttft for r in ok if r.ttft is not None]),
         per_set_good=tuple((s.name, good_count(point, s.slos)) for s in slo_sets),
+        load_avg_1m=point.load_avg_1m,
     )
 
 
@@ -149,6 +152,9 @@ def markdown_summary(cfg: SweepConfig, summaries: Sequence[SeriesSummary]) -> st
                 [f"{dict(c.per_set_good)[s.name]}/{c.total}" if c else "n/a" for c in cells])
     if any(c and c.failed for c in cells):
         row("Failed requests", [str(c.failed) if c else "n/a" for c in cells])
+    if any(c and c.load_avg_1m is not None for c in cells):
+        row("Machine load average (1 min) after that run",
+            [f"{c.load_avg_1m:.1f}" if c and c.load_avg_1m is not None else "n/a" for c in cells])
     lines += ["", "DistServe goodput (req/s, highest rate with >= 90% of requests meeting every criterion):", "",
               "| SLO set | criteria | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for s in cfg.slo_sets:
@@ -179,7 +185,7 @@ def _cell_json(c: HeadlineCell | None) -> JsonValue:
     return {"rate": c.rate, "good": c.good, "total": c.total, "failed": c.failed, "request_goodput": c.request_goodput,
             "primary_failure_mode": None if f is None else {"label": f.label, "count": f.count, "bad": f.bad},
             "p99_itl_ms": _finite(c.p99_itl_ms), "p99_ttft_ms": _finite(c.p99_ttft_ms),
-            "good_per_slo_set": dict(c.per_set_good)}
+            "good_per_slo_set": dict(c.per_set_good), "load_avg_1m": c.load_avg_1m}
 
 
 def _finite(x: float) -> float | None:
@@ -206,9 +212,49 @@ def sweep_json(cfg: SweepConfig, series: Sequence[Series], summaries: Sequence[S
                 "attainment": {n: [[p.rate, p.attainment] for p in c] for n, c in m.curves},
                 "distserve_goodput": {n: _goodput_json(g) for n, g in m.goodput},
                 "headline": _cell_json(m.headline),
-                "runs": [result_json(p.result) | {"load_avg_1m": p.load_avg_1m}
+                "runs": [_rounded(result_json(p.result) | {"load_avg_1m": p.load_avg_1m,
+                                                            "cpu_busy_before": p.busy_before})
                          for p in s.points if p.result is not None],
             }
             for s, m in zip(series, summaries, strict=True)
         ],
     }
+
+
+def _rounded(obj: JsonValue) -> JsonValue:
+    """Floats to 6 decimals (1 us for times in seconds): a sweep's JSON is mostly token gaps."""
+    if isinstance(obj, float):
+        return round(obj, 6)
+    if isinstance(obj, list):
+        return [_rounded(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    return obj
+
+
+def _record(req: dict, output_len: int) -> RequestRecord:
+    send = float(req["start_time"])
+    chunks: list[float] = []
+    if req["success"] and req["ttft"] is not None:
+        chunks = [send + req["ttft"]]
+        for gap in req["itl"]:
+            chunks.append(chunks[-1] + gap)
+    return RequestRecord(
+        index=req["index"], prompt_len=req["prompt_len"], expected_output_len=output_len,
+        scheduled_time=send - float(req.get("queue_time") or 0.0), send_time=send,
+        end_time=chunks[-1] if chunks else send, chunk_times=tuple(chunks), output_tokens=req["output_tokens"],
+        success=bool(req["success"]), error=req.get("error") or "",
+    )
+
+
+def series_from_json(data: dict) -> tuple[Series, ...]:
+    """The series of a results.json written by `sweep_json` (records rebuilt from the per-request
+    times; `RatePoint.result` is None), to re-render the report with other SLOs or headline rate."""
+    out_len = int(data["workload"]["output_len"])
+    return tuple(
+        Series(s["name"], s["kind"], s["base_url"], tuple(
+            RatePoint(float(run["request_rate"]), tuple(_record(r, out_len) for r in run["requests"]),
+                      float(run["duration"]), None, run.get("load_avg_1m"), run.get("cpu_busy_before"))
+            for run in s["runs"]), s.get("error"))
+        for s in data["series"]
+    )

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pdserve.bench.client import RequestRecord
-from pdserve.bench.runner import BenchConfig
+from pdserve.bench.metrics import compute_metrics
+from pdserve.bench.runner import BenchConfig, BenchResult
 from pdserve.bench.sweep import (
     RatePoint,
     Series,
@@ -21,8 +22,8 @@ from pdserve.bench.sweep import (
     pick_headline_rate,
     run_sweep,
 )
-from pdserve.bench.sweep_command import add_parser, config_from_sweep_args, write_outputs
-from pdserve.bench.sweep_report import attainment_curve, markdown_summary, summarize, sweep_json
+from pdserve.bench.sweep_command import add_parser, config_from_sweep_args, load_results, rerender, write_outputs
+from pdserve.bench.sweep_report import attainment_curve, markdown_summary, series_from_json, summarize, sweep_json
 from pdserve.bench.workload import WorkloadConfig
 
 # --- rates, SLO sets, names -------------------------------------------------------------------
@@ -207,3 +208,40 @@ def test_bench_flags_a_sweep_sets_itself_are_refused() -> None:
         config_from_sweep_args(parse("m", "--request-rate", "3"))
     with pytest.raises(SystemExit):
         parse("m", "--rates", "0")
+
+
+def test_machine_busy_reading() -> None:
+    from pdserve.bench.sweep import cpu_busy, wait_quiet
+
+    busy = cpu_busy(0.2)
+    assert busy is None or 0.0 <= busy <= 1.0
+    waited = []
+    assert wait_quiet(1.0, 0.0, waited.append) == pytest.approx(busy, abs=1.0) and not waited  # 100%: no wait
+
+
+def with_results(series: Series, c: SweepConfig) -> Series:
+    """`series` with a BenchResult on every point (what a real sweep records)."""
+    points = []
+    for p in series.points:
+        bench = BenchConfig(base_url=series.base_url, workload=c.bench.workload, request_rate=p.rate,
+                            slos=c.headline.slos)
+        result = BenchResult(bench, "m", "20250101-000000", 0.0, p.duration_s, p.records,
+                             compute_metrics(p.records, p.duration_s, bench.slos))
+        points.append(RatePoint.of(result, 0.1))
+    return Series(series.name, series.kind, series.base_url, tuple(points), series.error)
+
+
+def test_results_json_round_trips_for_rerendering(tmp_path: Path) -> None:
+    c = cfg(tmp_path)
+    full = tuple(with_results(s, c) for s in SERIES)
+    write_outputs(c, full)
+    data = load_results(str(tmp_path / "results.json"))
+    assert data["series"][0]["runs"][0]["cpu_busy_before"] == 0.1
+    again = series_from_json(data)
+    assert markdown_summary(c, summarize(c, again)) == markdown_summary(c, summarize(c, full))
+    args = parse("--from-results", str(tmp_path / "results.json"), "--itl-slo", "300", "--headline-rate", "4",
+                 "--out", str(tmp_path / "loose"))
+    assert rerender(args) == 0
+    md = (tmp_path / "loose" / "summary.md").read_text()
+    assert "| Requests meeting both SLOs at 4 req/s | 10/10 | 4/10 |" in md  # 200 ms spikes now pass
+    assert not (tmp_path / "loose" / "results.json").exists()
