@@ -28,12 +28,21 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def prepack_linears_(module: nn.Module) -> int:
-    """Replace every bias-free nn.Linear under `module` by a PackedLinear. Returns how many."""
+    """Replace every bias-free nn.Linear under `module` by a PackedLinear (after fusing the
+    projections of modules that offer `fuse_projections`: q/k/v, gate/up). Returns how many."""
+    for m in list(module.modules()):
+        fuse = getattr(m, "fuse_projections", None)
+        if fuse is not None:
+            fuse(PackedLinear)
+    return _pack(module)
+
+
+def _pack(module: nn.Module) -> int:
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear) and child.bias is None:
             setattr(module, name, PackedLinear(child.weight))
             count += 1
         else:
-            count += prepack_linears_(child)
+            count += _pack(child)
     return count

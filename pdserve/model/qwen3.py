@@ -7,6 +7,8 @@ variant (qwen3_moe.py) reuses every piece here and only swaps the MLP of sparse 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,6 +78,15 @@ class Qwen3Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, h, bias=bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.qkv_proj: nn.Module | None = None  # set by fuse_projections (inference only)
+        self._qkv_sizes = (self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd)
+
+    def fuse_projections(self, make: Callable[[torch.Tensor], nn.Module]) -> None:
+        """Replace q/k/v_proj by one layer over their concatenated weights (one GEMM, not three)."""
+        if self.q_proj.bias is not None:
+            return
+        self.qkv_proj = make(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -86,9 +97,13 @@ class Qwen3Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))
+        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = paged_attention(q, k, v, kv_layer, meta, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
@@ -102,8 +117,17 @@ class Qwen3MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # set by fuse_projections (inference only)
+
+    def fuse_projections(self, make: Callable[[torch.Tensor], nn.Module]) -> None:
+        """Replace gate/up_proj by one layer over their concatenated weights."""
+        self.gate_up_proj = make(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g).mul_(u))
         g = self.gate_proj(x)
         if torch.is_grad_enabled():
             return self.down_proj(F.silu(g) * self.up_proj(x))
