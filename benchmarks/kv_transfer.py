@@ -119,10 +119,9 @@ def handoff(mode: str, model: str, prompt_len: int, repeats: int) -> dict:
         prompt = [(i * 7 + j) % 250 for j in range(prompt_len)]
         rid = f"h{i}"
         if mode == "read":
-            async for out in p.generate(rid, prompt, one, {"do_remote_decode": True}):
-                pass
+            outs = [o async for o in p.generate(rid, prompt, one, {"do_remote_decode": True})]
             marks["last_layer"] = time.perf_counter()  # the prefill's final output: KV complete
-            async for _ in d.generate(rid, prompt, one, out.kv_transfer_params):
+            async for _ in d.generate(rid, prompt, one, outs[-1].kv_transfer_params):
                 pass
         else:
             params = {"do_remote_prefill": True, "transfer_mode": "WRITE", "remote_host": pc.host,
