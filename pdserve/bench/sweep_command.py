@@ -57,9 +57,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_model", metavar="MODEL", nargs="?",
                    help="model every topology serves (HF dir or dummy:<preset>)")
-    p.add_argument("--from-results", default=None, metavar="RESULTS.json[.gz]",
-                   help="run nothing: re-render summary.md and the figures of an earlier sweep with these "
-                        "SLOs / headline rate / baseline (into --out, default the results' folder)")
+    p.add_argument("--from-results", nargs="+", default=None, metavar="RESULTS.json[.gz]",
+                   help="run nothing: re-render summary.md and the figures of earlier sweeps with these SLOs / "
+                        "headline rate / baseline (into --out, default the first file's folder); the series of "
+                        "several files are merged, a later file's series replacing an earlier one of the same name")
     p.add_argument("--topologies", default=",".join(DEFAULT_TOPOLOGIES),
                    help="comma list of standard:N, disagg-read, disagg-write[:XpYd]; '' for none (default %(default)s)")
     p.add_argument("--rates", type=_arg(parse_rates), default=parse_rates("0.5:10:0.5"),
@@ -161,18 +162,27 @@ def load_results(path: str) -> dict:
 
 
 def rerender(args: argparse.Namespace) -> int:
-    """--from-results: the report of an earlier sweep under this command line's SLOs and headline."""
-    data = load_results(args.from_results)
-    series = series_from_json(data)
+    """--from-results: the report of earlier sweeps under this command line's SLOs and headline."""
+    files = [load_results(path) for path in args.from_results]
+    data = files[0]
+    for other in files[1:]:
+        if {k: other["workload"][k] for k in ("input_len", "output_len")} != {
+                k: data["workload"][k] for k in ("input_len", "output_len")}:
+            raise ValueError("--from-results: the files were measured with different workloads")
+    merged: dict[str, Series] = {}
+    for f in files:
+        merged |= {s.name: s for s in series_from_json(f)}
+    series = tuple(merged.values())
     w = data["workload"]
     workload = WorkloadConfig(num_prompts=w["num_prompts"], input_len=w["input_len"], output_len=w["output_len"],
                               range_ratio=w.get("range_ratio", 0.0), seed=w.get("seed", 0))
     cfg = SweepConfig(
-        model=data["model"], bench=BenchConfig(base_url="", workload=workload), rates=tuple(data["rates"]),
+        model=data["model"], bench=BenchConfig(base_url="", workload=workload),
+        rates=tuple(sorted({float(r) for f in files for r in f["rates"]})),
         topologies=tuple(s.name for s in series if s.kind == "topology"),
         external=tuple((s.name, s.base_url) for s in series if s.kind != "topology"), slo_sets=_slo_sets(args),
         headline_set=args.headline_set, headline_rate=args.headline_rate or data["headline_rate"],
-        baseline=args.baseline, out_dir=args.out or str(Path(args.from_results).parent),
+        baseline=args.baseline, out_dir=args.out or str(Path(args.from_results[0]).parent),
     )
     _, paths = write_outputs(cfg, series, with_json=False)
     print(markdown_summary(cfg, summarize(cfg, series)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -239,9 +240,13 @@ def test_results_json_round_trips_for_rerendering(tmp_path: Path) -> None:
     assert data["series"][0]["runs"][0]["cpu_busy_before"] == 0.1
     again = series_from_json(data)
     assert markdown_summary(c, summarize(c, again)) == markdown_summary(c, summarize(c, full))
-    args = parse("--from-results", str(tmp_path / "results.json"), "--itl-slo", "300", "--headline-rate", "4",
-                 "--out", str(tmp_path / "loose"))
+    other = tmp_path / "other"
+    write_outputs(replace(c, topologies=("standard:1",), out_dir=str(other)),
+                  (replace(with_results(SERIES[0], c), name="standard:1"),))
+    args = parse("--from-results", str(tmp_path / "results.json"), str(other / "results.json"), "--itl-slo", "300",
+                 "--headline-rate", "4", "--out", str(tmp_path / "loose"))
     assert rerender(args) == 0
     md = (tmp_path / "loose" / "summary.md").read_text()
-    assert "| Requests meeting both SLOs at 4 req/s | 10/10 | 4/10 |" in md  # 200 ms spikes now pass
+    assert "| Metric | standard:2 | disagg-write | standard:1 |" in md  # merged
+    assert "| Requests meeting both SLOs at 4 req/s | 10/10 | 4/10 | 10/10 |" in md  # 200 ms spikes now pass
     assert not (tmp_path / "loose" / "results.json").exists()
