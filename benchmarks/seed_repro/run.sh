@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 # keep it at most 30% busy. How busy it was is recorded with every run (results.json).
 COMMON=(--rates "$RATES" --num-prompts "$NUM_PROMPTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN"
         --ttft-slo 1000 --itl-slo 50 --headline-rate "$HEADLINE" --seed 0 --warmup 4
-        --wait-quiet "${WAIT_QUIET:-0.3}" --wait-quiet-timeout 120)
+        --wait-quiet "${WAIT_QUIET:-0.3}" --wait-quiet-timeout "${WAIT_QUIET_TIMEOUT:-120}")
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if has steps; then

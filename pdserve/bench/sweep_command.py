@@ -16,6 +16,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -59,8 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="model every topology serves (HF dir or dummy:<preset>)")
     p.add_argument("--from-results", nargs="+", default=None, metavar="RESULTS.json[.gz]",
                    help="run nothing: re-render summary.md and the figures of earlier sweeps with these SLOs / "
-                        "headline rate / baseline (into --out, default the first file's folder); the series of "
-                        "several files are merged, a later file's series replacing an earlier one of the same name")
+                        "headline rate / baseline (into --out, default the first file's folder); several files are "
+                        "merged: each series gets every rate of every file, a later file's run replacing an "
+                        "earlier one at the same rate")
     p.add_argument("--topologies", default=",".join(DEFAULT_TOPOLOGIES),
                    help="comma list of standard:N, disagg-read, disagg-write[:XpYd]; '' for none (default %(default)s)")
     p.add_argument("--rates", type=_arg(parse_rates), default=parse_rates("0.5:10:0.5"),
@@ -171,7 +173,10 @@ def rerender(args: argparse.Namespace) -> int:
             raise ValueError("--from-results: the files were measured with different workloads")
     merged: dict[str, Series] = {}
     for f in files:
-        merged |= {s.name: s for s in series_from_json(f)}
+        for s in series_from_json(f):
+            old = merged.get(s.name)
+            points = {p.rate: p for p in (old.points if old else ())} | {p.rate: p for p in s.points}
+            merged[s.name] = replace(s, points=tuple(points[r] for r in sorted(points)))
     series = tuple(merged.values())
     w = data["workload"]
     workload = WorkloadConfig(num_prompts=w["num_prompts"], input_len=w["input_len"], output_len=w["output_len"],

@@ -103,6 +103,20 @@ def _ratio(x: float | None, base: float | None) -> str:
     return f"{x / base:.2g}x"
 
 
+def _goodput_ratio(g: DistServeGoodput | None, base: DistServeGoodput | None, lowest: float) -> str:
+    """g / base, with bounds: a goodput below the lowest rate is < lowest, a lower bound is >=."""
+    if g is None or base is None:
+        return "n/a"
+    if g is base:
+        return "1x"
+    if base.below_range:
+        return "n/a (both below range)" if g.below_range else f"> {g.rate / lowest:.2g}x"
+    if g.below_range:
+        return f"< {lowest / base.rate:.2g}x"
+    bound = {(True, False): ">= ", (False, True): "<= ", (True, True): "~"}.get((g.lower_bound, base.lower_bound), "")
+    return f"{bound}{g.rate / base.rate:.2g}x"
+
+
 def _goodput_text(g: DistServeGoodput | None) -> str:
     if g is None:
         return "n/a"
@@ -142,8 +156,7 @@ def markdown_summary(cfg: SweepConfig, summaries: Sequence[SeriesSummary]) -> st
         [_ratio(c.request_goodput if c else None, base_cell.request_goodput if base_cell else None) for c in cells])
     gps = [s.goodput_of(head.name) for s in summaries]
     row("DistServe goodput (req/s at >= 90% attainment)", [_goodput_text(g) for g in gps])
-    row(f"Relative DistServe goodput (vs {cfg.baseline})",
-        [_ratio(g.rate if g else None, base_gp.rate if base_gp else None) for g in gps])
+    row(f"Relative DistServe goodput (vs {cfg.baseline})", [_goodput_ratio(g, base_gp, min(cfg.rates)) for g in gps])
     row(f"P99 ITL, all gaps pooled (ms) at {rate:g} req/s", [f"{c.p99_itl_ms:.0f}" if c else "n/a" for c in cells])
     row(f"P99 TTFT (ms) at {rate:g} req/s", [f"{c.p99_ttft_ms:.0f}" if c else "n/a" for c in cells])
     for s in cfg.slo_sets:

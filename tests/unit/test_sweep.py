@@ -250,3 +250,19 @@ def test_results_json_round_trips_for_rerendering(tmp_path: Path) -> None:
     assert "| Metric | standard:2 | disagg-write | standard:1 |" in md  # merged
     assert "| Requests meeting both SLOs at 4 req/s | 10/10 | 4/10 | 10/10 |" in md  # 200 ms spikes now pass
     assert not (tmp_path / "loose" / "results.json").exists()
+
+
+def test_distserve_ratio_keeps_the_bounds() -> None:
+    from pdserve.bench.goodput import DistServeGoodput
+    from pdserve.bench.sweep_report import _goodput_ratio
+
+    def g(rate: float, lower: bool = False, below: bool = False) -> DistServeGoodput:
+        return DistServeGoodput(rate, 0.9, lower, below)
+
+    base = g(0.5)
+    assert _goodput_ratio(g(2.0), base, 0.5) == "4x"
+    assert _goodput_ratio(g(0.0, below=True), base, 0.25) == "< 0.5x"  # below the lowest rate tested
+    assert _goodput_ratio(g(8.0, lower=True), base, 0.5) == ">= 16x"  # never fell below the target
+    assert _goodput_ratio(g(4.0), g(0.0, below=True), 0.5) == "> 8x"
+    assert _goodput_ratio(g(1.0), g(8.0, lower=True), 0.5) == "<= 0.12x"
+    assert _goodput_ratio(base, base, 0.5) == "1x" and _goodput_ratio(None, base, 0.5) == "n/a"
