@@ -95,6 +95,31 @@ def soak(mode: str, n: int, concurrency: int, model: str, out: Path) -> dict:
             "rss_growth_after_warmup_mb": growth, "blocks_not_free_at_end": leaks, "samples": samples}
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """RSS of every process and free KV blocks of every instance over time, one column per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 6), squeeze=False, sharex="col")
+    for col, r in enumerate(results):
+        rows = r["samples"]
+        t = [row["t"] - rows[0]["t"] for row in rows]
+        for key in sorted(k for k in rows[-1] if k.endswith("_rss_mb")):
+            axes[0][col].plot(t, [row.get(key) for row in rows], label=key.removesuffix("_rss_mb"))
+        for key in sorted(k for k in rows[-1] if k.endswith("_free")):
+            axes[1][col].plot(t, [row.get(key) for row in rows], label=key.removesuffix("_free"))
+        axes[0][col].set_title(f"{r['mode']} mode: {r['requests']} requests")
+        axes[0][col].set_ylabel("RSS (MiB)")
+        axes[1][col].set_ylabel("free KV blocks")
+        axes[1][col].set_xlabel("seconds")
+        for ax in axes[:, col]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=10000)
@@ -107,6 +132,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = [soak(m, args.requests, args.concurrency, args.model, out) for m in args.modes.split(",")]
     (out / "soak.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "soak.png")
     for r in results:
         print(json.dumps({k: v for k, v in r.items() if k != "samples"}))
 

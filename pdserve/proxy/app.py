@@ -5,6 +5,7 @@ GET /health     200 when the topology can serve (disagg: a healthy prefill and a
 GET /instances  every known instance, its state and load (JSON list)
 GET /metrics    Prometheus text
 GET /v1/models  from a healthy instance
+GET /openapi.json  the OpenAPI schema (openapi.py), the generation paths' request bodies included
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from fastapi.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from pdserve import __version__
 from pdserve.proxy.errors import ProxyError, no_instance
 from pdserve.proxy.health import HealthChecker
 from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
 from pdserve.proxy.metrics import ProxyMetrics
+from pdserve.proxy.openapi import install_openapi
 from pdserve.proxy.orchestrate import CHAT_PATH, Orchestrator
 from pdserve.proxy.registry import RegistryServer, sweep_forever
 from pdserve.proxy.relay import ProxyEndpoint, check_api_key
@@ -141,9 +144,11 @@ def build_app(settings: ProxySettings) -> ProxyApp:
             await asyncio.gather(*state.tasks, return_exceptions=True)
             if state.registry is not None:
                 state.registry.close()
+            state.orchestrator.close()
             await state.upstream.stop()
 
-    app = FastAPI(title="pdserve proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pdserve proxy", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_openapi(app)  # GET /openapi.json, the generation paths' request bodies included
     app.state.proxy = state
     hot = {path: ProxyEndpoint(path, state.orchestrator, state.metrics, settings.api_key)
            for path in ("/v1/completions", CHAT_PATH)}

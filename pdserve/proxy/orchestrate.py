@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass
 
 import anyio
+import zmq
 
+from pdserve.kv.messages import Abort
+from pdserve.kv.notify import NotifySender
 from pdserve.proxy import bodies
 from pdserve.proxy.errors import ProxyError, no_instance
 from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
@@ -64,6 +67,8 @@ class Orchestrator:
         self.upstream = upstream
         self.picker = picker
         self.metrics = metrics
+        self._zmq: zmq.Context | None = None  # created on first use (READ: aborts to prefill instances)
+        self._notify: NotifySender | None = None
 
     async def serve(self, req: ClientRequest) -> Reply:
         """The reply to `req`; ProxyError when it cannot be served."""
@@ -155,9 +160,46 @@ class Orchestrator:
                 continue
             if params is None:
                 self._fallback("no_params", None)
-            return await self._one_of("D", req, bodies.decode_body(body, params), req.request_id)
+                return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
+            return await self._read_decode(req, body, params)
         self._fallback("prefill_failed" if last else "no_prefill", last)
         return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
+
+    async def _read_decode(self, req: ClientRequest, body: bodies.JSONObject, params: bodies.JSONObject) -> Reply:
+        """The decode half of a READ request whose prompt's KV a prefill instance now holds. When no
+        decode instance will read it (one answered a 4xx: a body the prefill half could not judge, e.g.
+        `max_tokens: -1` or `min_tokens` > `max_tokens`, as the proxy set max_tokens=1 there; or none
+        is left), the prefill is told to free the blocks now (notify `Abort`) rather than at the end of
+        their lease: otherwise every such request pins prefill KV blocks for the lease (30 s)."""
+        try:
+            reply = await self._one_of("D", req, bodies.decode_body(body, params), req.request_id)
+        except ProxyError as e:
+            if e.code == "no_instance":
+                self._release_prefill(req.request_id, params, "no decode instance")
+            raise
+        if isinstance(reply, Buffered) and reply.status >= 400:
+            self._release_prefill(req.request_id, params, f"the decode instance answered HTTP {reply.status}")
+        return reply
+
+    def _release_prefill(self, request_id: str, params: bodies.JSONObject, reason: str) -> None:
+        """Send `Abort` to the prefill instance's notify port (docs/protocol.md section 3), when its
+        kv_transfer_params name one (pdserve instances do; otherwise the lease frees the blocks)."""
+        host, port, engine_id = (params.get(k) for k in ("remote_host", "remote_notify_port", "remote_engine_id"))
+        if not (isinstance(host, str) and host and isinstance(port, int) and port > 0 and isinstance(engine_id, str)):
+            return
+        if self._zmq is None or self._notify is None:
+            self._zmq = zmq.Context()
+            self._notify = NotifySender(self._zmq, self.settings.registry_token)
+        self._notify.send(host, port, Abort(request_id, "proxy", f"decode half not served: {reason}"))
+        log.info("request %s: prefill %s:%d told to free its blocks (%s)", request_id, host, port, reason)
+
+    def close(self) -> None:
+        """Close the notify sockets (at shutdown)."""
+        if self._notify is not None:
+            self._notify.close()
+        if self._zmq is not None:
+            self._zmq.term()
+        self._zmq = self._notify = None
 
     # -- WRITE ----------------------------------------------------------------------------------
 
