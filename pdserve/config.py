@@ -104,6 +104,8 @@ class EngineConfig:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads
     cpus: tuple[int, ...] | None = None  # pin the process to these cores
+    # CUDA: run every step eagerly; otherwise decode-only steps replay CUDA graphs (one per batch bucket).
+    enforce_eager: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)

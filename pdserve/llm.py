@@ -17,7 +17,8 @@ class LLM:
     """Generate offline with the pdserve engine.
 
     `model` is a local Hugging Face directory or `dummy:<preset>`; `dtype` is "auto", "bfloat16",
-    "float16" or "float32". Extra keyword arguments size the cache and the scheduler.
+    "float16" or "float32". Extra keyword arguments size the cache and the scheduler; on CUDA,
+    `enforce_eager=True` turns off the CUDA graphs of decode-only steps.
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class LLM:
         max_model_len: int | None = None,
         enable_chunked_prefill: bool = True,
         threads: int | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -41,6 +43,7 @@ class LLM:
             dtype=dtype,  # type: ignore[arg-type]
             seed=seed,
             threads=threads,
+            enforce_eager=enforce_eager,
             cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_gib=kv_cache_gib),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,

@@ -72,6 +72,8 @@ def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
     g.add_argument("--max-model-len", type=positive_int, default=None)
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: no CUDA graphs (decode-only steps are otherwise replayed from graphs)")
 
 
 def engine_config_from_args(
@@ -84,6 +86,7 @@ def engine_config_from_args(
         seed=args.seed,
         threads=args.threads,
         cpus=args.cpus,
+        enforce_eager=args.enforce_eager,
         cache=CacheConfig(
             block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks,

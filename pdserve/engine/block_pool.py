@@ -19,6 +19,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._ref = [0] * num_blocks
+        self.num_reserved = 0  # blocks taken out of circulation for good (reserve)
 
     @property
     def num_free(self) -> int:
@@ -27,6 +28,18 @@ class BlockPool:
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
+
+    @property
+    def num_usable(self) -> int:
+        """Blocks that requests can ever hold: all but the reserved ones."""
+        return self.num_blocks - self.num_reserved
+
+    def reserve(self) -> int:
+        """Take one free block out of circulation for good and return its id (a scratch block that
+        padded rows of a static-shape step write to; no request ever gets it)."""
+        (block,) = self.allocate(1)
+        self.num_reserved += 1
+        return block
 
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)

@@ -15,6 +15,7 @@ import torch
 from pdserve.config import EngineConfig
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.cpu import apply_cpu_placement, keep_freed_memory
+from pdserve.engine.cuda_graphs import StaticDecoder
 from pdserve.engine.kv_cache import KVCache, plan_layout
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.request import Request, RequestStatus
@@ -26,6 +27,7 @@ from pdserve.kv.factory import make_connector, parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
 from pdserve.model.cpu_linear import can_prepack, prepack_linears_
 from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
+from pdserve.model.qwen3 import fuse_projections_
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class LLMEngine:
         self.model_config = self.loaded.config
         if can_prepack(self.device, self.dtype):
             prepack_linears_(self.loaded.module)
+        elif self.device.type == "cuda":
+            fuse_projections_(self.loaded.module)
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self.layout = plan_layout(self.model_config, config.cache, self.dtype)
@@ -64,6 +68,8 @@ class LLMEngine:
             self.loaded.module, self.kv_cache.tensor, self.layout.block_size, self.model_config.vocab_size,
             self.device,
         )
+        if self.device.type == "cuda" and not config.enforce_eager and not self.model_config.is_moe:
+            self.enable_static_decode(use_graphs=True)
         self.connector = make_connector(
             config, self.model_config, self.kv_cache, self.scheduler, self.runner, config.kv_transfer.token
         )
@@ -72,6 +78,22 @@ class LLMEngine:
         self._pending: list[StepOutput] = []
         self.step_count = 0
         self.idle = True  # the last step had nothing to compute
+
+    def enable_static_decode(self, use_graphs: bool) -> None:
+        """Run decode-only steps at static, bucketed shapes (cuda_graphs.py), replayed from CUDA
+        graphs when `use_graphs` (captured here). Reserves one KV block as the padding rows' scratch.
+        Called at start on CUDA unless enforce_eager; callable eagerly on any device (tests)."""
+        scratch = self.block_pool.reserve()
+        static = StaticDecoder(
+            self.loaded.module, self.kv_cache.tensor, self.layout.block_size, self.max_model_len,
+            self.config.scheduler.max_num_seqs, scratch, self.device, use_graphs,
+        )
+        t0 = time.perf_counter()
+        static.capture()
+        if use_graphs:
+            log.info("captured %d CUDA graphs (batch sizes %s) in %.1f s", len(static.buckets), static.buckets,
+                     time.perf_counter() - t0)
+        self.runner.static = static
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -98,9 +120,9 @@ class LLMEngine:
                 f"model's maximum context length of {self.max_model_len}"
             )
         blocks_needed = -(-(len(token_ids) + 1) // self.layout.block_size)
-        if blocks_needed > self.layout.num_blocks:
+        if blocks_needed > self.block_pool.num_usable:
             raise ValueError(
-                f"the prompt needs {blocks_needed} KV blocks; the cache has {self.layout.num_blocks} in all"
+                f"the prompt needs {blocks_needed} KV blocks; the cache has {self.block_pool.num_usable} in all"
             )
 
     def validate_request(
@@ -154,7 +176,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self.block_pool.num_free, self.block_pool.num_blocks)
+        return EngineStats(len(s.running), len(s.waiting), self.block_pool.num_free, self.block_pool.num_usable)
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:

@@ -1,4 +1,9 @@
-"""Builds the flat batch for a scheduled step, runs the model over the paged KV cache, samples."""
+"""Builds the flat batch for a scheduled step, runs the model over the paged KV cache, samples.
+
+Decode-only steps go to the StaticDecoder when one is set (CUDA graphs; see cuda_graphs.py), every
+other step runs eagerly on the flat batch. Per-step inputs reach the device by asynchronous copies
+(staging.py); the sampled ids' `.tolist()` is the step's one host sync.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pdserve.engine.cuda_graphs import StaticDecoder
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.engine.staging import to_device
 from pdserve.model.attention import AttentionMetadata, PrefillSpan
 
 
@@ -24,6 +31,8 @@ class ModelRunner:
         self.sampler = Sampler(device, vocab_size)
         # Write-mode seam: called with (layer index, batch) once a layer's KV is in the cache.
         self.layer_hook: Callable[[int], None] | None = None
+        # Static-shape decode steps (CUDA graphs), set by the engine; None: every step eager.
+        self.static: StaticDecoder | None = None
 
     def _slots(self, req: Request, start: int, end: int) -> list[int]:
         bs, blocks = self.block_size, req.block_ids
@@ -51,7 +60,7 @@ class ModelRunner:
                     q_start=len(tokens),
                     q_len=n,
                     num_cached=p,
-                    block_ids=torch.tensor(req.block_ids, dtype=torch.long, device=self.device),
+                    block_ids=to_device(req.block_ids, torch.long, self.device),
                 )
             )
             tokens.extend(req.token_ids(p, p + n))
@@ -61,26 +70,28 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata(
             block_size=self.block_size,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=to_device(slots, torch.long, dev),
             num_decode_tokens=len(batch.decodes),
-            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=dev).view(len(tables), max_blocks),
-            decode_context_lens=torch.tensor(
-                [r.num_computed_tokens + 1 for r in batch.decodes], dtype=torch.long, device=dev
-            ),
+            decode_block_tables=to_device(tables, torch.long, dev).view(len(tables), max_blocks),
+            decode_context_lens=to_device([r.num_computed_tokens + 1 for r in batch.decodes], torch.long, dev),
             prefills=spans,
             layer_hook=self.layer_hook,
         )
-        ids = torch.tensor(tokens, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        ids = to_device(tokens, torch.long, dev)
+        pos = to_device(positions, torch.long, dev)
         return ids, pos, meta, last_rows
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[str, int]:
         """Run one step; returns request id -> sampled token for every request in the batch."""
-        ids, pos, meta, last_rows = self.build(batch)
-        hidden = self.model(ids, pos, self.kv_cache, meta)
-        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
         reqs = batch.decodes + [r for r, _ in batch.prefills]
-        sampled = self.sampler(logits, self.sampler.prepare(reqs)).tolist()
+        sampling = self.sampler.prepare(reqs)  # first: its copies queue ahead of the forward pass
+        if self.static is not None and not batch.prefills and self.static.accepts(batch.decodes):
+            logits = self.static.run(batch.decodes)
+        else:
+            ids, pos, meta, last_rows = self.build(batch)
+            hidden = self.model(ids, pos, self.kv_cache, meta)
+            rows = to_device(last_rows, torch.long, self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        sampled = self.sampler(logits, sampling).tolist()
         return {r.request_id: t for r, t in zip(reqs, sampled, strict=True)}

@@ -1,4 +1,10 @@
-"""Token sampling for a batch: greedy, temperature, top-k, top-p, per-request seeds, min_tokens."""
+"""Token sampling for a batch: greedy, temperature, top-k, top-p, per-request seeds, min_tokens.
+
+No host sync: `prepare` builds the per-row tensors on the host and copies them asynchronously
+(pinned memory on CUDA; call it before the forward pass so the copies queue behind nothing), and
+`__call__` returns the sampled ids on the logits' device: the runner's one `.tolist()` per step is
+the only point where the host waits for the GPU.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.request import Request
+from pdserve.engine.staging import to_device
 
 
 @dataclass(frozen=True)
@@ -17,8 +24,9 @@ class SamplingBatch:
     top_k: torch.Tensor | None  # [N] long (vocab size where disabled), None when no row uses it
     top_p: torch.Tensor | None  # [N] float32, None when no row uses it
     all_greedy: bool
-    # (row, token ids) that must not be sampled yet (min_tokens not reached).
-    banned: list[tuple[int, list[int]]]
+    # (rows, token ids) that must not be sampled yet (min_tokens not reached): an index pair for
+    # logits[rows, ids], or None when no row has a ban.
+    banned: tuple[torch.Tensor, torch.Tensor] | None
     # (row, generator) for rows with a per-request seed.
     seeded: list[tuple[int, torch.Generator]]
 
@@ -45,25 +53,23 @@ class Sampler:
         temps = [0.0 if sp.greedy else sp.temperature for sp in sps]
         use_k = any(sp.uses_top_k for sp in sps)
         use_p = any(sp.uses_top_p for sp in sps)
-        banned = []
+        ban_rows: list[int] = []
+        ban_ids: list[int] = []
         for i, r in enumerate(requests):
             sp = r.sampling_params
             if len(r.output_token_ids) < sp.min_tokens:
                 ban = list(sp.stop_token_ids) + ([] if sp.ignore_eos else sorted(r.eos_token_ids))
-                if ban:
-                    banned.append((i, ban))
+                ban_rows.extend([i] * len(ban))
+                ban_ids.extend(ban)
+        dev = self.device
         return SamplingBatch(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=self.device),
-            top_k=torch.tensor(
-                [sp.top_k if sp.uses_top_k else self.vocab_size for sp in sps], device=self.device
-            )
+            temperature=to_device(temps, torch.float32, dev),
+            top_k=to_device([sp.top_k if sp.uses_top_k else self.vocab_size for sp in sps], torch.long, dev)
             if use_k
             else None,
-            top_p=torch.tensor([sp.top_p for sp in sps], dtype=torch.float32, device=self.device)
-            if use_p
-            else None,
+            top_p=to_device([sp.top_p for sp in sps], torch.float32, dev) if use_p else None,
             all_greedy=all(t == 0.0 for t in temps),
-            banned=banned,
+            banned=(to_device(ban_rows, torch.long, dev), to_device(ban_ids, torch.long, dev)) if ban_rows else None,
             seeded=[
                 (i, self._generator(r))
                 for i, r in enumerate(requests)
@@ -74,8 +80,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [N, V] float32 -> token ids [N] long (on the logits' device; no host sync)."""
         logits = logits[:, : self.vocab_size]
-        for row, ids in batch.banned:
-            logits[row, ids] = float("-inf")
+        if batch.banned is not None:
+            logits.index_put_(batch.banned, logits.new_full((), float("-inf")))
         greedy_ids = logits.argmax(dim=-1)
         if batch.all_greedy:
             return greedy_ids

@@ -14,6 +14,11 @@ so one block of one layer (K and V together) is one contiguous span of
 
 A batch is flat: the first `num_decode_tokens` tokens are decodes (one token per sequence), the
 rest are prefill chunks, each a contiguous span of tokens of one sequence.
+
+Kernels by device: on CUDA, decode attention is the paged Triton kernel of triton_decode.py (reads
+only each sequence's live blocks, static grid: CUDA-graph safe) and prefill attention is SDPA
+(FlashAttention) over the chunk; on CPU, and where Triton is missing, both are the batched-GEMM
+torch code below.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+
+from pdserve.model import triton_decode
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,15 @@ def _gather(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float):
     """q: [D, H, hd] -> [D, H, hd]; grouped-query attention against each sequence's blocks."""
+    if q.is_cuda and triton_decode.supported(q, kv_layer):
+        return triton_decode.paged_decode_attention(
+            q, kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale
+        )
+    return _decode_attention_torch(q, kv_layer, meta, scale)
+
+
+def _decode_attention_torch(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float):
+    """The gather + matmul form: every block of the (padded) table is read, masked by length."""
     d, h, hd = q.shape
     kv = _gather(kv_layer, meta.decode_block_tables)  # [2, kvh, D, L, hd]
     kvh = kv.shape[1]
@@ -140,6 +157,37 @@ def _prefill_attention(
     return out.permute(2, 0, 1, 3).reshape(n, h, hd)
 
 
+def _prefill_attention_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan, scale: float
+) -> torch.Tensor:
+    """The same as _prefill_attention through F.scaled_dot_product_attention (FlashAttention on CUDA).
+
+    KV heads are repeated to the query heads (a copy of the chunk's keys: small next to the
+    attention), which every SDPA backend of every torch version accepts. A chunk with cached
+    tokens before it needs the causal mask aligned to the bottom right (query i sees keys
+    <= c + i), which `causal_lower_right` gives without materialising it."""
+    n, h, hd = q.shape
+    c = span.num_cached
+    if c == 0:
+        keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, n, hd]
+    else:
+        n_blocks = -(-(c + n) // kv_layer.shape[2])
+        kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n_blocks*bs, hd]
+        keys, values = kv[0, :, : c + n], kv[1, :, : c + n]
+    group = h // keys.shape[0]
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+    qh = q.transpose(0, 1)[None]  # [1, H, n, hd]
+    if c == 0:
+        out = F.scaled_dot_product_attention(qh, keys[None], values[None], is_causal=True, scale=scale)
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(n, c + n)
+        out = F.scaled_dot_product_attention(qh, keys[None], values[None], attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,7 +202,8 @@ def paged_attention(
     nd = meta.num_decode_tokens
     if nd:
         out[:nd] = _decode_attention(q[:nd], kv_layer, meta, scale)
+    prefill = _prefill_attention_sdpa if q.is_cuda else _prefill_attention
     for span in meta.prefills:
         s, e = span.q_start, span.q_start + span.q_len
-        out[s:e] = _prefill_attention(q[s:e], k[s:e], v[s:e], kv_layer, span, scale)
+        out[s:e] = prefill(q[s:e], k[s:e], v[s:e], kv_layer, span, scale)
     return out

@@ -186,6 +186,22 @@ class Qwen3Model(nn.Module):
         return self.norm(x)
 
 
+def _plain_linear(weight: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    return lin
+
+
+@torch.no_grad()
+def fuse_projections_(module: nn.Module) -> None:
+    """Fuse q/k/v and gate/up of every layer into one nn.Linear each (inference only): fewer,
+    larger GEMMs, which on a GPU read the weights closer to full bandwidth at decode batch sizes."""
+    for m in list(module.modules()):
+        fuse = getattr(m, "fuse_projections", None)
+        if fuse is not None:
+            fuse(_plain_linear)
+
+
 class Qwen3ForCausalLM(nn.Module):
     """Qwen3 dense causal LM over a paged KV cache.
 

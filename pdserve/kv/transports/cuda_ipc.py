@@ -8,10 +8,16 @@ never pickled tensors.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from pdserve.kv.messages import CudaIpcDescriptor
 from pdserve.kv.transports.base import TransferError, block_runs, check_ids, copy_blocks
+
+# Caches this process exported, by (IPC handle, offset): CUDA cannot open a handle in the process
+# that exported it, so a peer engine in the same process (tests, one-process setups) uses the tensor.
+_EXPORTED: weakref.WeakValueDictionary[tuple[bytes, int], torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def export_cache(cache: torch.Tensor) -> CudaIpcDescriptor:
@@ -19,6 +25,7 @@ def export_cache(cache: torch.Tensor) -> CudaIpcDescriptor:
     (device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
         cache.untyped_storage()._share_cuda_()
     )
+    _EXPORTED[(bytes(handle), int(offset))] = cache
     props = torch.cuda.get_device_properties(device)
     return CudaIpcDescriptor(
         device=int(device), handle=bytes(handle), size_bytes=int(size), offset_bytes=int(offset),
@@ -29,6 +36,9 @@ def export_cache(cache: torch.Tensor) -> CudaIpcDescriptor:
 
 
 def open_cache(desc: CudaIpcDescriptor, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device):
+    local = _EXPORTED.get((desc.handle, desc.offset_bytes))
+    if local is not None:  # exported by this very process
+        return local.view(dtype).view(shape)
     storage = torch.UntypedStorage._new_shared_cuda(
         desc.device, desc.handle, desc.size_bytes, desc.offset_bytes, desc.ref_counter_handle,
         desc.ref_counter_offset, desc.event_handle or None, desc.event_sync_required,
@@ -52,6 +62,10 @@ class CudaIpcTransport:
         self._stream = torch.cuda.Stream(local.device)
 
     def _run(self, dst: torch.Tensor, src: torch.Tensor, runs, layer: int | None) -> None:
+        # Order the copy after the work the engine thread has queued on the device's default stream
+        # so far: in write mode the layer's KV writes are queued, not yet done, when the producer
+        # hands the layer to this (worker) thread.
+        self._stream.wait_stream(torch.cuda.default_stream(self.local.device))
         with torch.cuda.stream(self._stream):
             copy_blocks(dst, src, runs, layer)
         self._stream.synchronize()

@@ -1,0 +1,157 @@
+"""Decode attention over the paged KV cache as a Triton kernel (split-KV, "flash-decoding"); CUDA.
+
+Why a kernel of our own rather than the alternatives:
+
+- the torch path (attention.py `_decode_attention`) gathers every block of the table, padded to
+  the widest sequence, into a new tensor and then reads it again: about 3x the KV bytes of the
+  real contexts, and with a static (CUDA-graph) table padded to max_model_len it reads all of it;
+- SDPA has no paged input: it needs the same gather first;
+- FlexAttention needs K and V each as one [B, H, L, D] tensor, but our blocks interleave K and V
+  ([nb, 2, bs, kvh, hd], the layout KV transports move as one span per block), so no view of the
+  cache has that shape: it would need a copy or a change of the cache layout.
+
+This kernel reads each live key and value exactly once, straight from the cache through the block
+table, and stops at each sequence's context length, so a table padded to max_model_len (as in the
+CUDA graphs) costs nothing beyond the real tokens. Grid: (sequence, KV head, partition of
+`partition` keys); each program computes, for the GQA group of query heads sharing its KV head,
+the running max, the softmax denominator and the unnormalised output over its keys (fp32);
+a second kernel combines the partitions. Both have static grids for a given table width, so they
+are captured by CUDA graphs as they are. It also runs on CPU tensors under TRITON_INTERPRET=1,
+which is how the unit tests check it without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path is used
+    triton = None
+
+_BLOCK_N = 64  # keys per inner iteration
+_MIN_PARTITION = 128  # keys per program, at least
+_MAX_PARTITIONS = 64  # programs per (sequence, KV head), at most: bounds the fp32 partials
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def partition_size(max_tokens: int) -> int:
+    """Keys per program for a table of `max_tokens` slots: a power of two >= 128 (a multiple of
+    the inner step), with at most 64 partitions."""
+    return max(_MIN_PARTITION, _next_pow2(-(-max_tokens // _MAX_PARTITIONS)))
+
+
+def supported(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
+    """True when the kernel can run these shapes (Triton installed, head_dim a power of two >= 16)."""
+    hd = q.shape[-1]
+    return (
+        triton is not None
+        and hd >= 16
+        and hd & (hd - 1) == 0
+        and q.dtype == kv_layer.dtype
+        and kv_layer.stride(-1) == 1
+        and q.stride(-1) == 1
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial_kernel(
+        q_ptr, kv_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
+        scale, partition, num_parts,
+        stride_qd, stride_qh, stride_kb, stride_kv, stride_kt, stride_kh, stride_td,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+        part = tl.program_id(2)
+        ctx = tl.load(lens_ptr + seq)
+        start = part * partition
+        end = tl.minimum(start + partition, ctx)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        heads = kvh * GROUP + offs_g
+        g_ok = offs_g < GROUP
+        q = tl.load(q_ptr + seq * stride_qd + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None],
+                    other=0.0)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for t0 in range(start, end, BLOCK_N):
+            offs_t = t0 + tl.arange(0, BLOCK_N)
+            t_ok = offs_t < end
+            blk = tl.load(table_ptr + seq * stride_td + offs_t // BLOCK_SIZE, mask=t_ok, other=0)
+            row = blk.to(tl.int64) * stride_kb + (offs_t % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+            k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+            v = tl.load(kv_ptr + stride_kv + row[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        idx = (seq * tl.num_programs(1) * GROUP + heads) * num_parts + part
+        live = g_ok & (start < ctx)  # a partition past the context writes nothing
+        tl.store(m_ptr + idx, m_i, mask=live)
+        tl.store(l_ptr + idx, l_i, mask=live)
+        tl.store(acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=live[:, None])
+
+    @triton.jit
+    def _combine_kernel(
+        m_ptr, l_ptr, acc_ptr, lens_ptr, out_ptr, partition, num_parts, stride_od, stride_oh,
+        HEAD_DIM: tl.constexpr, PARTS_PAD: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        ctx = tl.load(lens_ptr + seq)
+        n = (ctx + partition - 1) // partition
+        offs_p = tl.arange(0, PARTS_PAD)
+        ok = offs_p < n
+        base = (seq * tl.num_programs(1) + head) * num_parts
+        m = tl.load(m_ptr + base + offs_p, mask=ok, other=float("-inf"))
+        den = tl.load(l_ptr + base + offs_p, mask=ok, other=0.0)
+        w = tl.where(ok, tl.exp(m - tl.max(m, 0)), 0.0)
+        offs_d = tl.arange(0, HEAD_DIM)
+        acc = tl.load(acc_ptr + (base + offs_p)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * den, 0)
+        tl.store(out_ptr + seq * stride_od + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(
+    q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [D, H, hd] against each sequence's first context_lens[d] keys (>= 1) of the blocks in
+    block_tables [D, W] (kv_layer [nb, 2, bs, kvh, hd]) -> [D, H, hd]. No host sync."""
+    d, h, hd = q.shape
+    _, _, bs, kvh, _ = kv_layer.shape
+    group = h // kvh
+    width = block_tables.shape[1] * bs
+    part = partition_size(width)
+    num_parts = -(-width // part)
+    out = torch.empty_like(q)
+    if d == 0:
+        return out
+    m = torch.empty(d, h, num_parts, dtype=torch.float32, device=q.device)
+    lse = torch.empty_like(m)
+    acc = torch.empty(d, h, num_parts, hd, dtype=torch.float32, device=q.device)
+    sb, skv, st, sh, _ = kv_layer.stride()
+    _partial_kernel[(d, kvh, num_parts)](
+        q, kv_layer, block_tables, context_lens, m, lse, acc,
+        scale, part, num_parts,
+        q.stride(0), q.stride(1), sb, skv, st, sh, block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=hd, BLOCK_SIZE=bs, BLOCK_N=_BLOCK_N,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    _combine_kernel[(d, h)](
+        m, lse, acc, context_lens, out, part, num_parts, out.stride(0), out.stride(1),
+        HEAD_DIM=hd, PARTS_PAD=max(2, _next_pow2(num_parts)),
+    )
+    return out
