@@ -9,6 +9,7 @@ per peer, used by one transfer at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -22,6 +23,17 @@ from pdserve.kv.transports.base import TransferError, check_ids
 log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
+# A server connection whose client vanished (its reset lost on a cut link) is probed after this long
+# idle and dropped after the probes go unanswered, so its thread ends.
+_KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3}
+
+
+def _keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE.items():
+        if hasattr(socket, name):  # Linux; elsewhere the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class _Header(msgspec.Struct, omit_defaults=True):
@@ -136,6 +148,7 @@ class TcpServer:
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -216,7 +229,13 @@ class TcpTransport:
                 raise
 
     def _drop(self) -> None:
+        """Forget the connection (after a failure, or on close) with a reset: the kernel discards the
+        bytes it has not delivered yet. A plain close would keep retrying them after the transfer was
+        given up, and once a cut link is back a late write would land in blocks that the peer has
+        freed since and given to another request (tests/faults/test_link_cut.py)."""
         if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self._sock.close()
             self._sock = None
 
