@@ -197,6 +197,11 @@ class KVConsumer(KVConnectorBase):
             p.quarantined = True
             return True
         del self._pending[request.request_id]
+        if not p.started and not p.abandoned:
+            # Ended before it had blocks (so before write_dest / the read): nothing can land in ours,
+            # but the prefill may hold the prompt's blocks for us until its lease ends.
+            abort = Abort(request.request_id, self.engine_id, "decode request ended")
+            self.sender.send(prm.remote_host, prm.remote_notify_port, abort)  # type: ignore[arg-type]
         return False
 
     # ---- worker thread -------------------------------------------------------------------------

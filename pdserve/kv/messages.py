@@ -133,9 +133,12 @@ class WriteDone(msgspec.Struct, tag_field="type", tag="write_done"):
 
 class Abort(msgspec.Struct, tag_field="type", tag="abort"):
     request_id: str
-    engine_id: str
+    engine_id: str  # the sender's; PROXY_ENGINE_ID when the proxy sends it
     reason: str | None = None
     token: str | None = None
+
+
+PROXY_ENGINE_ID = "proxy"  # `Abort.engine_id` of the proxy: it dropped this half's HTTP call
 
 
 NotifyMessage = ReadDone | WriteDest | WriteDone | Abort

@@ -7,6 +7,11 @@ chunks go with the last one: the destination is only certain once the request is
 its prompt in this step, and one push per layer keeps the transfer count independent of the
 chunking) are queued to the transfer worker as soon as that layer's KV is in the cache, so the
 copy overlaps the next layers' compute. Then `write_done` goes to decode and the blocks are freed.
+
+`abort` (from the decode instance, or from the proxy when it drops this half) frees held blocks
+at once, or once the worker has stopped reading them. An abort from the proxy can overtake the
+request it names (the HTTP call and the notify message travel apart): it is remembered for a few
+seconds, and a request that arrives meanwhile is treated as aborted, so its blocks are not held.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import msgspec
 
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.kv.connector import KVConnectorBase, _Done
-from pdserve.kv.messages import Abort, KVTransferParams, ReadDone, WriteDest, WriteDone
+from pdserve.kv.messages import PROXY_ENGINE_ID, Abort, KVTransferParams, ReadDone, WriteDest, WriteDone
 from pdserve.kv.transports.base import TransferError
+
+EARLY_ABORT_SECONDS = 10.0  # how long an abort from the proxy waits for the request it names
 
 
 @dataclass
@@ -47,6 +54,7 @@ class KVProducer(KVConnectorBase):
         self._push_failed: set[str] = set()  # worker thread only: skip the rest of a failed push
         self._cancelled: set[str] = set()  # decode aborted: set by the notify thread, read by the worker
         self._peer_aborted: set[str] = set()  # decode aborted while this request still computes
+        self._early_aborts: dict[str, float] = {}  # the proxy's aborts of requests not seen yet, by arrival
 
     # ---- engine thread ---------------------------------------------------------------------
     def on_add(self, request: Request, params: KVTransferParams | None) -> None:
@@ -58,7 +66,9 @@ class KVProducer(KVConnectorBase):
         )
         mode = (params.transfer_mode or self.transfer_mode).upper()
         self._remote[request.request_id] = (request, msgspec.structs.replace(params, transfer_mode=mode))
-        if mode == "WRITE" and params.remote_host and params.remote_handshake_port:
+        if self._early_aborts.pop(request.request_id, None) is not None:  # the proxy gave up on it already
+            self._handle(Abort(request.request_id, PROXY_ENGINE_ID, "aborted before it arrived"))
+        elif mode == "WRITE" and params.remote_host and params.remote_handshake_port:
             self.handshakes.get(params.remote_host, params.remote_handshake_port)  # warm up, in background
 
     def _on_notify(self, msg: object) -> None:
@@ -70,7 +80,12 @@ class KVProducer(KVConnectorBase):
         self._step_pushes = []
         for req, n in prefills:
             dest = self._dests.get(req.request_id)
-            if req.request_id not in self._remote or dest is None or req.num_computed_tokens + n < req.num_tokens:
+            if (
+                req.request_id not in self._remote
+                or dest is None
+                or req.num_computed_tokens + n < req.num_tokens
+                or req.request_id in self._peer_aborted
+            ):
                 continue
             self._step_pushes.append((req, dest[0]))
             self._forward_push.add(req.request_id)
@@ -94,11 +109,20 @@ class KVProducer(KVConnectorBase):
         pushed_done = self._push_results.pop(rid, None) is not None
         if rid in self._peer_aborted:  # nobody will read these blocks
             self._peer_aborted.discard(rid)
+            request.kv_transfer_params = None  # the answer offers no KV (a proxy would prefill locally)
+            dest = self._dests.pop(rid, None)  # a write_dest that came after the abort: nothing was pushed
+            if dest is not None:
+                self._worker.submit(self._ack_abort, rid, dest[0], "aborted")
             return self._hold_while_pushing(request) if pushed and not pushed_done else False
         if request.status not in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED):
-            if params.transfer_mode == "WRITE" and params.remote_host and params.remote_notify_port:
-                self.sender.send(params.remote_host, params.remote_notify_port,
-                                 Abort(rid, self.engine_id, f"prefill ended: {request.status.finish_reason}"))
+            reason = f"prefill ended: {request.status.finish_reason}"
+            dest = self._dests.pop(rid, None)
+            if pushed and not pushed_done and dest is not None:
+                # Layers may still be on their way into decode's blocks: tell it behind them, not before.
+                self._cancelled.add(rid)
+                self._worker.submit(self._ack_abort, rid, dest[0], reason)
+            elif params.transfer_mode == "WRITE" and params.remote_host and params.remote_notify_port:
+                self.sender.send(params.remote_host, params.remote_notify_port, Abort(rid, self.engine_id, reason))
             return self._hold_while_pushing(request) if pushed and not pushed_done else False
         request.kv_transfer_params = KVTransferParams(
             do_remote_prefill=True,
@@ -160,6 +184,9 @@ class KVProducer(KVConnectorBase):
         for rid, (_, t) in list(self._dests.items()):
             if now - t > self.config.kv_lease_seconds:
                 del self._dests[rid]
+        for rid, t in list(self._early_aborts.items()):
+            if now - t > EARLY_ABORT_SECONDS:
+                del self._early_aborts[rid]
         return set(), {}
 
     def _handle(self, ev: object) -> None:
@@ -180,11 +207,16 @@ class KVProducer(KVConnectorBase):
             if dest_msg is not None:
                 # Behind any queued pushes for it: once this runs, nothing more is written for rid,
                 # and decode may reuse the blocks it was holding for us.
-                self._worker.submit(self._ack_abort, rid, dest_msg)
+                who = "the proxy" if ev.engine_id == PROXY_ENGINE_ID else "the decode instance"
+                self._worker.submit(self._ack_abort, rid, dest_msg, f"aborted by {who}")
+            else:  # no push for rid was queued, nor can be: do not let the mark stop a later one
+                self._cancelled.discard(rid)
             if held is not None and not held.pushing:
                 self._free(rid)
             elif rid in self._remote:
                 self._peer_aborted.add(rid)
+            elif held is None and ev.engine_id == PROXY_ENGINE_ID:  # it may overtake its request
+                self._early_aborts[rid] = time.monotonic()
         elif isinstance(ev, _Partial):
             self.stats.bytes_moved += ev.nbytes
         elif isinstance(ev, _Done):
@@ -200,11 +232,10 @@ class KVProducer(KVConnectorBase):
         self.release(held.request)
 
     # ---- worker thread -------------------------------------------------------------------------
-    def _ack_abort(self, rid: str, dest: WriteDest) -> None:
+    def _ack_abort(self, rid: str, dest: WriteDest, reason: str) -> None:
         """Worker: every push queued for rid has run (or stopped); tell decode it may free its blocks."""
         self._cancelled.discard(rid)
-        self.sender.send(dest.handshake_host, dest.notify_port,
-                         WriteDone(rid, self.engine_id, False, "aborted by the decode instance"))
+        self.sender.send(dest.handshake_host, dest.notify_port, WriteDone(rid, self.engine_id, False, reason))
 
     def _push_layers(self, rid: str, dest: WriteDest, src: list[int], layers: list[int], final: bool) -> None:
         """Write `layers` of `src` into decode's blocks. The final job tells decode directly (it need
@@ -220,7 +251,7 @@ class KVProducer(KVConnectorBase):
             n = min(len(src), len(dest.block_ids))
             for layer in layers:
                 if rid in self._cancelled:
-                    self.events.put(_Done(rid, False, "aborted by the decode instance"))
+                    self.events.put(_Done(rid, False, "aborted"))
                     return
                 nbytes += transport.write_layer(layer, src[:n], dest.block_ids[:n])
         except TransferError as e:

@@ -8,6 +8,11 @@ happens when one fails. The result is a `Reply` that nothing has been sent of ye
   pair is committed once decode's first byte has arrived and the prefill half has answered 200;
   a failure of either half before that aborts the other, and the pair is retried.
 
+A prefill half the proxy gives up on (either mode: the decode half failed or refused the body, the
+client went away, the prefill timed out) is also sent the notify `Abort` (docs/protocol.md section 3):
+closing its connection stops the request only while it computes, and a prefill that has answered
+would hold its KV blocks until the lease ends (30 s).
+
 Failures before anything reached the client are retried once on another instance of the same
 role (`max_attempts`); a prefill half that still fails falls back per `--fallback`: the plain
 request to the decode instance (`local-prefill`) or a 503 (`fail`). A 4xx is the client's fault:
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 import anyio
 import zmq
 
-from pdserve.kv.messages import Abort
+from pdserve.kv.messages import PROXY_ENGINE_ID, Abort
 from pdserve.kv.notify import NotifySender
 from pdserve.proxy import bodies
 from pdserve.proxy.errors import ProxyError, no_instance
@@ -67,7 +72,7 @@ class Orchestrator:
         self.upstream = upstream
         self.picker = picker
         self.metrics = metrics
-        self._zmq: zmq.Context | None = None  # created on first use (READ: aborts to prefill instances)
+        self._zmq: zmq.Context | None = None  # created on first use (aborts to prefill instances)
         self._notify: NotifySender | None = None
 
     async def serve(self, req: ClientRequest) -> Reply:
@@ -153,10 +158,16 @@ class Orchestrator:
                 params = bodies.params_from_prefill(reply.body)
             except UpstreamFailure as e:
                 last = e
+                if e.kind not in _NOTHING_HELD:
+                    self._drop_prefill(inst, req.request_id, f"the prefill half failed ({e.kind})")
                 continue
+            except asyncio.CancelledError:
+                self._drop_prefill(inst, req.request_id, "the request was cancelled")
+                raise
             except bodies.BadParams as e:
                 last = UpstreamFailure(inst, "status", str(e))
                 log.warning("prefill instance %s: %s", inst.address, e)
+                self._drop_prefill(inst, req.request_id, "unusable kv_transfer_params")
                 continue
             if params is None:
                 self._fallback("no_params", None)
@@ -174,8 +185,11 @@ class Orchestrator:
         try:
             reply = await self._one_of("D", req, bodies.decode_body(body, params), req.request_id)
         except ProxyError as e:
-            if e.code == "no_instance":
-                self._release_prefill(req.request_id, params, "no decode instance")
+            why = "no decode instance" if e.code == "no_instance" else "every decode attempt failed"
+            self._release_prefill(req.request_id, params, why)
+            raise
+        except asyncio.CancelledError:
+            self._release_prefill(req.request_id, params, "the request was cancelled")
             raise
         if isinstance(reply, Buffered) and reply.status >= 400:
             self._release_prefill(req.request_id, params, f"the decode instance answered HTTP {reply.status}")
@@ -190,8 +204,21 @@ class Orchestrator:
         if self._zmq is None or self._notify is None:
             self._zmq = zmq.Context()
             self._notify = NotifySender(self._zmq, self.settings.registry_token)
-        self._notify.send(host, port, Abort(request_id, "proxy", f"decode half not served: {reason}"))
+        self._notify.send(host, port, Abort(request_id, PROXY_ENGINE_ID, f"dropped by the proxy: {reason}"))
         log.info("request %s: prefill %s:%d told to free its blocks (%s)", request_id, host, port, reason)
+
+    def _drop_prefill(self, prefill: Instance, request_id: str, reason: str) -> None:
+        """The proxy gave up on a prefill half that may hold KV blocks for `request_id`, or come to hold
+        them: closing its connection aborts the request only while it computes; one that has finished
+        (or that a stalled instance computes later) would keep its blocks until the lease ends. So the
+        instance is told over its notify port too, when the proxy knows it (registered, or /kv_info)."""
+        if prefill.notify_port and prefill.kv_host and prefill.engine_id:
+            params = {
+                "remote_host": prefill.kv_host,
+                "remote_notify_port": prefill.notify_port,
+                "remote_engine_id": prefill.engine_id,
+            }
+            self._release_prefill(request_id, params, reason)
 
     def close(self) -> None:
         """Close the notify sockets (at shutdown)."""
@@ -254,17 +281,24 @@ class Orchestrator:
                 reply.first_byte_at = time.perf_counter()  # the hold is protocol, not proxy overhead
             elif reply is not None and reply.status == 200 and not decode_scope.cancel_called:
                 await asyncio.wait((p_task,), timeout=1.0)  # a complete answer: the prefill's is due
-        except BaseException:
+        except BaseException as e:  # the decode half failed, or this request was cancelled (client gone)
             p_task.cancel()
             if isinstance(reply, Stream):
                 reply.close()
+            if _prefill_may_hold(p_task):
+                why = "the decode half failed" if isinstance(e, UpstreamFailure) else "the request was cancelled"
+                self._drop_prefill(prefill, request_id, why)
             raise
         if decode_scope.cancel_called:  # the prefill half failed
             if isinstance(reply, Stream):
                 reply.close()
+            if _prefill_may_hold(p_task):  # e.g. timed out: a stalled instance may compute it later
+                self._drop_prefill(prefill, request_id, "the prefill half failed")
             return self._prefill_outcome(prefill, p_task)
         p_task.cancel()  # no-op when it answered; a decode 4xx makes it moot
         assert reply is not None
+        if isinstance(reply, Buffered) and reply.status >= 400 and _prefill_may_hold(p_task):
+            self._drop_prefill(prefill, request_id, f"the decode instance answered HTTP {reply.status}")
         return reply
 
     @staticmethod
@@ -281,6 +315,20 @@ class Orchestrator:
         if isinstance(reply, Stream):
             reply.close()
         raise _PrefillFailed(UpstreamFailure(prefill, "status", "the prefill half did not answer 200 with JSON"))
+
+
+_NOTHING_HELD = ("status", "unreachable")  # prefill failures that show it holds no KV for the request
+
+
+def _prefill_may_hold(task: asyncio.Future[Reply]) -> bool:
+    """Whether a prefill half being given up on may hold KV blocks for its request, or come to: it is
+    still running, answered 200, or failed in a way that leaves that open (timeout, dropped, evicted)."""
+    if not task.done() or task.cancelled():
+        return True
+    exc = task.exception()
+    if exc is not None:
+        return isinstance(exc, UpstreamFailure) and exc.kind not in _NOTHING_HELD
+    return _prefill_ok(task)
 
 
 def _prefill_ok(task: asyncio.Future[Reply]) -> bool:

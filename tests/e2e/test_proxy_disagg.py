@@ -4,10 +4,10 @@ Two topologies, each with one role static (URLs on the proxy's command line: hea
 `GET /kv_info` for WRITE) and the other registering over ZMQ (`--proxy-address`): READ with static
 prefills and registered decodes, WRITE with registered prefills and static decodes.
 Each checks: output equal to a standalone instance's at temperature 0 (completions and chat,
-streamed or not); a killed prefill (kill -9) does not fail requests (retry, then local prefill)
-and a restarted one is admitted again (health check / re-registration with a new engine id); a
-decode killed mid-stream gives the client an error event at once, later requests go to the other
-decode; every KV block comes back.
+streamed or not); a body only the decode half refuses leaves no prefill blocks held; a killed
+prefill (kill -9) does not fail requests (retry, then local prefill) and a restarted one is admitted
+again (health check / re-registration with a new engine id); a decode killed mid-stream gives the
+client an error event at once, later requests go to the other decode; every KV block comes back.
 """
 
 from __future__ import annotations
@@ -178,26 +178,11 @@ def _outputs(server: ServerProcess) -> list[str]:
     return out
 
 
-def _blocks_all_free(servers: list[ServerProcess]) -> None:
+def _blocks_all_free(servers: list[ServerProcess], timeout: float = 15.0) -> None:
+    """Every KV block free again within `timeout` (under the 30 s lease: nothing waited for it)."""
     for s in servers:
         total = s.metrics()["pdserve_kv_blocks_total"]
-        s.wait_metrics({"pdserve_kv_blocks_free": total}, timeout=15)
-
-
-# Known KV-side issue (reported to the KV roles' owner): in WRITE mode a half that the proxy aborts by
-# closing its connection because the other half failed keeps its blocks: a prefill until its lease
-# expires (30 s), a decode waiting for remote KV for longer. Only that final check is excused, and only
-# in WRITE mode; everything before it is checked strictly. Remove once fixed.
-_WRITE_ABORT_LEAK = "KV side: a WRITE half aborted by the proxy (peer failed) keeps its KV blocks"
-
-
-def _blocks_back_after_failures(topo: Topology, servers: list[ServerProcess]) -> None:
-    try:
-        _blocks_all_free(servers)
-    except AssertionError as e:
-        if topo.mode == "write":
-            pytest.xfail(f"{_WRITE_ABORT_LEAK}: {e}")
-        raise
+        s.wait_metrics({"pdserve_kv_blocks_free": total}, timeout=timeout)
 
 
 def test_outputs_equal_standalone(topo: Topology, reference: ServerProcess) -> None:
@@ -207,6 +192,18 @@ def test_outputs_equal_standalone(topo: Topology, reference: ServerProcess) -> N
     rows = topo.rows()
     assert all(r["requests"] > 0 for r in rows)  # both prefills and both decodes took part
     _blocks_all_free(topo.prefills + topo.decodes)
+
+
+def test_refused_decode_half_frees_the_prefill_blocks(topo: Topology) -> None:
+    """A body only the decode half refuses (the prefill half is sent max_tokens=1, no min_tokens): the
+    prefill computed the prompt (in WRITE mode at the same time) and would keep its KV blocks for the
+    30 s lease; the proxy drops that half and tells the prefill (notify `Abort`): the blocks are back at once."""
+    for bad in ({"max_tokens": -1}, {"max_tokens": 2, "min_tokens": 5}):
+        for prompt in PROMPTS:
+            body = {"model": TINY_MODEL, "prompt": prompt, **bad}
+            r = httpx.post(topo.proxy.v1_url + "/completions", json=body, timeout=30)
+            assert r.status_code == 400, r.text
+    _blocks_all_free(topo.prefills + topo.decodes, timeout=5)
 
 
 def test_prefill_killed_then_restarted(topo: Topology, reference: ServerProcess) -> None:
@@ -236,7 +233,7 @@ def test_prefill_killed_then_restarted(topo: Topology, reference: ServerProcess)
     assert sum(after.values()) - sum(before.values()) == 2
     assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="no_prefill"}') + topo.proxy_metric(
         'pdserve_proxy_fallbacks_total{reason="prefill_failed"}') == fallbacks
-    _blocks_back_after_failures(topo, topo.prefills + topo.decodes)
+    _blocks_all_free(topo.prefills + topo.decodes)
 
 
 def test_decode_killed_mid_stream(topo: Topology) -> None:
@@ -263,4 +260,4 @@ def test_decode_killed_mid_stream(topo: Topology) -> None:
     assert survivor.metrics()['pdserve_requests_total{finish_reason="length"}'] - before == 3
     topo.wait_ready(2, 1)
     topo.decodes = [survivor]
-    _blocks_back_after_failures(topo, topo.prefills + topo.decodes)
+    _blocks_all_free(topo.prefills + topo.decodes)

@@ -1,7 +1,7 @@
 """Schemathesis drives the proxy's own OpenAPI schema (GET /openapi.json), in standard mode (one
-standalone instance) and in disagg READ mode (one prefill, one decode): valid and invalid bodies on
-every documented route, never a 5xx from the proxy nor from an instance behind it (a hidden one: a
-retried or fallen-back call), the proxy still healthy afterwards and every KV block free again."""
+standalone instance) and in disagg READ and WRITE modes (one prefill, one decode): valid and invalid
+bodies on every documented route, never a 5xx from the proxy nor from an instance behind it (a hidden
+one: a retried or fallen-back call), the proxy still healthy afterwards and every KV block free again."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _proxy(tmp: Path, *args: str) -> Iterator[ServerProcess]:
         assert proxy.stop() == 0, proxy.log()  # SIGTERM: graceful exit 0
 
 
-@pytest.fixture(scope="module", params=["standard", "disagg-read"])
+@pytest.fixture(scope="module", params=["standard", "disagg-read", "disagg-write"])
 def topo(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[Topology]:
     if request.param == "standard":
         with (
@@ -58,11 +58,12 @@ def topo(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[Topology]
         ):
             yield Topology(p, [s])
         return
+    kv_mode = request.param.removeprefix("disagg-")
     with (
-        pdserve_server(module_tmp, *INSTANCE, "--role", "prefill", "--kv-mode", "read") as pre,
-        pdserve_server(module_tmp, *INSTANCE, "--role", "decode", "--kv-mode", "read") as dec,
+        pdserve_server(module_tmp, *INSTANCE, "--role", "prefill", "--kv-mode", kv_mode) as pre,
+        pdserve_server(module_tmp, *INSTANCE, "--role", "decode", "--kv-mode", kv_mode) as dec,
         _proxy(
-            module_tmp, "--mode", "disagg", "--kv-mode", "read", "--prefill", pre.base_url, "--decode", dec.base_url
+            module_tmp, "--mode", "disagg", "--kv-mode", kv_mode, "--prefill", pre.base_url, "--decode", dec.base_url
         ) as p,
     ):
         yield Topology(p, [pre, dec])
@@ -131,13 +132,17 @@ def test_no_server_errors(topo: Topology, path: str, mode: GenerationMode, reque
 
 
 def test_decode_only_rejection_frees_the_prefill_blocks(topo: Topology) -> None:
-    """What the fuzzer found (disagg READ): a body that only the decode half can judge (the proxy sends
-    the prefill max_tokens=1 and no min_tokens) was prefilled, then refused by decode, and the prefill
-    kept its KV blocks for the whole lease (30 s). The proxy now tells the prefill to free them."""
+    """What the fuzzer found (disagg READ; in WRITE the same, the halves running at once): a body that
+    only the decode half can judge (the proxy sends the prefill max_tokens=1 and no min_tokens) was
+    prefilled, then refused by decode, and the prefill kept its KV blocks for the whole lease (30 s).
+    The proxy now tells the prefill to free them (notify `Abort`)."""
     if len(topo.instances) < 2:
         pytest.skip("standard mode: no prefill half")
     prefill = topo.instances[0]
     total = prefill.metrics()["pdserve_kv_blocks_total"]
+    # Warm (a cold prefill is still computing when decode refuses, and closing its connection aborts it).
+    warm = httpx.post(f"{topo.proxy.v1_url}/completions", json={"prompt": "warm", "max_tokens": 2}, timeout=30)
+    assert warm.status_code == 200, warm.text
     for bad in ({"max_tokens": -1}, {"max_tokens": 2, "min_tokens": 5}, {"max_tokens": 10_000}):
         r = httpx.post(f"{topo.proxy.v1_url}/completions", json={"prompt": "a prompt " * 20, **bad}, timeout=30)
         assert r.status_code == 400, r.text

@@ -11,11 +11,14 @@ import time
 
 import pytest
 import torch
+import zmq
 
 from pdserve.config import CacheConfig, EngineConfig, KVTransferConfig, SchedulerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv.messages import PROXY_ENGINE_ID, Abort
+from pdserve.kv.notify import NotifySender
 
 PROMPT_LENS = (5, 40, 100, 17)  # 100 tokens: several 32-token chunks
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -195,6 +198,82 @@ def test_kv_that_never_arrives(policy):
         wait_blocks_free(d)
     finally:
         close(s, d)
+
+
+def _write_prefill_params(decode: AsyncEngine) -> dict:
+    c = decode.engine.connector
+    return {
+        "do_remote_decode": True,
+        "transfer_mode": "WRITE",
+        "remote_host": c.host,
+        "remote_engine_id": c.engine_id,
+        "remote_handshake_port": c.handshake_port,
+        "remote_notify_port": c.notify_port,
+    }
+
+
+def _held(e: AsyncEngine) -> int:
+    return e.stats.num_total_blocks - e.stats.num_free_blocks
+
+
+def test_write_halves_given_up_on_free_the_other_sides_blocks():
+    """WRITE, the proxy drops one half: the other side's blocks come back at once, not after the lease
+    (30 s here) or the transfer timeout. (1) A prefill that answered, whose decode half never came: the
+    proxy's `Abort` frees it. (2) That `Abort` overtaking its request: the request is not held when it
+    finishes. (3) A decode request that ends before it had blocks (so before `write_dest`) tells the
+    prefill; (4) one that ends after it (quarantined) gets its blocks back once the prefill confirms."""
+    tiny = "dummy:qwen3-tiny"
+    p = make(tiny, "prefill", "write")
+    d = make(tiny, "decode", "write", blocks=8)  # room for one 80-token prompt (5 blocks), not two
+    sender = NotifySender(zmq.Context.instance())
+    pc = p.engine.connector
+    a, b, c, e = prompts((40, 40, 80, 80), seed=7)
+
+    async def main():
+        _, out = await run(p, "held", a, _write_prefill_params(d))
+        assert out.kv_transfer_params is not None
+        await until_true(lambda: _held(p) == 3, 2.0)  # kept for a write_dest (stats lag the output a little)
+        sender.send(pc.host, pc.notify_port, Abort("held", PROXY_ENGINE_ID, "decode half failed"))
+        await until_true(lambda: _held(p) == 0, 2.0)
+
+        sender.send(pc.host, pc.notify_port, Abort("early", PROXY_ENGINE_ID, "decode half failed"))
+        await asyncio.sleep(0.2)  # handled while the request has not arrived yet
+        _, out = await run(p, "early", b, _write_prefill_params(d))
+        assert out.finish_reason == "length" and out.kv_transfer_params is None
+        await until_true(lambda: _held(p) == 0, 2.0)
+
+        first = asyncio.ensure_future(run(d, "first", e, write_params(p)))  # its prefill half never comes
+        await until_true(lambda: _held(d) == 5, 2.0)
+        second = asyncio.ensure_future(run(d, "second", c, write_params(p)))  # no blocks left for it
+        await run(p, "second", c, _write_prefill_params(d))
+        await until_true(lambda: _held(p) == 5, 2.0)
+        second.cancel()  # the client (or the proxy) drops the decode half: the prefill is told
+        await until_true(lambda: _held(p) == 0, 2.0)
+        first.cancel()  # quarantined until the prefill confirms nothing more will be written
+        await until_true(lambda: _held(d) == 0, 2.0)
+        await asyncio.gather(first, second, return_exceptions=True)
+
+        # A decode's abort of a request the prefill never saw leaves nothing behind that would stop
+        # the push of a later request with that id.
+        sender.send(pc.host, pc.notify_port, Abort("again", "a-decode-engine", "decode request ended"))
+        await asyncio.sleep(0.2)
+        toks, out = await disagg(p, d, "again", a, "write")
+        assert out.error is None and out.finish_reason == "length" and len(toks) == GREEDY.max_tokens
+
+    try:
+        asyncio.run(main())
+        wait_blocks_free(p, d, timeout=1)
+        assert pc.stats.lease_expiries == 0 and d.engine.connector.stats.load_failures == 0
+    finally:
+        sender.close()
+        close(p, d)
+
+
+async def until_true(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("mode", ["read", "write"])

@@ -2,7 +2,8 @@
 
 `FakeInstance` is a small aiohttp server speaking the instance side of docs/protocol.md (a
 prefill half answers with `kv_transfer_params`; a WRITE decode half waits until its prefill peer
-"wrote" the KV) with injectable failures, and records what it received.
+"wrote" the KV) with injectable failures, and records what it received (with `notify=True`, also
+the notify messages sent to its notify port, e.g. the proxy's `Abort`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 import uvicorn
+import zmq
 from aiohttp import web
 
+from pdserve.kv.messages import NotifyMessage, decode_notify
 from pdserve.proxy.app import ProxyState, build_app
 from pdserve.proxy.settings import ProxySettings
 
@@ -48,7 +51,7 @@ class FakeInstance:
     def __init__(
         self, role: Literal["P", "D", "S"], bus: KVBus | None = None, behavior: Behavior = "ok",
         tokens: int = 4, delay_s: float = 0.0, drop_after: int = 2, engine_id: str | None = None,
-        early_chunk: bool = False,
+        early_chunk: bool = False, notify: bool = False,
     ) -> None:
         self.role = role
         self.bus = bus or KVBus()
@@ -63,10 +66,29 @@ class FakeInstance:
         self.healthy = True  # what GET /health says
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self.notified: list[NotifyMessage] = []  # what arrived on the notify port (see `notify_messages`)
+        self._zmq: zmq.Context | None = zmq.Context() if notify else None
+        self._notify: zmq.Socket | None = None
+        self._notify_port = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def notify_port(self) -> int:
+        """A real ZMQ ROUTER with `notify=True`; otherwise a port nothing listens on."""
+        return self._notify_port or self.port + 2
+
+    def notify_messages(self) -> list[NotifyMessage]:
+        """Every notify message received so far (reads what has arrived, without waiting)."""
+        while self._notify is not None:
+            try:
+                frames = self._notify.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.notified.append(decode_notify(frames[-1]))
+        return self.notified
 
     async def start(self) -> FakeInstance:
         app = web.Application()
@@ -81,12 +103,22 @@ class FakeInstance:
         sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
+        if self._zmq is not None and self._notify is None:
+            self._notify = self._zmq.socket(zmq.ROUTER)
+            self._notify.setsockopt(zmq.LINGER, 0)
+            self._notify_port = self._notify.bind_to_random_port("tcp://127.0.0.1")
         return self
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._notify is not None:
+            self._notify.close(0)
+            self._notify = None
+        if self._zmq is not None:
+            self._zmq.term()
+            self._zmq = None
 
     async def _health(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok" if self.healthy else "draining"}, status=200 if self.healthy else 503)
@@ -97,12 +129,12 @@ class FakeInstance:
     async def _kv_info(self, _: web.Request) -> web.Response:
         role = {"P": "prefill", "D": "decode", "S": "standalone"}[self.role]
         return web.json_response({"engine_id": self.engine_id, "host": "127.0.0.1", "handshake_port": self.port + 1,
-                                  "notify_port": self.port + 2, "role": role, "transfer_mode": self.bus.mode})
+                                  "notify_port": self.notify_port, "role": role, "transfer_mode": self.bus.mode})
 
     def params(self, request_id: str) -> dict[str, Any]:
         return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
                 "remote_block_ids": [3, 1, 4], "remote_host": "127.0.0.1", "remote_port": self.port,
-                "remote_handshake_port": self.port + 1, "remote_notify_port": self.port + 2,
+                "remote_handshake_port": self.port + 1, "remote_notify_port": self.notify_port,
                 "transfer_mode": "READ", "lease_seconds": 30.0, "extra_field": request_id}
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
@@ -205,9 +237,10 @@ async def until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-               headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
-    """(status, body, X-Request-Id) of a POST."""
-    async with session.post(url, json=body, headers=headers or {}) as r:
+               headers: dict[str, str] | None = None, timeout: float | None = None) -> tuple[int, bytes, str]:
+    """(status, body, X-Request-Id) of a POST; `timeout`: give up (and disconnect) after that long."""
+    limit = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
+    async with session.post(url, json=body, headers=headers or {}, **limit) as r:
         return r.status, await r.read(), r.headers.get("x-request-id", "")
 
 

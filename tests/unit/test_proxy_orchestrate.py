@@ -4,6 +4,7 @@ instances, in process: the bodies of both halves, retries, fallbacks, aborts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,7 +14,7 @@ import msgspec
 import pytest
 import zmq
 
-from pdserve.kv.messages import Register, encode
+from pdserve.kv.messages import PROXY_ENGINE_ID, Abort, Register, encode
 from pdserve.proxy import bodies
 from pdserve.proxy.instances import Instance
 from pdserve.proxy.settings import ProxySettings
@@ -284,6 +285,67 @@ def test_write_prefill_4xx_passes_through() -> None:
         await until(lambda: ds[0].cancelled == 1)
 
     _run([FakeInstance("P", bus, behavior="400")], [FakeInstance("D", bus)], body, kv_mode="WRITE")
+
+
+def _aborts(f: FakeInstance) -> list[str]:
+    """Request ids of the proxy's notify `Abort`s that reached `f`."""
+    msgs = f.notify_messages()
+    assert all(isinstance(m, Abort) and m.engine_id == PROXY_ENGINE_ID for m in msgs), msgs
+    return [m.request_id for m in msgs]
+
+
+def test_write_prefill_half_given_up_on_is_told_to_free_its_blocks() -> None:
+    """A WRITE pair abandoned before it was committed: unless the prefill half failed by itself (it then
+    holds nothing), the proxy sends it the notify `Abort`, so that a prefill that already answered (or
+    computes the request later) does not keep its KV blocks for the lease."""
+    bus = KVBus("WRITE")
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        (p,), (d,) = ps, ds
+        await until(lambda: all(i.healthy and i.kv_ready for i in proxy.state.table.all()))
+        d.behavior = "400"  # a body only the decode half refuses
+        status, _, rid = await post(s, proxy.url + "/v1/completions", BODY)
+        assert status == 400
+        await until(lambda: _aborts(p) == [rid])
+        assert "HTTP 400" in (p.notified[-1].reason or "")
+        d.behavior = "500"  # the decode half fails (no other decode: 502)
+        status, _, rid = await post(s, proxy.url + "/v1/completions", BODY)
+        assert status == 502
+        await until(lambda: _aborts(p)[-1:] == [rid])
+        d.behavior, p.delay_s = "ok", 0.15  # the client goes away while the pair waits for the prefill
+        with contextlib.suppress(asyncio.TimeoutError):
+            await post(s, proxy.url + "/v1/completions", BODY, timeout=0.05)
+        await until(lambda: len(p.seen) == 3 and _aborts(p)[-1:] == [p.seen[-1].request_id])
+        p.delay_s = 0.0
+        p.behavior = "500"  # the prefill half fails by itself: retried (here: local prefill), not told
+        status, _, _ = await post(s, proxy.url + "/v1/completions", BODY)
+        assert status == 200 and len(p.seen) == 4
+        p.behavior = "hang"  # it times out: it may still compute the request later, so it is told
+        status, _, _ = await post(s, proxy.url + "/v1/completions", BODY)
+        assert status == 200
+        await until(lambda: _aborts(p)[-1:] == [p.seen[-1].request_id])
+        assert len(_aborts(p)) == 4 and p.seen[3].request_id not in _aborts(p)
+        assert all(i.in_flight == 0 for i in proxy.state.table.all())
+
+    _run([FakeInstance("P", bus, notify=True)], [FakeInstance("D", bus)], body, kv_mode="WRITE", prefill_timeout_s=0.3)
+
+
+def test_read_prefill_given_up_on_is_told_to_free_its_blocks() -> None:
+    """READ: a prefill half that timed out, and one whose KV no decode attempt could take, are told too."""
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        (p,), (d,) = ps, ds
+        await until(lambda: all(i.healthy and i.kv_ready for i in proxy.state.table.all()))
+        p.behavior = "hang"
+        status, _, first = await post(s, proxy.url + "/v1/completions", BODY)
+        assert status == 200  # local prefill on the decode instance
+        await until(lambda: _aborts(p) == [first])
+        p.behavior, d.behavior = "ok", "500"
+        status, _, second = await post(s, proxy.url + "/v1/completions", BODY)
+        assert status == 502
+        await until(lambda: _aborts(p) == [first, second])
+
+    _run([FakeInstance("P", notify=True)], [FakeInstance("D")], body, prefill_timeout_s=0.3)
 
 
 def test_write_mode_refuses_static_instances_of_another_mode(caplog: pytest.LogCaptureFixture) -> None:
