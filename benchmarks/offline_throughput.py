@@ -520,7 +520,7 @@ class ComponentTimer:
         self.wrap(attention, "write_kv", "write_kv (index_copy_)")
         self.wrap(attention, "_gather", "decode: _gather KV blocks (index_select)")
         self.wrap(attention, "_decode_attention", "decode: attention math (matmul, softmax)")
-        self.wrap(attention, "_prefill_attention", "prefill: attention (SDPA)")
+        self.wrap(attention, "_prefill_attention", "prefill: attention (blocked GEMMs)")
         return self
 
     def uninstall(self) -> None:

@@ -47,7 +47,8 @@ def layout_info(layout: KVLayout) -> KVLayoutInfo:
 
 def fingerprint(model: ModelConfig, layout: KVLayout) -> str:
     """Two instances may exchange KV only if this matches: model shape and KV layout (not block count)."""
-    text = repr((model, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim, layout.dtype))
+    text = repr((model, layout.shape[2:], layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim,
+                 layout.dtype))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -2,15 +2,18 @@
 
 KV cache layout (one allocation for all layers; on CPU optionally a shared-memory segment):
 
-    kv_cache: [num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]
-                  │            │       │      │
-                  │            │       │      └─ token slot inside the block
+    kv_cache: [num_layers, num_blocks, 2, num_kv_heads, block_size, head_dim]
+                  │            │       │       │            │
+                  │            │       │       │            └─ token slot inside the block
+                  │            │       │       └─ KV head: a head's 16 tokens are one 4 KiB run (bf16, hd 128)
                   │            │       └─ 0 = K, 1 = V
                   │            └─ block id (what the block pool hands out)
                   └─ layer
 
 so one block of one layer (K and V together) is one contiguous span of
-2 * block_size * num_kv_heads * head_dim elements: what KV transports move.
+2 * num_kv_heads * block_size * head_dim elements: what KV transports move. Head-major inside the
+block so that gathering a sequence's blocks per head copies whole runs of block_size * head_dim,
+not head_dim-sized pieces (the decode gather on CPU is ~1.7x faster this way).
 
 A batch is flat: the first `num_decode_tokens` tokens are decodes (one token per sequence), the
 rest are prefill chunks, each a contiguous span of tokens of one sequence.
@@ -59,13 +62,17 @@ class AttentionMetadata:
     _v_index: torch.Tensor | None = None
     _decode_mask: torch.Tensor | None = None
 
-    def kv_write_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row indices of K and V slots in a layer's cache viewed as [num_blocks*2*block_size, ...]."""
+    def kv_write_indices(self, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices ([T * kvh]) of this step's K and V rows in a layer's cache viewed as
+        [num_blocks * 2 * kvh * block_size, head_dim], token-major then head (k.reshape(-1, hd)'s order)."""
         if self._k_index is None:
-            blk = torch.div(self.slot_mapping, self.block_size, rounding_mode="floor")
-            off = self.slot_mapping - blk * self.block_size
-            self._k_index = blk * (2 * self.block_size) + off
-            self._v_index = self._k_index + self.block_size
+            bs = self.block_size
+            blk = torch.div(self.slot_mapping, bs, rounding_mode="floor")
+            off = self.slot_mapping - blk * bs
+            heads = torch.arange(num_kv_heads, device=blk.device) * bs
+            k_index = (blk * (2 * num_kv_heads * bs) + off)[:, None] + heads[None, :]
+            self._k_index = k_index.reshape(-1)
+            self._v_index = self._k_index + num_kv_heads * bs
         return self._k_index, self._v_index  # type: ignore[return-value]
 
     def decode_mask(self) -> torch.Tensor:
@@ -78,11 +85,12 @@ class AttentionMetadata:
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    """Scatter this step's k, v ([T, kvh, hd]) into one layer's cache ([nb, 2, bs, kvh, hd])."""
-    flat = kv_layer.view(-1, kv_layer.shape[-2], kv_layer.shape[-1])
-    k_idx, v_idx = meta.kv_write_indices()
-    flat.index_copy_(0, k_idx, k.to(flat.dtype))
-    flat.index_copy_(0, v_idx, v.to(flat.dtype))
+    """Scatter this step's k, v ([T, kvh, hd]) into one layer's cache ([nb, 2, kvh, bs, hd])."""
+    kvh, hd = kv_layer.shape[2], kv_layer.shape[-1]
+    flat = kv_layer.view(-1, hd)
+    k_idx, v_idx = meta.kv_write_indices(kvh)
+    flat.index_copy_(0, k_idx, k.reshape(-1, hd).to(flat.dtype))
+    flat.index_copy_(0, v_idx, v.reshape(-1, hd).to(flat.dtype))
 
 
 def _gather(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -90,10 +98,10 @@ def _gather(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 
     Selecting blocks from a [2, kvh, nb, bs, hd] *view* of the cache writes the result contiguous in
     exactly the layout the matmuls read (per KV head, tokens in order), so the scattered blocks are
-    read once and nothing is copied again.
+    read once, in runs of bs * hd elements, and nothing is copied again.
     """
-    nb, _, bs, kvh, hd = kv_layer.shape
-    rows = kv_layer.permute(1, 3, 0, 2, 4).index_select(2, block_ids.reshape(-1))
+    nb, _, kvh, bs, hd = kv_layer.shape
+    rows = kv_layer.permute(1, 2, 0, 3, 4).index_select(2, block_ids.reshape(-1))
     return rows.view(2, kvh, *block_ids.shape[:-1], block_ids.shape[-1] * bs, hd)
 
 
@@ -106,17 +114,29 @@ def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMe
     return _decode_attention_torch(q, kv_layer, meta, scale)
 
 
+# Decode sequences per gather on CPU: about this many bytes of K and V at once, so the gathered copy
+# is still in cache when the two matmuls read it (one big gather would go out to DRAM and back).
+_DECODE_GATHER_BYTES = 4 << 20
+
+
 def _decode_attention_torch(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float):
-    """The gather + matmul form: every block of the (padded) table is read, masked by length."""
+    """The gather + matmul form: every block of the (padded) table is read, masked by length; in
+    groups of sequences of about _DECODE_GATHER_BYTES of KV each."""
     d, h, hd = q.shape
-    kv = _gather(kv_layer, meta.decode_block_tables)  # [2, kvh, D, L, hd]
-    kvh = kv.shape[1]
-    qg = q.view(d, kvh, h // kvh, hd).transpose(0, 1)  # [kvh, D, G, hd]
-    scores = torch.matmul(qg, kv[0].transpose(-1, -2)).float() * scale  # [kvh, D, G, L]
-    scores.masked_fill_(~meta.decode_mask().transpose(0, 1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(kv.dtype)
-    out = torch.matmul(probs, kv[1])  # [kvh, D, G, hd]
-    return out.transpose(0, 1).reshape(d, h, hd)
+    tables, mask = meta.decode_block_tables, meta.decode_mask()
+    per_seq = kv_layer[0].numel() * kv_layer.element_size() * tables.shape[1]
+    step = d if q.is_cuda else max(1, _DECODE_GATHER_BYTES // max(1, per_seq))
+    out = torch.empty_like(q)
+    for a in range(0, d, step):
+        b = min(d, a + step)
+        kv = _gather(kv_layer, tables[a:b])  # [2, kvh, n, L, hd]
+        kvh = kv.shape[1]
+        qg = q[a:b].view(b - a, kvh, h // kvh, hd).transpose(0, 1)  # [kvh, n, G, hd]
+        scores = torch.matmul(qg, kv[0].transpose(-1, -2)).float().mul_(scale)  # [kvh, n, G, L]
+        scores.masked_fill_(~mask[a:b].transpose(0, 1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(kv.dtype)
+        out[a:b] = torch.matmul(probs, kv[1]).transpose(0, 1).reshape(b - a, h, hd)  # [n, H, hd]
+    return out
 
 
 # Queries per block of the prefill attention: the block's fp32 scores stay cache-sized, and keys
@@ -137,7 +157,7 @@ def _prefill_attention(
     if c == 0:
         keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, n, hd]
     else:
-        n_blocks = -(-(c + n) // kv_layer.shape[2])
+        n_blocks = -(-(c + n) // kv_layer.shape[3])
         kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n_blocks*bs, hd]
         keys, values = kv[0, :, : c + n], kv[1, :, : c + n]
     kvh = keys.shape[0]
@@ -171,7 +191,7 @@ def _prefill_attention_sdpa(
     if c == 0:
         keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, n, hd]
     else:
-        n_blocks = -(-(c + n) // kv_layer.shape[2])
+        n_blocks = -(-(c + n) // kv_layer.shape[3])
         kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n_blocks*bs, hd]
         keys, values = kv[0, :, : c + n], kv[1, :, : c + n]
     group = h // keys.shape[0]

@@ -205,7 +205,7 @@ def fuse_projections_(module: nn.Module) -> None:
 class Qwen3ForCausalLM(nn.Module):
     """Qwen3 dense causal LM over a paged KV cache.
 
-    forward(input_ids [T], positions [T], kv_cache [layers, blocks, 2, block_size, kvh, hd], meta)
+    forward(input_ids [T], positions [T], kv_cache [layers, blocks, 2, kvh, block_size, hd], meta)
     returns the final hidden states [T, hidden]; compute_logits maps selected rows to float32 logits.
     """
 

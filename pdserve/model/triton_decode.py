@@ -7,7 +7,7 @@ Why a kernel of our own rather than the alternatives:
   real contexts, and with a static (CUDA-graph) table padded to max_model_len it reads all of it;
 - SDPA has no paged input: it needs the same gather first;
 - FlexAttention needs K and V each as one [B, H, L, D] tensor, but our blocks interleave K and V
-  ([nb, 2, bs, kvh, hd], the layout KV transports move as one span per block), so no view of the
+  ([nb, 2, kvh, bs, hd], the layout KV transports move as one span per block), so no view of the
   cache has that shape: it would need a copy or a change of the cache layout.
 
 This kernel reads each live key and value exactly once, straight from the cache through the block
@@ -129,9 +129,9 @@ def paged_decode_attention(
     q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """q [D, H, hd] against each sequence's first context_lens[d] keys (>= 1) of the blocks in
-    block_tables [D, W] (kv_layer [nb, 2, bs, kvh, hd]) -> [D, H, hd]. No host sync."""
+    block_tables [D, W] (kv_layer [nb, 2, kvh, bs, hd]) -> [D, H, hd]. No host sync."""
     d, h, hd = q.shape
-    _, _, bs, kvh, _ = kv_layer.shape
+    _, _, kvh, bs, _ = kv_layer.shape
     group = h // kvh
     width = block_tables.shape[1] * bs
     part = partition_size(width)
@@ -142,7 +142,7 @@ def paged_decode_attention(
     m = torch.empty(d, h, num_parts, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
     acc = torch.empty(d, h, num_parts, hd, dtype=torch.float32, device=q.device)
-    sb, skv, st, sh, _ = kv_layer.stride()
+    sb, skv, sh, st, _ = kv_layer.stride()
     _partial_kernel[(d, kvh, num_parts)](
         q, kv_layer, block_tables, context_lens, m, lse, acc,
         scale, part, num_parts,

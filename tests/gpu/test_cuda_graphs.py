@@ -92,7 +92,7 @@ def test_triton_decode_kernel_matches_torch(dtype, kvh, group, width):
     """Qwen3-8B's heads (8 KV x 4), a table as wide as a 40960-token max_model_len, a wide group."""
     torch.manual_seed(0)
     bs, hd, nb = 16, 128, 4096
-    kv = torch.randn(nb, 2, bs, kvh, hd, device="cuda").to(dtype)
+    kv = torch.randn(nb, 2, kvh, bs, hd, device="cuda").to(dtype)
     lens = torch.tensor([1, 15, 16, 17, 2000, width * bs], device="cuda").clamp(max=width * bs)
     d = lens.numel()
     tables = torch.randint(0, nb, (d, width), device="cuda")
@@ -109,7 +109,7 @@ def test_sdpa_prefill_bf16(n, cached):
     """The CUDA prefill (SDPA) against the blocked torch prefill in fp32, at Qwen3-8B's heads."""
     torch.manual_seed(1)
     bs, kvh, h, hd, nb = 16, 8, 32, 128, 200
-    kv = torch.randn(nb, 2, bs, kvh, hd, device="cuda").bfloat16()
+    kv = torch.randn(nb, 2, kvh, bs, hd, device="cuda").bfloat16()
     blocks = torch.randperm(nb, device="cuda")[: -(-(cached + n) // bs)]
     q, k, v = (torch.randn(n, x, hd, device="cuda").bfloat16() for x in (h, kvh, kvh))
     pos = torch.arange(cached, cached + n, device="cuda")

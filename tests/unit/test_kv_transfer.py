@@ -122,8 +122,9 @@ def _snapshot_on_release(engine: LLMEngine, store: dict) -> None:
 
     def release(req):
         if req.block_ids:
-            kv = engine.kv_cache.tensor[:, req.block_ids]  # [L, nb, 2, bs, kvh, hd]
-            kv = kv.permute(0, 2, 1, 3, 4, 5).reshape(kv.shape[0], 2, len(req.block_ids) * bs, *kv.shape[-2:])
+            kv = engine.kv_cache.tensor[:, req.block_ids]  # [L, nb, 2, kvh, bs, hd]
+            kv = kv.permute(0, 2, 1, 4, 3, 5)  # token-major: [L, 2, nb, bs, kvh, hd]
+            kv = kv.reshape(kv.shape[0], 2, len(req.block_ids) * bs, *kv.shape[-2:])
             store[req.request_id] = kv[:, :, : req.num_prompt_tokens].clone()
         orig(req)
 

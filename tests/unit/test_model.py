@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pdserve.engine.kv_cache import KVLayout
 from pdserve.model import loader
 from pdserve.model.attention import AttentionMetadata, PrefillSpan
 from pdserve.model.export import export_model, save_hf_dir
@@ -47,9 +48,8 @@ def make_meta(
 
 def new_cache(lm: LoadedModel, num_blocks: int = 8) -> torch.Tensor:
     c = lm.config
-    return torch.zeros(
-        c.num_hidden_layers, num_blocks, 2, BS, c.num_key_value_heads, c.head_dim, dtype=lm.dtype
-    )
+    layout = KVLayout(c.num_hidden_layers, num_blocks, BS, c.num_key_value_heads, c.head_dim, lm.dtype)
+    return torch.zeros(layout.shape, dtype=lm.dtype)
 
 
 @torch.inference_mode()

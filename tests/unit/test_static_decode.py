@@ -157,7 +157,7 @@ def test_sdpa_prefill_matches_blocked_prefill(n, cached):
     """The CUDA prefill attention (SDPA, bottom-right causal after cached tokens) on CPU tensors."""
     torch.manual_seed(n + cached)
     bs, kvh, h, hd, nb = 16, 2, 8, 32, 24
-    kv = torch.randn(nb, 2, bs, kvh, hd)
+    kv = torch.randn(nb, 2, kvh, bs, hd)
     blocks = torch.randperm(nb)[: -(-(cached + n) // bs)]
     span = PrefillSpan(q_start=0, q_len=n, num_cached=cached, block_ids=blocks)
     q, k, v = torch.randn(n, h, hd), torch.randn(n, kvh, hd), torch.randn(n, kvh, hd)
@@ -200,7 +200,7 @@ _TRITON_CHECK = textwrap.dedent(
     ]
     for dtype, bs, kvh, group, hd, lens, width, tol in cases:
         nb = 700
-        kv = torch.randn(nb, 2, bs, kvh, hd).to(dtype)
+        kv = torch.randn(nb, 2, kvh, bs, hd).to(dtype)
         d = len(lens)
         tables = torch.randint(0, nb, (d, width))
         q = torch.randn(d, kvh * group, hd).to(dtype)
