@@ -80,7 +80,9 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     plans = plan_instances(spec)  # ValueError (bad core split) before anything starts
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a process started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_stop)
     print(f"starting {spec.label} of {spec.model}; logs in {spec.run_dir}", file=sys.stderr)
     for plan in plans:
