@@ -106,8 +106,8 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
+        if min(token_ids) < 0 or max(token_ids) >= vocab:  # C-speed scan; the generator only on error
+            bad = next(t for t in token_ids if not 0 <= t < vocab)
             raise ValueError(f"token id {bad} is out of range for vocabulary size {vocab}")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
