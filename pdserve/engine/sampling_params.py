@@ -42,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")  # torch.Generator's range
 
     @property
     def greedy(self) -> bool:

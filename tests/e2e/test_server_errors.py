@@ -88,6 +88,7 @@ def test_invalid_json(http: httpx.Client) -> None:
         ({"prompt": "hi", "echo": True}, "echo"),
         ({"prompt": "hi", "logprobs": 2}, "logprobs"),
         ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "seed": -(2**63) - 1}, None),  # beyond torch.Generator: was a 500
         ([1, 2], None),
     ],
 )
