@@ -139,6 +139,19 @@ def _decode_attention_torch(q: torch.Tensor, kv_layer: torch.Tensor, meta: Atten
     return out
 
 
+def _chunk_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values a chunk attends to, [kvh, cached + n, hd] each: the chunk's own when nothing
+    is cached before it, else the sequence's blocks (the chunk's K/V are already written there)."""
+    n, c = k.shape[0], span.num_cached
+    if c == 0:
+        return k.transpose(0, 1), v.transpose(0, 1)
+    n_blocks = -(-(c + n) // kv_layer.shape[3])
+    kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n_blocks*bs, hd]
+    return kv[0, :, : c + n], kv[1, :, : c + n]
+
+
 # Queries per block of the prefill attention: the block's fp32 scores stay cache-sized, and keys
 # beyond the block's last query (all masked) are skipped.
 _QUERY_BLOCK = 64
@@ -154,12 +167,7 @@ def _prefill_attention(
     never materialises an n x n score matrix."""
     n, h, hd = q.shape
     c = span.num_cached
-    if c == 0:
-        keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, n, hd]
-    else:
-        n_blocks = -(-(c + n) // kv_layer.shape[3])
-        kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n_blocks*bs, hd]
-        keys, values = kv[0, :, : c + n], kv[1, :, : c + n]
+    keys, values = _chunk_kv(k, v, kv_layer, span)
     kvh = keys.shape[0]
     group = h // kvh
     q4 = q.view(n, kvh, group, hd).permute(1, 2, 0, 3)  # [kvh, G, n, hd]
@@ -188,12 +196,7 @@ def _prefill_attention_sdpa(
     <= c + i), which `causal_lower_right` gives without materialising it."""
     n, h, hd = q.shape
     c = span.num_cached
-    if c == 0:
-        keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, n, hd]
-    else:
-        n_blocks = -(-(c + n) // kv_layer.shape[3])
-        kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n_blocks*bs, hd]
-        keys, values = kv[0, :, : c + n], kv[1, :, : c + n]
+    keys, values = _chunk_kv(k, v, kv_layer, span)
     group = h // keys.shape[0]
     if group > 1:
         keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)

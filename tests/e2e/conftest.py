@@ -6,6 +6,7 @@ tests: `launch([...])` is a context manager; `pdserve_server(...)` builds a `ser
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -148,3 +149,19 @@ def pdserve_server(tmp_dir: Path, *extra: str, model: str = TINY_MODEL) -> Itera
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
+def send_fuzzed(client: httpx.Client, method: str, path: str, body: object, headers: dict[str, str]) -> httpx.Response:
+    """Send one generated case as raw JSON (negative mode makes bodies JSON cannot express: sent as
+    their repr) and check what every fuzz test asks of it: no 5xx, and a 4xx in OpenAI's error shape."""
+    try:
+        content = json.dumps(body).encode()
+    except (TypeError, ValueError):
+        content = repr(body).encode()
+    headers = {"Content-Type": "application/json", **headers}
+    r = client.request(method, path, content=content if method == "POST" else None, headers=headers)
+    assert r.status_code < 500, f"{r.status_code} for {body!r}: {r.text[:300]}"
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert err["message"] and "type" in err
+    return r

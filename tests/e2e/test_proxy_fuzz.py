@@ -6,7 +6,6 @@ one: a retried or fallen-back call), the proxy still healthy afterwards and ever
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,15 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from tests.e2e.conftest import ServerProcess, free_port, launch, parse_metrics, pdserve_argv, pdserve_server
+from tests.e2e.conftest import (
+    ServerProcess,
+    free_port,
+    launch,
+    parse_metrics,
+    pdserve_argv,
+    pdserve_server,
+    send_fuzzed,
+)
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
@@ -108,18 +115,9 @@ def test_no_server_errors(topo: Topology, path: str, mode: GenerationMode, reque
     def run(case):
         body = case.body if case.body is not schemathesis.core.NOT_SET else None
         _cap(body)
-        try:
-            content = json.dumps(body).encode()
-        except (TypeError, ValueError):  # negative mode can make bodies JSON cannot express
-            content = repr(body).encode()
-        headers = {"Content-Type": "application/json", **(case.headers or {})}
-        r = client.request(method, path, content=content if method == "POST" else None, headers=headers)
-        assert r.status_code < 500, f"{r.status_code} for {body!r}: {r.text[:300]}"
+        r = send_fuzzed(client, method, path, body, case.headers or {})
         if r.headers.get("content-type", "").startswith("text/event-stream"):  # a 5xx in-band, after a 200
             assert '"server_error"' not in r.text, f"error event for {body!r}: {r.text[-300:]}"
-        if r.status_code >= 400:
-            err = r.json()["error"]
-            assert err["message"] and "type" in err
 
     run()
     assert httpx.get(f"{proxy.base_url}/health").status_code == 200

@@ -10,11 +10,12 @@ CI runs the reduced size (`make test`); `make faults` runs `--faults-full` (more
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -35,6 +36,9 @@ class Outcome:
     end: float
     tokens: int
     error: str | None  # None: completed with its tokens
+    prompt: list[int] = field(default_factory=list)
+    max_tokens: int = 0
+    text: str = ""  # what the stream delivered (to compare with a later answer)
 
     @property
     def seconds(self) -> float:
@@ -76,7 +80,7 @@ class Load:
     def _one(self, client: httpx.Client, prompt: list[int], max_tokens: int) -> Outcome:
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
         t0 = time.monotonic()
-        tokens, error = 0, None
+        tokens, error, text = 0, None, []
         try:
             with client.stream("POST", f"{self.url}/v1/completions", json=body) as r:
                 if r.status_code != 200:
@@ -91,11 +95,12 @@ class Load:
                             error = line[:200]
                         elif line.startswith("data: ") and '"text"' in line:
                             tokens += 1
+                            text.append(json.loads(line[6:])["choices"][0]["text"])
                     if error is None and not done:
                         error = "stream ended without [DONE]"
         except httpx.HTTPError as e:
             error = f"{type(e).__name__}: {e}"
-        return Outcome(t0, time.monotonic(), tokens, error)
+        return Outcome(t0, time.monotonic(), tokens, error, prompt, max_tokens, "".join(text))
 
     def _record(self, o: Outcome) -> None:
         with self._lock:

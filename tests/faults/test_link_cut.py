@@ -28,7 +28,6 @@ root, no `ip`, no netns/veth support); without tbf the cut comes at a random mom
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -250,47 +249,11 @@ def across(request, lab, tmp_path, fault_size) -> Iterator[tuple[Lab, RunningTop
         topo.stop()
 
 
-@dataclasses.dataclass
-class TextOutcome(Outcome):
-    prompt: list[int] = dataclasses.field(default_factory=list)
-    max_tokens: int = 0
-    text: str = ""
-
-
-class TextLoad(Load):
-    """`Load`, keeping each request's prompt and the text it got (to ask again later)."""
-
-    def _one(self, client: httpx.Client, prompt: list[int], max_tokens: int) -> Outcome:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-        t0 = time.monotonic()
-        tokens, error, text = 0, None, []
-        try:
-            with client.stream("POST", f"{self.url}/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    error = f"HTTP {r.status_code}: {r.text[:200]}"
-                else:
-                    done = False
-                    for line in r.iter_lines():
-                        if line.startswith("data: [DONE]"):
-                            done = True
-                        elif '"error"' in line:
-                            error = line[:200]
-                        elif line.startswith("data: ") and '"text"' in line:
-                            tokens += 1
-                            text.append(json.loads(line[6:])["choices"][0]["text"])
-                    if error is None and not done:
-                        error = "stream ended without [DONE]"
-        except httpx.HTTPError as e:
-            error = f"{type(e).__name__}: {e}"
-        return TextOutcome(t0, time.monotonic(), tokens, error, prompt, max_tokens, "".join(text))
-
-
-def texts_that_differ(url: str, outcomes: list[TextOutcome]) -> list[TextOutcome]:
+def texts_that_differ(url: str, outcomes: list[Outcome]) -> list[Outcome]:
     """Requests whose (greedy) text differs when `url` (an instance: no transfer) computes them
     again: the KV they were served with was not their prompt's."""
 
-    def differs(o: TextOutcome) -> bool:
+    def differs(o: Outcome) -> bool:
         body = {"prompt": o.prompt, "max_tokens": o.max_tokens, "temperature": 0, "ignore_eos": True}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
         r.raise_for_status()
@@ -393,7 +356,7 @@ def test_kv_link_cut_under_load(across, fault_size):
     waiter_ns = lab.ns_a if write else lab.ns_b  # the instance that waits for the transfer, and gives it up
     failures = ("pdserve_kv_load_failures_total", "pdserve_kv_handshake_failures_total")
     try:
-        with TextLoad(topo.url, clients) as load:
+        with Load(topo.url, clients) as load:
             time.sleep(settle)
             hit_before = sum(_counter(topo, m) for m in failures)
             assert _counter(topo, "pdserve_kv_transfers_total") > 0, "no KV transfer: the load does not use the link"
