@@ -58,18 +58,23 @@ def bandwidth(num_blocks: int, n: int, repeats: int) -> dict:
     scattered_src = rng.sample(range(num_blocks), n)
     scattered_dst = rng.sample(range(num_blocks), n)
     server = TcpServer(a.tensor, "127.0.0.1")
+    rid = "bench"  # the TCP server serves only blocks granted to a request
+    server.grants.grant(rid, contiguous)
     tcp = TcpTransport(b.tensor, "127.0.0.1", server.port)
-    scattered = nbytes / timeit(lambda: shm.read(scattered_src, scattered_dst), repeats) / 1e9
+    scattered = nbytes / timeit(lambda: shm.read(scattered_src, scattered_dst, request_id=rid), repeats) / 1e9
     assert torch.equal(b.tensor[:, scattered_dst], a.tensor[:, scattered_src]), "shm read copied the wrong blocks"
     res = {
         "bytes": nbytes,
         "memcpy_GBps": nbytes / memcpy / 1e9,
-        "shm_read_contiguous_GBps": nbytes / timeit(lambda: shm.read(contiguous, contiguous), repeats) / 1e9,
+        "shm_read_contiguous_GBps":
+            nbytes / timeit(lambda: shm.read(contiguous, contiguous, request_id=rid), repeats) / 1e9,
         "shm_read_scattered_GBps": scattered,
         "shm_write_layers_contiguous_GBps": nbytes / timeit(
-            lambda: [shm.write_layer(layer, contiguous, contiguous) for layer in range(layout.num_layers)], repeats
+            lambda: [shm.write_layer(layer, contiguous, contiguous, request_id=rid)
+                     for layer in range(layout.num_layers)], repeats
         ) / 1e9,
-        "tcp_read_contiguous_GBps": nbytes / timeit(lambda: tcp.read(contiguous, contiguous), repeats) / 1e9,
+        "tcp_read_contiguous_GBps":
+            nbytes / timeit(lambda: tcp.read(contiguous, contiguous, request_id=rid), repeats) / 1e9,
     }
     for k in list(res):
         if k.endswith("_GBps") and k != "memcpy_GBps":

@@ -112,7 +112,7 @@ class KVConnectorBase:
         self.notify_server = NotifyServer(self._ctx, self.host, kt.kv_notify_port, self._on_notify, token)
         self.sender = NotifySender(self._ctx, token)
         self.handshakes = HandshakeClient(
-            self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token)
+            self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token, socket.gethostname())
         )
         self._transports: dict[tuple[str, int], KVTransport] = {}  # used by the worker thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv-transfer")
@@ -158,6 +158,11 @@ class KVConnectorBase:
         same_host = offered.hostname == socket.gethostname()
         shape = self.cache.layout.shape[:1] + (reply.layout.num_blocks,) + self.cache.layout.shape[2:]
         on_gpu = self.cache.tensor.is_cuda
+        if choice in ("cuda_ipc", "shm") and not same_host:
+            # The decode side relies on this: a peer of another hostname can only write over tcp,
+            # whose grants it revokes, so it need not hold blocks back for a late write (consumer).
+            raise TransferError(f"--kv-transport {choice} needs both instances on one host "
+                                f"(the peer is {offered.hostname!r}, we are {socket.gethostname()!r})")
         if choice == "cuda_ipc" or (choice == "auto" and same_host and on_gpu and offered.cuda_ipc is not None):
             if offered.cuda_ipc is None or not on_gpu:
                 raise TransferError("cuda_ipc needs both instances' KV caches on CUDA devices of one host")

@@ -4,8 +4,12 @@ A request with `do_remote_prefill` gets blocks for its whole prompt and waits in
 WAITING_FOR_REMOTE_KVS. READ: the transfer worker handshakes with the prefill instance (once,
 cached), pulls every layer of `remote_block_ids` into our blocks, and sends `read_done`. WRITE: we
 send `write_dest` with our block ids and wait for the prefill's `write_done`. On timeout the request
-fails or is recomputed locally (`--kv-load-failure-policy`). A request that ends while a transfer
-may still write into its blocks keeps them (quarantine) until the transfer settles.
+fails or is recomputed locally (`--kv-load-failure-policy`).
+
+In WRITE mode our blocks are granted to the request on our TCP data server from `write_dest` until
+the transfer ends (`transports/grants.py`): revoking the grant stops any tcp write into them at
+once. A request that ends while a same-host peer may still write into its blocks over shm or
+cuda_ipc (which no server of ours sees) keeps them (quarantine) until the transfer settles.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class KVConsumer(KVConnectorBase):
             self._worker.submit(self._read, req.request_id, prm, list(req.block_ids))
         else:
             self.handshakes.get(prm.remote_host, prm.remote_handshake_port)  # type: ignore[arg-type]
+            self.tcp_server.grants.grant(req.request_id, req.block_ids)
             self.sender.send(prm.remote_host, prm.remote_notify_port, WriteDest(  # type: ignore[arg-type]
                 req.request_id, self.engine_id, list(req.block_ids), self.host, self.handshake_port,
                 self.notify_port, req.num_prompt_tokens))
@@ -143,6 +148,7 @@ class KVConsumer(KVConnectorBase):
                 self._settle(ev.request_id)
             elif ev.ok:
                 del self._pending[ev.request_id]
+                self.tcp_server.grants.revoke(ev.request_id)
                 ready.add(ev.request_id)
             else:
                 self._fail(p, f"KV transfer failed: {ev.reason}", failed)
@@ -159,6 +165,7 @@ class KVConsumer(KVConnectorBase):
         self.stats.load_failures += 1
         rid = p.request.request_id
         prm = p.params
+        self.tcp_server.grants.revoke(rid)  # no tcp write lands after this, in a recompute either
         self.sender.send(prm.remote_host, prm.remote_notify_port, Abort(rid, self.engine_id, reason))  # type: ignore[arg-type]
         if self.config.kv_load_failure_policy == "recompute":
             p.abandoned = True  # a late result is ignored; the blocks stay with the request
@@ -171,6 +178,7 @@ class KVConsumer(KVConnectorBase):
 
     def _settle(self, rid: str) -> None:
         p = self._pending.pop(rid)
+        self.tcp_server.grants.revoke(rid)
         if p.quarantined:
             self.release(p.request)
 
@@ -185,15 +193,16 @@ class KVConsumer(KVConnectorBase):
             self.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
                              Abort(request.request_id, self.engine_id, "decode request ended"))
             del self._pending[request.request_id]
+            self.tcp_server.grants.revoke(request.request_id)
             return False
         if p.started and not p.abandoned:
-            # A transfer may still write into these blocks: keep them until it settles.
-            prm = p.params
             self.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
                              Abort(request.request_id, self.engine_id, "decode request ended"))
-            p.quarantined = True
-            return True
-        if p.started and p.abandoned:
+        if p.started:
+            if self._fenced(p):
+                del self._pending[request.request_id]
+                return False
+            # A transfer may still write into these blocks: keep them until it settles.
             p.quarantined = True
             return True
         del self._pending[request.request_id]
@@ -204,6 +213,17 @@ class KVConsumer(KVConnectorBase):
             self.sender.send(prm.remote_host, prm.remote_notify_port, abort)  # type: ignore[arg-type]
         return False
 
+    def _fenced(self, p: _Pending) -> bool:
+        """True when nothing can write into the request's blocks any more: a WRITE whose producer
+        is on another host (it said so in its handshake with us) can reach them only over tcp
+        (connector._open refuses shm/cuda_ipc across hostnames), and revoking the grant ends that."""
+        prm = p.params
+        if prm.transfer_mode != "WRITE" or prm.remote_engine_id is None:
+            return False  # READ: our own worker may still be copying into the blocks
+        host = self.handshake_server.peers.get(prm.remote_engine_id)
+        return host is not None and host != socket.gethostname() \
+            and self.tcp_server.grants.revoke(p.request.request_id)
+
     # ---- worker thread -------------------------------------------------------------------------
     def _read(self, rid: str, prm: KVTransferParams, dst: list[int]) -> None:
         t0 = time.perf_counter()
@@ -213,7 +233,7 @@ class KVConsumer(KVConnectorBase):
             src = prm.remote_block_ids or []
             if len(src) != len(dst):
                 raise TransferError(f"the prefill holds {len(src)} blocks for this prompt, we allocated {len(dst)}")
-            nbytes = transport.read(src, dst)
+            nbytes = transport.read(src, dst, request_id=rid)
         except TransferError as e:
             self._drop_transport(host, port)  # type: ignore[arg-type]
             self.events.put(_Done(rid, False, str(e)))

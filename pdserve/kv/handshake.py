@@ -57,7 +57,8 @@ class HandshakeServer:
                  token: str | None = None) -> None:
         self._reply = reply
         self._token = token
-        self.peers: set[str] = set()  # engine ids that completed a handshake (they know our segment)
+        # engine id -> hostname of each peer that completed a handshake (it knows our segment)
+        self.peers: dict[str, str] = {}
         self._sock, self.port = bind_socket(ctx, zmq.REP, host, port, 1 << 20)
         self._stop = threading.Event()
         threading.Thread(target=self._run, name="pdserve-handshake", daemon=True).start()
@@ -79,7 +80,7 @@ class HandshakeServer:
             return encode(HandshakeError(
                 reason=f"model/KV layout fingerprint {msg.fingerprint} != ours ({self._reply.fingerprint}): "
                 "the two instances must serve the same model with the same dtype and block size"))
-        self.peers.add(msg.engine_id)
+        self.peers[msg.engine_id] = msg.hostname
         return encode(self._reply)
 
     def _run(self) -> None:

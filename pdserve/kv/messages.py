@@ -10,7 +10,7 @@ from typing import Literal
 import msgspec
 import zmq
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 1 << 20  # larger ZMQ messages are dropped before decoding
 MAX_BLOCK_IDS = 1 << 18
 
@@ -51,6 +51,7 @@ class HandshakeRequest(msgspec.Struct, tag_field="type", tag="handshake"):
     engine_id: str
     fingerprint: str
     token: str | None = None
+    hostname: str = ""  # the asking instance's: a peer of another host can only reach us over tcp
 
 
 class KVLayoutInfo(msgspec.Struct):

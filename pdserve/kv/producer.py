@@ -150,6 +150,8 @@ class KVProducer(KVConnectorBase):
     def _hold(self, request: Request, mode: str) -> _Held:
         held = _Held(request, time.monotonic() + self.config.kv_lease_seconds, mode)
         self._held[request.request_id] = held
+        if mode == "READ":  # the decode may now read these blocks over tcp, until _free
+            self.tcp_server.grants.grant(request.request_id, request.block_ids)
         self.stats.blocks_held += len(request.block_ids)
         return held
 
@@ -227,7 +229,11 @@ class KVProducer(KVConnectorBase):
                 self._push_results[ev.request_id] = ev
 
     def _free(self, rid: str) -> None:
-        held = self._held.pop(rid)
+        held = self._held[rid]
+        if held.mode == "READ" and not self.tcp_server.grants.revoke(rid):
+            held.expires = time.monotonic() + 1.0  # a read of these blocks did not stop: not yet
+            return
+        del self._held[rid]
         self.stats.blocks_held -= len(held.request.block_ids)
         self.release(held.request)
 
@@ -253,7 +259,7 @@ class KVProducer(KVConnectorBase):
                 if rid in self._cancelled:
                     self.events.put(_Done(rid, False, "aborted"))
                     return
-                nbytes += transport.write_layer(layer, src[:n], dest.block_ids[:n])
+                nbytes += transport.write_layer(layer, src[:n], dest.block_ids[:n], request_id=rid)
         except TransferError as e:
             self._drop_transport(dest.handshake_host, dest.handshake_port)
             if not final:

@@ -179,6 +179,24 @@ def test_unread_prefill_blocks_are_reclaimed_after_the_lease():
         close(p)
 
 
+def test_tcp_read_after_the_lease_is_refused():
+    """Blocks freed at lease expiry may already hold another request's KV: a late tcp read of them
+    is refused by the prefill's data server (the grant is gone), so the decode fails clearly
+    instead of generating from someone else's KV."""
+    p = make("dummy:qwen3-tiny", "prefill", lease=0.3)
+    d = make("dummy:qwen3-tiny", "decode", transport="tcp", timeout=5)
+    try:
+        prompt = prompts((50,))[0]
+        _, pout = asyncio.run(run(p, "x", prompt, {"do_remote_decode": True}))
+        wait_blocks_free(p, timeout=5)
+        _, out = asyncio.run(run(d, "x", prompt, pout.kv_transfer_params))
+        assert out.finish_reason == "error"
+        assert "not granted" in out.error or "no blocks are granted" in out.error
+        wait_blocks_free(p, d)
+    finally:
+        close(p, d)
+
+
 @pytest.mark.parametrize("policy", ["fail", "recompute"])
 def test_kv_that_never_arrives(policy):
     """The prefill instance vanished after answering: fail clearly, or recompute locally."""

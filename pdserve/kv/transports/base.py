@@ -15,11 +15,14 @@ import torch
 class KVTransport(Protocol):
     name: str
 
-    def read(self, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
-        """Copy every layer of the peer's `src` blocks into our `dst` blocks. Returns bytes moved."""
+    def read(self, src_block_ids: list[int], dst_block_ids: list[int], *, request_id: str) -> int:
+        """Copy every layer of the peer's `src` blocks into our `dst` blocks. Returns bytes moved.
+        `request_id` names the grant the peer checks (tcp; `grants.py`)."""
         ...
 
-    def write_layer(self, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def write_layer(
+        self, layer: int, src_block_ids: list[int], dst_block_ids: list[int], *, request_id: str
+    ) -> int:
         """Copy one layer of our `src` blocks into the peer's `dst` blocks. Returns bytes moved."""
         ...
 

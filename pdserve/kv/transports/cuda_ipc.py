@@ -30,7 +30,7 @@ def export_cache(cache: torch.Tensor) -> CudaIpcDescriptor:
     return CudaIpcDescriptor(
         device=int(device), handle=bytes(handle), size_bytes=int(size), offset_bytes=int(offset),
         ref_counter_handle=bytes(ref_handle), ref_counter_offset=int(ref_offset),
-        event_handle=bytes(event_handle) if event_handle else b"", event_sync_required=bool(event_sync),
+        event_handle=bytes(event_handle or b""), event_sync_required=bool(event_sync),
         device_uuid=str(getattr(props, "uuid", device)),
     )
 
@@ -39,9 +39,12 @@ def open_cache(desc: CudaIpcDescriptor, dtype: torch.dtype, shape: tuple[int, ..
     local = _EXPORTED.get((desc.handle, desc.offset_bytes))
     if local is not None:  # exported by this very process
         return local.view(dtype).view(shape)
+    # Every argument is type-checked (torch's THPStorage_newSharedCuda): the event handle must be
+    # bytes even when no event is to be waited on (None is refused with a TypeError).
     storage = torch.UntypedStorage._new_shared_cuda(
-        desc.device, desc.handle, desc.size_bytes, desc.offset_bytes, desc.ref_counter_handle,
-        desc.ref_counter_offset, desc.event_handle or None, desc.event_sync_required,
+        int(desc.device), bytes(desc.handle), int(desc.size_bytes), int(desc.offset_bytes),
+        bytes(desc.ref_counter_handle), int(desc.ref_counter_offset), bytes(desc.event_handle),
+        bool(desc.event_sync_required),
     )
     t = torch.empty(0, dtype=dtype, device=device)
     t.set_(storage, 0, shape)
@@ -57,7 +60,7 @@ class CudaIpcTransport:
         self.local = local
         try:
             self.remote = open_cache(peer, local.dtype, shape, local.device)
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:
             raise TransferError(f"cannot open the peer's CUDA IPC handle: {e}") from None
         self._stream = torch.cuda.Stream(local.device)
 
@@ -70,12 +73,14 @@ class CudaIpcTransport:
             copy_blocks(dst, src, runs, layer)
         self._stream.synchronize()
 
-    def read(self, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def read(self, src_block_ids: list[int], dst_block_ids: list[int], *, request_id: str) -> int:
         check_ids(src_block_ids, self.remote.shape[1])
         self._run(self.local, self.remote, block_runs(src_block_ids, dst_block_ids), None)
         return len(dst_block_ids) * self.local[:, 0].numel() * self.local.element_size()
 
-    def write_layer(self, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def write_layer(
+        self, layer: int, src_block_ids: list[int], dst_block_ids: list[int], *, request_id: str
+    ) -> int:
         check_ids(dst_block_ids, self.remote.shape[1])
         self._run(self.remote, self.local, block_runs(src_block_ids, dst_block_ids), layer)
         return len(dst_block_ids) * self.local[0, 0].numel() * self.local.element_size()

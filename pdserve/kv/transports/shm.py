@@ -49,13 +49,15 @@ class ShmTransport:
         if not os.path.exists(self._path):
             raise TransferError("the peer's KV segment is gone (peer exited)")
 
-    def read(self, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def read(self, src_block_ids: list[int], dst_block_ids: list[int], *, request_id: str) -> int:
         self._check_alive()
         check_ids(src_block_ids, self.remote.shape[1])
         copy_blocks(self.local, self.remote, block_runs(src_block_ids, dst_block_ids))
         return len(dst_block_ids) * self.local[:, 0].numel() * self.local.element_size()
 
-    def write_layer(self, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def write_layer(
+        self, layer: int, src_block_ids: list[int], dst_block_ids: list[int], *, request_id: str
+    ) -> int:
         self._check_alive()
         check_ids(dst_block_ids, self.remote.shape[1])
         copy_blocks(self.remote, self.local, block_runs(src_block_ids, dst_block_ids), layer)

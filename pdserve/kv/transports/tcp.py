@@ -1,26 +1,32 @@
 """TCP transport: streamed block bytes between any two hosts.
 
 Frame: [u32 big-endian header length][msgpack header][payload]. Requests:
-  read  {op, block_ids}                 -> {ok, nbytes} + every layer's blocks, layer-major
-  write {op, layer, block_ids, nbytes} + payload -> {ok}
+  read  {op, request_id, block_ids}                 -> {ok, nbytes} + every layer's blocks, layer-major
+  write {op, request_id, layer, block_ids, nbytes} + payload -> {ok}
 Each instance runs one server thread (a thread per connection); a client keeps one connection
-per peer, used by one transfer at a time.
+per peer, used by one transfer at a time. The server touches only blocks its owner granted to the
+named request, and only until the grant is revoked (`grants.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import struct
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 import torch
 
 from pdserve.kv.transports.base import TransferError, check_ids
+from pdserve.kv.transports.grants import POLL_SECONDS, BlockGrants, Op
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
@@ -38,6 +44,7 @@ def _keepalive(sock: socket.socket) -> None:
 
 class _Header(msgspec.Struct, omit_defaults=True):
     op: str
+    request_id: str = ""
     block_ids: list[int] = []
     layer: int = -1
     nbytes: int = 0
@@ -67,25 +74,43 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return views
 
 
-def _send_views(sock: socket.socket, views: list[memoryview]) -> None:
+class _Cancelled(ConnectionError):
+    """A server op whose grant was revoked: its connection is dropped."""
+
+
+def _io(op: Op | None, call: Callable[[], T]) -> T:
+    """One socket call; a server op (socket timeout POLL_SECONDS) retries it until its grant is revoked."""
+    while True:
+        if op is not None and op.cancelled:
+            raise _Cancelled("the grant was revoked")
+        try:
+            return call()
+        except TimeoutError:
+            if op is None:
+                raise
+
+
+def _send_views(sock: socket.socket, views: list[memoryview], op: Op | None = None) -> None:
     """Scatter-gather send: one syscall for many blocks."""
     views = [v.cast("B") for v in views]
     while views:
-        views = _advance(views, sock.sendmsg(views[:_IOV]))
+        views = _advance(views, _io(op, functools.partial(sock.sendmsg, views[:_IOV])))
 
 
-def _recv_views(sock: socket.socket, views: list[memoryview]) -> None:
+def _recv_views(sock: socket.socket, views: list[memoryview], op: Op | None = None) -> None:
     views = [v.cast("B") for v in views]
     while views:
-        n = sock.recvmsg_into(views[:_IOV])[0]
+        n = _io(op, functools.partial(sock.recvmsg_into, views[:_IOV]))[0]
         if n == 0:
             raise ConnectionError("peer closed the connection")
         views = _advance(views, n)
 
 
-def _send_frame(sock: socket.socket, header: _Header, payload: list[memoryview] | None = None) -> None:
+def _send_frame(
+    sock: socket.socket, header: _Header, payload: list[memoryview] | None = None, op: Op | None = None
+) -> None:
     data = msgspec.msgpack.encode(header)
-    _send_views(sock, [memoryview(_LEN.pack(len(data)) + data), *(payload or [])])
+    _send_views(sock, [memoryview(_LEN.pack(len(data)) + data), *(payload or [])], op)
 
 
 def _recv_header(sock: socket.socket) -> _Header:
@@ -136,6 +161,7 @@ class TcpServer:
     def __init__(self, cache: torch.Tensor, host: str, token: str | None = None) -> None:
         self.cache = cache
         self.token = token
+        self.grants = BlockGrants()
         self._sock = socket.create_server((host, 0))
         self.host, self.port = host, self._sock.getsockname()[1]
         self._stop = False
@@ -161,21 +187,16 @@ class TcpServer:
                         _send_frame(conn, _Header(op="reply", ok=False, reason="bad token"))
                         return
                     check_ids(h.block_ids, nb)
-                    if h.op == "read":
-                        views, _ = _views(self.cache, range(self.cache.shape[0]), h.block_ids, load=True)
-                        _send_frame(conn, _Header(op="reply", nbytes=sum(v.nbytes for v in views)), views)
-                    elif h.op == "write":
-                        if not 0 <= h.layer < self.cache.shape[0]:
-                            raise TransferError(f"layer {h.layer} out of range")
-                        views, staged = _views(self.cache, range(h.layer, h.layer + 1), h.block_ids, load=False)
-                        if h.nbytes != sum(v.nbytes for v in views):
-                            raise TransferError("payload size does not match the block list")
-                        _recv_views(conn, views)
-                        if staged is not None:
-                            staged.commit()
-                        _send_frame(conn, _Header(op="reply"))
-                    else:
+                    if h.op not in ("read", "write"):
                         raise TransferError(f"unknown op {h.op!r}")
+                    with self.grants.use(h.request_id, h.block_ids) as op:
+                        conn.settimeout(POLL_SECONDS)
+                        self._op(conn, h, op)
+                        conn.settimeout(None)
+            except _Cancelled:
+                with contextlib.suppress(OSError):  # drop what is queued either way: a reset
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                return
             except (ConnectionError, OSError):
                 return
             except TransferError as e:
@@ -184,6 +205,21 @@ class TcpServer:
                     _send_frame(conn, _Header(op="reply", ok=False, reason=str(e)))
                 except OSError:
                     pass
+
+    def _op(self, conn: socket.socket, h: _Header, op: Op) -> None:
+        if h.op == "read":
+            views, _ = _views(self.cache, range(self.cache.shape[0]), h.block_ids, load=True)
+            _send_frame(conn, _Header(op="reply", nbytes=sum(v.nbytes for v in views)), views, op)
+            return
+        if not 0 <= h.layer < self.cache.shape[0]:
+            raise TransferError(f"layer {h.layer} out of range")
+        views, staged = _views(self.cache, range(h.layer, h.layer + 1), h.block_ids, load=False)
+        if h.nbytes != sum(v.nbytes for v in views):
+            raise TransferError("payload size does not match the block list")
+        _recv_views(conn, views, op)
+        if staged is not None:
+            staged.commit()
+        _send_frame(conn, _Header(op="reply"))
 
     def close(self) -> None:
         self._stop = True
@@ -239,13 +275,13 @@ class TcpTransport:
             self._sock.close()
             self._sock = None
 
-    def read(self, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def read(self, src_block_ids: list[int], dst_block_ids: list[int], *, request_id: str) -> int:
         if len(src_block_ids) != len(dst_block_ids):
             raise TransferError("block count mismatch")
         views, staged = _views(self.local, range(self.local.shape[0]), dst_block_ids, load=False)
 
         def go(sock: socket.socket) -> int:
-            _send_frame(sock, _Header(op="read", block_ids=src_block_ids, token=self.token))
+            _send_frame(sock, _Header(op="read", request_id=request_id, block_ids=src_block_ids, token=self.token))
             h = self._reply(sock)
             if h.nbytes != sum(v.nbytes for v in views):
                 raise TransferError("peer's block size differs from ours")
@@ -256,7 +292,9 @@ class TcpTransport:
 
         return self._run(go)
 
-    def write_layer(self, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def write_layer(
+        self, layer: int, src_block_ids: list[int], dst_block_ids: list[int], *, request_id: str
+    ) -> int:
         if len(src_block_ids) != len(dst_block_ids):
             raise TransferError("block count mismatch")
         views, _ = _views(self.local, range(layer, layer + 1), src_block_ids, load=True)
@@ -264,7 +302,8 @@ class TcpTransport:
 
         def go(sock: socket.socket) -> int:
             _send_frame(
-                sock, _Header(op="write", layer=layer, block_ids=dst_block_ids, nbytes=n, token=self.token), views
+                sock, _Header(op="write", request_id=request_id, layer=layer, block_ids=dst_block_ids, nbytes=n,
+                              token=self.token), views
             )
             self._reply(sock)
             return n
