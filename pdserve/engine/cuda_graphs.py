@@ -141,13 +141,20 @@ class StaticDecoder:
         Only the scratch block's KV is written."""
         if not self.use_graphs:
             return
+        # Warm-up and capture on one side stream (the torch docs' recipe, and what
+        # make_graphed_callables does): state that libraries create lazily per stream (cuBLAS /
+        # cuBLASLt workspaces are cached per (handle, stream)) is then made by the warm-up, not
+        # mid-capture. Replays run on whatever stream is current (the default one).
+        stream = torch.cuda.Stream(self.device)
         pool = None
         for b in reversed(self.buckets):
-            self._stage_padding(b)
-            self._forward(b)  # compiles the Triton kernels, builds the RoPE table, picks GEMMs
+            self._stage_padding(b)  # on the current stream: the side stream waits for it
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._forward(b)  # compiles the Triton kernels, builds the RoPE table, picks GEMMs
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self._logits[b] = self._forward(b)
             pool = graph.pool()
             self._graphs[b] = graph

@@ -133,6 +133,8 @@ def paged_decode_attention(
     d, h, hd = q.shape
     _, _, kvh, bs, _ = kv_layer.shape
     group = h // kvh
+    if block_tables.stride(-1) != 1:  # the kernel steps along a row by 1 (no copy for the usual tables)
+        block_tables = block_tables.contiguous()
     width = block_tables.shape[1] * bs
     part = partition_size(width)
     num_parts = -(-width // part)

@@ -119,3 +119,50 @@ def test_sdpa_prefill_bf16(n, cached):
     ref = _prefill_attention(q.float(), k.float(), v.float(), kv.float(), span, hd**-0.5)
     got = _prefill_attention_sdpa(q, k, v, kv, span, hd**-0.5)
     torch.testing.assert_close(got.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_triton_decode_kernel_block_ids_past_int32_offsets():
+    """A layer of more than 2**31 elements (an 8B model's cache on an H200): the blocks at its end."""
+    torch.manual_seed(2)
+    bs, kvh, group, hd = 16, 8, 4, 128
+    nb = (1 << 31) // (2 * kvh * bs * hd) + 8
+    big = torch.empty(nb, 2, kvh, bs, hd, device="cuda", dtype=torch.bfloat16)  # 4.3 GB, left uninitialised
+    small = torch.randn(8, 2, kvh, bs, hd, device="cuda").bfloat16()
+    ids = torch.arange(nb - 8, nb, device="cuda")
+    big[ids] = small
+    lens = torch.tensor([64, 37], device="cuda")
+    q = torch.randn(2, kvh * group, hd, device="cuda").bfloat16()
+    meta = AttentionMetadata(bs, lens[:0], 2, torch.arange(8, device="cuda").view(2, 4), lens)
+    ref = _decode_attention_torch(q.float(), small.float(), meta, hd**-0.5)
+    got = triton_decode.paged_decode_attention(q, big, ids.view(2, 4), lens, hd**-0.5)
+    del big
+    torch.cuda.empty_cache()
+    torch.testing.assert_close(got.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_graph_replay_pads_into_the_scratch_block_only():
+    """A replayed 3-sequence step (bucket 4) writes its rows' new KV and the scratch block, nothing else."""
+    llm = LLM("dummy:qwen3-tiny", device="cuda", dtype="float32", num_kv_blocks=128, max_num_seqs=8,
+              max_model_len=1024)
+    try:
+        eng = llm.engine
+        static = eng.runner.static
+        assert static is not None and static.bucket(3) == 4 and 4 in static._graphs
+        for i, p in enumerate(prompts((20, 35, 3))):
+            eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
+            eng.step()
+        reqs = list(eng.scheduler.running)
+        assert len(reqs) == 3
+        eng.kv_cache.tensor[:, static.scratch_block] = 0  # the warm-up and capture wrote padding KV there
+        before = eng.kv_cache.tensor.clone()
+        with torch.inference_mode():
+            logits = static.run(reqs)
+            torch.cuda.synchronize()
+        assert logits.shape[0] == 3 and bool(torch.isfinite(logits).all())
+        changed = (eng.kv_cache.tensor != before).flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+        live = {r.block_ids[r.num_computed_tokens // 16] for r in reqs}
+        assert set(changed) <= live | {static.scratch_block}
+        assert static.scratch_block in changed and live <= set(changed)
+    finally:
+        llm.close()

@@ -190,6 +190,22 @@ _TRITON_CHECK = textwrap.dedent(
     from pdserve.model.attention import AttentionMetadata, _decode_attention_torch
 
     torch.manual_seed(0)
+
+
+    def scale(hd):
+        return hd**-0.5
+
+
+    def check(q, kv, tables, ctx, ref_kv, ref_tables, tol, what):
+        # The kernel on (kv, tables) against the torch path on (ref_kv, ref_tables), in fp32.
+        hd, bs = q.shape[-1], kv.shape[3]
+        meta = AttentionMetadata(bs, torch.zeros(0, dtype=torch.long), q.shape[0], ref_tables, ctx)
+        ref = _decode_attention_torch(q.float(), ref_kv.float(), meta, scale(hd))
+        got = triton_decode.paged_decode_attention(q, kv, tables, ctx, scale(hd))
+        err = (got.float() - ref).abs().max().item()
+        assert err < tol, (what, err)
+
+
     # (dtype, block size, kv heads, group, head dim, context lengths, table width, tolerance).
     # bf16 is left out: the interpreter's tl.dot mis-handles it (checked on GPU instead).
     cases = [
@@ -197,6 +213,8 @@ _TRITON_CHECK = textwrap.dedent(
         (torch.float16, 16, 2, 4, 32, [5, 129, 1000], 70, 4e-3),
         (torch.float32, 8, 1, 1, 16, [3, 16, 9], 2, 1e-5),
         (torch.float32, 16, 2, 4, 16, [1, 2000, 16], 640, 1e-5),  # 40 partitions of 256 keys
+        (torch.float16, 16, 8, 4, 128, [1, 16, 17, 300], 20, 4e-3),  # Qwen3-8B's heads
+        (torch.float32, 16, 2, 3, 16, [7, 33, 48], 4, 1e-5),  # a group that is no power of two
     ]
     for dtype, bs, kvh, group, hd, lens, width, tol in cases:
         nb = 700
@@ -205,11 +223,27 @@ _TRITON_CHECK = textwrap.dedent(
         tables = torch.randint(0, nb, (d, width))
         q = torch.randn(d, kvh * group, hd).to(dtype)
         ctx = torch.tensor(lens)
-        meta = AttentionMetadata(bs, torch.zeros(0, dtype=torch.long), d, tables, ctx)
-        ref = _decode_attention_torch(q.float(), kv.float(), meta, hd**-0.5)
-        got = triton_decode.paged_decode_attention(q, kv, tables, ctx, hd**-0.5)
-        err = (got.float() - ref).abs().max().item()
-        assert err < tol, (dtype, lens, err)
+        check(q, kv, tables, ctx, kv, tables, tol, (dtype, lens))
+        # Columns past a row's context are never read (the CUDA-graph tables keep stale ids
+        # there): ids far out of range in them change nothing.
+        past = torch.arange(width)[None, :] >= -(-ctx[:, None] // bs)
+        check(q, kv, tables.masked_fill(past, 1 << 40), ctx, kv, tables, tol, ("stale", dtype, lens))
+
+    # Block ids whose element offset is past 2**31 (a layer of an 8B model's cache on a big GPU):
+    # offsets must be int64. The cache is virtual memory: only the blocks used are touched.
+    bs, kvh, group, hd = 16, 1, 2, 16
+    nb = (1 << 31) // (2 * kvh * bs * hd) + 64
+    try:
+        big = torch.empty(nb, 2, kvh, bs, hd, dtype=torch.float16)
+    except RuntimeError:  # no room even for the address space: nothing to check
+        big = None
+    if big is not None:
+        small = torch.randn(6, 2, kvh, bs, hd).half()
+        ids = torch.arange(nb - 6, nb)
+        big[ids] = small
+        q = torch.randn(2, kvh * group, hd).half()
+        ctx = torch.tensor([40, 5])
+        check(q, big, ids.view(2, 3), ctx, small, torch.arange(6).view(2, 3), 4e-3, "block ids past 2**31 elements")
     print("ok")
     """
 )
