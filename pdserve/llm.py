@@ -94,6 +94,9 @@ class LLM:
             comp = ro.outputs[0]
             comp.token_ids.extend(out.new_token_ids)
             comp.text += out.new_text
+            if out.logprobs is not None:
+                comp.logprobs = (comp.logprobs or []) + out.logprobs
+                comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + sum(lp.logprob for lp in out.logprobs)
             if out.finished:
                 comp.finish_reason = out.finish_reason
                 ro.finished = True

@@ -17,6 +17,7 @@ from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.cpu import apply_cpu_placement, keep_freed_memory
 from pdserve.engine.cuda_graphs import StaticDecoder
 from pdserve.engine.kv_cache import KVCache, plan_layout
+from pdserve.engine.logprobs import TokenLogprob
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
@@ -190,13 +191,13 @@ class LLMEngine:
         if self.connector is not None:
             self.connector.begin_step(batch.prefills)
         try:
-            sampled = self.runner.execute(batch)
+            sampled, logprobs = self.runner.execute(batch)
         finally:
             if self.connector is not None:
                 self.connector.end_step()
         self.step_count += 1
         advanced = self.scheduler.update_after_step(batch, sampled)
-        outputs.extend(self._process(advanced))
+        outputs.extend(self._process(advanced, logprobs))
         return outputs
 
     def tick(self) -> list[StepOutput]:
@@ -210,26 +211,31 @@ class LLMEngine:
         ended = self.scheduler.pop_ended()
         return [self._final_output(r, [], "") for r in ended]
 
-    def _process(self, advanced: list[Request]) -> list[StepOutput]:
+    def _process(self, advanced: list[Request], logprobs: dict[str, TokenLogprob]) -> list[StepOutput]:
         outs = []
         for req in advanced:
             text = self._texts[req.request_id]
             new_id = req.output_token_ids[-1]
+            lp = logprobs.get(req.request_id)
+            lps = [lp] if lp is not None else None
             delta, hit_stop = text.push(new_id)
             if hit_stop and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
             if req.is_finished:
-                outs.append(self._final_output(req, [new_id], delta))
+                outs.append(self._final_output(req, [new_id], delta, lps))
             else:
                 outs.append(
                     StepOutput(
                         req.request_id, [new_id], delta, False,
                         num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
+                        logprobs=lps,
                     )
                 )
         return outs
 
-    def _final_output(self, req: Request, new_ids: list[int], delta: str) -> StepOutput:
+    def _final_output(
+        self, req: Request, new_ids: list[int], delta: str, logprobs: list[TokenLogprob] | None = None
+    ) -> StepOutput:
         text = self._texts.pop(req.request_id, None)
         if text is not None:
             delta += text.flush()
@@ -244,6 +250,7 @@ class LLMEngine:
             num_output_tokens=len(req.output_token_ids),
             error=req.error,
             kv_transfer_params=req.kv_transfer_params,
+            logprobs=logprobs,
         )
 
     def run_until_done(self, max_idle_s: float = 600.0) -> list[StepOutput]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.engine.logprobs import TokenLogprob
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -18,6 +20,7 @@ class StepOutput:
     num_output_tokens: int = 0
     error: str | None = None
     kv_transfer_params: object | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asks
 
 
 @dataclass
@@ -27,6 +30,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     cumulative_logprob: float | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when SamplingParams.logprobs is set
 
 
 @dataclass

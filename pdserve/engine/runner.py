@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pdserve.engine.cuda_graphs import StaticDecoder
+from pdserve.engine.logprobs import BatchLogprobs, TokenLogprob
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledBatch
@@ -82,8 +83,9 @@ class ModelRunner:
         return ids, pos, meta, last_rows
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> dict[str, int]:
-        """Run one step; returns request id -> sampled token for every request in the batch."""
+    def execute(self, batch: ScheduledBatch) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
+        """Run one step; returns request id -> sampled token for every request in the batch, and
+        request id -> its token's logprobs for those that ask (`SamplingParams.logprobs`)."""
         reqs = batch.decodes + [r for r, _ in batch.prefills]
         sampling = self.sampler.prepare(reqs)  # first: its copies queue ahead of the forward pass
         if self.static is not None and not batch.prefills and self.static.accepts(batch.decodes):
@@ -93,5 +95,11 @@ class ModelRunner:
             hidden = self.model(ids, pos, self.kv_cache, meta)
             rows = to_device(last_rows, torch.long, self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
-        sampled = self.sampler(logits, sampling).tolist()
-        return {r.request_id: t for r, t in zip(reqs, sampled, strict=True)}
+        logprobs = BatchLogprobs.of(logits[:, : self.sampler.vocab_size], [r.sampling_params.logprobs for r in reqs])
+        ids = self.sampler(logits, sampling)
+        sampled = ids.tolist()
+        tokens = {r.request_id: t for r, t in zip(reqs, sampled, strict=True)}
+        if logprobs is None:
+            return tokens, {}
+        rows = logprobs.resolve(ids)
+        return tokens, {r.request_id: lp for r, lp in zip(reqs, rows, strict=True) if lp is not None}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdserve.engine.logprobs import MAX_LOGPROBS
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -21,6 +23,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     n: int = 1
+    logprobs: int | None = None  # None: none; k: each sampled token's logprob and the k most likely
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so the object stays hashable and immutable.
@@ -42,6 +45,8 @@ class SamplingParams:
             raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")  # torch.Generator's range
 

@@ -68,8 +68,9 @@ def write_decode_params(prefill: Instance) -> KVTransferParams:
 def prefill_body(body: JSONObject, chat: bool, params: KVTransferParams) -> bytes:
     """The prefill half: one token, not streamed, with `params`.
 
-    `min_tokens` is dropped (a client's min_tokens > 1 would make max_tokens=1 invalid)."""
-    half = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens")}
+    `min_tokens` is dropped (a client's min_tokens > 1 would make max_tokens=1 invalid), and so are
+    the logprobs fields: the decode half samples (and reports) every token the client sees."""
+    half = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens", "logprobs", "top_logprobs")}
     half["max_tokens"] = 1
     if chat:
         half["max_completion_tokens"] = 1

@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pdserve.model.tokenizer import Tokenizer
 from pdserve.server import sse
 from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
 from pdserve.server.inputs import chat_prompt, sampling_params
+from pdserve.server.logprobs import chat_logprobs
 from pdserve.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -41,23 +43,27 @@ async def create_chat_completion(request: Request) -> Response:
     req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
     token_ids = chat_prompt(ctx.llm, req)
-    params = sampling_params(req, req.output_limit)
+    params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None)
     started = start(request, ctx, req, token_ids, params, "chatcmpl", arrival)
     if req.stream:
-        return sse.GenerationStream(_stream(req, started), started.generation.abort, {})
-    text, final = await wait_for_end(request, started.generation)
+        return sse.GenerationStream(_stream(req, started, ctx.llm.tokenizer), started.generation.abort, {})
+    result = await wait_for_end(request, started.generation)
+    lps = chat_logprobs(ctx.llm.tokenizer, result.logprobs) if req.logprobs else None
+    choice = ChatChoice(
+        message=AssistantMessage(content=result.text), logprobs=lps, finish_reason=finish_reason(result.final)
+    )
     body = ChatCompletionResponse(
         id=started.response_id,
         created=started.created,
         model=started.model,
-        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason(final))],
-        usage=usage_of(final),
-        kv_transfer_params=kv_params(final),
+        choices=[choice],
+        usage=usage_of(result.final),
+        kv_transfer_params=kv_params(result.final),
     )
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-async def _stream(req: ChatCompletionRequest, s: Started) -> AsyncIterator[bytes]:
+async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer) -> AsyncIterator[bytes]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None) -> bytes:
         return sse.event(
             ChatCompletionChunk(
@@ -80,7 +86,8 @@ async def _stream(req: ChatCompletionRequest, s: Started) -> AsyncIterator[bytes
             running = usage_of(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
             delta = DeltaMessage(content=out.new_text)
-            yield chunk([ChatChunkChoice(delta=delta, finish_reason=finish_reason(out))], running, kv)
+            lps = chat_logprobs(tok, out.logprobs or ()) if req.logprobs else None
+            yield chunk([ChatChunkChoice(delta=delta, logprobs=lps, finish_reason=finish_reason(out))], running, kv)
         if out.finished and req.include_usage:
             yield chunk([], usage_of(out))
     yield sse.DONE

@@ -17,12 +17,22 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.logprobs import TokenLogprob
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv.messages import KVTransferParams
 from pdserve.server.metrics import RequestTimer, ServerMetrics
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Collected:
+    """A whole non-streamed result."""
+
+    text: str
+    final: StepOutput
+    logprobs: list[TokenLogprob]
 
 
 @dataclass(frozen=True)
@@ -78,13 +88,15 @@ class Generation:
             if out.finished:
                 return
 
-    async def collect(self) -> tuple[str, StepOutput]:
-        """Wait for the end: the whole text and the final output."""
+    async def collect(self) -> Collected:
+        """Wait for the end: the whole text, the final output, every token's logprobs (if asked)."""
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         async for out in self.outputs():
             parts.append(out.new_text)
+            logprobs.extend(out.logprobs or ())
             if out.finished:
-                return "".join(parts), out
+                return Collected("".join(parts), out, logprobs)
         raise AssertionError("unreachable")
 
 

@@ -15,7 +15,7 @@ from pdserve.server.errors import APIError
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, KVParamsJSON, SamplingFields
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -28,6 +28,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingPara
             stop_token_ids=req.stop_token_ids or (),
             ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens,
+            logprobs=logprobs,
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None

@@ -2,7 +2,9 @@
 
 Requests are validated strictly (no "5" -> 5 coercion): a wrong type is a 400, never a guess.
 Unknown fields are ignored, as OpenAI-compatible servers do; fields we know but cannot honour
-(n > 1, echo, logprobs, penalties) are rejected with a 400 that names them.
+(n > 1, echo, prompt logprobs, penalties) are rejected with a 400 that names them. Logprobs of
+the generated tokens are supported (`logprobs: k` for completions; `logprobs: true` and
+`top_logprobs: k` for chat), as the model's raw distribution (vLLM's default).
 vLLM's extensions (`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
 `kv_transfer_params`) are accepted with vLLM's meaning.
 """
@@ -14,8 +16,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
+from pdserve.engine.logprobs import MAX_LOGPROBS
+
 KVParamsJSON = dict[str, JsonValue]
 FinishReason = Literal["stop", "length", "abort", "error"]
+TopK = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 def _none(value: object) -> bool:
@@ -72,7 +77,7 @@ class CompletionRequest(SamplingFields):
     prompt: PromptInput
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: TopK | None = None  # each token's logprob and this many most likely alternatives
     best_of: Literal[1] | None = None
     suffix: None = None
 
@@ -117,10 +122,16 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Literal[False] | None = None
-    top_logprobs: None = None
+    logprobs: bool | None = None
+    top_logprobs: TopK | None = None
     tools: Annotated[list[JsonValue], Field(max_length=0)] | None = None
     add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @property
     def output_limit(self) -> int | None:
@@ -151,10 +162,19 @@ def _now() -> int:
     return int(time.time())
 
 
+class CompletionLogprobs(_Response):
+    """The legacy completions shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+
+
 class CompletionChoice(_Response):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -183,10 +203,24 @@ class AssistantMessage(_Response):
     content: str
 
 
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(_Response):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -208,7 +242,7 @@ class DeltaMessage(_Response):
 class ChatChunkChoice(_Response):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

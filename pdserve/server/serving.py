@@ -15,7 +15,7 @@ from pdserve.engine.outputs import StepOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.context import ServerContext
 from pdserve.server.errors import APIError
-from pdserve.server.generation import Generation, GenerationInput, watch_disconnect
+from pdserve.server.generation import Collected, Generation, GenerationInput, watch_disconnect
 from pdserve.server.inputs import kv_transfer_params, validate
 from pdserve.server.protocol import FinishReason, KVParamsJSON, SamplingFields, Usage
 from pdserve.server.request_id import request_id_of
@@ -54,17 +54,17 @@ def start(
     return Started(gen, f"{id_prefix}-{request_id}", ctx.settings.model_name, int(time.time()))
 
 
-async def wait_for_end(request: Request, gen: Generation) -> tuple[str, StepOutput]:
+async def wait_for_end(request: Request, gen: Generation) -> Collected:
     """Collect a non-streaming request; a client that disconnects meanwhile aborts it."""
     watcher = asyncio.create_task(watch_disconnect(request, gen.abort))
     try:
-        text, final = await gen.collect()
+        result = await gen.collect()
     finally:
         watcher.cancel()
         gen.abort()  # no-op when finished; frees the blocks if this handler was cancelled
-    if final.finish_reason == "error":
-        raise APIError(500, final.error or "the engine failed this request", code="engine_error")
-    return text, final
+    if result.final.finish_reason == "error":
+        raise APIError(500, result.final.error or "the engine failed this request", code="engine_error")
+    return result
 
 
 def finish_reason(out: StepOutput) -> FinishReason | None:

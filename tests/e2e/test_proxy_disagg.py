@@ -194,6 +194,32 @@ def test_outputs_equal_standalone(topo: Topology, reference: ServerProcess) -> N
     _blocks_all_free(topo.prefills + topo.decodes)
 
 
+def _logprobs(server: ServerProcess) -> list[tuple[list[str], list[float]]]:
+    c = _client(server)
+    out = []
+    for prompt in PROMPTS:
+        r = c.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=6, logprobs=2, **GREEDY)
+        lp = r.choices[0].logprobs
+        assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+        out.append((lp.tokens, lp.token_logprobs))
+        stream = c.chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": prompt}],  # type: ignore[list-item]
+                                           max_tokens=6, logprobs=True, top_logprobs=1, stream=True, **GREEDY)
+        chunks = [ch.choices[0].logprobs for ch in stream if ch.choices and ch.choices[0].logprobs]
+        items = [i for lp in chunks for i in lp.content or []]
+        out.append(([i.token for i in items], [i.logprob for i in items]))
+    return out
+
+
+def test_logprobs_equal_standalone(topo: Topology, reference: ServerProcess) -> None:
+    """Every token's logprob comes from the decode half (it samples the first token too, after
+    recomputing the prompt's last position): the same tokens and values as a standalone instance."""
+    want = _logprobs(reference)
+    got = _logprobs(topo.proxy)
+    for (w_tokens, w_values), (g_tokens, g_values) in zip(want, got, strict=True):
+        assert g_tokens == w_tokens and len(w_tokens) == 6
+        assert g_values == pytest.approx(w_values, abs=0.02)  # bf16: the decode-shaped recompute rounds
+
+
 def test_refused_decode_half_frees_the_prefill_blocks(topo: Topology) -> None:
     """A body only the decode half refuses (the prefill half is sent max_tokens=1, no min_tokens): the
     prefill computed the prompt (in WRITE mode at the same time) and would keep its KV blocks for the

@@ -86,7 +86,9 @@ def test_invalid_json(http: httpx.Client) -> None:
         ({"prompt": "hi", "top_p": 0}, "top_p"),
         ({"prompt": "hi", "n": 2}, "n"),
         ({"prompt": "hi", "echo": True}, "echo"),
-        ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+        ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+        ({"prompt": "hi", "logprobs": -1}, "logprobs"),
+        ({"prompt": "hi", "logprobs": True}, "logprobs"),
         ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
         ({"prompt": "hi", "seed": -(2**63) - 1}, None),  # beyond torch.Generator: was a 500
         ([1, 2], None),
@@ -186,7 +188,8 @@ def test_unknown_route_and_method(http: httpx.Client) -> None:
 
 def test_request_id_rules(http: httpx.Client) -> None:
     assert_error(post(http, {"prompt": "hi"}, headers={"X-Request-Id": "bad id!"}), 400, param="X-Request-Id")
-    body = {"prompt": "hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    # As long as the context allows, so the first is still in flight when its duplicate arrives.
+    body = {"prompt": "hi", "max_tokens": MAX_LEN - 10, "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/completions", json=body, headers={"X-Request-Id": "dup-1"}) as first:
         assert first.status_code == 200
         next(first.iter_lines())

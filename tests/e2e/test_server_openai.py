@@ -165,3 +165,46 @@ def test_64_concurrent_streams(server: ServerProcess) -> None:
     assert m["pdserve_kv_blocks_free"] == m["pdserve_kv_blocks_total"]
     assert m['pdserve_requests_total{finish_reason="length"}'] >= 64
     assert m["pdserve_time_to_first_token_seconds_count"] >= 64
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    full = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=8, logprobs=3, **GREEDY)
+    lp = full.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert all(v <= 0.0 for v in lp.token_logprobs)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        # Greedy: the sampled token is the most likely one (distinct ids may share a text: <= 3 keys).
+        assert 1 <= len(top) <= 3 and top[token] == value == max(top.values())
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+    stream = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=8, logprobs=3, stream=True,
+                                       **GREEDY)
+    tokens, values = [], []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            tokens += chunk.choices[0].logprobs.tokens or []
+            values += chunk.choices[0].logprobs.token_logprobs or []
+    assert tokens == lp.tokens and values == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+    plain = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=2, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": PROMPT}]
+    full = client.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=6,  # type: ignore[arg-type]
+                                          logprobs=True, top_logprobs=2, **GREEDY)
+    content = full.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and full.usage is not None and len(content) == full.usage.completion_tokens == 6
+    for item in content:
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].logprob == item.logprob <= 0.0
+        assert item.top_logprobs[1].logprob <= item.logprob
+        assert item.bytes == list(item.token.encode())
+
+    stream = client.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=6,  # type: ignore[arg-type]
+                                            logprobs=True, stream=True, **GREEDY)
+    streamed = [i for c in stream if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content or []]
+    assert [i.token for i in streamed] == [i.token for i in content]
+    assert all(i.top_logprobs == [] for i in streamed)  # logprobs: true alone: no alternatives
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-5)

@@ -71,7 +71,8 @@ def test_defaults_and_extensions() -> None:
         ("stream", 1),
         ("n", 2),
         ("echo", True),
-        ("logprobs", 0),
+        ("logprobs", 21),
+        ("logprobs", "1"),
         ("presence_penalty", 1.0),
         ("repetition_penalty", 1.2),
         ("best_of", 2),
@@ -132,7 +133,9 @@ def test_chat_request() -> None:
         {"messages": [{"role": "robot", "content": "x"}]},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-        {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},  # without logprobs: true
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
     ],
 )
 def test_chat_rejected(body: object) -> None:

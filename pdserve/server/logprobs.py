@@ -1,0 +1,50 @@
+"""Engine logprobs (`TokenLogprob`) in the two OpenAI response shapes.
+
+Each token is shown as its own decoded text (special tokens included); `bytes` (chat) are that
+text's UTF-8 bytes. A byte-level token that is only part of a character decodes to U+FFFD, as in
+vLLM's responses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pdserve.engine.logprobs import TokenLogprob
+from pdserve.model.tokenizer import Tokenizer
+from pdserve.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+
+
+def _text(tok: Tokenizer, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(tok: Tokenizer, lps: Sequence[TokenLogprob], text_offset: int) -> CompletionLogprobs:
+    """`text_offset`: where the first of these tokens starts in the completion's text."""
+    out = CompletionLogprobs()
+    for lp in lps:
+        s = _text(tok, lp.token_id)
+        out.tokens.append(s)
+        out.token_logprobs.append(lp.logprob)
+        # As OpenAI's: the sampled token is listed among the alternatives too (k+1 entries at most).
+        # Distinct tokens can share a text (byte pieces of one character): the likelier one is kept.
+        alternatives: dict[str, float] = {}
+        for t, v in lp.top:
+            alternatives.setdefault(_text(tok, t), v)
+        alternatives.setdefault(s, lp.logprob)
+        out.top_logprobs.append(alternatives)
+        out.text_offset.append(text_offset)
+        text_offset += len(s)
+    return out
+
+
+def _top(tok: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
+    s = _text(tok, token_id)
+    return TopLogprob(token=s, logprob=logprob, bytes=list(s.encode()))
+
+
+def chat_logprobs(tok: Tokenizer, lps: Sequence[TokenLogprob]) -> ChatLogprobs:
+    content = []
+    for lp in lps:
+        head = _top(tok, lp.token_id, lp.logprob)
+        content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=[_top(tok, t, v) for t, v in lp.top]))
+    return ChatLogprobs(content=content)

@@ -1,0 +1,86 @@
+"""Logprobs of generated tokens (`SamplingParams.logprobs`): the model's own distribution, checked
+against transformers on the same weights (fp32), for greedy and sampled tokens, in a batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve import LLM, SamplingParams
+from pdserve.model.export import export_model
+
+transformers = pytest.importorskip("transformers")
+
+MODEL = "dummy:qwen3-tiny"
+PROMPTS = [[(5 * j) % 250 for j in range(20)], [(7 * j + 3) % 250 for j in range(45)]]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    m = LLM(MODEL, dtype="float32", num_kv_blocks=64, max_model_len=256)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = export_model(MODEL, tmp_path_factory.mktemp("hf"), dtype="float32")
+    return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+def reference_logprobs(hf, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """[len(output), V]: log_softmax of transformers' logits at each generated position."""
+    ids = torch.tensor([prompt + output])
+    with torch.no_grad():
+        logits = hf(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.3, "top_k": 50, "seed": 3}])
+def test_logprobs_match_transformers(llm, reference, sampling):
+    k = 5
+    params = [SamplingParams(max_tokens=8, ignore_eos=True, logprobs=k, **sampling) for _ in PROMPTS]
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params), strict=True):
+        comp = out.outputs[0]
+        assert comp.logprobs is not None and len(comp.logprobs) == len(comp.token_ids) == 8
+        ref = reference_logprobs(reference, prompt, comp.token_ids)
+        for i, (tok, lp) in enumerate(zip(comp.token_ids, comp.logprobs, strict=True)):
+            assert lp.token_id == tok
+            assert lp.logprob == pytest.approx(ref[i, tok].item(), abs=1e-4)
+            assert lp.rank == int((ref[i] > ref[i, tok] + 1e-6).sum()) + 1  # within rounding of ties
+            top_v, top_i = ref[i].topk(k)
+            assert [t for t, _ in lp.top] == top_i.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(top_v.tolist(), abs=1e-4)
+            if sampling["temperature"] == 0.0:
+                assert lp.rank == 1 and lp.top[0][0] == tok
+        assert comp.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in comp.logprobs))
+
+
+def test_logprobs_are_before_temperature_and_bans(llm):
+    """The raw distribution: the same values whatever the temperature, and a token banned from
+    sampling (min_tokens not reached, here the argmax itself) still shows with its own logprob."""
+    a = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=1, temperature=0.0, logprobs=3))[0].outputs[0]
+    best = a.token_ids[0]
+    hot = SamplingParams(max_tokens=1, temperature=50.0, top_k=1, logprobs=3)  # top_k=1: still the argmax
+    c = llm.generate([PROMPTS[0]], hot)[0].outputs[0]
+    assert c.token_ids == [best] and c.logprobs[0].logprob == pytest.approx(a.logprobs[0].logprob, abs=1e-6)
+    banned = SamplingParams(max_tokens=2, temperature=0.0, logprobs=3, min_tokens=2, stop_token_ids=[best])
+    b = llm.generate([PROMPTS[0]], banned)[0].outputs[0]
+    assert b.token_ids[0] == a.logprobs[0].top[1][0]  # the runner-up was sampled
+    assert b.logprobs[0].rank == 2
+    assert [t for t, _ in b.logprobs[0].top] == [t for t, _ in a.logprobs[0].top]
+    assert [v for _, v in b.logprobs[0].top] == pytest.approx([v for _, v in a.logprobs[0].top], abs=1e-6)
+
+
+def test_only_requests_that_ask_get_logprobs(llm):
+    outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=3, logprobs=0), SamplingParams(max_tokens=3)])
+    asked, plain = outs[0].outputs[0], outs[1].outputs[0]
+    assert [lp.top for lp in asked.logprobs] == [(), (), ()]
+    assert all(lp.logprob <= 0.0 for lp in asked.logprobs)
+    assert plain.logprobs is None and plain.cumulative_logprob is None
+
+
+@pytest.mark.parametrize("value", [-1, 21])
+def test_bad_logprobs(value):
+    with pytest.raises(ValueError, match="logprobs must be in"):
+        SamplingParams(logprobs=value)
