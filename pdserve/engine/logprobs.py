@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_LOGPROBS = 20  # most top alternatives a request may ask for (OpenAI's top_logprobs limit)
-
 
 @dataclass(frozen=True)
 class TokenLogprob:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.engine.logprobs import MAX_LOGPROBS
+MAX_LOGPROBS = 20  # most top alternatives a request may ask for (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)

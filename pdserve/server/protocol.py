@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-from pdserve.engine.logprobs import MAX_LOGPROBS
+from pdserve.engine.sampling_params import MAX_LOGPROBS  # no torch: the proxy imports this module
 
 KVParamsJSON = dict[str, JsonValue]
 FinishReason = Literal["stop", "length", "abort", "error"]
