@@ -1,4 +1,5 @@
-"""Token sampling for a batch: greedy, temperature, top-k, top-p, per-request seeds, min_tokens.
+"""Token sampling for a batch: penalties, greedy, temperature, top-k, top-p, per-request seeds,
+min_tokens.
 
 No host sync: `prepare` builds the per-row tensors on the host and copies them asynchronously
 (pinned memory on CUDA; call it before the forward pass so the copies queue behind nothing), and
@@ -29,6 +30,51 @@ class SamplingBatch:
     banned: tuple[torch.Tensor, torch.Tensor] | None
     # (row, generator) for rows with a per-request seed.
     seeded: list[tuple[int, torch.Generator]]
+    penalties: Penalties | None = None  # None when no row uses one
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """Per-row presence / frequency / repetition penalties and what they act on. Built only for
+    steps where a row uses one: the counts cost O(tokens of those requests) per step."""
+
+    presence: torch.Tensor  # [N, 1] float32
+    frequency: torch.Tensor  # [N, 1] float32
+    repetition: torch.Tensor  # [N, 1] float32 (1: off)
+    output_counts: torch.Tensor  # [N, V] float32: how often each token is in the row's output
+    seen: torch.Tensor  # [N, V] bool: in the row's prompt or output
+
+    @classmethod
+    def of(cls, requests: list[Request], vocab_size: int, device: torch.device) -> Penalties:
+        rows, ids, prompt_rows, prompt_ids = [], [], [], []
+        for i, r in enumerate(requests):
+            if not r.sampling_params.uses_penalties:
+                continue
+            rows += [i] * len(r.output_token_ids)
+            ids += r.output_token_ids
+            if r.sampling_params.repetition_penalty != 1.0:
+                prompt_rows += [i] * len(r.prompt_token_ids)
+                prompt_ids += r.prompt_token_ids
+        n = len(requests)
+        counts = torch.zeros(n, vocab_size, dtype=torch.float32, device=device)
+        if ids:
+            idx = (to_device(rows, torch.long, device), to_device(ids, torch.long, device))
+            counts.index_put_(idx, torch.ones(len(ids), device=device), accumulate=True)
+        seen = counts > 0
+        if prompt_ids:
+            seen[to_device(prompt_rows, torch.long, device), to_device(prompt_ids, torch.long, device)] = True
+        sps = [r.sampling_params for r in requests]
+
+        def column(values: list[float]) -> torch.Tensor:
+            return to_device(values, torch.float32, device).unsqueeze(1)
+
+        return cls(column([sp.presence_penalty for sp in sps]), column([sp.frequency_penalty for sp in sps]),
+                   column([sp.repetition_penalty for sp in sps]), counts, seen)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rep = torch.where(self.seen, self.repetition, torch.ones_like(self.repetition))
+        logits = torch.where(logits > 0, logits / rep, logits * rep)
+        return logits - self.frequency * self.output_counts - self.presence * (self.output_counts > 0)
 
 
 class Sampler:
@@ -75,11 +121,14 @@ class Sampler:
                 for i, r in enumerate(requests)
                 if r.sampling_params.seed is not None and not r.sampling_params.greedy
             ],
+            penalties=Penalties.of(requests, self.vocab_size, dev) if any(sp.uses_penalties for sp in sps) else None,
         )
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [N, V] float32 -> token ids [N] long (on the logits' device; no host sync)."""
         logits = logits[:, : self.vocab_size]
+        if batch.penalties is not None:
+            logits = batch.penalties.apply(logits)
         if batch.banned is not None:
             logits.index_put_(batch.banned, logits.new_full((), float("-inf")))
         greedy_ids = logits.argmax(dim=-1)

@@ -24,6 +24,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     n: int = 1
     logprobs: int | None = None  # None: none; k: each sampled token's logprob and the k most likely
+    # OpenAI's: logit -= presence * [token in output] + frequency * (its count in the output).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's (from CTRL): a token seen in the prompt or the output has its logit divided by this
+    # when positive, multiplied when negative. 1: off.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so the object stays hashable and immutable.
@@ -47,6 +53,11 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")  # torch.Generator's range
 
@@ -61,3 +72,7 @@ class SamplingParams:
     @property
     def uses_top_p(self) -> bool:
         return self.top_p < 1.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

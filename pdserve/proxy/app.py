@@ -28,14 +28,15 @@ from pdserve.proxy.errors import ProxyError, no_instance
 from pdserve.proxy.health import HealthChecker
 from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
 from pdserve.proxy.metrics import ProxyMetrics
-from pdserve.proxy.openapi import install_openapi
+from pdserve.proxy.openapi import TOKENIZER_BODIES, install_openapi
 from pdserve.proxy.orchestrate import CHAT_PATH, Orchestrator
 from pdserve.proxy.registry import RegistryServer, sweep_forever
-from pdserve.proxy.relay import ProxyEndpoint, check_api_key
+from pdserve.proxy.relay import ClientGone, ProxyEndpoint, check_api_key, read_body
 from pdserve.proxy.routing import make_picker
 from pdserve.proxy.settings import ProxySettings
 from pdserve.proxy.upstream import Upstream, UpstreamFailure
 from pdserve.server.prometheus import CONTENT_TYPE
+from pdserve.server.protocol import openapi_body
 
 log = logging.getLogger(__name__)
 
@@ -172,21 +173,40 @@ def build_app(settings: ProxySettings) -> ProxyApp:
     async def metrics_route() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
-    async def models_route(request: Request) -> Response:
+    async def any_instance(request: Request, body: bytes | None = None) -> Response:
+        """Answer from an instance (decode first in disagg mode; a second one if it fails)."""
         try:
             check_api_key(request.headers.raw, settings.api_key)
         except ProxyError as e:
             return _error(e)
         roles: tuple[RoleCode, ...] = ("S",) if settings.mode == "standard" else ("D", "P")
         headers = state.upstream.auth_headers(request.headers.get("authorization"))
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         for inst in [i for r in roles for i in state.table.candidates(r)][:2]:
             try:
-                got = await state.upstream.get(inst, "/v1/models", headers)
+                got = await state.upstream.fetch(inst, request.method, request.url.path, headers, body)
             except UpstreamFailure as e:
-                log.warning("GET /v1/models: %s", e)
+                log.warning("%s %s: %s", request.method, request.url.path, e)
                 continue
             return Response(got.body, status_code=got.status, media_type=got.content_type or "application/json")
         return _error(no_instance("decode" if settings.mode == "disagg" else "standalone"))
+
+    @app.get("/v1/models")
+    async def models_route(request: Request) -> Response:
+        return await any_instance(request)
+
+    async def tokenizer_route(request: Request) -> Response:
+        """vLLM's /tokenize and /detokenize: every instance serves the same model and tokenizer."""
+        try:
+            body = await read_body(request.scope, request.receive, settings.max_body_bytes)
+        except ProxyError as e:
+            return _error(e)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
+        return await any_instance(request, body)
+
+    for path, model in TOKENIZER_BODIES.items():
+        app.add_api_route(path, tokenizer_route, methods=["POST"], openapi_extra=openapi_body(model))
 
     return ProxyApp(app, hot)

@@ -13,12 +13,14 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 GENERATION_BODIES: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
 }
+TOKENIZER_BODIES: dict[str, type[BaseModel]] = {"/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+
 
 _ERROR = {
     "description": 'an OpenAI-style error: {"error": {"message", "type", "param", "code"}}',
@@ -51,6 +53,9 @@ def install_openapi(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = build()
             comps = spec.setdefault("components", {}).setdefault("schemas", {})
+            for ops in spec.get("paths", {}).values():
+                for op in ops.values():
+                    comps.update(op.pop("x-components", {}))
             for path, model in GENERATION_BODIES.items():
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 comps.update(schema.pop("$defs", {}))

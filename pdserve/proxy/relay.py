@@ -31,8 +31,8 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
                 (b"x-accel-buffering", b"no")]
 
 
-class _ClientGone(Exception):
-    pass
+class ClientGone(Exception):
+    """The client disconnected while its body was being read."""
 
 
 def split_events(data: bytes) -> tuple[bytes, bytes]:
@@ -62,7 +62,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            raise _ClientGone
+            raise ClientGone
         chunk = msg.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -92,7 +92,7 @@ class ProxyEndpoint:
             await self._send_error(send, e, rid_header)
             self.metrics.requests.inc(labels=("client_error",))
             return
-        except _ClientGone:
+        except ClientGone:
             self.metrics.requests.inc(labels=("cancelled",))
             return
         auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)

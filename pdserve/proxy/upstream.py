@@ -191,12 +191,15 @@ class Upstream:
             task.cancel()
         await asyncio.gather(*self._probes.values(), return_exceptions=True)
 
-    async def get(self, inst: Instance, path: str, headers: dict[str, str]) -> Buffered:
-        """A plain GET (e.g. /v1/models); UpstreamFailure when unreachable or 5xx."""
+    async def fetch(
+        self, inst: Instance, method: str, path: str, headers: dict[str, str], body: bytes | None = None
+    ) -> Buffered:
+        """A plain request (GET /v1/models, POST /tokenize, ...), answer buffered; UpstreamFailure
+        when unreachable or 5xx."""
         assert self.session is not None, "start() first"
         try:
-            async with self.session.get(inst.url + path, headers=headers,
-                                        timeout=aiohttp.ClientTimeout(total=10)) as r:
+            async with self.session.request(method, inst.url + path, headers=headers, data=body,
+                                            timeout=aiohttp.ClientTimeout(total=10)) as r:
                 body = await r.read()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise UpstreamFailure(inst, "unreachable", f"{type(e).__name__}: {e}") from None

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI routes under /v1 (API key when set), /health and /metrics.
+"""The FastAPI app: OpenAI routes under /v1 and vLLM's /tokenize, /detokenize (API key when set), /health and /metrics.
 
 `build_app(ctx)` takes a running AsyncEngine through the context; it owns no globals, so tests
 can build several apps in one process.
@@ -7,7 +7,6 @@ can build several apps in one process.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, FastAPI
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -18,8 +17,17 @@ from pdserve.server.completions import create_completion
 from pdserve.server.context import ServerContext, get_context
 from pdserve.server.errors import APIError, install_error_handlers
 from pdserve.server.prometheus import CONTENT_TYPE
-from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from pdserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    openapi_body,
+)
 from pdserve.server.request_id import RequestIdMiddleware
+from pdserve.server.tokenize import detokenize, tokenize
 
 
 async def health(request: Request) -> Response:
@@ -56,15 +64,6 @@ async def kv_info(request: Request) -> Response:
     })
 
 
-def _body(model: type[BaseModel]) -> dict:
-    """OpenAPI `requestBody` for a handler that reads and validates its body itself (size limit
-    first), so the schema (what clients and fuzzers see) still names every field."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = schema.pop("$defs", {})
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-            "x-components": defs}
-
-
 def _install_openapi(app: FastAPI) -> None:
     build = app.openapi
 
@@ -91,9 +90,13 @@ def build_app(ctx: ServerContext) -> FastAPI:
     app.add_api_route("/kv_info", kv_info, methods=["GET"])
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.add_api_route("/models", list_models, methods=["GET"])
-    v1.add_api_route("/completions", create_completion, methods=["POST"], openapi_extra=_body(CompletionRequest))
+    v1.add_api_route("/completions", create_completion, methods=["POST"], openapi_extra=openapi_body(CompletionRequest))
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"],
-                     openapi_extra=_body(ChatCompletionRequest))
+                     openapi_extra=openapi_body(ChatCompletionRequest))
     app.include_router(v1)
+    tok = APIRouter(dependencies=[Depends(require_api_key)])  # vLLM's paths: no /v1
+    tok.add_api_route("/tokenize", tokenize, methods=["POST"], openapi_extra=openapi_body(TokenizeRequest))
+    tok.add_api_route("/detokenize", detokenize, methods=["POST"], openapi_extra=openapi_body(DetokenizeRequest))
+    app.include_router(tok)
     _install_openapi(app)
     return app

@@ -42,7 +42,7 @@ async def create_chat_completion(request: Request) -> Response:
     ctx.admission.check_open()
     req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
-    token_ids = chat_prompt(ctx.llm, req)
+    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt)
     params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None)
     started = start(request, ctx, req, token_ids, params, "chatcmpl", arrival)
     if req.stream:

@@ -12,7 +12,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv.factory import parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
 from pdserve.server.errors import APIError
-from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, KVParamsJSON, SamplingFields
+from pdserve.server.protocol import ChatMessage, CompletionRequest, KVParamsJSON, SamplingFields
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
@@ -29,6 +29,9 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens,
             logprobs=logprobs,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
@@ -39,10 +42,11 @@ def completion_prompt(engine: LLMEngine, req: CompletionRequest) -> list[int]:
     return engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
 
-def chat_prompt(engine: LLMEngine, req: ChatCompletionRequest) -> list[int]:
-    messages = [{"role": m.role, "content": m.text} for m in req.messages]
+def chat_prompt(engine: LLMEngine, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """The messages rendered with the model's chat template, tokenized."""
+    turns = [{"role": m.role, "content": m.text} for m in messages]
     try:
-        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        text = engine.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # a template's raise_exception(), e.g. a role order it rejects
         raise APIError(400, f"cannot apply the chat template: {e}", code="invalid_value", param="messages") from None
     return engine.tokenizer.encode(text)

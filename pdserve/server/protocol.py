@@ -2,7 +2,7 @@
 
 Requests are validated strictly (no "5" -> 5 coercion): a wrong type is a 400, never a guess.
 Unknown fields are ignored, as OpenAI-compatible servers do; fields we know but cannot honour
-(n > 1, echo, prompt logprobs, penalties) are rejected with a 400 that names them. Logprobs of
+(n > 1, echo, prompt logprobs) are rejected with a 400 that names them. Logprobs of
 the generated tokens are supported (`logprobs: k` for completions; `logprobs: true` and
 `top_logprobs: k` for chat), as the model's raw distribution (vLLM's default).
 vLLM's extensions (`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
@@ -48,15 +48,15 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    presence_penalty: Literal[0, 0.0] | None = None
-    frequency_penalty: Literal[0, 0.0] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     user: str | None = None
     # vLLM extensions.
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
-    repetition_penalty: Literal[1, 1.0] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
     kv_transfer_params: KVParamsJSON | None = None
 
     @property
@@ -137,6 +137,29 @@ class ChatCompletionRequest(SamplingFields):
     def output_limit(self) -> int | None:
         """max_completion_tokens (the newer name) wins over max_tokens; None: up to the context."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Request):
+    """`POST /tokenize` (vLLM's): a completion prompt, or chat messages rendered with the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: bool = False  # prompt only; False is what /v1/completions does
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """`POST /detokenize` (vLLM's)."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -270,6 +293,16 @@ class ModelList(_Response):
     data: list[ModelCard]
 
 
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
 class ErrorInfo(_Response):
     message: str
     type: str
@@ -279,3 +312,13 @@ class ErrorInfo(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorInfo
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """OpenAPI `requestBody` (as a route's `openapi_extra`) for a handler that reads and validates
+    its body itself (size limit first), so the schema that clients and fuzzers see still names every
+    field; its definitions wait under `x-components` for the app's openapi() to move them."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "x-components": defs}

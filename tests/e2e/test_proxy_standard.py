@@ -70,6 +70,22 @@ def test_openai_client_through_the_proxy(proxy: ServerProcess, instances: tuple[
     assert text == chat_want.choices[0].message.content
 
 
+def test_tokenize_through_the_proxy(proxy: ServerProcess, instances: tuple[ServerProcess, ...]) -> None:
+    with httpx.Client(timeout=30) as http:
+        for path, body in [("/tokenize", {"prompt": PROMPT}), ("/detokenize", {"tokens": [72, 105]}),
+                           ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]})]:
+            want = http.post(instances[0].base_url + path, json=body)
+            got = http.post(proxy.base_url + path, json=body)
+            assert got.status_code == want.status_code == 200 and got.json() == want.json(), got.text
+        bad = http.post(proxy.base_url + "/detokenize", json={"tokens": [-1]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"  # the instance's answer
+        too_big = http.post(proxy.base_url + "/tokenize", content=b"x" * (64 << 20),
+                            headers={"content-type": "application/json"})
+        assert too_big.status_code == 413
+        paths = http.get(proxy.base_url + "/openapi.json").json()["paths"]
+        assert "prompt" in str(paths["/tokenize"]["post"]["requestBody"])
+
+
 def test_requests_spread_evenly(proxy: ServerProcess, instances: tuple[ServerProcess, ...]) -> None:
     before = [_finished(s) for s in instances]
     via = _client(proxy)

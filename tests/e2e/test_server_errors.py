@@ -89,7 +89,8 @@ def test_invalid_json(http: httpx.Client) -> None:
         ({"prompt": "hi", "logprobs": 21}, "logprobs"),
         ({"prompt": "hi", "logprobs": -1}, "logprobs"),
         ({"prompt": "hi", "logprobs": True}, "logprobs"),
-        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "hi", "repetition_penalty": -1}, "repetition_penalty"),
         ({"prompt": "hi", "seed": -(2**63) - 1}, None),  # beyond torch.Generator: was a 500
         ([1, 2], None),
     ],

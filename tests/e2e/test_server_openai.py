@@ -208,3 +208,46 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
     assert [i.token for i in streamed] == [i.token for i in content]
     assert all(i.top_logprobs == [] for i in streamed)  # logprobs: true alone: no alternatives
     assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-5)
+
+
+def test_penalties_change_the_greedy_text(client: openai.OpenAI) -> None:
+    """The tiny random model repeats itself within 80 greedy tokens; each penalty breaks that (the arithmetic
+    itself is unit-tested in tests/unit/test_penalties.py)."""
+    def text(**kw: object) -> str:
+        r = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=80, **GREEDY, **kw)  # type: ignore[call-overload]
+        return r.choices[0].text
+
+    plain = text()
+    penalised = {
+        "presence": text(presence_penalty=2.0),
+        "frequency": text(frequency_penalty=2.0),
+        "repetition": text(extra_body={"repetition_penalty": 100.0}),
+    }
+    assert all(t and t != plain for t in penalised.values()), penalised
+    assert text(presence_penalty=2.0) == penalised["presence"]  # still deterministic
+
+
+def test_tokenize_and_detokenize(server: ServerProcess, client: openai.OpenAI) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        tok = http.post("/tokenize", json={"prompt": PROMPT}).json()
+        done = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=1)
+        assert done.usage is not None and tok["count"] == len(tok["tokens"]) == done.usage.prompt_tokens
+        assert tok["max_model_len"] > 0
+        assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"prompt": PROMPT}
+
+        messages = [{"role": "user", "content": PROMPT}]
+        chat_tok = http.post("/tokenize", json={"messages": messages, "model": TINY_MODEL}).json()
+        chat = client.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=1)  # type: ignore[arg-type]
+        assert chat.usage is not None and chat_tok["count"] == chat.usage.prompt_tokens > tok["count"]
+
+        for body, path, param in [
+            ({"prompt": "a", "messages": messages}, "/tokenize", None),
+            ({}, "/tokenize", None),
+            ({"prompt": 5}, "/tokenize", "prompt"),
+            ({"tokens": [1, 10**9]}, "/detokenize", "tokens"),
+            ({"tokens": "abc"}, "/detokenize", "tokens"),
+        ]:
+            r = http.post(path, json=body)
+            assert r.status_code == 400, (body, r.text)
+            assert r.json()["error"]["param"] == param, r.json()
+        assert http.post("/tokenize", json={"prompt": "a", "model": "nope"}).status_code == 404
