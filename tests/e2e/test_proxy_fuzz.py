@@ -30,6 +30,8 @@ from schemathesis import GenerationMode  # noqa: E402
 MAX_TOKENS = 8  # generated bodies are capped: this is about validation, not generation
 INSTANCE = ("--max-model-len", "256")
 GENERATION = ("/v1/completions", "/v1/chat/completions")
+TOKENIZER = ("/tokenize", "/detokenize")  # forwarded to an instance as they are
+POSTS = GENERATION + TOKENIZER
 GETS = ("/health", "/instances", "/metrics", "/v1/models")
 HIDDEN_5XX = (  # proxy metrics that count a 5xx the client may not have seen (retried, fallen back, in-band)
     "pdserve_proxy_upstream_failures_total",
@@ -87,25 +89,26 @@ def test_schema_documents_every_route_and_body(topo: Topology) -> None:
     """Every documented route is fuzzed below; the generation paths declare their request bodies."""
     spec = httpx.get(f"{topo.proxy.base_url}/openapi.json").json()
     assert {p: set(ops) for p, ops in spec["paths"].items()} == {
-        **{p: {"post"} for p in GENERATION},
+        **{p: {"post"} for p in POSTS},
         **{p: {"get"} for p in GETS},
     }
     fields = {
         p: set(spec["paths"][p]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"])
-        for p in GENERATION
+        for p in POSTS
     }
     assert {"model", "prompt", "max_tokens", "stream"} <= fields["/v1/completions"]
     assert {"model", "messages", "max_completion_tokens", "stream"} <= fields["/v1/chat/completions"]
+    assert {"prompt", "messages"} <= fields["/tokenize"] and {"tokens"} <= fields["/detokenize"]
 
 
 @pytest.mark.parametrize(
     ("path", "mode"),
-    [(p, m) for p in GENERATION for m in GenerationMode] + [(p, GenerationMode.POSITIVE) for p in GETS],
+    [(p, m) for p in POSTS for m in GenerationMode] + [(p, GenerationMode.POSITIVE) for p in GETS],
 )
 def test_no_server_errors(topo: Topology, path: str, mode: GenerationMode, request: pytest.FixtureRequest) -> None:
     proxy = topo.proxy
     schema = schemathesis.openapi.from_url(f"{proxy.base_url}/openapi.json")
-    method = "POST" if path in GENERATION else "GET"
+    method = "POST" if path in POSTS else "GET"
     op = schema[path][method]
     client = httpx.Client(base_url=proxy.base_url, timeout=60)
     request.addfinalizer(client.close)

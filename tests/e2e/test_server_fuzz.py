@@ -19,14 +19,17 @@ def server(module_tmp):
         yield s
 
 
+POSTS = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
+
+
 @pytest.mark.parametrize(
     ("path", "mode"),
-    [(p, m) for p in ("/v1/completions", "/v1/chat/completions") for m in GenerationMode]
+    [(p, m) for p in POSTS for m in GenerationMode]
     + [("/v1/models", GenerationMode.POSITIVE), ("/health", GenerationMode.POSITIVE)],
 )
 def test_no_server_errors(server, path, mode):
     schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
-    method = "POST" if path.startswith("/v1/c") else "GET"
+    method = "POST" if path in POSTS else "GET"
     op = schema[path][method]
     client = httpx.Client(base_url=server.base_url, timeout=60)
 
