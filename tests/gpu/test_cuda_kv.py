@@ -25,6 +25,26 @@ def test_cuda_greedy_matches_cpu():
     assert a == b
 
 
+def test_cuda_logprobs_and_penalties_match_cpu():
+    """Logprobs (read after the step's one sync) and penalties (count tensors built on the device)
+    on CUDA, with graphs: the same tokens and logprobs as on CPU in fp32."""
+    prompts = [[(3 * i + j) % 250 for j in range(n)] for i, n in enumerate((5, 40, 100))]
+    params = [
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=3),
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0, presence_penalty=1.5,
+                       frequency_penalty=0.5),
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=3.0),
+    ]
+    cpu = LLM("dummy:qwen3-tiny", dtype="float32", num_kv_blocks=64)
+    gpu = LLM("dummy:qwen3-tiny", device="cuda", dtype="float32", num_kv_blocks=64)
+    for a, b in zip(cpu.generate(prompts, params), gpu.generate(prompts, params), strict=True):
+        x, y = a.outputs[0], b.outputs[0]
+        assert x.token_ids == y.token_ids
+        if x.logprobs is not None:
+            assert [lp.logprob for lp in y.logprobs] == pytest.approx([lp.logprob for lp in x.logprobs], abs=1e-3)
+            assert [[t for t, _ in lp.top] for lp in y.logprobs] == [[t for t, _ in lp.top] for lp in x.logprobs]
+
+
 @pytest.mark.parametrize("mode", ["read", "write"])
 def test_cuda_ipc_disagg_equals_standalone(mode):
     from tests.unit.test_kv_transfer import close, disagg, make_on, prompts, run
