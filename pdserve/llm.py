@@ -94,6 +94,8 @@ class LLM:
             comp = ro.outputs[0]
             comp.token_ids.extend(out.new_token_ids)
             comp.text += out.new_text
+            if out.prompt_logprobs is not None:
+                ro.prompt_logprobs = out.prompt_logprobs
             if out.logprobs is not None:
                 comp.logprobs = (comp.logprobs or []) + out.logprobs
                 comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + sum(lp.logprob for lp in out.logprobs)

@@ -132,6 +132,9 @@ class LLMEngine:
         """Every add-time check, callable from any thread: ValueError with a user-facing message."""
         self.validate_prompt(token_ids, params)
         kvp = parse_kv_transfer_params(kv_transfer_params)
+        if kvp is not None and kvp.do_remote_prefill and params.prompt_logprobs is not None:
+            raise ValueError("prompt logprobs need the prompt computed on this instance: send the request "
+                             "without kv_transfer_params (a proxy routes echo requests so)")
         if self.connector is not None:
             self.connector.validate(kvp, len(token_ids))
         elif kvp is not None and (kvp.do_remote_decode or kvp.do_remote_prefill):
@@ -191,13 +194,15 @@ class LLMEngine:
         if self.connector is not None:
             self.connector.begin_step(batch.prefills)
         try:
-            sampled, logprobs = self.runner.execute(batch)
+            result = self.runner.execute(batch)
         finally:
             if self.connector is not None:
                 self.connector.end_step()
         self.step_count += 1
-        advanced = self.scheduler.update_after_step(batch, sampled)
-        outputs.extend(self._process(advanced, logprobs))
+        for req, _ in batch.prefills:
+            req.prompt_logprobs.extend(result.prompt_logprobs.get(req.request_id, ()))
+        advanced = self.scheduler.update_after_step(batch, result.tokens)
+        outputs.extend(self._process(advanced, result.logprobs))
         return outputs
 
     def tick(self) -> list[StepOutput]:
@@ -218,23 +223,27 @@ class LLMEngine:
             new_id = req.output_token_ids[-1]
             lp = logprobs.get(req.request_id)
             lps = [lp] if lp is not None else None
+            # The prompt's logprobs go out once, with the first token.
+            plps = req.prompt_logprobs if req.sampling_params.prompt_logprobs is not None \
+                and len(req.output_token_ids) == 1 else None
             delta, hit_stop = text.push(new_id)
             if hit_stop and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
             if req.is_finished:
-                outs.append(self._final_output(req, [new_id], delta, lps))
+                outs.append(self._final_output(req, [new_id], delta, lps, plps))
             else:
                 outs.append(
                     StepOutput(
                         req.request_id, [new_id], delta, False,
                         num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
-                        logprobs=lps,
+                        logprobs=lps, prompt_logprobs=plps,
                     )
                 )
         return outs
 
     def _final_output(
-        self, req: Request, new_ids: list[int], delta: str, logprobs: list[TokenLogprob] | None = None
+        self, req: Request, new_ids: list[int], delta: str, logprobs: list[TokenLogprob] | None = None,
+        prompt_logprobs: list[TokenLogprob] | None = None,
     ) -> StepOutput:
         text = self._texts.pop(req.request_id, None)
         if text is not None:
@@ -251,6 +260,7 @@ class LLMEngine:
             error=req.error,
             kv_transfer_params=req.kv_transfer_params,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def run_until_done(self, max_idle_s: float = 600.0) -> list[StepOutput]:

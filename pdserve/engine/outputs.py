@@ -21,6 +21,8 @@ class StepOutput:
     error: str | None = None
     kv_transfer_params: object | None = None
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asks
+    # With the first token, when the request asks: prompt tokens 1.. (the first has none).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -40,3 +42,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then one per prompt token.
+    prompt_logprobs: list[TokenLogprob] | None = None

@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pdserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the scheduler's side stays free of torch
+    from pdserve.engine.logprobs import TokenLogprob
 
 
 class RequestStatus(enum.IntEnum):
@@ -54,6 +58,9 @@ class Request:
     kv_transfer_params: object | None = None
     error: str | None = None
     num_preemptions: int = 0
+    # SamplingParams.prompt_logprobs: entries for prompt tokens 1.. as their positions are computed
+    # (a recompute after preemption does not add them again).
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -8,6 +8,7 @@ other step runs eagerly on the flat batch. Per-step inputs reach the device by a
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,6 +20,17 @@ from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledBatch
 from pdserve.engine.staging import to_device
 from pdserve.model.attention import AttentionMetadata, PrefillSpan
+
+PROMPT_LOGPROB_ROWS = 256  # prompt positions per logits matrix (rows x vocab, float32)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step produced, by request id."""
+
+    tokens: dict[str, int]  # every request in the batch (a partial prefill's is discarded)
+    logprobs: dict[str, TokenLogprob]  # requests with SamplingParams.logprobs
+    prompt_logprobs: dict[str, list[TokenLogprob]]  # new prompt entries, SamplingParams.prompt_logprobs
 
 
 class ModelRunner:
@@ -83,11 +95,11 @@ class ModelRunner:
         return ids, pos, meta, last_rows
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
-        """Run one step; returns request id -> sampled token for every request in the batch, and
-        request id -> its token's logprobs for those that ask (`SamplingParams.logprobs`)."""
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        """Run one step: the sampled tokens, and the logprobs of requests that ask."""
         reqs = batch.decodes + [r for r, _ in batch.prefills]
         sampling = self.sampler.prepare(reqs)  # first: its copies queue ahead of the forward pass
+        prompt_logprobs: dict[str, list[TokenLogprob]] = {}
         if self.static is not None and not batch.prefills and self.static.accepts(batch.decodes):
             logits = self.static.run(batch.decodes)
         else:
@@ -95,11 +107,39 @@ class ModelRunner:
             hidden = self.model(ids, pos, self.kv_cache, meta)
             rows = to_device(last_rows, torch.long, self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
+            prompt_logprobs = self._prompt_logprobs(batch, hidden, last_rows[len(batch.decodes):])
         logprobs = BatchLogprobs.of(logits[:, : self.sampler.vocab_size], [r.sampling_params.logprobs for r in reqs])
         ids = self.sampler(logits, sampling)
         sampled = ids.tolist()
         tokens = {r.request_id: t for r, t in zip(reqs, sampled, strict=True)}
         if logprobs is None:
-            return tokens, {}
+            return StepResult(tokens, {}, prompt_logprobs)
         rows = logprobs.resolve(ids)
-        return tokens, {r.request_id: lp for r, lp in zip(reqs, rows, strict=True) if lp is not None}
+        chosen = {r.request_id: lp for r, lp in zip(reqs, rows, strict=True) if lp is not None}
+        return StepResult(tokens, chosen, prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, batch: ScheduledBatch, hidden: torch.Tensor, last_rows: list[int]
+    ) -> dict[str, list[TokenLogprob]]:
+        """For prefill chunks of requests with prompt_logprobs: the logprob of each prompt token
+        t >= 1 under the logits of position t - 1, for the t this chunk computes for the first time."""
+        out: dict[str, list[TokenLogprob]] = {}
+        vocab = self.sampler.vocab_size
+        for (req, n), last_row in zip(batch.prefills, last_rows, strict=True):
+            k = req.sampling_params.prompt_logprobs
+            p = req.num_computed_tokens
+            first, last = max(p + 1, len(req.prompt_logprobs) + 1), min(p + n, req.num_prompt_tokens - 1)
+            if k is None or first > last:
+                continue
+            row0 = last_row - n + 1 - p  # + position = the row of that position in this step
+            entries: list[TokenLogprob] = []
+            for lo in range(first, last + 1, PROMPT_LOGPROB_ROWS):
+                hi = min(lo + PROMPT_LOGPROB_ROWS, last + 1)
+                rows = to_device([row0 + t - 1 for t in range(lo, hi)], torch.long, self.device)
+                logits = self.model.compute_logits(hidden.index_select(0, rows))[:, :vocab]
+                targets = to_device(req.prompt_token_ids[lo:hi], torch.long, self.device)
+                batch_lp = BatchLogprobs.of(logits, [k] * (hi - lo))
+                assert batch_lp is not None
+                entries += [lp for lp in batch_lp.resolve(targets) if lp is not None]
+            out[req.request_id] = entries
+        return out

@@ -24,6 +24,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     n: int = 1
     logprobs: int | None = None  # None: none; k: each sampled token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's)
     # OpenAI's: logit -= presence * [token in output] + frequency * (its count in the output).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -51,8 +52,10 @@ class SamplingParams:
             raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

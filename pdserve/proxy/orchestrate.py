@@ -16,7 +16,8 @@ would hold its KV blocks until the lease ends (30 s).
 Failures before anything reached the client are retried once on another instance of the same
 role (`max_attempts`); a prefill half that still fails falls back per `--fallback`: the plain
 request to the decode instance (`local-prefill`) or a 503 (`fail`). A 4xx is the client's fault:
-returned as is, never retried.
+returned as is, never retried. A completion with `echo: true` goes as a plain request to a decode
+instance by design (its prompt's logprobs are computed where the prompt is computed).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class Orchestrator:
             raise ProxyError(400, str(e), code="invalid_json") from None
         if not self.table.candidates("D"):
             raise no_instance("decode")
+        if body.get("echo") is True:
+            # The prompt's logprobs are computed where the prompt is: the decode prefills it itself.
+            self.metrics.fallbacks.inc(labels=("echo",))
+            return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
         if self.settings.kv_mode == "READ":
             return await self._read(req, body)
         return await self._write(req, body)

@@ -1,22 +1,32 @@
-"""`POST /v1/completions`: one prompt in, text out (whole, or streamed as SSE)."""
+"""`POST /v1/completions`: one prompt in, text out (whole, or streamed as SSE).
+
+With `echo` the prompt comes first (its text, and with `logprobs` its tokens' logprobs: the first
+token has none); `max_tokens: 0` then scores the prompt alone (the engine still samples one token,
+which is not shown or counted).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pdserve.engine.logprobs import TokenLogprob
+from pdserve.engine.outputs import StepOutput
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server import sse
 from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
 from pdserve.server.inputs import completion_prompt, sampling_params
-from pdserve.server.logprobs import completion_logprobs
+from pdserve.server.logprobs import completion_logprobs, echo_logprobs
 from pdserve.server.protocol import (
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     KVParamsJSON,
@@ -33,6 +43,44 @@ from pdserve.server.serving import (
 )
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """How the engine's outputs become this request's choices."""
+
+    req: CompletionRequest
+    tok: Tokenizer
+    prompt_ids: list[int]
+    prompt_text: str
+
+    @property
+    def shows_output(self) -> bool:
+        return self.req.max_tokens != 0
+
+    def usage(self, out: StepOutput) -> Usage:
+        return usage_of(out) if self.shows_output else Usage.of(out.num_prompt_tokens, 0)
+
+    def prefix(self, prompt_lps: list[TokenLogprob] | None) -> tuple[str, CompletionLogprobs | None]:
+        """The echoed prompt: its text and (with logprobs) its tokens' logprobs."""
+        if not self.req.echo:
+            return "", None
+        lps = echo_logprobs(self.tok, self.prompt_ids, prompt_lps or []) if self.req.logprobs is not None else None
+        return self.prompt_text, lps
+
+    def choice(
+        self, text: str, lps: list[TokenLogprob], offset: int, out: StepOutput, first: bool
+    ) -> CompletionChoice:
+        """`text` / `lps`: generated, starting at `offset` of the generated text; `first`: the
+        choice that carries the echoed prompt."""
+        if not self.shows_output:
+            text, lps = "", []
+        prefix, prefix_lps = self.prefix(out.prompt_logprobs) if first else ("", None)
+        logprobs = None
+        if self.req.logprobs is not None:
+            logprobs = completion_logprobs(self.tok, lps, len(prefix) + offset)
+            logprobs = prefix_lps + logprobs if prefix_lps is not None else logprobs
+        return CompletionChoice(text=prefix + text, logprobs=logprobs, finish_reason=finish_reason(out))
+
+
 async def create_completion(request: Request) -> Response:
     arrival = time.monotonic()
     ctx = get_context(request)
@@ -40,24 +88,30 @@ async def create_completion(request: Request) -> Response:
     req = await parse_body(request, CompletionRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
     token_ids = completion_prompt(ctx.llm, req)
-    params = sampling_params(req, req.max_tokens, req.logprobs)
-    started = start(request, ctx, req, token_ids, params, "cmpl", arrival)
+    params = sampling_params(req, 1 if req.max_tokens == 0 else req.max_tokens, req.logprobs,
+                             req.logprobs if req.echo else None)
+    started = start(request, ctx, req, token_ids, params, "cmpl", arrival)  # validates the ids too
+    prompt, tok = req.single_prompt, ctx.llm.tokenizer
+    echoed = "" if not req.echo else prompt if isinstance(prompt, str) else tok.decode(prompt, False)
+    shape = _Shape(req, tok, token_ids, echoed)
     if req.stream:
-        return sse.GenerationStream(_stream(req, started, ctx.llm.tokenizer), started.generation.abort, {})
+        return sse.GenerationStream(_stream(shape, started), started.generation.abort, {})
     result = await wait_for_end(request, started.generation)
-    lps = completion_logprobs(ctx.llm.tokenizer, result.logprobs, 0) if req.logprobs is not None else None
+    final = dataclasses.replace(result.final, prompt_logprobs=result.prompt_logprobs)
     body = CompletionResponse(
         id=started.response_id,
         created=started.created,
         model=started.model,
-        choices=[CompletionChoice(text=result.text, logprobs=lps, finish_reason=finish_reason(result.final))],
-        usage=usage_of(result.final),
-        kv_transfer_params=kv_params(result.final),
+        choices=[shape.choice(result.text, result.logprobs, 0, final, first=True)],
+        usage=shape.usage(final),
+        kv_transfer_params=kv_params(final),
     )
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-async def _stream(req: CompletionRequest, s: Started, tok: Tokenizer) -> AsyncIterator[bytes]:
+async def _stream(shape: _Shape, s: Started) -> AsyncIterator[bytes]:
+    req = shape.req
+
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None) -> bytes:
         return sse.event(
             CompletionChunk(
@@ -70,18 +124,20 @@ async def _stream(req: CompletionRequest, s: Started, tok: Tokenizer) -> AsyncIt
             )
         )
 
-    offset = 0  # of this chunk's text in the whole completion
+    offset = 0  # of this chunk's text in the whole generated text
+    first = True
     async for out in s.generation.outputs():
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
             break
         if out.new_token_ids or out.new_text or out.finished:
-            running = usage_of(out) if req.include_usage and req.continuous_usage else None
+            running = shape.usage(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
-            lps = completion_logprobs(tok, out.logprobs or (), offset) if req.logprobs is not None else None
+            choice = shape.choice(out.new_text, out.logprobs or [], offset, out, first)
             offset += len(out.new_text)
-            choice = CompletionChoice(text=out.new_text, logprobs=lps, finish_reason=finish_reason(out))
-            yield chunk([choice], running, kv)
+            if first or shape.shows_output or out.finished:
+                yield chunk([choice], running, kv)
+            first = False
         if out.finished and req.include_usage:
-            yield chunk([], usage_of(out))
+            yield chunk([], shape.usage(out))
     yield sse.DONE

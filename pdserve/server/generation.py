@@ -33,6 +33,7 @@ class Collected:
     text: str
     final: StepOutput
     logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob] | None
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,13 @@ class Generation:
         """Wait for the end: the whole text, the final output, every token's logprobs (if asked)."""
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
+        prompt_logprobs = None
         async for out in self.outputs():
             parts.append(out.new_text)
             logprobs.extend(out.logprobs or ())
+            prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_logprobs
             if out.finished:
-                return Collected("".join(parts), out, logprobs)
+                return Collected("".join(parts), out, logprobs, prompt_logprobs)
         raise AssertionError("unreachable")
 
 

@@ -15,7 +15,9 @@ from pdserve.server.errors import APIError
 from pdserve.server.protocol import ChatMessage, CompletionRequest, KVParamsJSON, SamplingFields
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields, max_tokens: int | None, logprobs: int | None = None, prompt_logprobs: int | None = None
+) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -29,6 +31,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,

@@ -37,6 +37,14 @@ def completion_logprobs(tok: Tokenizer, lps: Sequence[TokenLogprob], text_offset
     return out
 
 
+def echo_logprobs(tok: Tokenizer, prompt_ids: Sequence[int], lps: Sequence[TokenLogprob]) -> CompletionLogprobs:
+    """The prompt's part of an echoed completion: its first token has no logprob (nothing before
+    it), the others `lps` (SamplingParams.prompt_logprobs)."""
+    first = _text(tok, prompt_ids[0])
+    head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+    return head + completion_logprobs(tok, lps, len(first))
+
+
 def _top(tok: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
     s = _text(tok, token_id)
     return TopLogprob(token=s, logprob=logprob, bytes=list(s.encode()))

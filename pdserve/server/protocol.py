@@ -2,7 +2,7 @@
 
 Requests are validated strictly (no "5" -> 5 coercion): a wrong type is a 400, never a guess.
 Unknown fields are ignored, as OpenAI-compatible servers do; fields we know but cannot honour
-(n > 1, echo, prompt logprobs) are rejected with a 400 that names them. Logprobs of
+(n > 1, best_of, suffix, tools) are rejected with a 400 that names them. Logprobs of
 the generated tokens are supported (`logprobs: k` for completions; `logprobs: true` and
 `top_logprobs: k` for chat), as the model's raw distribution (vLLM's default).
 vLLM's extensions (`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator, model_validator
 
 from pdserve.engine.sampling_params import MAX_LOGPROBS  # no torch: the proxy imports this module
 
@@ -75,11 +75,18 @@ class CompletionRequest(SamplingFields):
     """`POST /v1/completions`. One prompt: a string, token ids, or a one-element list of either."""
 
     prompt: PromptInput
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    echo: Literal[False] = False
+    echo: bool = False  # the prompt before the completion (and, with logprobs, its tokens' logprobs)
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0: only with echo (scoring a prompt)
     logprobs: TopK | None = None  # each token's logprob and this many most likely alternatives
     best_of: Literal[1] | None = None
     suffix: None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_needs_echo(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens must be at least 1 (0 only with echo: true)")
+        return v
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:
@@ -189,9 +196,15 @@ class CompletionLogprobs(_Response):
     """The legacy completions shape: parallel lists, one entry per generated token."""
 
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []  # None: the first prompt token (echo)
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+    def __add__(self, other: CompletionLogprobs) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=self.tokens + other.tokens, token_logprobs=self.token_logprobs + other.token_logprobs,
+            top_logprobs=self.top_logprobs + other.top_logprobs, text_offset=self.text_offset + other.text_offset,
+        )
 
 
 class CompletionChoice(_Response):

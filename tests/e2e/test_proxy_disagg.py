@@ -220,6 +220,24 @@ def test_logprobs_equal_standalone(topo: Topology, reference: ServerProcess) -> 
         assert g_values == pytest.approx(w_values, abs=0.02)  # bf16: the decode-shaped recompute rounds
 
 
+def test_echo_is_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
+    """Prompt logprobs need the prompt computed where the answer comes from: the proxy sends an echo
+    request to a decode as a plain request (counted as a fallback "echo"), with the standalone's answer."""
+    def scored(server: ServerProcess) -> tuple[str, list[float | None]]:
+        r = _client(server).completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=0, echo=True,
+                                               logprobs=1, **GREEDY)
+        assert r.choices[0].logprobs is not None and r.choices[0].logprobs.token_logprobs is not None
+        return r.choices[0].text, r.choices[0].logprobs.token_logprobs
+
+    before = topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="echo"}')
+    text, values = scored(topo.proxy)
+    want_text, want_values = scored(reference)
+    assert text == want_text == PROMPTS[1] and values[0] is None
+    assert values[1:] == pytest.approx(want_values[1:], abs=0.02)
+    assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="echo"}') == before + 1
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
 def test_refused_decode_half_frees_the_prefill_blocks(topo: Topology) -> None:
     """A body only the decode half refuses (the prefill half is sent max_tokens=1, no min_tokens): the
     prefill computed the prompt (in WRITE mode at the same time) and would keep its KV blocks for the

@@ -251,3 +251,32 @@ def test_tokenize_and_detokenize(server: ServerProcess, client: openai.OpenAI) -
             assert r.status_code == 400, (body, r.text)
             assert r.json()["error"]["param"] == param, r.json()
         assert http.post("/tokenize", json={"prompt": "a", "model": "nope"}).status_code == 404
+
+
+def test_echo_with_logprobs_scores_the_prompt(server: ServerProcess, client: openai.OpenAI) -> None:
+    """lm-eval's loglikelihood request: echo, logprobs, max_tokens 0."""
+    prompt_ids = httpx.post(f"{server.base_url}/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    scored = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1, **GREEDY)
+    choice = scored.choices[0]
+    lp = choice.logprobs
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    assert scored.usage.prompt_tokens == len(prompt_ids)
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert "".join(lp.tokens) == PROMPT and len(lp.tokens) == len(prompt_ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0.0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset is not None and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+
+    # With generated tokens: the prompt's part, then the same completion as without echo.
+    plain = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=5, logprobs=1, **GREEDY)
+    both = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=5, echo=True, logprobs=1, **GREEDY)
+    assert both.choices[0].text == PROMPT + plain.choices[0].text
+    assert both.choices[0].logprobs.token_logprobs[: len(prompt_ids)] == pytest.approx(lp.token_logprobs)  # type: ignore[union-attr]
+    assert both.choices[0].logprobs.tokens[len(prompt_ids):] == plain.choices[0].logprobs.tokens  # type: ignore[union-attr,index]
+
+    stream = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=5, echo=True, logprobs=1,
+                                       stream=True, **GREEDY)
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.text for c in chunks) == both.choices[0].text
+    assert [t for c in chunks for t in (c.logprobs.tokens or [])] == both.choices[0].logprobs.tokens  # type: ignore[union-attr]

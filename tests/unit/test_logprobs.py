@@ -84,3 +84,42 @@ def test_only_requests_that_ask_get_logprobs(llm):
 def test_bad_logprobs(value):
     with pytest.raises(ValueError, match="logprobs must be in"):
         SamplingParams(logprobs=value)
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_prompt_logprobs_match_transformers(reference, chunk):
+    """Every prompt token after the first, under the logits of the position before it; computed
+    once even when the prompt is prefilled in several chunks."""
+    kw = {} if chunk is None else {"max_num_batched_tokens": chunk}
+    llm = LLM(MODEL, dtype="float32", num_kv_blocks=64, max_model_len=256, **kw)
+    try:
+        params = [SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2, logprobs=1),
+                  SamplingParams(max_tokens=2, temperature=0.0)]
+        asked, plain = llm.generate(PROMPTS, params)
+    finally:
+        llm.close()
+    assert plain.prompt_logprobs is None
+    prompt = PROMPTS[0]
+    got = asked.prompt_logprobs
+    assert got is not None and len(got) == len(prompt) - 1
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(ids).logits[0, :-1].float(), dim=-1)
+    for i, lp in enumerate(got):
+        assert lp.token_id == prompt[i + 1]
+        assert lp.logprob == pytest.approx(ref[i, prompt[i + 1]].item(), abs=1e-4)
+        assert [t for t, _ in lp.top] == ref[i].topk(2).indices.tolist()
+
+
+def test_prompt_logprobs_refused_for_remote_prefill():
+    from pdserve.config import EngineConfig
+    from pdserve.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=MODEL, dtype="float32"))
+    try:
+        remote = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_handshake_port": 1,
+                  "remote_notify_port": 2, "remote_block_ids": [0]}
+        with pytest.raises(ValueError, match="prompt logprobs need the prompt computed"):
+            engine.validate_request([1, 2, 3], SamplingParams(prompt_logprobs=0), remote)
+    finally:
+        engine.close()
