@@ -105,12 +105,14 @@ class Sampler:
             sp = r.sampling_params
             if len(r.output_token_ids) < sp.min_tokens:
                 ban = list(sp.stop_token_ids) + ([] if sp.ignore_eos else sorted(r.eos_token_ids))
+                ban = [t for t in ban if 0 <= t < self.vocab_size]  # others are never sampled anyway
                 ban_rows.extend([i] * len(ban))
                 ban_ids.extend(ban)
         dev = self.device
         return SamplingBatch(
             temperature=to_device(temps, torch.float32, dev),
-            top_k=to_device([sp.top_k if sp.uses_top_k else self.vocab_size for sp in sps], torch.long, dev)
+            top_k=to_device([min(sp.top_k, self.vocab_size) if sp.uses_top_k else self.vocab_size for sp in sps],
+                            torch.long, dev)
             if use_k
             else None,
             top_p=to_device([sp.top_p for sp in sps], torch.float32, dev) if use_p else None,

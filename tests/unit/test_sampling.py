@@ -101,3 +101,12 @@ def test_bad_prompts(llm):
 def test_bad_engine_arguments(kwargs, err):
     with pytest.raises(err):
         LLM(**kwargs)
+
+
+def test_out_of_range_values_do_not_reach_the_tensors(llm):
+    """Found by the proxy fuzzer: a top_k beyond int64 failed the engine step (every request in it);
+    stop ids outside the vocabulary, banned by min_tokens, indexed past the logits."""
+    huge = toks(llm, max_tokens=4, temperature=0.0, top_k=10**30, ignore_eos=True).token_ids
+    assert huge == toks(llm, max_tokens=4, temperature=0.0, ignore_eos=True).token_ids
+    out = toks(llm, max_tokens=4, min_tokens=4, stop_token_ids=[-1, 10**6, 2**70], ignore_eos=True)
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
