@@ -22,6 +22,7 @@ DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 DEFAULT_KV_CACHE_GIB = 1.0
 DEFAULT_MODEL = "dummy:qwen3-tiny"
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # HTTP request bodies, server and proxy
 
 
 @dataclass(frozen=True)

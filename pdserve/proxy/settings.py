@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REGISTRY_PORT
+from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, DEFAULT_REGISTRY_PORT
 
 ProxyMode = Literal["disagg", "standard"]
 TransferMode = Literal["READ", "WRITE"]
@@ -14,7 +14,6 @@ FallbackPolicy = Literal["local-prefill", "fail"]
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 3.0
 DEFAULT_HEALTH_INTERVAL_S = 1.0
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_GRACEFUL_SHUTDOWN_S = 30.0
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, Role
+from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, Role
 
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
