@@ -112,7 +112,8 @@ class KVConnectorBase:
         self.notify_server = NotifyServer(self._ctx, self.host, kt.kv_notify_port, self._on_notify, token)
         self.sender = NotifySender(self._ctx, token)
         self.handshakes = HandshakeClient(
-            self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token, socket.gethostname())
+            self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token, socket.gethostname(),
+                             cache.shm_name)
         )
         self._transports: dict[tuple[str, int], KVTransport] = {}  # used by the worker thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv-transfer")

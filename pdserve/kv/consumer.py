@@ -14,6 +14,7 @@ cuda_ipc (which no server of ours sees) keeps them (quarantine) until the transf
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import socket
@@ -27,6 +28,8 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.kv.connector import KVConnectorBase, _Done
 from pdserve.kv.messages import Abort, KVTransferParams, ReadDone, WriteDest, WriteDone
 from pdserve.kv.transports.base import TransferError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,9 +101,11 @@ class KVConsumer(KVConnectorBase):
                 break
             self._handle(ev, ready, failed)
         now = time.monotonic()
-        dead = self._dead_peers(now)
+        check = now - self._last_liveness >= 0.1  # a stat() per waiting WRITE request, ten times a second
+        if check:
+            self._last_liveness = now
         for rid, p in list(self._pending.items()):
-            gone = (p.params.remote_host, p.params.remote_handshake_port) in dead
+            gone = check and self._producer_gone(p)
             if p.quarantined or p.abandoned:
                 # Settled once no write can land any more: the peer is gone, or long past the deadline.
                 if gone or now > p.deadline + self.config.kv_transfer_timeout:
@@ -114,28 +119,26 @@ class KVConsumer(KVConnectorBase):
                 self._fail(p, f"KV transfer timed out after {self.config.kv_transfer_timeout:g} s", failed)
         return ready, failed
 
-    def _dead_peers(self, now: float) -> set[tuple[str, int]]:
-        """Same-host WRITE peers whose shared-memory KV segment has disappeared (checked every 0.1 s).
-
-        A live producer may still write into our blocks over shm; one whose segment is gone cannot."""
-        if now - self._last_liveness < 0.1:
-            return set()
-        self._last_liveness = now
-        dead = set()
-        for p in self._pending.values():
-            prm = p.params
-            if prm.transfer_mode != "WRITE" or not p.started:
-                continue
-            key = (prm.remote_host, prm.remote_handshake_port)
-            fut = self.handshakes.get(*key)  # type: ignore[arg-type]
-            if not fut.done() or fut.exception() is not None:
-                continue
+    def _producer_gone(self, p: _Pending) -> bool:
+        """A same-host WRITE producer whose shared-memory KV segment has disappeared: it died, and
+        cannot write into our blocks any more. Known from the producer's own handshake with us (by
+        engine id: right across a restart on the same ports, and without our ever reaching it),
+        else from ours with it."""
+        prm = p.params
+        if prm.transfer_mode != "WRITE" or not p.started:
+            return False
+        peer = self.handshake_server.peers.get(prm.remote_engine_id or "")
+        if peer is not None:
+            host, segment = peer.hostname, peer.shm_segment
+        else:
+            fut = self.handshakes.get(prm.remote_host, prm.remote_handshake_port)  # type: ignore[arg-type]
+            if not fut.done() or fut.exception() is not None or fut.result().transports.shm is None:
+                return False
             shm = fut.result().transports.shm
-            if shm is not None and shm.hostname == socket.gethostname() and not os.path.exists(
-                f"/dev/shm/{shm.segment.lstrip('/')}"
-            ):
-                dead.add(key)
-        return dead
+            host, segment = shm.hostname, shm.segment
+        return bool(segment) and host == socket.gethostname() and not os.path.exists(
+            f"/dev/shm/{segment.lstrip('/')}"  # type: ignore[union-attr]
+        )
 
     def _handle(self, ev: object, ready: set[str], failed: dict[str, str]) -> None:
         if isinstance(ev, _Done | WriteDone):
@@ -180,6 +183,7 @@ class KVConsumer(KVConnectorBase):
         p = self._pending.pop(rid)
         self.tcp_server.grants.revoke(rid)
         if p.quarantined:
+            log.info("request %s: transfer settled, %d blocks freed", rid, len(p.request.block_ids))
             self.release(p.request)
 
     def on_request_finished(self, request: Request) -> bool:
@@ -204,6 +208,8 @@ class KVConsumer(KVConnectorBase):
                 return False
             # A transfer may still write into these blocks: keep them until it settles.
             p.quarantined = True
+            log.info("request %s ended during its KV transfer: its %d blocks wait for the transfer to settle",
+                     request.request_id, len(request.block_ids))
             return True
         del self._pending[request.request_id]
         if not p.started and not p.abandoned:
@@ -220,8 +226,8 @@ class KVConsumer(KVConnectorBase):
         prm = p.params
         if prm.transfer_mode != "WRITE" or prm.remote_engine_id is None:
             return False  # READ: our own worker may still be copying into the blocks
-        host = self.handshake_server.peers.get(prm.remote_engine_id)
-        return host is not None and host != socket.gethostname() \
+        peer = self.handshake_server.peers.get(prm.remote_engine_id)
+        return peer is not None and peer.hostname != socket.gethostname() \
             and self.tcp_server.grants.revoke(p.request.request_id)
 
     # ---- worker thread -------------------------------------------------------------------------

@@ -57,8 +57,8 @@ class HandshakeServer:
                  token: str | None = None) -> None:
         self._reply = reply
         self._token = token
-        # engine id -> hostname of each peer that completed a handshake (it knows our segment)
-        self.peers: dict[str, str] = {}
+        # Each peer that completed a handshake (so knows our segment), by engine id.
+        self.peers: dict[str, HandshakeRequest] = {}
         self._sock, self.port = bind_socket(ctx, zmq.REP, host, port, 1 << 20)
         self._stop = threading.Event()
         threading.Thread(target=self._run, name="pdserve-handshake", daemon=True).start()
@@ -80,7 +80,7 @@ class HandshakeServer:
             return encode(HandshakeError(
                 reason=f"model/KV layout fingerprint {msg.fingerprint} != ours ({self._reply.fingerprint}): "
                 "the two instances must serve the same model with the same dtype and block size"))
-        self.peers[msg.engine_id] = msg.hostname
+        self.peers[msg.engine_id] = msg
         return encode(self._reply)
 
     def _run(self) -> None:

@@ -52,6 +52,7 @@ class HandshakeRequest(msgspec.Struct, tag_field="type", tag="handshake"):
     fingerprint: str
     token: str | None = None
     hostname: str = ""  # the asking instance's: a peer of another host can only reach us over tcp
+    shm_segment: str | None = None  # the asker's KV segment: gone from /dev/shm once it has died
 
 
 class KVLayoutInfo(msgspec.Struct):

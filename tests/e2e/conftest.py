@@ -77,7 +77,8 @@ class ServerProcess:
                 return got
             if time.monotonic() > deadline:
                 seen = {k: got.get(k) for k in expected}
-                raise AssertionError(f"metrics did not reach {expected} within {timeout} s; last {seen}")
+                raise AssertionError(f"{self.log_path.name}: metrics did not reach {expected} within {timeout} s; "
+                                     f"last {seen}")
             time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
