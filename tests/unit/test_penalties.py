@@ -1,12 +1,12 @@
-"""Presence, frequency and repetition penalties: the sampler's arithmetic on chosen logits, and
-their effect on whole generations through the offline API."""
+"""Presence, frequency and repetition penalties: the sampler's arithmetic on chosen logits (their
+effect on whole generations: tests/unit/test_sampling.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pdserve import LLM, SamplingParams
+from pdserve import SamplingParams
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler
 
@@ -53,28 +53,6 @@ def test_rows_without_penalties_are_untouched():
     logits = torch.arange(2 * V, dtype=torch.float32).view(2, V)
     out = batch.penalties.apply(logits.clone())
     assert torch.equal(out[0], logits[0]) and out[1, 3] == logits[1, 3] - 2.0
-
-
-@pytest.fixture(scope="module")
-def llm():
-    m = LLM("dummy:qwen3-tiny", dtype="float32", num_kv_blocks=64, max_model_len=256)
-    yield m
-    m.close()
-
-
-PROMPT = [(5 * j) % 250 for j in range(20)]
-
-
-def test_penalties_stop_repetition_in_greedy_generation(llm):
-    base = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
-    plain = llm.generate([PROMPT], base)[0].outputs[0].token_ids
-    assert len(set(plain)) < len(plain)  # the tiny random model loops without a penalty
-    for kw in ({"repetition_penalty": 100.0}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
-        sp = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, **kw)
-        out = llm.generate([PROMPT], sp)[0].outputs[0].token_ids
-        assert len(set(out)) == len(out), kw  # its logits differ by far less than a penalty of 2
-        if "repetition_penalty" in kw:
-            assert not set(out) & set(PROMPT)
 
 
 @pytest.mark.parametrize(

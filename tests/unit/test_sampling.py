@@ -110,3 +110,15 @@ def test_out_of_range_values_do_not_reach_the_tensors(llm):
     assert huge == toks(llm, max_tokens=4, temperature=0.0, ignore_eos=True).token_ids
     out = toks(llm, max_tokens=4, min_tokens=4, stop_token_ids=[-1, 10**6, 2**70], ignore_eos=True)
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
+def test_penalties_stop_repetition_in_greedy_generation(llm):
+    base = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    plain = llm.generate([PROMPT], base)[0].outputs[0].token_ids
+    assert len(set(plain)) < len(plain)  # the tiny random model loops without a penalty
+    for kw in ({"repetition_penalty": 100.0}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        sp = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, **kw)
+        out = llm.generate([PROMPT], sp)[0].outputs[0].token_ids
+        assert len(set(out)) == len(out), kw  # its logits differ by far less than a penalty of 2
+        if "repetition_penalty" in kw:
+            assert not set(out) & set(PROMPT)
