@@ -16,8 +16,9 @@ would hold its KV blocks until the lease ends (30 s).
 Failures before anything reached the client are retried once on another instance of the same
 role (`max_attempts`); a prefill half that still fails falls back per `--fallback`: the plain
 request to the decode instance (`local-prefill`) or a 503 (`fail`). A 4xx is the client's fault:
-returned as is, never retried. A completion with `echo: true` goes as a plain request to a decode
-instance by design (its prompt's logprobs are computed where the prompt is computed).
+returned as is, never retried. A completion with `echo: true` or a request with `n > 1` goes as a
+plain request to a decode instance by design (prompt logprobs are computed where the prompt is;
+one prompt feeds n engine requests there).
 """
 
 from __future__ import annotations
@@ -86,9 +87,11 @@ class Orchestrator:
             raise ProxyError(400, str(e), code="invalid_json") from None
         if not self.table.candidates("D"):
             raise no_instance("decode")
-        if body.get("echo") is True:
-            # The prompt's logprobs are computed where the prompt is: the decode prefills it itself.
-            self.metrics.fallbacks.inc(labels=("echo",))
+        alone = "echo" if body.get("echo") is True else "n" if type(body.get("n")) is int and body["n"] > 1 else None
+        if alone is not None:
+            # echo: the prompt's logprobs are computed where the prompt is; n > 1: one prompt feeds
+            # n requests. Either way the decode prefills it itself.
+            self.metrics.fallbacks.inc(labels=(alone,))
             return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
         if self.settings.kv_mode == "READ":
             return await self._read(req, body)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pdserve.engine.outputs import StepOutput
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server import sse
 from pdserve.server.body import parse_body
@@ -31,6 +32,7 @@ from pdserve.server.serving import (
     finish_reason,
     kv_params,
     start,
+    total_usage,
     usage_of,
     wait_for_end,
 )
@@ -46,19 +48,22 @@ async def create_chat_completion(request: Request) -> Response:
     params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None)
     started = start(request, ctx, req, token_ids, params, "chatcmpl", arrival)
     if req.stream:
-        return sse.GenerationStream(_stream(req, started, ctx.llm.tokenizer), started.generation.abort, {})
-    result = await wait_for_end(request, started.generation)
-    lps = chat_logprobs(ctx.llm.tokenizer, result.logprobs) if req.logprobs else None
-    choice = ChatChoice(
-        message=AssistantMessage(content=result.text), logprobs=lps, finish_reason=finish_reason(result.final)
-    )
+        return sse.GenerationStream(_stream(req, started, ctx.llm.tokenizer), started.abort, {})
+    results = await wait_for_end(request, started)
+    choices = [
+        ChatChoice(
+            index=i, message=AssistantMessage(content=r.text), finish_reason=finish_reason(r.final),
+            logprobs=chat_logprobs(ctx.llm.tokenizer, r.logprobs) if req.logprobs else None,
+        )
+        for i, r in enumerate(results)
+    ]
     body = ChatCompletionResponse(
         id=started.response_id,
         created=started.created,
         model=started.model,
-        choices=[choice],
-        usage=usage_of(result.final),
-        kv_transfer_params=kv_params(result.final),
+        choices=choices,
+        usage=total_usage([r.final for r in results]),
+        kv_transfer_params=kv_params(results[0].final),
     )
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -76,9 +81,12 @@ async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer) -> Asy
             )
         )
 
-    # The first chunk announces the role, as OpenAI's does.
-    yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-    async for out in s.generation.outputs():
+    # Each choice's first chunk announces the role, as OpenAI's does.
+    n = len(s.generations)
+    for i in range(n):
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+    finals: list[StepOutput] = []
+    async for i, out in s.outputs():
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
             break
@@ -87,7 +95,10 @@ async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer) -> Asy
             kv = kv_params(out) if out.finished else None
             delta = DeltaMessage(content=out.new_text)
             lps = chat_logprobs(tok, out.logprobs or ()) if req.logprobs else None
-            yield chunk([ChatChunkChoice(delta=delta, logprobs=lps, finish_reason=finish_reason(out))], running, kv)
-        if out.finished and req.include_usage:
-            yield chunk([], usage_of(out))
+            choice = ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish_reason(out))
+            yield chunk([choice], running, kv)
+        if out.finished:
+            finals.append(out)
+            if req.include_usage and len(finals) == n:
+                yield chunk([], total_usage(finals))
     yield sse.DONE

@@ -38,6 +38,7 @@ from pdserve.server.serving import (
     finish_reason,
     kv_params,
     start,
+    total_usage,
     usage_of,
     wait_for_end,
 )
@@ -59,6 +60,9 @@ class _Shape:
     def usage(self, out: StepOutput) -> Usage:
         return usage_of(out) if self.shows_output else Usage.of(out.num_prompt_tokens, 0)
 
+    def total_usage(self, finals: list[StepOutput]) -> Usage:
+        return total_usage(finals, self.shows_output)
+
     def prefix(self, prompt_lps: list[TokenLogprob] | None) -> tuple[str, CompletionLogprobs | None]:
         """The echoed prompt: its text and (with logprobs) its tokens' logprobs."""
         if not self.req.echo:
@@ -67,7 +71,7 @@ class _Shape:
         return self.prompt_text, lps
 
     def choice(
-        self, text: str, lps: list[TokenLogprob], offset: int, out: StepOutput, first: bool
+        self, index: int, text: str, lps: list[TokenLogprob], offset: int, out: StepOutput, first: bool
     ) -> CompletionChoice:
         """`text` / `lps`: generated, starting at `offset` of the generated text; `first`: the
         choice that carries the echoed prompt."""
@@ -78,7 +82,7 @@ class _Shape:
         if self.req.logprobs is not None:
             logprobs = completion_logprobs(self.tok, lps, len(prefix) + offset)
             logprobs = prefix_lps + logprobs if prefix_lps is not None else logprobs
-        return CompletionChoice(text=prefix + text, logprobs=logprobs, finish_reason=finish_reason(out))
+        return CompletionChoice(index=index, text=prefix + text, logprobs=logprobs, finish_reason=finish_reason(out))
 
 
 async def create_completion(request: Request) -> Response:
@@ -95,16 +99,17 @@ async def create_completion(request: Request) -> Response:
     echoed = "" if not req.echo else prompt if isinstance(prompt, str) else tok.decode(prompt, False)
     shape = _Shape(req, tok, token_ids, echoed)
     if req.stream:
-        return sse.GenerationStream(_stream(shape, started), started.generation.abort, {})
-    result = await wait_for_end(request, started.generation)
-    final = dataclasses.replace(result.final, prompt_logprobs=result.prompt_logprobs)
+        return sse.GenerationStream(_stream(shape, started), started.abort, {})
+    results = await wait_for_end(request, started)
+    finals = [dataclasses.replace(r.final, prompt_logprobs=r.prompt_logprobs) for r in results]
     body = CompletionResponse(
         id=started.response_id,
         created=started.created,
         model=started.model,
-        choices=[shape.choice(result.text, result.logprobs, 0, final, first=True)],
-        usage=shape.usage(final),
-        kv_transfer_params=kv_params(final),
+        choices=[shape.choice(i, r.text, r.logprobs, 0, f, first=True)
+                 for i, (r, f) in enumerate(zip(results, finals, strict=True))],
+        usage=shape.total_usage(finals),
+        kv_transfer_params=kv_params(finals[0]),
     )
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -124,20 +129,24 @@ async def _stream(shape: _Shape, s: Started) -> AsyncIterator[bytes]:
             )
         )
 
-    offset = 0  # of this chunk's text in the whole generated text
-    first = True
-    async for out in s.generation.outputs():
+    n = len(s.generations)
+    offsets = [0] * n  # of each choice's next text in its whole generated text
+    first = [True] * n
+    finals: list[StepOutput] = []
+    async for i, out in s.outputs():
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
             break
         if out.new_token_ids or out.new_text or out.finished:
             running = shape.usage(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
-            choice = shape.choice(out.new_text, out.logprobs or [], offset, out, first)
-            offset += len(out.new_text)
-            if first or shape.shows_output or out.finished:
+            choice = shape.choice(i, out.new_text, out.logprobs or [], offsets[i], out, first[i])
+            offsets[i] += len(out.new_text)
+            if first[i] or shape.shows_output or out.finished:
                 yield chunk([choice], running, kv)
-            first = False
-        if out.finished and req.include_usage:
-            yield chunk([], shape.usage(out))
+            first[i] = False
+        if out.finished:
+            finals.append(out)
+            if req.include_usage and len(finals) == n:
+                yield chunk([], shape.total_usage(finals))
     yield sse.DONE

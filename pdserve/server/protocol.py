@@ -2,7 +2,7 @@
 
 Requests are validated strictly (no "5" -> 5 coercion): a wrong type is a 400, never a guess.
 Unknown fields are ignored, as OpenAI-compatible servers do; fields we know but cannot honour
-(n > 1, best_of, suffix, tools) are rejected with a 400 that names them. Logprobs of
+(best_of > 1, suffix, tools) are rejected with a 400 that names them. Logprobs of
 the generated tokens are supported (`logprobs: k` for completions; `logprobs: true` and
 `top_logprobs: k` for chat), as the model's raw distribution (vLLM's default).
 vLLM's extensions (`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
@@ -21,6 +21,7 @@ from pdserve.engine.sampling_params import MAX_LOGPROBS  # no torch: the proxy i
 KVParamsJSON = dict[str, JsonValue]
 FinishReason = Literal["stop", "length", "abort", "error"]
 TopK = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+MAX_N = 16  # most choices one request may ask for
 
 
 def _none(value: object) -> bool:
@@ -47,7 +48,7 @@ class SamplingFields(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1  # choices: n engine requests on one prompt
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     user: str | None = None

@@ -4,8 +4,10 @@ non-streaming wait (watching for a disconnect), and the final output's conversio
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import msgspec
@@ -25,12 +27,40 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Started:
-    """A request the engine has accepted, with what its responses carry."""
+    """A request the engine has accepted (one engine request per choice: `n`), with what its
+    responses carry."""
 
-    generation: Generation
+    generations: tuple[Generation, ...]
     response_id: str
     model: str
     created: int
+
+    def abort(self) -> None:
+        for gen in self.generations:
+            gen.abort()
+
+    async def outputs(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        """(choice index, output) as they come; each choice's last one has `finished` set."""
+        if len(self.generations) == 1:
+            async for out in self.generations[0].outputs():
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
+
+        async def pump(i: int, gen: Generation) -> None:
+            async for out in gen.outputs():
+                queue.put_nowait((i, out))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(self.generations)]
+        try:
+            left = len(tasks)
+            while left:
+                i, out = await queue.get()
+                left -= 1 if out.finished else 0
+                yield i, out
+        finally:
+            for t in tasks:
+                t.cancel()
 
 
 def check_model(ctx: ServerContext, model: str | None) -> None:
@@ -49,22 +79,42 @@ def start(
 ) -> Started:
     validate(ctx.llm, token_ids, params)
     kvp = kv_transfer_params(ctx.settings.role, req.kv_transfer_params)
+    if req.n > 1 and kvp is not None and (kvp.do_remote_prefill or kvp.do_remote_decode):
+        raise APIError(400, "n > 1 needs the prompt computed on this instance: send it without "
+                       "kv_transfer_params (a proxy routes such requests so)", code="invalid_value", param="n")
     request_id = request_id_of(request)
-    gen = ctx.start(GenerationInput(request_id, token_ids, params, kvp, arrival))
-    return Started(gen, f"{id_prefix}-{request_id}", ctx.settings.model_name, int(time.time()))
-
-
-async def wait_for_end(request: Request, gen: Generation) -> Collected:
-    """Collect a non-streaming request; a client that disconnects meanwhile aborts it."""
-    watcher = asyncio.create_task(watch_disconnect(request, gen.abort))
+    ids = [request_id] if req.n == 1 else [f"{request_id}-{i}" for i in range(req.n)]
+    gens: list[Generation] = []
     try:
-        result = await gen.collect()
+        for i, rid in enumerate(ids):
+            # Choice i draws from its own seed (seed + i): seeded choices differ from each other.
+            p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=(params.seed + i) % 2**64)
+            gens.append(ctx.start(GenerationInput(rid, token_ids, p, kvp, arrival)))
+    except APIError:  # 409 / 429 / 503 for a later choice: the earlier ones go too
+        for gen in gens:
+            gen.abort()
+        raise
+    return Started(tuple(gens), f"{id_prefix}-{request_id}", ctx.settings.model_name, int(time.time()))
+
+
+async def wait_for_end(request: Request, started: Started) -> list[Collected]:
+    """Collect a non-streaming request, one result per choice; a client that disconnects meanwhile
+    aborts it."""
+    watcher = asyncio.create_task(watch_disconnect(request, started.abort))
+    try:
+        results = await asyncio.gather(*(g.collect() for g in started.generations))
     finally:
         watcher.cancel()
-        gen.abort()  # no-op when finished; frees the blocks if this handler was cancelled
-    if result.final.finish_reason == "error":
-        raise APIError(500, result.final.error or "the engine failed this request", code="engine_error")
-    return result
+        started.abort()  # no-op when finished; frees the blocks if this handler was cancelled
+    for result in results:
+        if result.final.finish_reason == "error":
+            raise APIError(500, result.final.error or "the engine failed this request", code="engine_error")
+    return list(results)
+
+
+def total_usage(finals: list[StepOutput], shows_output: bool = True) -> Usage:
+    """One prompt, every choice's completion tokens."""
+    return Usage.of(finals[0].num_prompt_tokens, sum(f.num_output_tokens for f in finals) if shows_output else 0)
 
 
 def finish_reason(out: StepOutput) -> FinishReason | None:

@@ -238,6 +238,20 @@ def test_echo_is_served_by_a_decode_alone(topo: Topology, reference: ServerProce
     _blocks_all_free(topo.prefills + topo.decodes)
 
 
+def test_n_choices_are_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
+    """n > 1: one prompt feeds n engine requests, so the proxy sends it to a decode as a plain
+    request (fallback reason "n"); the choices equal a standalone instance's."""
+    def texts(server: ServerProcess) -> list[str]:
+        r = _client(server).completions.create(model=TINY_MODEL, prompt=PROMPTS[0], max_tokens=5, n=2,
+                                               temperature=1.0, seed=5)
+        return [c.text for c in r.choices]
+
+    before = topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="n"}')
+    assert texts(topo.proxy) == texts(reference)
+    assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="n"}') == before + 1
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
 def test_refused_decode_half_frees_the_prefill_blocks(topo: Topology) -> None:
     """A body only the decode half refuses (the prefill half is sent max_tokens=1, no min_tokens): the
     prefill computed the prompt (in WRITE mode at the same time) and would keep its KV blocks for the

@@ -84,7 +84,7 @@ def test_invalid_json(http: httpx.Client) -> None:
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
         ({"prompt": "hi", "top_p": 0}, "top_p"),
-        ({"prompt": "hi", "n": 2}, "n"),
+        ({"prompt": "hi", "n": 17}, "n"),
         ({"prompt": "hi", "echo": "yes"}, "echo"),
         ({"prompt": "hi", "max_tokens": 0, "echo": False}, "max_tokens"),
         ({"prompt": "hi", "logprobs": 21}, "logprobs"),

@@ -280,3 +280,39 @@ def test_echo_with_logprobs_scores_the_prompt(server: ServerProcess, client: ope
     chunks = [c.choices[0] for c in stream if c.choices]
     assert "".join(c.text for c in chunks) == both.choices[0].text
     assert [t for c in chunks for t in (c.logprobs.tokens or [])] == both.choices[0].logprobs.tokens  # type: ignore[union-attr]
+
+
+def test_n_choices(client: openai.OpenAI) -> None:
+    """n engine requests on one prompt: seeded choices differ (choice i draws from seed + i), and a
+    stream interleaves the choices by index to the same texts."""
+    kw = {"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 11, "n": 3}
+    full = client.completions.create(**kw)  # type: ignore[call-overload]
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    texts = [c.text for c in full.choices]
+    assert len(set(texts)) > 1 and all(texts)
+    assert full.usage is not None and full.usage.completion_tokens == 18
+    one = client.completions.create(**{**kw, "n": 1})  # type: ignore[call-overload]
+    assert one.choices[0].text == texts[0]
+
+    streamed = ["", "", ""]
+    usage = None
+    for chunk in client.completions.create(**kw, stream=True, stream_options={"include_usage": True}):  # type: ignore[call-overload]
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+        usage = chunk.usage or usage
+    assert streamed == texts and usage is not None and usage.completion_tokens == 18
+
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=4, n=2, **GREEDY)  # type: ignore[arg-type]
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same
+    stream = client.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=4, n=2, stream=True,  # type: ignore[arg-type]
+                                            **GREEDY)
+    parts: dict[int, str] = {0: "", 1: ""}
+    roles = set()
+    for chunk in stream:
+        for c in chunk.choices:
+            parts[c.index] += c.delta.content or ""
+            if c.delta.role:
+                roles.add(c.index)
+    assert roles == {0, 1} and parts[0] == parts[1] == chat.choices[0].message.content
