@@ -82,6 +82,9 @@ def start(
     if req.n > 1 and kvp is not None and (kvp.do_remote_prefill or kvp.do_remote_decode):
         raise APIError(400, "n > 1 needs the prompt computed on this instance: send it without "
                        "kv_transfer_params (a proxy routes such requests so)", code="invalid_value", param="n")
+    if params.prompt_logprobs is not None and kvp is not None and kvp.do_remote_prefill:
+        raise APIError(400, "echo with logprobs needs the prompt computed on this instance: send it without "
+                       "kv_transfer_params (a proxy routes such requests so)", code="invalid_value", param="echo")
     request_id = request_id_of(request)
     ids = [request_id] if req.n == 1 else [f"{request_id}-{i}" for i in range(req.n)]
     gens: list[Generation] = []
