@@ -110,6 +110,9 @@ class LLMEngine:
         if min(token_ids) < 0 or max(token_ids) >= vocab:  # C-speed scan; the generator only on error
             bad = next(t for t in token_ids if not 0 <= t < vocab)
             raise ValueError(f"token id {bad} is out of range for vocabulary size {vocab}")
+        bad_bias = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)  # type: ignore[misc]
+        if bad_bias is not None:
+            raise ValueError(f"logit_bias names token id {bad_bias}, out of range for vocabulary size {vocab}")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.request import Request
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.staging import to_device
 
 
@@ -31,6 +32,8 @@ class SamplingBatch:
     # (row, generator) for rows with a per-request seed.
     seeded: list[tuple[int, torch.Generator]]
     penalties: Penalties | None = None  # None when no row uses one
+    # (rows, token ids, biases) of SamplingParams.logit_bias, or None when no row has one.
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,13 +127,26 @@ class Sampler:
                 if r.sampling_params.seed is not None and not r.sampling_params.greedy
             ],
             penalties=Penalties.of(requests, self.vocab_size, dev) if any(sp.uses_penalties for sp in sps) else None,
+            bias=self._bias(sps),
         )
+
+    def _bias(self, sps: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        rows = [i for i, sp in enumerate(sps) for _ in sp.logit_bias]
+        if not rows:
+            return None
+        ids = [t for sp in sps for t, _ in sp.logit_bias]
+        values = [b for sp in sps for _, b in sp.logit_bias]
+        dev = self.device
+        return to_device(rows, torch.long, dev), to_device(ids, torch.long, dev), to_device(values, torch.float32, dev)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [N, V] float32 -> token ids [N] long (on the logits' device; no host sync)."""
         logits = logits[:, : self.vocab_size]
         if batch.penalties is not None:
             logits = batch.penalties.apply(logits)
+        if batch.bias is not None:
+            rows, ids, values = batch.bias
+            logits = logits.index_put((rows, ids), values, accumulate=True)
         if batch.banned is not None:
             logits.index_put_(batch.banned, logits.new_full((), float("-inf")))
         greedy_ids = logits.argmax(dim=-1)

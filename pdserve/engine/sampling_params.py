@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # most top alternatives a request may ask for (OpenAI's top_logprobs limit)
@@ -31,11 +31,17 @@ class SamplingParams:
     # vLLM's (from CTRL): a token seen in the prompt or the output has its logit divided by this
     # when positive, multiplied when negative. 1: off.
     repetition_penalty: float = 1.0
+    # OpenAI's: added to these tokens' logits before sampling, (token id, bias in [-100, 100]).
+    logit_bias: Sequence[tuple[int, float]] | Mapping[int, float] = ()
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so the object stays hashable and immutable.
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:

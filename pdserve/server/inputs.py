@@ -19,6 +19,11 @@ def sampling_params(
     req: SamplingFields, max_tokens: int | None, logprobs: int | None = None, prompt_logprobs: int | None = None
 ) -> SamplingParams:
     try:
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids (integers as strings)", code="invalid_value",
+                       param="logit_bias") from None
+    try:
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=req.min_tokens,
@@ -35,6 +40,7 @@ def sampling_params(
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logit_bias=bias,
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
@@ -62,7 +68,7 @@ def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams) ->
     except ValueError as e:
         msg = str(e)
         code = "context_length_exceeded" if "context length" in msg else "invalid_value"
-        param = "max_tokens" if msg.startswith("max_tokens") else "prompt"
+        param = next((f for f in ("max_tokens", "logit_bias") if msg.startswith(f)), "prompt")
         raise APIError(400, msg, code=code, param=param) from None
 
 

@@ -316,3 +316,11 @@ def test_n_choices(client: openai.OpenAI) -> None:
             if c.delta.role:
                 roles.add(c.index)
     assert roles == {0, 1} and parts[0] == parts[1] == chat.choices[0].message.content
+
+
+def test_logit_bias(server: ServerProcess, client: openai.OpenAI) -> None:
+    token = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "A"}).json()["tokens"]
+    assert len(token) == 1
+    r = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=5, logit_bias={str(token[0]): 100},
+                                  **GREEDY)
+    assert r.choices[0].text == "AAAAA"

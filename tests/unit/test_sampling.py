@@ -122,3 +122,17 @@ def test_penalties_stop_repetition_in_greedy_generation(llm):
         assert len(set(out)) == len(out), kw  # its logits differ by far less than a penalty of 2
         if "repetition_penalty" in kw:
             assert not set(out) & set(PROMPT)
+
+
+def test_logit_bias(llm):
+    base = toks(llm, max_tokens=6, temperature=0.0, ignore_eos=True).token_ids
+    forced = toks(llm, max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={7: 100.0}).token_ids
+    assert forced == [7] * 6
+    sampled = toks(llm, max_tokens=6, temperature=1.0, seed=3, ignore_eos=True, logit_bias={7: 100.0}).token_ids
+    assert sampled == [7] * 6
+    avoided = toks(llm, max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={t: -100.0 for t in base})
+    assert not set(avoided.token_ids) & set(base)
+    with pytest.raises(ValueError, match="logit_bias values"):
+        SamplingParams(logit_bias={1: 101.0})
+    with pytest.raises(ValueError, match="logit_bias names token id"):
+        llm.engine.validate_prompt([1, 2], SamplingParams(logit_bias={10**6: 1.0}))
