@@ -138,8 +138,7 @@ class ModelRunner:
                 rows = to_device([row0 + t - 1 for t in range(lo, hi)], torch.long, self.device)
                 logits = self.model.compute_logits(hidden.index_select(0, rows))[:, :vocab]
                 targets = to_device(req.prompt_token_ids[lo:hi], torch.long, self.device)
-                batch_lp = BatchLogprobs.of(logits, [k] * (hi - lo))
-                assert batch_lp is not None
-                entries += [lp for lp in batch_lp.resolve(targets) if lp is not None]
+                rows_lp = BatchLogprobs(torch.log_softmax(logits.float(), dim=-1), [k] * (hi - lo))
+                entries += [lp for lp in rows_lp.resolve(targets) if lp is not None]
             out[req.request_id] = entries
         return out

@@ -93,26 +93,27 @@ class KVConnectorBase:
         self.engine_id = uuid.uuid4().hex[:16]
         self.host = kt.kv_host
         self.http_port: int | None = None  # set by the server once it knows its port
+        self.hostname = socket.gethostname()  # what peers compare theirs with (shm, cuda_ipc: same host only)
         self.stats = KVTransferStats()
         self.events = _WakingQueue()
         self.release: Callable[[Request], None] = lambda req: None  # set by the engine: frees blocks
         self._ctx = zmq.Context()
         self.fingerprint = fingerprint(model, cache.layout)
         self.tcp_server = TcpServer(cache.tensor, self.host, token)
-        transports = Transports(tcp=TcpDescriptor(self.host, self.tcp_server.port), hostname=socket.gethostname())
+        transports = Transports(tcp=TcpDescriptor(self.host, self.tcp_server.port), hostname=self.hostname)
         if cache.tensor.is_cuda:
             from pdserve.kv.transports.cuda_ipc import export_cache
 
             transports.cuda_ipc = export_cache(cache.tensor)
         if cache.shm_name is not None:
-            transports.shm = ShmDescriptor(cache.shm_name, cache.layout.total_bytes, socket.gethostname())
+            transports.shm = ShmDescriptor(cache.shm_name, cache.layout.total_bytes, self.hostname)
         reply = HandshakeReply(PROTOCOL_VERSION, self.engine_id, self.fingerprint, layout_info(cache.layout),
                                transports)
         self.handshake_server = HandshakeServer(self._ctx, self.host, kt.kv_handshake_port, reply, token)
         self.notify_server = NotifyServer(self._ctx, self.host, kt.kv_notify_port, self._on_notify, token)
         self.sender = NotifySender(self._ctx, token)
         self.handshakes = HandshakeClient(
-            self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token, socket.gethostname(),
+            self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token, self.hostname,
                              cache.shm_name)
         )
         self._transports: dict[tuple[str, int], KVTransport] = {}  # used by the worker thread only
@@ -156,14 +157,14 @@ class KVConnectorBase:
         """Pick the transport: --kv-transport, or auto: same host -> cuda_ipc (GPU) / shm (CPU), else tcp."""
         choice = self.config.kv_transport
         offered = reply.transports
-        same_host = offered.hostname == socket.gethostname()
+        same_host = offered.hostname == self.hostname
         shape = self.cache.layout.shape[:1] + (reply.layout.num_blocks,) + self.cache.layout.shape[2:]
         on_gpu = self.cache.tensor.is_cuda
         if choice in ("cuda_ipc", "shm") and not same_host:
             # The decode side relies on this: a peer of another hostname can only write over tcp,
             # whose grants it revokes, so it need not hold blocks back for a late write (consumer).
             raise TransferError(f"--kv-transport {choice} needs both instances on one host "
-                                f"(the peer is {offered.hostname!r}, we are {socket.gethostname()!r})")
+                                f"(the peer is {offered.hostname!r}, we are {self.hostname!r})")
         if choice == "cuda_ipc" or (choice == "auto" and same_host and on_gpu and offered.cuda_ipc is not None):
             if offered.cuda_ipc is None or not on_gpu:
                 raise TransferError("cuda_ipc needs both instances' KV caches on CUDA devices of one host")

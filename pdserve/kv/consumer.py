@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,7 +135,7 @@ class KVConsumer(KVConnectorBase):
                 return False
             shm = fut.result().transports.shm
             host, segment = shm.hostname, shm.segment
-        return bool(segment) and host == socket.gethostname() and not os.path.exists(
+        return bool(segment) and host == self.hostname and not os.path.exists(
             f"/dev/shm/{segment.lstrip('/')}"  # type: ignore[union-attr]
         )
 
@@ -150,18 +149,17 @@ class KVConsumer(KVConnectorBase):
             if p.quarantined or p.abandoned:
                 self._settle(ev.request_id)
             elif ev.ok:
-                del self._pending[ev.request_id]
-                self.tcp_server.grants.revoke(ev.request_id)
+                self._drop(ev.request_id)
                 ready.add(ev.request_id)
             else:
                 self._fail(p, f"KV transfer failed: {ev.reason}", failed)
                 if not p.quarantined:
-                    self._pending.pop(ev.request_id, None)
+                    self._drop(ev.request_id)
         elif isinstance(ev, Abort):
             p = self._pending.get(ev.request_id)
             if p is not None and not (p.quarantined or p.abandoned):
                 self._fail(p, f"the prefill instance aborted the request: {ev.reason}", failed)
-                self._pending.pop(ev.request_id, None)
+                self._drop(ev.request_id)
         # ReadDone / WriteDest are addressed to producers: ignored here.
 
     def _fail(self, p: _Pending, reason: str, failed: dict[str, str]) -> None:
@@ -175,14 +173,18 @@ class KVConsumer(KVConnectorBase):
             p.request.num_computed_tokens = 0
             p.request.status = RequestStatus.WAITING
             if not p.started:
-                self._pending.pop(rid, None)
+                self._drop(rid)
         else:
             failed[rid] = reason  # the scheduler finishes it; on_request_finished decides on the blocks
 
-    def _settle(self, rid: str) -> None:
-        p = self._pending.pop(rid)
+    def _drop(self, rid: str) -> _Pending | None:
+        """Forget a pending request; its tcp grant goes with it (no late write lands afterwards)."""
         self.tcp_server.grants.revoke(rid)
-        if p.quarantined:
+        return self._pending.pop(rid, None)
+
+    def _settle(self, rid: str) -> None:
+        p = self._drop(rid)
+        if p is not None and p.quarantined:
             log.info("request %s: transfer settled, %d blocks freed", rid, len(p.request.block_ids))
             self.release(p.request)
 
@@ -196,22 +198,21 @@ class KVConsumer(KVConnectorBase):
             # The producer never handshaked with us: it cannot know our segment, so cannot write.
             self.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
                              Abort(request.request_id, self.engine_id, "decode request ended"))
-            del self._pending[request.request_id]
-            self.tcp_server.grants.revoke(request.request_id)
+            self._drop(request.request_id)
             return False
         if p.started and not p.abandoned:
             self.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
                              Abort(request.request_id, self.engine_id, "decode request ended"))
         if p.started:
             if self._fenced(p):
-                del self._pending[request.request_id]
+                self._drop(request.request_id)
                 return False
             # A transfer may still write into these blocks: keep them until it settles.
             p.quarantined = True
             log.info("request %s ended during its KV transfer: its %d blocks wait for the transfer to settle",
                      request.request_id, len(request.block_ids))
             return True
-        del self._pending[request.request_id]
+        self._drop(request.request_id)
         if not p.started and not p.abandoned:
             # Ended before it had blocks (so before write_dest / the read): nothing can land in ours,
             # but the prefill may hold the prompt's blocks for us until its lease ends.
@@ -227,7 +228,7 @@ class KVConsumer(KVConnectorBase):
         if prm.transfer_mode != "WRITE" or prm.remote_engine_id is None:
             return False  # READ: our own worker may still be copying into the blocks
         peer = self.handshake_server.peers.get(prm.remote_engine_id)
-        return peer is not None and peer.hostname != socket.gethostname() \
+        return peer is not None and peer.hostname != self.hostname \
             and self.tcp_server.grants.revoke(p.request.request_id)
 
     # ---- worker thread -------------------------------------------------------------------------

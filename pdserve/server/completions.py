@@ -7,7 +7,6 @@ which is not shown or counted).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -71,13 +70,14 @@ class _Shape:
         return self.prompt_text, lps
 
     def choice(
-        self, index: int, text: str, lps: list[TokenLogprob], offset: int, out: StepOutput, first: bool
+        self, index: int, text: str, lps: list[TokenLogprob], offset: int, out: StepOutput, first: bool,
+        prompt_lps: list[TokenLogprob] | None,
     ) -> CompletionChoice:
         """`text` / `lps`: generated, starting at `offset` of the generated text; `first`: the
-        choice that carries the echoed prompt."""
+        choice that carries the echoed prompt (and `prompt_lps`, its logprobs)."""
         if not self.shows_output:
             text, lps = "", []
-        prefix, prefix_lps = self.prefix(out.prompt_logprobs) if first else ("", None)
+        prefix, prefix_lps = self.prefix(prompt_lps) if first else ("", None)
         logprobs = None
         if self.req.logprobs is not None:
             logprobs = completion_logprobs(self.tok, lps, len(prefix) + offset)
@@ -101,15 +101,14 @@ async def create_completion(request: Request) -> Response:
     if req.stream:
         return sse.GenerationStream(_stream(shape, started), started.abort, {})
     results = await wait_for_end(request, started)
-    finals = [dataclasses.replace(r.final, prompt_logprobs=r.prompt_logprobs) for r in results]
     body = CompletionResponse(
         id=started.response_id,
         created=started.created,
         model=started.model,
-        choices=[shape.choice(i, r.text, r.logprobs, 0, f, first=True)
-                 for i, (r, f) in enumerate(zip(results, finals, strict=True))],
-        usage=shape.total_usage(finals),
-        kv_transfer_params=kv_params(finals[0]),
+        choices=[shape.choice(i, r.text, r.logprobs, 0, r.final, True, r.prompt_logprobs)
+                 for i, r in enumerate(results)],
+        usage=shape.total_usage([r.final for r in results]),
+        kv_transfer_params=kv_params(results[0].final),
     )
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -140,7 +139,7 @@ async def _stream(shape: _Shape, s: Started) -> AsyncIterator[bytes]:
         if out.new_token_ids or out.new_text or out.finished:
             running = shape.usage(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
-            choice = shape.choice(i, out.new_text, out.logprobs or [], offsets[i], out, first[i])
+            choice = shape.choice(i, out.new_text, out.logprobs or [], offsets[i], out, first[i], out.prompt_logprobs)
             offsets[i] += len(out.new_text)
             if first[i] or shape.shows_output or out.finished:
                 yield chunk([choice], running, kv)

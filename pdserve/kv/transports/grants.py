@@ -58,10 +58,6 @@ class BlockGrants:
         with self._cv:
             self._granted[request_id] = frozenset(block_ids)
 
-    def granted(self, request_id: str) -> bool:
-        with self._cv:
-            return request_id in self._granted
-
     def revoke(self, request_id: str) -> bool:
         """End the grant; True once no op of it touches the blocks any more (False only if an op
         failed to stop within REVOKE_WAIT_SECONDS: then the blocks are not safe to reuse)."""
