@@ -73,6 +73,8 @@ class CacheConfig:
     num_kv_blocks: int | None = None  # wins over kv_cache_gib when set
     kv_cache_gib: float = DEFAULT_KV_CACHE_GIB
     shared_memory: bool = False  # put the KV cache in a POSIX shm segment (needed by the shm transport)
+    # Reuse the computed KV of full blocks whose token prefix a new request shares (block_pool.py).
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = True,
         threads: int | None = None,
         enforce_eager: bool = False,
     ) -> None:
@@ -44,7 +45,10 @@ class LLM:
             seed=seed,
             threads=threads,
             enforce_eager=enforce_eager,
-            cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_gib=kv_cache_gib),
+            cache=CacheConfig(
+                block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_gib=kv_cache_gib,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
@@ -102,6 +106,7 @@ class LLM:
             if out.finished:
                 comp.finish_reason = out.finish_reason
                 ro.finished = True
+                ro.num_cached_tokens = out.num_cached_tokens
         return [results[r] for r in order]
 
     def close(self) -> None:

@@ -72,6 +72,8 @@ def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
     g.add_argument("--max-model-len", type=positive_int, default=None)
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of shared prompt prefixes (whole blocks)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: no CUDA graphs (decode-only steps are otherwise replayed from graphs)")
 
@@ -92,6 +94,7 @@ def engine_config_from_args(
             num_kv_blocks=args.num_kv_blocks,
             kv_cache_gib=args.kv_cache_memory,
             shared_memory=shared_kv,
+            enable_prefix_caching=args.enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,

@@ -39,6 +39,9 @@ class EngineStats:
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
+    num_cached_blocks: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up, lifetime
+    prefix_cache_hits: int = 0  # of which found computed
 
 
 class LLMEngine:
@@ -64,7 +67,10 @@ class LLMEngine:
         shared = config.cache.shared_memory or role != "standalone"
         self.kv_cache = KVCache(self.layout, self.device, shared=shared)
         self.block_pool = BlockPool(self.layout.num_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.block_pool, self.layout.block_size)
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_pool, self.layout.block_size,
+            prefix_caching=config.cache.enable_prefix_caching,
+        )
         self.runner = ModelRunner(
             self.loaded.module, self.kv_cache.tensor, self.layout.block_size, self.model_config.vocab_size,
             self.device,
@@ -183,7 +189,11 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self.block_pool.num_free, self.block_pool.num_usable)
+        pool = self.block_pool
+        return EngineStats(
+            len(s.running), len(s.waiting), pool.num_free, pool.num_usable, pool.num_cached,
+            s.prefix_cache_queries, s.prefix_cache_hits,
+        )
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -239,6 +249,7 @@ class LLMEngine:
                     StepOutput(
                         req.request_id, [new_id], delta, False,
                         num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
+                        num_cached_tokens=req.num_cached_tokens,
                         logprobs=lps, prompt_logprobs=plps,
                     )
                 )
@@ -260,6 +271,7 @@ class LLMEngine:
             finish_reason=req.status.finish_reason,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=len(req.output_token_ids),
+            num_cached_tokens=req.num_cached_tokens,
             error=req.error,
             kv_transfer_params=req.kv_transfer_params,
             logprobs=logprobs,

@@ -18,6 +18,7 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (here, or by the prefill)
     error: str | None = None
     kv_transfer_params: object | None = None
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asks
@@ -44,3 +45,4 @@ class RequestOutput:
     finished: bool = False
     # SamplingParams.prompt_logprobs: None for the first prompt token, then one per prompt token.
     prompt_logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

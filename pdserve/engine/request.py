@@ -61,6 +61,10 @@ class Request:
     # SamplingParams.prompt_logprobs: entries for prompt tokens 1.. as their positions are computed
     # (a recompute after preemption does not add them again).
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Prefix caching: content hashes of full blocks (prefix_cache.block_hashes), and how many prompt
+    # tokens the first admission found computed in the cache (reported as usage's cached_tokens).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

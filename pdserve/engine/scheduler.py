@@ -4,6 +4,10 @@ Each step: running requests first (decodes, then unfinished prefill chunks), pre
 running request by recompute when blocks run out; then waiting requests in arrival order while the
 token budget, `max_num_seqs` and free blocks allow. Requests in WAITING_FOR_REMOTE_KVS are skipped
 until the KV connector reports their blocks ready.
+
+With prefix caching, a request admitted without blocks first takes the cached blocks of its longest
+computed prefix (whole blocks, at most all tokens but the last: that one's logits are needed) and
+computes from there; every block a step completes is registered for later requests.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Protocol
 
 from pdserve.config import SchedulerConfig
 from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.prefix_cache import block_hashes
 from pdserve.engine.request import Request, RequestStatus
 
 
@@ -53,11 +58,15 @@ class Scheduler:
         block_pool: BlockPool,
         block_size: int,
         connector: SchedulerConnector | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         self.config = config
         self.pool = block_pool
         self.block_size = block_size
         self.connector = connector
+        self.prefix_caching = prefix_caching
+        self.prefix_cache_queries = 0  # tokens looked up in the prefix cache, lifetime
+        self.prefix_cache_hits = 0  # of which found computed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -101,8 +110,34 @@ class Scheduler:
 
     def release_blocks(self, req: Request) -> None:
         if req.block_ids:
-            self.pool.free(req.block_ids)
+            # Tail first: a prefix's last blocks are the first evicted, its shared head stays longest.
+            self.pool.free(reversed(req.block_ids))
             req.block_ids = []
+
+    # ---- prefix cache ----------------------------------------------------------------------
+    def _take_cached_prefix(self, req: Request) -> bool:
+        """Start a request without blocks at its longest cached prefix; False when it was not
+        looked up. Prompt logprobs need every prompt position's logits: those compute everything."""
+        if not self.prefix_caching or req.sampling_params.prompt_logprobs is not None:
+            return False
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits = self.pool.cached_prefix(block_hashes(req, self.block_size, max_blocks))
+        self.pool.take_cached(hits)
+        req.block_ids = hits
+        req.num_computed_tokens = len(hits) * self.block_size
+        return True
+
+    def _count_cache_hit(self, req: Request) -> None:
+        self.prefix_cache_queries += req.num_tokens
+        self.prefix_cache_hits += req.num_computed_tokens
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed_tokens
+
+    def _register_computed(self, req: Request) -> None:
+        """Register the full blocks whose KV is now computed."""
+        n = req.num_computed_tokens // self.block_size
+        for block, h in zip(req.block_ids[:n], block_hashes(req, self.block_size, n), strict=True):
+            self.pool.register(block, h)
 
     @property
     def num_unfinished(self) -> int:
@@ -184,14 +219,20 @@ class Scheduler:
                     break
                 if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
                     continue
+                had_blocks = bool(req.block_ids)
+                looked_up = not had_blocks and self._take_cached_prefix(req)
                 num_new = req.num_tokens - req.num_computed_tokens
-                if num_new > budget and not self.config.enable_chunked_prefill:
-                    break
+                fits = num_new <= budget or self.config.enable_chunked_prefill
                 num_new = min(num_new, budget)
-                if not self._try_allocate(req, num_new):
-                    if req.block_ids or not self.running:
+                if not fits or not self._try_allocate(req, num_new):
+                    if looked_up:  # give the cached prefix back; it is looked up again next time
+                        self.release_blocks(req)
+                        req.num_computed_tokens = 0
+                    if fits and (had_blocks or not self.running):
                         continue  # a later, smaller request may still fit; nothing waits on this one
                     break
+                if looked_up:
+                    self._count_cache_hit(req)
                 admitted.add(id(req))
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
@@ -218,6 +259,8 @@ class Scheduler:
             if req.is_finished or req.status != RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens += n
+            if self.prefix_caching:
+                self._register_computed(req)
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a partial prefill chunk: its sample is discarded
             req.output_token_ids.append(sampled[req.request_id])
@@ -229,7 +272,13 @@ class Scheduler:
         return advanced
 
     def check_integrity(self) -> None:
-        """Blocks held by live requests plus free blocks account for the whole pool."""
+        """Blocks held by live requests plus free blocks account for the whole pool; only cached
+        blocks are shared, and each holder counts one reference."""
         self.pool.check_integrity()
-        held = [b for r in self.requests.values() for b in r.block_ids]
-        assert len(held) == len(set(held)), "a block is owned by two requests"
+        holders: dict[int, int] = {}
+        for r in self.requests.values():
+            for b in r.block_ids:
+                holders[b] = holders.get(b, 0) + 1
+        for b, n in holders.items():
+            assert self.pool.ref_count(b) >= n, f"block {b} has {n} holders but fewer references"
+            assert n == 1 or self.pool.is_cached(b), f"uncached block {b} is owned by {n} requests"

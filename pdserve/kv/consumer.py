@@ -73,6 +73,7 @@ class KVConsumer(KVConnectorBase):
         mode = (params.transfer_mode or self.transfer_mode).upper()
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         request.kv_transfer_params = None  # consumed here; responses carry none (as vLLM's)
+        request.num_cached_tokens = min(max(params.num_cached_tokens or 0, 0), request.num_prompt_tokens)
         params = msgspec.structs.replace(params, transfer_mode=mode)
         self._pending[request.request_id] = _Pending(
             request, params, time.monotonic() + self.config.kv_transfer_timeout
@@ -151,6 +152,8 @@ class KVConsumer(KVConnectorBase):
             elif ev.ok:
                 self._drop(ev.request_id)
                 ready.add(ev.request_id)
+                if isinstance(ev, WriteDone):
+                    p.request.num_cached_tokens = min(max(ev.num_cached_tokens, 0), p.request.num_prompt_tokens)
             else:
                 self._fail(p, f"KV transfer failed: {ev.reason}", failed)
                 if not p.quarantined:

@@ -31,6 +31,7 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields
     transfer_mode: Literal["READ", "WRITE"] | None = None
     num_prompt_tokens: int | None = None
     lease_seconds: float | None = None
+    num_cached_tokens: int | None = None  # prompt tokens the prefill found in its prefix cache
 
 
 class Register(msgspec.Struct, tag_field="type", tag="register", forbid_unknown_fields=False):
@@ -131,6 +132,7 @@ class WriteDone(msgspec.Struct, tag_field="type", tag="write_done"):
     ok: bool = True
     reason: str | None = None
     token: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefill found in its prefix cache
 
 
 class Abort(msgspec.Struct, tag_field="type", tag="abort"):

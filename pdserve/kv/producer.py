@@ -93,7 +93,8 @@ class KVProducer(KVConnectorBase):
     def on_layer_done(self, layer: int) -> None:
         final = layer == self.cache.layout.num_layers - 1
         for req, dest in self._step_pushes:
-            self._worker.submit(self._push_layers, req.request_id, dest, list(req.block_ids), [layer], final)
+            self._worker.submit(self._push_layers, req.request_id, dest, list(req.block_ids), [layer], final,
+                                req.num_cached_tokens)
 
     def end_step(self) -> None:
         self._step_pushes = []
@@ -135,6 +136,7 @@ class KVProducer(KVConnectorBase):
             transfer_mode=params.transfer_mode,
             num_prompt_tokens=request.num_prompt_tokens,
             lease_seconds=self.config.kv_lease_seconds,
+            num_cached_tokens=request.num_cached_tokens,
         )
         if params.transfer_mode != "WRITE":
             self._hold(request, "READ")
@@ -165,8 +167,9 @@ class KVProducer(KVConnectorBase):
         held.dest = dest
         held.pushing = True
         layers = list(range(self.cache.layout.num_layers))
-        self._worker.submit(self._push_layers, held.request.request_id, dest, list(held.request.block_ids),
-                            layers, True)
+        req = held.request
+        self._worker.submit(self._push_layers, req.request_id, dest, list(req.block_ids), layers, True,
+                            req.num_cached_tokens)
 
     def poll(self) -> tuple[set[str], dict[str, str]]:
         while True:
@@ -243,9 +246,12 @@ class KVProducer(KVConnectorBase):
         self._cancelled.discard(rid)
         self.sender.send(dest.handshake_host, dest.notify_port, WriteDone(rid, self.engine_id, False, reason))
 
-    def _push_layers(self, rid: str, dest: WriteDest, src: list[int], layers: list[int], final: bool) -> None:
+    def _push_layers(
+        self, rid: str, dest: WriteDest, src: list[int], layers: list[int], final: bool, cached: int
+    ) -> None:
         """Write `layers` of `src` into decode's blocks. The final job tells decode directly (it need
-        not wait for the rest of this step's compute) and reports to the engine thread."""
+        not wait for the rest of this step's compute; `cached`: the prompt tokens found in our prefix
+        cache, for its usage) and reports to the engine thread."""
         if rid in self._push_failed:  # an earlier layer failed; decode and the engine know already
             if final:
                 self._push_failed.discard(rid)
@@ -268,7 +274,8 @@ class KVProducer(KVConnectorBase):
             self.events.put(_Done(rid, False, str(e)))
             return
         if final:
-            self.sender.send(dest.handshake_host, dest.notify_port, WriteDone(rid, self.engine_id, True))
+            self.sender.send(dest.handshake_host, dest.notify_port,
+                             WriteDone(rid, self.engine_id, True, num_cached_tokens=cached))
             self.events.put(_Done(rid, True, None, nbytes, time.perf_counter() - t0))
         elif nbytes:
             self.events.put(_Partial(nbytes))

@@ -57,7 +57,7 @@ class _Shape:
         return self.req.max_tokens != 0
 
     def usage(self, out: StepOutput) -> Usage:
-        return usage_of(out) if self.shows_output else Usage.of(out.num_prompt_tokens, 0)
+        return usage_of(out) if self.shows_output else Usage.of(out.num_prompt_tokens, 0, out.num_cached_tokens)
 
     def total_usage(self, finals: list[StepOutput]) -> Usage:
         return total_usage(finals, self.shows_output)

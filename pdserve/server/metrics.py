@@ -28,9 +28,18 @@ class ServerMetrics:
             "pdserve_num_requests_in_flight": ("Requests admitted by the server, not yet finished.", in_flight),
             "pdserve_kv_blocks_free": ("Free KV cache blocks.", lambda: stats().num_free_blocks),
             "pdserve_kv_blocks_total": ("KV cache blocks in all.", lambda: stats().num_total_blocks),
+            "pdserve_kv_blocks_cached": ("Blocks whose KV the prefix cache can reuse (held or free).",
+                                         lambda: stats().num_cached_blocks),
         }
         for name, (help_text, read) in gauges.items():
             r.register(Gauge(name, help_text, read))
+        prefix = {  # vLLM's pair: hit rate = hits / queries
+            "pdserve_prefix_cache_queries_total": ("Tokens looked up in the prefix cache.",
+                                                   lambda: stats().prefix_cache_queries),
+            "pdserve_prefix_cache_hits_total": ("Looked-up tokens found computed.", lambda: stats().prefix_cache_hits),
+        }
+        for name, (help_text, read) in prefix.items():
+            r.register(Gauge(name, help_text, read, kind="counter"))
         self.prompt_tokens = r.register(Counter("pdserve_prompt_tokens_total", "Prompt tokens of finished requests."))
         self.generation_tokens = r.register(Counter("pdserve_generation_tokens_total", "Tokens generated."))
         self.requests = r.register(

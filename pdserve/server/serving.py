@@ -117,7 +117,11 @@ async def wait_for_end(request: Request, started: Started) -> list[Collected]:
 
 def total_usage(finals: list[StepOutput], shows_output: bool = True) -> Usage:
     """One prompt, every choice's completion tokens."""
-    return Usage.of(finals[0].num_prompt_tokens, sum(f.num_output_tokens for f in finals) if shows_output else 0)
+    return Usage.of(
+        finals[0].num_prompt_tokens,
+        sum(f.num_output_tokens for f in finals) if shows_output else 0,
+        finals[0].num_cached_tokens,
+    )
 
 
 def finish_reason(out: StepOutput) -> FinishReason | None:
@@ -128,7 +132,7 @@ def finish_reason(out: StepOutput) -> FinishReason | None:
 
 
 def usage_of(out: StepOutput) -> Usage:
-    return Usage.of(out.num_prompt_tokens, out.num_output_tokens)
+    return Usage.of(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
 
 
 def kv_params(out: StepOutput) -> KVParamsJSON | None:

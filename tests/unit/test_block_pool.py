@@ -40,6 +40,6 @@ def test_double_free_and_bad_size_rejected():
 def test_integrity_detects_leak():
     pool = BlockPool(4)
     pool.allocate(1)
-    pool._ref[pool._free[0]] = 1  # corrupt: a free block marked used
+    pool._ref[next(iter(pool._free))] = 1  # corrupt: a free block marked used
     with pytest.raises(AssertionError):
         pool.check_integrity()
