@@ -90,6 +90,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=pos_int, default=100, help="requests measured (default: %(default)s)")
     p.add_argument("--input-len", type=pos_int, default=1024, help="prompt tokens (default: %(default)s)")
     p.add_argument("--output-len", type=pos_int, default=128, help="output tokens (default: %(default)s)")
+    p.add_argument("--random-prefix-len", type=nonneg_int, default=0,
+                   help="tokens of one random prefix shared by every prompt, before its --input-len tokens "
+                        "(a system prompt: what prefix caching reuses) (default: %(default)s)")
     p.add_argument(
         "--range-ratio",
         type=_number(float, 0.0, 1.0, hi_open=True),
@@ -169,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         input_len=args.input_len,
         output_len=args.output_len,
         range_ratio=args.range_ratio,
+        prefix_len=args.random_prefix_len,
         vocab_range=args.vocab_range,
         exclude_token_ids=args.exclude_token_ids,
         seed=args.seed,

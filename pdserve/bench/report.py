@@ -85,6 +85,8 @@ def result_json(result: BenchResult) -> dict[str, JsonValue]:
             "input_len": w.input_len,
             "output_len": w.output_len,
             "range_ratio": w.range_ratio,
+            "random_prefix_len": w.prefix_len,
+            "prompt_stream": cfg.prompt_stream,
             "seed": w.seed,
             "warmup": cfg.warmup,
             "percentiles": list(cfg.percentiles),

@@ -33,6 +33,9 @@ class BenchConfig:
     slos: tuple[SLO, ...] = ()
     percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
     timeout_s: float | None = None  # per request
+    # Which independent sequence of prompts (workload.make_requests; 1 is the warm-up's). A sweep
+    # gives each rate its own, so no rate finds its prompts in a prefix cache an earlier one filled.
+    prompt_stream: int = 0
 
     @property
     def url(self) -> str:
@@ -53,7 +56,7 @@ class BenchResult:
 
 async def run_benchmark(cfg: BenchConfig, on_done: ProgressHook | None = None) -> BenchResult:
     """Run `cfg` against the server. Request failures are recorded; setup failures raise RuntimeError."""
-    requests = make_requests(cfg.workload)
+    requests = make_requests(cfg.workload, stream=cfg.prompt_stream)
     offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.burstiness, cfg.workload.seed)
     limit = cfg.max_concurrency or 0
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=60)

@@ -202,7 +202,7 @@ def run_rates(cfg: SweepConfig, name: str, base_url: str, log: Log) -> tuple[tup
     points: list[RatePoint] = []
     for i, rate in enumerate(cfg.rates):
         bench = replace(cfg.bench, base_url=base_url, request_rate=rate, warmup=cfg.warmup if i == 0 else 0,
-                        slos=cfg.headline.slos)
+                        slos=cfg.headline.slos, prompt_stream=0 if i == 0 else i + 1)
         busy = wait_quiet(cfg.quiet_busy, cfg.quiet_timeout_s, log) if cfg.quiet_busy is not None else cpu_busy(1.0)
         try:
             result = asyncio.run(run_benchmark(bench))

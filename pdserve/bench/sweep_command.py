@@ -168,8 +168,8 @@ def rerender(args: argparse.Namespace) -> int:
     files = [load_results(path) for path in args.from_results]
     data = files[0]
     for other in files[1:]:
-        if {k: other["workload"][k] for k in ("input_len", "output_len")} != {
-                k: data["workload"][k] for k in ("input_len", "output_len")}:
+        if {k: other["workload"].get(k, 0) for k in ("input_len", "output_len", "prefix_len")} != {
+                k: data["workload"].get(k, 0) for k in ("input_len", "output_len", "prefix_len")}:
             raise ValueError("--from-results: the files were measured with different workloads")
     merged: dict[str, Series] = {}
     for f in files:
@@ -180,7 +180,8 @@ def rerender(args: argparse.Namespace) -> int:
     series = tuple(merged.values())
     w = data["workload"]
     workload = WorkloadConfig(num_prompts=w["num_prompts"], input_len=w["input_len"], output_len=w["output_len"],
-                              range_ratio=w.get("range_ratio", 0.0), seed=w.get("seed", 0))
+                              range_ratio=w.get("range_ratio", 0.0), prefix_len=w.get("prefix_len", 0),
+                              seed=w.get("seed", 0))
     cfg = SweepConfig(
         model=data["model"], bench=BenchConfig(base_url="", workload=workload),
         rates=tuple(sorted({float(r) for f in files for r in f["rates"]})),

@@ -3,7 +3,9 @@
 Follows vLLM's `random` dataset and `get_request` arrival process so numbers are comparable:
 lengths are uniform integers in [floor(len*(1-r)), ceil(len*(1+r))]; inter-arrival gaps are
 gamma(shape=burstiness, scale=1/(rate*burstiness)) (burstiness 1 = Poisson), rescaled so the
-last request arrives at num_prompts/rate.
+last request arrives at num_prompts/rate. `prefix_len` (vLLM's `--random-prefix-len`) puts one
+random prefix, the same for every request of a seed, before each prompt: a shared system prompt,
+what a prefix cache is for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_VOCAB_RANGE = (0, 256)
+PREFIX_STREAM = 1 << 20  # the rng stream of the shared prefix, apart from every prompt stream
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class WorkloadConfig:
     input_len: int = 1024
     output_len: int = 128
     range_ratio: float = 0.0
+    prefix_len: int = 0  # tokens of one shared random prefix before every prompt (not counted in input_len)
     vocab_range: tuple[int, int] = DEFAULT_VOCAB_RANGE  # token ids drawn from [lo, hi)
     exclude_token_ids: frozenset[int] = frozenset()  # e.g. special ids inside the range
     seed: int = 0
@@ -31,6 +35,8 @@ class WorkloadConfig:
             raise ValueError(f"num_prompts must be >= 0, got {self.num_prompts}")
         if self.input_len < 1 or self.output_len < 1:
             raise ValueError("input_len and output_len must be >= 1")
+        if self.prefix_len < 0:
+            raise ValueError(f"prefix_len must be >= 0, got {self.prefix_len}")
         if not 0.0 <= self.range_ratio < 1.0:
             raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
         lo, hi = self.vocab_range
@@ -58,7 +64,8 @@ def length_bounds(length: int, range_ratio: float) -> tuple[int, int]:
 
 
 def make_requests(cfg: WorkloadConfig, stream: int = 0) -> list[BenchRequest]:
-    """`cfg.num_prompts` requests; `stream` picks an independent sequence (warm-ups use 1)."""
+    """`cfg.num_prompts` requests; `stream` picks an independent sequence of prompts (warm-ups use
+    1; a sweep one per rate), all after the same shared prefix."""
     rng = np.random.default_rng([cfg.seed, stream])
     in_lo, in_hi = length_bounds(cfg.input_len, cfg.range_ratio)
     out_lo, out_hi = length_bounds(cfg.output_len, cfg.range_ratio)
@@ -66,10 +73,11 @@ def make_requests(cfg: WorkloadConfig, stream: int = 0) -> list[BenchRequest]:
     output_lens = rng.integers(out_lo, out_hi + 1, size=cfg.num_prompts)
     lo, hi = cfg.vocab_range
     allowed = np.array([t for t in range(lo, hi) if t not in cfg.exclude_token_ids], dtype=np.int64)
+    prefix = tuple(int(t) for t in np.random.default_rng([cfg.seed, PREFIX_STREAM]).choice(allowed, cfg.prefix_len))
     return [
         BenchRequest(
             index=i,
-            prompt_token_ids=tuple(int(t) for t in rng.choice(allowed, size=int(n_in))),
+            prompt_token_ids=prefix + tuple(int(t) for t in rng.choice(allowed, size=int(n_in))),
             output_len=int(n_out),
         )
         for i, (n_in, n_out) in enumerate(zip(input_lens, output_lens, strict=True))

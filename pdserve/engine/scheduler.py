@@ -133,11 +133,13 @@ class Scheduler:
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
 
-    def _register_computed(self, req: Request) -> None:
-        """Register the full blocks whose KV is now computed."""
+    def _register_computed(self, req: Request, first: int) -> None:
+        """Register the full blocks from index `first` on whose KV is now computed."""
         n = req.num_computed_tokens // self.block_size
-        for block, h in zip(req.block_ids[:n], block_hashes(req, self.block_size, n), strict=True):
-            self.pool.register(block, h)
+        if n > first:
+            hashes = block_hashes(req, self.block_size, n)
+            for i in range(first, n):
+                self.pool.register(req.block_ids[i], hashes[i])
 
     @property
     def num_unfinished(self) -> int:
@@ -182,6 +184,8 @@ class Scheduler:
                 # produce the first sampled token's logits.
                 req.num_computed_tokens = req.num_prompt_tokens - 1
                 req.status = RequestStatus.WAITING
+                if self.prefix_caching:  # the landed KV serves later local requests too
+                    self._register_computed(req, 0)
 
     def pop_ended(self) -> list[Request]:
         ended, self._ended = self._ended, []
@@ -260,7 +264,7 @@ class Scheduler:
                 continue
             req.num_computed_tokens += n
             if self.prefix_caching:
-                self._register_computed(req)
+                self._register_computed(req, (req.num_computed_tokens - n) // self.block_size)
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a partial prefill chunk: its sample is discarded
             req.output_token_ids.append(sampled[req.request_id])

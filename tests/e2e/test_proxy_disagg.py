@@ -220,6 +220,26 @@ def test_logprobs_equal_standalone(topo: Topology, reference: ServerProcess) -> 
         assert g_values == pytest.approx(w_values, abs=0.02)  # bf16: the decode-shaped recompute rounds
 
 
+def test_prefill_prefix_cache_reaches_the_client(topo: Topology, reference: ServerProcess) -> None:
+    """A prefill that has seen a prompt's prefix starts from its cached blocks; how many prompt tokens
+    it found travels with the KV (kv_transfer_params in READ, write_done in WRITE) into the usage the
+    decode reports. The text is the standalone's."""
+    system = "A system prompt shared by many requests, long enough for several KV blocks. " * 2
+    prompts = [system + f"Question {i}?" for i in range(4)]  # 4 over 2 prefills: one sees it twice
+    before = sum(p.metrics()["pdserve_prefix_cache_hits_total"] for p in topo.prefills)
+    cached = []
+    for prompt in prompts:
+        r = _client(topo.proxy).completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=6, **GREEDY)
+        want = _client(reference).completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=6, **GREEDY)
+        assert r.choices[0].text == want.choices[0].text
+        assert r.usage is not None and r.usage.prompt_tokens_details is not None
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+    assert max(cached) >= len(system) // 16 * 16 - 16 and all(n % 16 == 0 for n in cached)
+    after = sum(p.metrics()["pdserve_prefix_cache_hits_total"] for p in topo.prefills)
+    assert after - before == sum(cached)
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
 def test_echo_is_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
     """Prompt logprobs need the prompt computed where the answer comes from: the proxy sends an echo
     request to a decode as a plain request (counted as a fallback "echo"), with the standalone's answer."""

@@ -324,3 +324,32 @@ def test_logit_bias(server: ServerProcess, client: openai.OpenAI) -> None:
     r = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=5, logit_bias={str(token[0]): 100},
                                   **GREEDY)
     assert r.choices[0].text == "AAAAA"
+
+
+def test_prefix_cache_reports_cached_tokens(server: ServerProcess, client: openai.OpenAI) -> None:
+    """A prompt sharing a long prefix with an earlier one reuses its KV: usage says how many prompt
+    tokens came from the cache (whole 16-token blocks), /metrics counts the hits, the text is the
+    same as the first time."""
+    system = "You are a careful assistant who answers in one short sentence. " * 3  # 192 bytes = tokens
+    before = server.metrics()
+    first = client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "system", "content": system},
+                                           {"role": "user", "content": "Name a colour."}], max_tokens=8, **GREEDY)
+    assert first.usage is not None and first.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "system", "content": system},
+                                            {"role": "user", "content": "Name a fruit."}], max_tokens=8, **GREEDY)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= len(system) - 16 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    stream = client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "system", "content": system},
+                                            {"role": "user", "content": "Name a colour."}], max_tokens=8,
+                                            stream=True, stream_options={"include_usage": True}, **GREEDY)
+    chunks = list(stream)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16  # all but the last
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.choices[0].message.content
+    after = server.metrics()
+    hits = after["pdserve_prefix_cache_hits_total"] - before["pdserve_prefix_cache_hits_total"]
+    assert hits == cached + usage.prompt_tokens_details.cached_tokens
+    assert after["pdserve_kv_blocks_cached"] > 0

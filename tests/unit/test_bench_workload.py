@@ -49,6 +49,18 @@ def test_seeded_and_reproducible() -> None:
     assert a != make_requests(WorkloadConfig(num_prompts=5, input_len=16, seed=1), stream=1)  # warm-ups
 
 
+def test_random_prefix_is_shared_by_every_prompt_of_a_seed() -> None:
+    cfg = WorkloadConfig(num_prompts=6, input_len=10, prefix_len=32, seed=4)
+    main, warm = make_requests(cfg), make_requests(cfg, stream=1)
+    prefix = main[0].prompt_token_ids[:32]
+    assert all(r.prompt_len == 42 and r.prompt_token_ids[:32] == prefix for r in main + warm)
+    assert len({r.prompt_token_ids[32:] for r in main + warm}) == 12  # the rest differs
+    other = make_requests(WorkloadConfig(num_prompts=1, input_len=10, prefix_len=32, seed=5))
+    assert other[0].prompt_token_ids[:32] != prefix
+    plain = make_requests(WorkloadConfig(num_prompts=6, input_len=10, seed=4))
+    assert [r.prompt_token_ids for r in plain] == [r.prompt_token_ids[32:] for r in main]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -59,6 +71,7 @@ def test_seeded_and_reproducible() -> None:
         {"vocab_range": (5, 5)},
         {"vocab_range": (0, 2), "exclude_token_ids": frozenset({0, 1})},
         {"num_prompts": -1},
+        {"prefix_len": -1},
     ],
 )
 def test_workload_validation(kwargs: dict[str, object]) -> None:

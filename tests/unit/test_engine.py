@@ -73,3 +73,27 @@ def test_greedy_matches_under_preemption(model_dir, reference):
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == reference
     _assert_pool_full(llm)
+
+
+def test_greedy_matches_from_cached_prefixes(model_dir, reference):
+    """Prompts whose prefixes were computed by earlier requests (and the same prompts again) start
+    from cached blocks, and still generate what transformers does; logprobs equal an uncached run."""
+    llm = LLM(model_dir, dtype="float32", num_kv_blocks=128)
+    prompts = _prompts(llm.engine.model_config.vocab_size)
+    sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
+    llm.generate([p[: len(p) * 2 // 3] + [1, 2] for p in prompts], sp)  # shared prefixes, other endings
+    for round_ in range(2):  # then the prompts themselves, twice
+        outs = llm.generate(prompts, sp)
+        assert [o.outputs[0].token_ids for o in outs] == reference
+        cached = [o.num_cached_tokens for o in outs]
+        assert cached == [((len(p) * 2 // 3 if round_ == 0 else len(p) - 1) // 16) * 16 for p in prompts]
+    assert sum(cached) > 0
+    plain = LLM(model_dir, dtype="float32", num_kv_blocks=128, enable_prefix_caching=False)
+    want = plain.generate(prompts, sp)
+    for o, w in zip(outs, want, strict=True):
+        got_lp = [lp.logprob for lp in o.outputs[0].logprobs]
+        want_lp = [lp.logprob for lp in w.outputs[0].logprobs]
+        assert got_lp == pytest.approx(want_lp, abs=1e-4)
+    assert plain.engine.stats().prefix_cache_hits == 0
+    plain.close()
+    _assert_pool_full(llm)

@@ -156,6 +156,7 @@ def test_chunks_omit_empty_extras() -> None:
         "prompt_tokens": 3,
         "completion_tokens": 4,
         "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},  # OpenAI's shape: always there
     }
     first = ChatCompletionChunk(
         id="c", model="m", choices=[ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))]
