@@ -40,7 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL", help="static decode instances")
     p.add_argument("--instance", nargs="+", action="extend", default=[], metavar="URL",
                    help="static standalone instances (standard mode)")
-    p.add_argument("--routing", choices=("round-robin", "least-loaded"), default="round-robin")
+    p.add_argument("--routing", choices=("round-robin", "least-loaded", "prefix"), default="round-robin",
+                   help="prefix: cache-aware, a prompt goes where its longest prefix went before "
+                        "(prefills in disagg mode, instances in standard mode), unless that one is "
+                        "busier than the least loaded by more than 4 requests")
     p.add_argument("--api-key", default=None, help="clients must send `Authorization: Bearer KEY` on /v1/*")
     p.add_argument("--instance-api-key", default=None,
                    help="sent to instances (default: the client's Authorization header is forwarded)")

@@ -24,6 +24,7 @@ one prompt feeds n engine requests there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from pdserve.proxy import bodies
 from pdserve.proxy.errors import ProxyError, no_instance
 from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
 from pdserve.proxy.metrics import ProxyMetrics
+from pdserve.proxy.prefix_key import prompt_key
 from pdserve.proxy.routing import Picker
 from pdserve.proxy.settings import ProxySettings
 from pdserve.proxy.upstream import Buffered, Stream, Upstream, UpstreamFailure
@@ -57,6 +59,7 @@ class ClientRequest:
     auth: str | None  # the client's Authorization header
     arrival: float  # time.perf_counter()
     first_sent: float | None = None  # when the first upstream request was sent
+    key: tuple[bytes, ...] = ()  # the prompt's chunk hashes, for --routing prefix (prefix_key.py)
 
 
 class _PrefillFailed(Exception):
@@ -80,11 +83,16 @@ class Orchestrator:
     async def serve(self, req: ClientRequest) -> Reply:
         """The reply to `req`; ProxyError when it cannot be served."""
         if self.settings.mode == "standard":
+            if self.settings.routing == "prefix":
+                with contextlib.suppress(bodies.BadBody):  # the instance answers a bad body itself
+                    req.key = prompt_key(bodies.parse_body(req.raw), req.path)
             return await self._one_of("S", req, req.raw, req.request_id)
         try:
             body = bodies.parse_body(req.raw)
         except bodies.BadBody as e:
             raise ProxyError(400, str(e), code="invalid_json") from None
+        if self.settings.routing == "prefix":
+            req.key = prompt_key(body, req.path)
         if not self.table.candidates("D"):
             raise no_instance("decode")
         alone = "echo" if body.get("echo") is True else "n" if type(body.get("n")) is int and body["n"] > 1 else None
@@ -99,8 +107,8 @@ class Orchestrator:
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def _pick(self, role: RoleCode, tried: set[str]) -> Instance | None:
-        return self.picker.pick(role, self.table.candidates(role, tried))
+    def _pick(self, role: RoleCode, tried: set[str], key: tuple[bytes, ...] = ()) -> Instance | None:
+        return self.picker.pick(role, self.table.candidates(role, tried), key)
 
     async def _call(
         self, inst: Instance, req: ClientRequest, body: bytes, request_id: str, timeout_s: float | None = None
@@ -120,7 +128,7 @@ class Orchestrator:
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         for attempt in range(self.settings.max_attempts):
-            inst = self._pick(role, tried)
+            inst = self._pick(role, tried, req.key)  # S, or D computing the prompt itself
             if inst is None:
                 break
             tried.add(inst.address)
@@ -150,7 +158,7 @@ class Orchestrator:
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         for attempt in range(self.settings.max_attempts):
-            inst = self._pick("P", tried)
+            inst = self._pick("P", tried, req.key)
             if inst is None:
                 break
             tried.add(inst.address)
@@ -249,7 +257,7 @@ class Orchestrator:
                 if last["D"] is None:
                     raise no_instance("decode")
                 raise ProxyError(502, f"the decode instance failed: {last['D']}", code="upstream_error")
-            prefill = self._pick("P", tried["P"])
+            prefill = self._pick("P", tried["P"], req.key)
             if prefill is None:
                 break
             if failed_role is not None:

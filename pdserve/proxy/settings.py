@@ -9,7 +9,7 @@ from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, D
 
 ProxyMode = Literal["disagg", "standard"]
 TransferMode = Literal["READ", "WRITE"]
-RoutingPolicy = Literal["round-robin", "least-loaded"]
+RoutingPolicy = Literal["round-robin", "least-loaded", "prefix"]
 FallbackPolicy = Literal["local-prefill", "fail"]
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 3.0

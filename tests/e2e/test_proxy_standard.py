@@ -146,6 +146,28 @@ def test_registered_instance_with_a_token(module_tmp: Path) -> None:
                 time.sleep(0.1)
 
 
+def test_prefix_routing_keeps_a_shared_prefix_on_one_instance(
+    module_tmp: Path, instances: tuple[ServerProcess, ServerProcess]
+) -> None:
+    """--routing prefix: chats sharing a system prompt all go where the first one went, so every
+    later one finds the prompt in that instance's prefix cache (round-robin would alternate and
+    compute it on both); a second system prompt goes to the other, idle, instance."""
+    systems = [f"System prompt number {k}: be concise, be kind, and never guess. " * 3 for k in (1, 2)]
+    before = [_finished(i) for i in instances]
+    with proxy_process(module_tmp, "--mode", "standard", "--routing", "prefix", "--instance",
+                       instances[0].base_url, instances[1].base_url) as p:
+        via = _client(p)
+        for system in systems:
+            cached = []
+            for q in ("one", "two", "three", "four"):
+                messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {q}?"}]
+                r = via.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=2, **GREEDY)  # type: ignore[arg-type]
+                assert r.usage is not None and r.usage.prompt_tokens_details is not None
+                cached.append(r.usage.prompt_tokens_details.cached_tokens)
+            assert cached[0] == 0 and min(cached[1:]) >= len(system) // 16 * 16 - 16, cached
+    assert [_finished(i) - b for i, b in zip(instances, before, strict=True)] == [4, 4]
+
+
 def test_killed_instance_mid_stream(proxy: ServerProcess, instances: tuple[ServerProcess, ServerProcess]) -> None:
     """SIGKILL the instance serving a long stream: the client gets an error event and [DONE] (no hang),
     later requests all go to the survivor. Runs last: it kills one of the module's instances."""

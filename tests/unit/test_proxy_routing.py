@@ -1,4 +1,4 @@
-"""Instance pickers: round-robin and least-loaded."""
+"""Instance pickers: round-robin, least-loaded, prefix affinity; prompt keys."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from pdserve.proxy.instances import Instance, Lease
-from pdserve.proxy.routing import LeastLoaded, RoundRobin, make_picker
+from pdserve.proxy.prefix_key import CHUNK_BYTES, prompt_key
+from pdserve.proxy.routing import LeastLoaded, PrefixAffinity, RoundRobin, make_picker
 
 
 def _inst(port: int, in_flight: int = 0) -> Instance:
@@ -71,5 +72,66 @@ def test_exclusion_is_the_callers_filter() -> None:
 def test_make_picker() -> None:
     assert isinstance(make_picker("round-robin"), RoundRobin)
     assert isinstance(make_picker("least-loaded"), LeastLoaded)
+    assert isinstance(make_picker("prefix"), PrefixAffinity)
     with pytest.raises(ValueError):
         make_picker("random")  # type: ignore[arg-type]
+
+
+# --- prefix affinity ------------------------------------------------------------------------------
+
+SYSTEM = "You are a helpful assistant. Answer briefly and cite your sources. " * 4  # 4+ chunks
+
+
+def _chat(system: str, user: str) -> tuple[bytes, ...]:
+    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+    return prompt_key(body, "/v1/chat/completions")
+
+
+def test_prompt_key_chains_whole_chunks_of_the_prompt() -> None:
+    a = prompt_key({"prompt": "x" * 200}, "/v1/completions")
+    assert len(a) == 200 // CHUNK_BYTES and len(set(a)) == len(a)  # equal chunks, different chain hashes
+    b = prompt_key({"prompt": "x" * 150 + "y" * 50}, "/v1/completions")
+    assert b[:2] == a[:2] and b[2] != a[2]
+    assert prompt_key({"prompt": ["x" * 200, "z"]}, "/v1/completions") == a  # a batch: its first prompt
+    ids = prompt_key({"prompt": list(range(40))}, "/v1/completions")
+    assert len(ids) == 40 * 4 // CHUNK_BYTES
+    parts = {"messages": [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
+                          {"role": "user", "content": "hi"}]}
+    assert prompt_key(parts, "/v1/chat/completions") == _chat(SYSTEM, "hi")  # text parts = the string
+    for bad in ({}, {"prompt": 5}, {"prompt": [1, "a"]}, {"messages": "no"}, {"prompt": [-1] * 64}):
+        assert prompt_key(bad, "/v1/completions") == () and prompt_key(bad, "/v1/chat/completions") == ()
+
+
+def test_prefix_affinity_sends_a_shared_prefix_where_it_went_before() -> None:
+    a, b, c = _inst(8001), _inst(8002), _inst(8003)
+    pa = PrefixAffinity()
+    first = pa.pick("P", [a, b, c], _chat(SYSTEM, "one"))
+    assert all(pa.pick("P", [a, b, c], _chat(SYSTEM, q)) is first for q in ("two", "three", "four"))
+    other = pa.pick("P", [a, b, c], _chat("Another system prompt, quite different. " * 4, "one"))
+    assert other is not first  # no match: the least loaded, round-robin among equals
+    assert pa.matched(first, _chat(SYSTEM, "five")) >= len(SYSTEM) // CHUNK_BYTES
+
+
+def test_prefix_affinity_yields_to_load_and_to_missing_keys() -> None:
+    a, b = _inst(8001), _inst(8002)
+    pa = PrefixAffinity(balance_slack=2)
+    assert pa.pick("P", [a, b], _chat(SYSTEM, "q")) is a
+    a.leases.update(Lease(a) for _ in range(2))
+    assert pa.pick("P", [a, b], _chat(SYSTEM, "q")) is a  # 2 more in flight: still within the slack
+    a.leases.add(Lease(a))
+    assert pa.pick("P", [a, b], _chat(SYSTEM, "q")) is b  # 3 more: the least loaded takes it
+    assert pa.pick("P", [a, b], _chat(SYSTEM, "q")) is b  # and now b has the prefix too
+    assert pa.pick("P", [a, b]) is b  # no key: least loaded
+
+
+def test_prefix_affinity_forgets_a_restarted_instance_and_old_chunks() -> None:
+    a, b = _inst(8001), _inst(8002)
+    a.engine_id = "one"
+    pa = PrefixAffinity(max_chunks_per_instance=8)
+    key = _chat(SYSTEM, "q")
+    assert pa.pick("P", [a, b], key) is a and pa.matched(a, key) == len(key)
+    a.engine_id = "two"  # same address, new process: an empty cache
+    assert pa.matched(a, key) == 0
+    pa.pick("P", [a], _chat("z" * 1000, "q"))  # 15 chunks into a model that keeps 8
+    assert pa.matched(a, _chat("z" * 1000, "q")) == 8  # the tail chunks were evicted, the prefix kept
+    assert pa.matched(a, key) == 0

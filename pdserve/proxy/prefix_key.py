@@ -1,0 +1,53 @@
+"""A request's prompt as the proxy sees it (no tokenizer): the leading bytes of its text, cut into
+chunks and hashed as a chain, so that equal leading chunks mean equal prompt prefixes.
+
+Completions: the prompt string (or token ids, or the first of a list). Chat: each message's role
+and text, in order — a shared system prompt and earlier turns are the shared prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+CHUNK_BYTES = 64  # about one 16-token KV block of English text with a BPE tokenizer
+MAX_KEY_BYTES = 32 * 1024  # a longer shared prefix does not change where the request goes
+
+
+def prompt_key(body: dict[str, Any], path: str) -> tuple[bytes, ...]:
+    """Chained 8-byte hashes of the prompt's whole chunks (empty when the body has no usable prompt)."""
+    data = _prompt_bytes(body, path)[:MAX_KEY_BYTES]
+    out: list[bytes] = []
+    prev = b""
+    for i in range(0, len(data) - CHUNK_BYTES + 1, CHUNK_BYTES):
+        prev = hashlib.blake2b(prev + data[i : i + CHUNK_BYTES], digest_size=8).digest()
+        out.append(prev)
+    return tuple(out)
+
+
+def _prompt_bytes(body: dict[str, Any], path: str) -> bytes:
+    if path.endswith("/chat/completions"):
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return b""
+        parts = []
+        for m in messages:
+            if isinstance(m, dict):
+                parts.append(f"{m.get('role')}\0{_text(m.get('content'))}\0")
+        return "".join(parts).encode("utf-8", "replace")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompt = prompt[0]  # a batch: its first prompt
+    if isinstance(prompt, str):
+        return prompt.encode("utf-8", "replace")
+    if isinstance(prompt, list) and all(type(t) is int and 0 <= t < 1 << 32 for t in prompt):
+        return b"".join(t.to_bytes(4, "little") for t in prompt)
+    return b""
+
+
+def _text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # text parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
