@@ -93,6 +93,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-prefix-len", type=nonneg_int, default=0,
                    help="tokens of one random prefix shared by every prompt, before its --input-len tokens "
                         "(a system prompt: what prefix caching reuses) (default: %(default)s)")
+    p.add_argument("--num-prefixes", type=pos_int, default=1,
+                   help="distinct --random-prefix-len prefixes, one drawn per request (default: %(default)s)")
     p.add_argument(
         "--range-ratio",
         type=_number(float, 0.0, 1.0, hi_open=True),
@@ -173,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         output_len=args.output_len,
         range_ratio=args.range_ratio,
         prefix_len=args.random_prefix_len,
+        num_prefixes=args.num_prefixes,
         vocab_range=args.vocab_range,
         exclude_token_ids=args.exclude_token_ids,
         seed=args.seed,

@@ -86,6 +86,7 @@ def result_json(result: BenchResult) -> dict[str, JsonValue]:
             "output_len": w.output_len,
             "range_ratio": w.range_ratio,
             "random_prefix_len": w.prefix_len,
+            "num_prefixes": w.num_prefixes,
             "prompt_stream": cfg.prompt_stream,
             "seed": w.seed,
             "warmup": cfg.warmup,

@@ -168,8 +168,8 @@ def rerender(args: argparse.Namespace) -> int:
     files = [load_results(path) for path in args.from_results]
     data = files[0]
     for other in files[1:]:
-        if {k: other["workload"].get(k, 0) for k in ("input_len", "output_len", "prefix_len")} != {
-                k: data["workload"].get(k, 0) for k in ("input_len", "output_len", "prefix_len")}:
+        if {k: other["workload"].get(k, 0) for k in ("input_len", "output_len", "prefix_len", "num_prefixes")} != {
+                k: data["workload"].get(k, 0) for k in ("input_len", "output_len", "prefix_len", "num_prefixes")}:
             raise ValueError("--from-results: the files were measured with different workloads")
     merged: dict[str, Series] = {}
     for f in files:
@@ -181,7 +181,7 @@ def rerender(args: argparse.Namespace) -> int:
     w = data["workload"]
     workload = WorkloadConfig(num_prompts=w["num_prompts"], input_len=w["input_len"], output_len=w["output_len"],
                               range_ratio=w.get("range_ratio", 0.0), prefix_len=w.get("prefix_len", 0),
-                              seed=w.get("seed", 0))
+                              num_prefixes=w.get("num_prefixes", 1), seed=w.get("seed", 0))
     cfg = SweepConfig(
         model=data["model"], bench=BenchConfig(base_url="", workload=workload),
         rates=tuple(sorted({float(r) for f in files for r in f["rates"]})),

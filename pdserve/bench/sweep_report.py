@@ -216,7 +216,8 @@ def sweep_json(cfg: SweepConfig, series: Sequence[Series], summaries: Sequence[S
         "baseline": cfg.baseline,
         "slo_sets": {s.name: [{"name": x.name, "threshold_ms": x.threshold_ms} for x in s.slos] for s in cfg.slo_sets},
         "workload": {"num_prompts": w.num_prompts, "input_len": w.input_len, "output_len": w.output_len,
-                     "range_ratio": w.range_ratio, "prefix_len": w.prefix_len, "seed": w.seed},
+                     "range_ratio": w.range_ratio, "prefix_len": w.prefix_len,
+                     "num_prefixes": w.num_prefixes, "seed": w.seed},
         "warmup": cfg.warmup,
         "engine_args": list(cfg.engine_args),
         "series": [

@@ -3,9 +3,9 @@
 Follows vLLM's `random` dataset and `get_request` arrival process so numbers are comparable:
 lengths are uniform integers in [floor(len*(1-r)), ceil(len*(1+r))]; inter-arrival gaps are
 gamma(shape=burstiness, scale=1/(rate*burstiness)) (burstiness 1 = Poisson), rescaled so the
-last request arrives at num_prompts/rate. `prefix_len` (vLLM's `--random-prefix-len`) puts one
-random prefix, the same for every request of a seed, before each prompt: a shared system prompt,
-what a prefix cache is for.
+last request arrives at num_prompts/rate. `prefix_len` (vLLM's `--random-prefix-len`) puts a
+random prefix before each prompt, one of `num_prefixes` drawn per request (the same set for every
+stream of a seed): shared system prompts, what a prefix cache (and cache-aware routing) is for.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class WorkloadConfig:
     input_len: int = 1024
     output_len: int = 128
     range_ratio: float = 0.0
-    prefix_len: int = 0  # tokens of one shared random prefix before every prompt (not counted in input_len)
+    prefix_len: int = 0  # tokens of a shared random prefix before every prompt (not counted in input_len)
+    num_prefixes: int = 1  # distinct prefixes, one drawn uniformly per request
     vocab_range: tuple[int, int] = DEFAULT_VOCAB_RANGE  # token ids drawn from [lo, hi)
     exclude_token_ids: frozenset[int] = frozenset()  # e.g. special ids inside the range
     seed: int = 0
@@ -37,6 +38,8 @@ class WorkloadConfig:
             raise ValueError("input_len and output_len must be >= 1")
         if self.prefix_len < 0:
             raise ValueError(f"prefix_len must be >= 0, got {self.prefix_len}")
+        if self.num_prefixes < 1:
+            raise ValueError(f"num_prefixes must be >= 1, got {self.num_prefixes}")
         if not 0.0 <= self.range_ratio < 1.0:
             raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
         lo, hi = self.vocab_range
@@ -73,14 +76,17 @@ def make_requests(cfg: WorkloadConfig, stream: int = 0) -> list[BenchRequest]:
     output_lens = rng.integers(out_lo, out_hi + 1, size=cfg.num_prompts)
     lo, hi = cfg.vocab_range
     allowed = np.array([t for t in range(lo, hi) if t not in cfg.exclude_token_ids], dtype=np.int64)
-    prefix = tuple(int(t) for t in np.random.default_rng([cfg.seed, PREFIX_STREAM]).choice(allowed, cfg.prefix_len))
+    prefix_rng = np.random.default_rng([cfg.seed, PREFIX_STREAM])
+    prefixes = [tuple(int(t) for t in prefix_rng.choice(allowed, cfg.prefix_len)) for _ in range(cfg.num_prefixes)]
+    # Its own stream, so prompts of a seed stay what they were before prefixes existed.
+    which = np.random.default_rng([cfg.seed, stream, PREFIX_STREAM]).integers(0, cfg.num_prefixes, cfg.num_prompts)
     return [
         BenchRequest(
             index=i,
-            prompt_token_ids=prefix + tuple(int(t) for t in rng.choice(allowed, size=int(n_in))),
+            prompt_token_ids=prefixes[k] + tuple(int(t) for t in rng.choice(allowed, size=int(n_in))),
             output_len=int(n_out),
         )
-        for i, (n_in, n_out) in enumerate(zip(input_lens, output_lens, strict=True))
+        for i, (n_in, n_out, k) in enumerate(zip(input_lens, output_lens, which, strict=True))
     ]
 
 

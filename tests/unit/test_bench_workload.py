@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -61,6 +62,15 @@ def test_random_prefix_is_shared_by_every_prompt_of_a_seed() -> None:
     assert [r.prompt_token_ids for r in plain] == [r.prompt_token_ids[32:] for r in main]
 
 
+def test_several_prefixes_are_drawn_per_request() -> None:
+    cfg = WorkloadConfig(num_prompts=200, input_len=8, prefix_len=16, num_prefixes=4, seed=1)
+    reqs = make_requests(cfg)
+    counts = Counter(r.prompt_token_ids[:16] for r in reqs)
+    assert len(counts) == 4 and min(counts.values()) > 25  # uniform-ish over the 4
+    warm = make_requests(cfg, stream=1)
+    assert {r.prompt_token_ids[:16] for r in warm} <= set(counts)  # the same set in every stream
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -72,6 +82,7 @@ def test_random_prefix_is_shared_by_every_prompt_of_a_seed() -> None:
         {"vocab_range": (0, 2), "exclude_token_ids": frozenset({0, 1})},
         {"num_prompts": -1},
         {"prefix_len": -1},
+        {"num_prefixes": 0},
     ],
 )
 def test_workload_validation(kwargs: dict[str, object]) -> None:
