@@ -21,6 +21,7 @@ from pdserve.bench.goodput import primary_failure_mode as _primary
 from pdserve.bench.metrics import SLO
 from pdserve.bench.report import JsonValue, result_json
 from pdserve.bench.sweep import RatePoint, Series, SLOSet, SweepConfig
+from pdserve.bench.workload import WorkloadConfig
 
 
 def good_count(point: RatePoint, slos: Sequence[SLO]) -> int:
@@ -140,7 +141,7 @@ def markdown_summary(cfg: SweepConfig, summaries: Sequence[SeriesSummary]) -> st
     cols = [s.name for s in summaries]
     lines = [
         f"Headline: {rate:g} req/s; SLOs {head.describe()}; {w.num_prompts} requests per rate, "
-        f"{w.input_len} input / {w.output_len} output tokens; baseline {cfg.baseline}.",
+        f"{_prefix(w)}{w.input_len} input / {w.output_len} output tokens; baseline {cfg.baseline}.",
         "",
         "| Metric | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -272,3 +273,10 @@ def series_from_json(data: dict) -> tuple[Series, ...]:
             for run in s["runs"]), s.get("error"))
         for s in data["series"]
     )
+
+
+def _prefix(w: WorkloadConfig) -> str:
+    if not w.prefix_len:
+        return ""
+    which = "one shared" if w.num_prefixes == 1 else f"one of {w.num_prefixes} shared"
+    return f"{which} {w.prefix_len}-token prefix + "

@@ -81,10 +81,19 @@ class Scheduler:
         self.waiting.append(request)
 
     def allocate_for_remote(self, request: Request) -> bool:
-        """Give a remote-KV request blocks for its whole prompt up front (decode side)."""
+        """Give a remote-KV request blocks for its whole prompt up front (decode side). With prefix
+        caching its leading blocks may come from our cache: `num_computed_tokens` then counts the
+        tokens they hold, and only the blocks after them need the remote KV."""
+        looked_up = self._take_cached_prefix(request)
         need = self._blocks_needed(request, request.num_prompt_tokens)
         if not self.pool.can_allocate(need):
+            if looked_up:
+                self.release_blocks(request)
+                request.num_computed_tokens = 0
             return False
+        if looked_up:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += request.num_computed_tokens
         request.block_ids.extend(self.pool.allocate(need))
         return True
 

@@ -37,6 +37,7 @@ class _Pending:
     params: KVTransferParams
     deadline: float
     started: bool = False
+    local_tokens: int = 0  # prompt tokens our prefix cache held when the blocks were allocated
     abandoned: bool = False  # gave up (timeout/recompute) or the request ended: ignore the result
     quarantined: bool = False  # the request ended; its blocks wait for the transfer to settle
 
@@ -80,16 +81,20 @@ class KVConsumer(KVConnectorBase):
         )
 
     def _start(self, p: _Pending) -> None:
+        """Blocks allocated (the leading `skip` of them from our prefix cache, never written to):
+        pull or ask for the KV of the rest."""
         p.started = True
         req, prm = p.request, p.params
+        p.local_tokens = req.num_computed_tokens
+        skip = p.local_tokens // self.cache.layout.block_size
         if prm.transfer_mode == "READ":
-            self._worker.submit(self._read, req.request_id, prm, list(req.block_ids))
+            self._worker.submit(self._read, req.request_id, prm, list(req.block_ids), skip)
         else:
             self.handshakes.get(prm.remote_host, prm.remote_handshake_port)  # type: ignore[arg-type]
-            self.tcp_server.grants.grant(req.request_id, req.block_ids)
+            self.tcp_server.grants.grant(req.request_id, req.block_ids[skip:])
             self.sender.send(prm.remote_host, prm.remote_notify_port, WriteDest(  # type: ignore[arg-type]
                 req.request_id, self.engine_id, list(req.block_ids), self.host, self.handshake_port,
-                self.notify_port, req.num_prompt_tokens))
+                self.notify_port, req.num_prompt_tokens, skip_blocks=skip))
 
     def poll(self) -> tuple[set[str], dict[str, str]]:
         ready: set[str] = set()
@@ -173,7 +178,7 @@ class KVConsumer(KVConnectorBase):
         self.sender.send(prm.remote_host, prm.remote_notify_port, Abort(rid, self.engine_id, reason))  # type: ignore[arg-type]
         if self.config.kv_load_failure_policy == "recompute":
             p.abandoned = True  # a late result is ignored; the blocks stay with the request
-            p.request.num_computed_tokens = 0
+            p.request.num_computed_tokens = p.local_tokens  # our cached prefix is still good
             p.request.status = RequestStatus.WAITING
             if not p.started:
                 self._drop(rid)
@@ -235,7 +240,8 @@ class KVConsumer(KVConnectorBase):
             and self.tcp_server.grants.revoke(p.request.request_id)
 
     # ---- worker thread -------------------------------------------------------------------------
-    def _read(self, rid: str, prm: KVTransferParams, dst: list[int]) -> None:
+    def _read(self, rid: str, prm: KVTransferParams, dst: list[int], skip: int) -> None:
+        """Pull the prompt's blocks after the first `skip` (those our prefix cache holds)."""
         t0 = time.perf_counter()
         host, port = prm.remote_host, prm.remote_handshake_port
         try:
@@ -243,7 +249,7 @@ class KVConsumer(KVConnectorBase):
             src = prm.remote_block_ids or []
             if len(src) != len(dst):
                 raise TransferError(f"the prefill holds {len(src)} blocks for this prompt, we allocated {len(dst)}")
-            nbytes = transport.read(src, dst, request_id=rid)
+            nbytes = transport.read(src[skip:], dst[skip:], request_id=rid)
         except TransferError as e:
             self._drop_transport(host, port)  # type: ignore[arg-type]
             self.events.put(_Done(rid, False, str(e)))

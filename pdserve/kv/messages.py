@@ -10,7 +10,7 @@ from typing import Literal
 import msgspec
 import zmq
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_MESSAGE_BYTES = 1 << 20  # larger ZMQ messages are dropped before decoding
 MAX_BLOCK_IDS = 1 << 18
 
@@ -124,6 +124,8 @@ class WriteDest(msgspec.Struct, tag_field="type", tag="write_dest"):
     notify_port: int
     num_prompt_tokens: int
     token: str | None = None
+    # Leading blocks the decode holds already (its prefix cache): the producer pushes only the rest.
+    skip_blocks: int = 0
 
 
 class WriteDone(msgspec.Struct, tag_field="type", tag="write_done"):

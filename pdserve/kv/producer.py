@@ -261,11 +261,13 @@ class KVProducer(KVConnectorBase):
         try:
             transport = self._transport(dest.handshake_host, dest.handshake_port)
             n = min(len(src), len(dest.block_ids))
+            skip = min(max(dest.skip_blocks, 0), n)  # decode's own cached prefix: not ours to write
             for layer in layers:
                 if rid in self._cancelled:
                     self.events.put(_Done(rid, False, "aborted"))
                     return
-                nbytes += transport.write_layer(layer, src[:n], dest.block_ids[:n], request_id=rid)
+                if skip < n:
+                    nbytes += transport.write_layer(layer, src[skip:n], dest.block_ids[skip:n], request_id=rid)
         except TransferError as e:
             self._drop_transport(dest.handshake_host, dest.handshake_port)
             if not final:

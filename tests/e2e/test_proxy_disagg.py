@@ -240,6 +240,34 @@ def test_prefill_prefix_cache_reaches_the_client(topo: Topology, reference: Serv
     _blocks_all_free(topo.prefills + topo.decodes)
 
 
+def test_decode_prefix_cache_skips_the_transfer_of_blocks_it_holds(topo: Topology, reference: ServerProcess) -> None:
+    """The same long prompt four times: the two decodes take turns, and each from its second time on
+    holds the prompt's leading blocks in its own prefix cache, so only the last block moves (the
+    first two requests move the whole prompt). The text is the standalone's every time."""
+    prompt = "A conversation so far, sent again with every new turn of the chat. " * 3
+    want = _client(reference).completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=5, **GREEDY)
+    servers = topo.prefills + topo.decodes
+
+    def moved() -> float:
+        return sum(s.metrics()["pdserve_kv_bytes_transferred_total"] for s in servers)
+
+    def hits() -> float:
+        return sum(d.metrics()["pdserve_prefix_cache_hits_total"] for d in topo.decodes)
+
+    before, hits_before = moved(), hits()
+    sizes = []
+    for _ in range(4):
+        r = _client(topo.proxy).completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=5, **GREEDY)
+        assert r.choices[0].text == want.choices[0].text
+        now = moved()
+        sizes.append(now - before)
+        before = now
+    full = max(sizes[:2])
+    assert full > 0 and sizes[0] == sizes[1] and max(sizes[2:]) <= full / 4, sizes
+    assert hits() - hits_before >= 2 * (len(prompt) // 16 - 1) * 16
+    _blocks_all_free(servers)
+
+
 def test_echo_is_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
     """Prompt logprobs need the prompt computed where the answer comes from: the proxy sends an echo
     request to a decode as a plain request (counted as a fallback "echo"), with the standalone's answer."""

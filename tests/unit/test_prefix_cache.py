@@ -221,3 +221,43 @@ def test_random_overlapping_prompts_keep_the_pool_consistent():
     assert pool.num_free == pool.num_blocks and pool.num_evictions > 0
     assert s.prefix_cache_hits > 0 and all(r.is_finished for r in reqs)
     assert all(r.num_cached_tokens % BS == 0 and r.num_cached_tokens < r.num_prompt_tokens for r in reqs)
+
+
+def test_remote_kv_request_takes_its_cached_prefix_and_waits_for_the_rest():
+    """Decode side: the leading blocks our cache holds are the request's own first blocks (counted
+    computed: the transfer skips them); the rest are new blocks for the remote KV."""
+    from tests.unit.test_scheduler import FakeConnector
+
+    s, pool = make()
+    s.connector = conn = FakeConnector()
+    shared = list(range(60, 72))  # 3 blocks
+    s.add(a := req("a", shared + [1, 2], max_tokens=1))
+    run(s)
+    s.add(r := req("remote", shared + [3, 4, 5], max_tokens=2))
+    r.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert s.allocate_for_remote(r)
+    assert r.num_computed_tokens == 12 and len(r.block_ids) == 4
+    assert pool.cached_prefix(block_hashes(a, BS, 3)) == r.block_ids[:3] and not pool.is_cached(r.block_ids[3])
+    assert s.prefix_cache_hits == 12
+    conn.ready.add("remote")
+    b = step(s)
+    assert b.decodes == [r] and r.num_computed_tokens == 15  # only the last prompt token computed
+    run(s)
+    assert pool.num_free == pool.num_blocks
+
+
+def test_remote_kv_request_without_room_gives_its_cached_prefix_back():
+    from tests.unit.test_scheduler import FakeConnector
+
+    s, pool = make(num_blocks=5)
+    s.connector = FakeConnector()
+    s.add(req("a", list(range(8)) + [1], max_tokens=1))  # 2 cached blocks after it
+    run(s)
+    s.add(hog := req("hog", list(range(100, 108)), max_tokens=1))
+    hog.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert s.allocate_for_remote(hog)  # 2 new blocks (evicting nothing: 3 were uncached)
+    s.add(r := req("remote", list(range(8)) + list(range(20, 30)), max_tokens=1))  # 2 cached + 3 new
+    r.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert not s.allocate_for_remote(r)
+    assert not r.block_ids and r.num_computed_tokens == 0 and pool.num_cached >= 2
+    s.check_integrity()
