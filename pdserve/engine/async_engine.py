@@ -40,10 +40,16 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _ResetPrefixCache:
+    done: asyncio.Future[int]
+    loop: asyncio.AbstractEventLoop
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _ResetPrefixCache | None] = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.Queue[StepOutput], asyncio.AbstractEventLoop]] = {}
         self._wake = threading.Event()
         self._stopping = False
@@ -80,7 +86,14 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))
 
-    def _send(self, cmd: _Add | _Abort | None) -> None:
+    async def reset_prefix_cache(self) -> int:
+        """Forget every free cached block (between benchmark runs); the number forgotten."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+        self._send(_ResetPrefixCache(done, loop))
+        return await done
+
+    def _send(self, cmd: _Add | _Abort | _ResetPrefixCache | None) -> None:
         self._inbox.put(cmd)
         self._wake.set()
 
@@ -132,6 +145,9 @@ class AsyncEngine:
             if isinstance(cmd, _Abort):
                 self.engine.abort_request(cmd.request_id)
                 continue
+            if isinstance(cmd, _ResetPrefixCache):
+                cmd.loop.call_soon_threadsafe(_resolve, cmd.done, self.engine.block_pool.reset_cache())
+                continue
             if cmd.request_id in self._sinks:
                 err = StepOutput(cmd.request_id, [], "", True, "error", error="duplicate request id in flight")
                 cmd.loop.call_soon_threadsafe(_put_all, [(cmd.sink, err)])
@@ -166,6 +182,11 @@ class AsyncEngine:
             if self.engine.idle:
                 # Nothing to compute (idle, or only requests waiting for remote KV): sleep until woken.
                 self._wake.wait(0.005 if self.engine.has_unfinished() else 0.05)
+
+
+def _resolve(done: asyncio.Future[int], value: int) -> None:
+    if not done.done():  # the caller may have gone
+        done.set_result(value)
 
 
 def _put_all(items: list[tuple[asyncio.Queue[StepOutput], StepOutput]]) -> None:

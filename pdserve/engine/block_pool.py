@@ -134,6 +134,14 @@ class BlockPool:
         self._hash_of[block] = h
         self._cached[h] = block
 
+    def reset_cache(self) -> int:
+        """Forget the content of every free cached block (vLLM's reset_prefix_cache); blocks held by
+        requests stay registered (they may be shared). Returns how many were forgotten."""
+        dropped = [b for b in self._hash_of if self._ref[b] == 0]
+        for b in dropped:
+            del self._cached[self._hash_of.pop(b)]
+        return len(dropped)
+
     def check_integrity(self) -> None:
         """Raise AssertionError if the free list, reference counts and cache index disagree."""
         for b in range(self.num_blocks):

@@ -209,4 +209,31 @@ def build_app(settings: ProxySettings) -> ProxyApp:
     for path, model in TOKENIZER_BODIES.items():
         app.add_api_route(path, tokenizer_route, methods=["POST"], openapi_extra=openapi_body(model))
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache_route(request: Request) -> Response:
+        """Every healthy instance forgets its prefix cache's free blocks (vLLM's route; between
+        benchmark runs). One row per instance; 502 when one of them failed, 503 when none is up."""
+        try:
+            check_api_key(request.headers.raw, settings.api_key)
+        except ProxyError as e:
+            return _error(e)
+        headers = state.upstream.auth_headers(request.headers.get("authorization"))
+        targets = sorted((i for i in state.table.all() if i.healthy), key=lambda i: i.address)
+        if not targets:
+            return _error(ProxyError(503, "no healthy instance", code="no_instance"))
+
+        async def one(inst: Instance) -> dict[str, object]:
+            row: dict[str, object] = {"address": inst.address, "role": ROLE_NAMES[inst.role]}
+            try:
+                got = await state.upstream.fetch(inst, "POST", "/reset_prefix_cache", headers)
+            except UpstreamFailure as e:
+                return row | {"error": str(e)}
+            if got.status != 200:
+                return row | {"error": f"HTTP {got.status}: {got.body[:200].decode(errors='replace')}"}
+            return row | msgspec.json.decode(got.body)
+
+        rows = await asyncio.gather(*(one(i) for i in targets))
+        status = 502 if any("error" in r for r in rows) else 200
+        return Response(msgspec.json.encode({"instances": rows}), status_code=status, media_type="application/json")
+
     return ProxyApp(app, hot)

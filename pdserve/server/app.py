@@ -64,6 +64,13 @@ async def kv_info(request: Request) -> Response:
     })
 
 
+async def reset_prefix_cache(request: Request) -> Response:
+    """vLLM's route: forget the prefix cache's free blocks (e.g. between benchmark runs)."""
+    ctx = get_context(request)
+    forgotten = await ctx.engine.reset_prefix_cache()
+    return JSONResponse({"forgotten_blocks": forgotten, "cached_blocks": ctx.llm.block_pool.num_cached})
+
+
 def _install_openapi(app: FastAPI) -> None:
     build = app.openapi
 
@@ -97,6 +104,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
     tok = APIRouter(dependencies=[Depends(require_api_key)])  # vLLM's paths: no /v1
     tok.add_api_route("/tokenize", tokenize, methods=["POST"], openapi_extra=openapi_body(TokenizeRequest))
     tok.add_api_route("/detokenize", detokenize, methods=["POST"], openapi_extra=openapi_body(DetokenizeRequest))
+    tok.add_api_route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"])
     app.include_router(tok)
     _install_openapi(app)
     return app

@@ -33,6 +33,7 @@ GENERATION = ("/v1/completions", "/v1/chat/completions")
 TOKENIZER = ("/tokenize", "/detokenize")  # forwarded to an instance as they are
 POSTS = GENERATION + TOKENIZER
 GETS = ("/health", "/instances", "/metrics", "/v1/models")
+ADMIN_POSTS = ("/reset_prefix_cache",)  # no body
 HIDDEN_5XX = (  # proxy metrics that count a 5xx the client may not have seen (retried, fallen back, in-band)
     "pdserve_proxy_upstream_failures_total",
     "pdserve_proxy_fallbacks_total",
@@ -89,7 +90,7 @@ def test_schema_documents_every_route_and_body(topo: Topology) -> None:
     """Every documented route is fuzzed below; the generation paths declare their request bodies."""
     spec = httpx.get(f"{topo.proxy.base_url}/openapi.json").json()
     assert {p: set(ops) for p, ops in spec["paths"].items()} == {
-        **{p: {"post"} for p in POSTS},
+        **{p: {"post"} for p in POSTS + ADMIN_POSTS},
         **{p: {"get"} for p in GETS},
     }
     fields = {
@@ -103,12 +104,12 @@ def test_schema_documents_every_route_and_body(topo: Topology) -> None:
 
 @pytest.mark.parametrize(
     ("path", "mode"),
-    [(p, m) for p in POSTS for m in GenerationMode] + [(p, GenerationMode.POSITIVE) for p in GETS],
+    [(p, m) for p in POSTS for m in GenerationMode] + [(p, GenerationMode.POSITIVE) for p in GETS + ADMIN_POSTS],
 )
 def test_no_server_errors(topo: Topology, path: str, mode: GenerationMode, request: pytest.FixtureRequest) -> None:
     proxy = topo.proxy
     schema = schemathesis.openapi.from_url(f"{proxy.base_url}/openapi.json")
-    method = "POST" if path in POSTS else "GET"
+    method = "POST" if path in POSTS + ADMIN_POSTS else "GET"
     op = schema[path][method]
     client = httpx.Client(base_url=proxy.base_url, timeout=60)
     request.addfinalizer(client.close)

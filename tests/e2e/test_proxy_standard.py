@@ -165,6 +165,11 @@ def test_prefix_routing_keeps_a_shared_prefix_on_one_instance(
                 assert r.usage is not None and r.usage.prompt_tokens_details is not None
                 cached.append(r.usage.prompt_tokens_details.cached_tokens)
             assert cached[0] == 0 and min(cached[1:]) >= len(system) // 16 * 16 - 16, cached
+        r = httpx.post(p.base_url + "/reset_prefix_cache", timeout=10)  # fans out to both instances
+        rows = r.json()["instances"]
+        assert r.status_code == 200 and sorted(row["address"] for row in rows) == sorted(
+            i.base_url.removeprefix("http://") for i in instances)
+        assert all(row["forgotten_blocks"] > 0 for row in rows)
     assert [_finished(i) - b for i, b in zip(instances, before, strict=True)] == [4, 4]
 
 

@@ -353,3 +353,19 @@ def test_prefix_cache_reports_cached_tokens(server: ServerProcess, client: opena
     hits = after["pdserve_prefix_cache_hits_total"] - before["pdserve_prefix_cache_hits_total"]
     assert hits == cached + usage.prompt_tokens_details.cached_tokens
     assert after["pdserve_kv_blocks_cached"] > 0
+
+
+def test_reset_prefix_cache(server: ServerProcess, client: openai.OpenAI) -> None:
+    """vLLM's POST /reset_prefix_cache: the next identical prompt finds nothing cached."""
+    prompt = "A prompt repeated to fill, then empty, the prefix cache. " * 2
+
+    def cached() -> int:
+        r = client.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=1, **GREEDY)
+        assert r.usage is not None and r.usage.prompt_tokens_details is not None
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    cached()
+    assert cached() > 0
+    r = httpx.post(server.base_url + "/reset_prefix_cache", timeout=10)
+    assert r.status_code == 200 and r.json()["forgotten_blocks"] > 0
+    assert cached() == 0

@@ -261,3 +261,16 @@ def test_remote_kv_request_without_room_gives_its_cached_prefix_back():
     assert not s.allocate_for_remote(r)
     assert not r.block_ids and r.num_computed_tokens == 0 and pool.num_cached >= 2
     s.check_integrity()
+
+
+def test_reset_forgets_free_cached_blocks_and_keeps_held_ones():
+    pool = BlockPool(4)
+    a, b = pool.allocate(2)
+    pool.register(a, b"ha")
+    pool.register(b, b"hb")
+    pool.free([a])
+    assert pool.reset_cache() == 1
+    assert pool.cached_prefix([b"ha"]) == [] and pool.cached_prefix([b"hb"]) == [b]
+    pool.check_integrity()
+    pool.free([b])
+    assert pool.reset_cache() == 1 and pool.num_cached == 0 and pool.num_free == 4
