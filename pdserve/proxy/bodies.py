@@ -69,8 +69,10 @@ def prefill_body(body: JSONObject, chat: bool, params: KVTransferParams) -> byte
     """The prefill half: one token, not streamed, with `params`.
 
     `min_tokens` is dropped (a client's min_tokens > 1 would make max_tokens=1 invalid), and so are
-    the logprobs fields: the decode half samples (and reports) every token the client sees."""
-    half = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens", "logprobs", "top_logprobs")}
+    the logprobs fields (the decode half samples, and reports, every token the client sees) and `n`
+    (one choice computes the prompt; the decode half makes the others)."""
+    drop = ("stream_options", "min_tokens", "logprobs", "top_logprobs", "n")
+    half = {k: v for k, v in body.items() if k not in drop}
     half["max_tokens"] = 1
     if chat:
         half["max_completion_tokens"] = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -46,10 +47,11 @@ class ServerContext:
         for gen in list(self.generations.values()):
             gen.abort()
 
-    def start(self, inp: GenerationInput) -> Generation:
-        """Admit (APIError 503 / 409 / 429) and start the request's generation task."""
+    def start(self, inp: GenerationInput, after: asyncio.Event | None = None) -> Generation:
+        """Admit (APIError 503 / 409 / 429) and start the request's generation task (its engine
+        request once `after` is set, when given)."""
         self.admission.admit(inp.request_id)
-        gen = Generation(self.engine, self.metrics, inp, self._done)
+        gen = Generation(self.engine, self.metrics, inp, self._done, after)
         self.generations[inp.request_id] = gen
         return gen
 

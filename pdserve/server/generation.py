@@ -47,10 +47,15 @@ class GenerationInput:
 
 class Generation:
     """Created by `ServerContext.start` right after admission (no await in between);
-    `on_done(request_id)` runs once the engine has delivered the final output."""
+    `on_done(request_id)` runs once the engine has delivered the final output.
+
+    With `after`, the engine request is sent only once `after` is set (the `first_output` of
+    another generation of the same prompt: that prompt's KV is then in the prefix cache, so this
+    one computes only its last block). Aborted before that, it never reaches the engine."""
 
     def __init__(
-        self, engine: AsyncEngine, metrics: ServerMetrics, inp: GenerationInput, on_done: Callable[[str], None]
+        self, engine: AsyncEngine, metrics: ServerMetrics, inp: GenerationInput, on_done: Callable[[str], None],
+        after: asyncio.Event | None = None,
     ) -> None:
         self.engine = engine
         self.input = inp
@@ -58,28 +63,58 @@ class Generation:
         self._on_done = on_done
         self._timer = RequestTimer(metrics, inp.arrival)
         self._outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._after = after
+        self._aborted = asyncio.Event()  # abort() before the engine request was sent
+        self.sent = after is None  # the engine request was sent (or is about to be, with no await between)
+        self.first_output = asyncio.Event()  # set at the first output (or the end, whatever it was)
         self.finished = False
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"generation-{inp.request_id}")
 
     async def _run(self) -> None:
         inp = self.input
         try:
+            if not await self._wait_turn():
+                self._put(StepOutput(inp.request_id, [], "", True, "abort", num_prompt_tokens=len(inp.token_ids)))
+                return
             async for out in self.engine.generate(inp.request_id, inp.token_ids, inp.params, inp.kv_transfer_params):
-                self._timer.observe(out)
-                self._outputs.put_nowait(out)
+                self._put(out)
         except Exception as e:  # validation raced with a drain, or the engine is gone
             log.warning("request %s failed to start: %s", inp.request_id, e)
-            out = StepOutput(inp.request_id, [], "", True, "error", num_prompt_tokens=len(inp.token_ids), error=str(e))
-            self._timer.observe(out)
-            self._outputs.put_nowait(out)
+            self._put(StepOutput(inp.request_id, [], "", True, "error", num_prompt_tokens=len(inp.token_ids),
+                                 error=str(e)))
         finally:
             self.finished = True
+            self.first_output.set()
             self._on_done(inp.request_id)
+
+    async def _wait_turn(self) -> bool:
+        """Wait for `after` (False: aborted meanwhile)."""
+        if self._after is not None:
+            turn = asyncio.ensure_future(self._after.wait())
+            gone = asyncio.ensure_future(self._aborted.wait())
+            try:
+                await asyncio.wait((turn, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                turn.cancel()
+                gone.cancel()
+        if self._aborted.is_set():
+            return False
+        self.sent = True
+        return True
+
+    def _put(self, out: StepOutput) -> None:
+        self._timer.observe(out)
+        self._outputs.put_nowait(out)
+        self.first_output.set()
 
     def abort(self) -> None:
         """Ask the engine to stop this request (no-op once it has finished)."""
-        if not self.finished:
+        if self.finished:
+            return
+        if self.sent:
             self.engine.abort(self.request_id)
+        else:
+            self._aborted.set()
 
     async def outputs(self) -> AsyncIterator[StepOutput]:
         """The engine's outputs, ending with the one that has `finished` set."""

@@ -79,20 +79,30 @@ def start(
 ) -> Started:
     validate(ctx.llm, token_ids, params)
     kvp = kv_transfer_params(ctx.settings.role, req.kv_transfer_params)
-    if req.n > 1 and kvp is not None and (kvp.do_remote_prefill or kvp.do_remote_decode):
-        raise APIError(400, "n > 1 needs the prompt computed on this instance: send it without "
-                       "kv_transfer_params (a proxy routes such requests so)", code="invalid_value", param="n")
+    if req.n > 1 and kvp is not None and kvp.do_remote_decode:
+        raise APIError(400, "a prefill half computes one choice: send it with n = 1 (a proxy does)",
+                       code="invalid_value", param="n")
     if params.prompt_logprobs is not None and kvp is not None and kvp.do_remote_prefill:
         raise APIError(400, "echo with logprobs needs the prompt computed on this instance: send it without "
                        "kv_transfer_params (a proxy routes such requests so)", code="invalid_value", param="echo")
     request_id = request_id_of(request)
-    ids = [request_id] if req.n == 1 else [f"{request_id}-{i}" for i in range(req.n)]
+    # Choice 0 keeps the request's id: a prefill instance knows the KV it holds for us by that id.
+    ids = [request_id] + [f"{request_id}-{i}" for i in range(1, req.n)]
+    remote = kvp is not None and kvp.do_remote_prefill
+    # n > 1: choices after the first wait until the first has its first token, when its prompt's KV
+    # (computed here or transferred) is in the prefix cache: they then compute only its last block.
+    # With remote KV they must: the transfer feeds the first choice alone.
+    staged = remote or ctx.llm.config.cache.enable_prefix_caching
     gens: list[Generation] = []
     try:
         for i, rid in enumerate(ids):
             # Choice i draws from its own seed (seed + i): seeded choices differ from each other.
             p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=(params.seed + i) % 2**64)
-            gens.append(ctx.start(GenerationInput(rid, token_ids, p, kvp, arrival)))
+            if i == 0:
+                gens.append(ctx.start(GenerationInput(rid, token_ids, p, kvp, arrival)))
+            else:
+                after = gens[0].first_output if staged else None
+                gens.append(ctx.start(GenerationInput(rid, token_ids, p, None if remote else kvp, arrival), after))
     except APIError:  # 409 / 429 / 503 for a later choice: the earlier ones go too
         for gen in gens:
             gen.abort()

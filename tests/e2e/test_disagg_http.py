@@ -110,14 +110,19 @@ def test_many_requests_with_aborts_and_a_killed_prefill(module_tmp):
         blocks_back(d)
 
 
-def test_decode_refuses_what_needs_the_prompt_computed_here(module_tmp):
-    """n > 1 and echo with logprobs cannot use remote KV (one transfer, one request; prompt logprobs
-    come from computing the prompt): a 400 naming the field, before anything is transferred."""
+def test_instances_refuse_what_needs_the_prompt_computed_here(module_tmp):
+    """Echo with logprobs cannot use remote KV (prompt logprobs come from computing the prompt), and a
+    prefill half computes one choice (n > 1 there is a client's mistake): a 400 naming the field,
+    before anything is transferred."""
     remote = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_handshake_port": 1,
               "remote_notify_port": 2, "remote_block_ids": [0, 1]}
     with pdserve_server(module_tmp, "--role", "decode") as d:
-        for extra, param in [({"n": 2}, "n"), ({"echo": True, "logprobs": 1}, "echo")]:
-            r = httpx.post(f"{d.base_url}/v1/completions", timeout=30,
-                           json={**BODY, "prompt": PROMPTS[1], "kv_transfer_params": remote, **extra})
-            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        r = httpx.post(f"{d.base_url}/v1/completions", timeout=30,
+                       json={**BODY, "prompt": PROMPTS[1], "kv_transfer_params": remote, "echo": True, "logprobs": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo", r.text
         blocks_back(d)
+    with pdserve_server(module_tmp, "--role", "prefill") as p:
+        r = httpx.post(f"{p.base_url}/v1/completions", timeout=30,
+                       json={**BODY, "prompt": PROMPTS[1], "kv_transfer_params": {"do_remote_decode": True}, "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        blocks_back(p)

@@ -286,18 +286,37 @@ def test_echo_is_served_by_a_decode_alone(topo: Topology, reference: ServerProce
     _blocks_all_free(topo.prefills + topo.decodes)
 
 
-def test_n_choices_are_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
-    """n > 1: one prompt feeds n engine requests, so the proxy sends it to a decode as a plain
-    request (fallback reason "n"); the choices equal a standalone instance's."""
-    def texts(server: ServerProcess) -> list[str]:
-        r = _client(server).completions.create(model=TINY_MODEL, prompt=PROMPTS[0], max_tokens=5, n=2,
-                                               temperature=1.0, seed=5)
-        return [c.text for c in r.choices]
+def test_n_choices_share_one_kv_transfer(topo: Topology, reference: ServerProcess) -> None:
+    """n > 1 is disaggregated: the prefill half computes one choice, one KV transfer feeds the decode,
+    whose other choices start from its prefix cache once the first has its first token. The choices
+    (streamed or not) equal a standalone instance's; no fallback, as many transfers as for n = 1."""
+    servers = topo.prefills + topo.decodes
+    body = {"model": TINY_MODEL, "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 1.0, "seed": 5}
 
-    before = topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="n"}')
-    assert texts(topo.proxy) == texts(reference)
-    assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="n"}') == before + 1
-    _blocks_all_free(topo.prefills + topo.decodes)
+    def transfers() -> float:
+        return sum(s.metrics()["pdserve_kv_transfers_total"] for s in servers)
+
+    def texts(server: ServerProcess, n: int, stream: bool = False) -> list[str]:
+        c = _client(server)
+        if not stream:
+            return [ch.text for ch in c.completions.create(**body, n=n).choices]
+        out = [""] * n
+        for chunk in c.completions.create(**body, n=n, stream=True):
+            for ch in chunk.choices:
+                out[ch.index] += ch.text
+        return out
+
+    t0 = transfers()
+    texts(topo.proxy, 1)
+    one = transfers() - t0
+    hits = sum(d.metrics()["pdserve_prefix_cache_hits_total"] for d in topo.decodes)
+    want = texts(reference, 3)
+    assert texts(topo.proxy, 3) == want and len(set(want)) > 1
+    assert texts(topo.proxy, 3, stream=True) == want
+    assert transfers() - t0 - one == 2 * one > 0
+    assert sum(d.metrics()["pdserve_prefix_cache_hits_total"] for d in topo.decodes) - hits >= 4 * 16
+    assert topo.proxy_metric("pdserve_proxy_fallbacks_total{reason=\"n\"}") == 0
+    _blocks_all_free(servers)
 
 
 def test_refused_decode_half_frees_the_prefill_blocks(topo: Topology) -> None:
