@@ -22,7 +22,8 @@ from pdserve.engine.outputs import StepOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import ScheduledBatch, Scheduler
+from pdserve.engine.structured import StructuredOutputManager
 from pdserve.engine.text import TextState
 from pdserve.kv.factory import make_connector, parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
@@ -82,6 +83,8 @@ class LLMEngine:
         )
         self._texts: dict[str, TextState] = {}
         self._eos = frozenset(self.loaded.eos_token_ids)
+        self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
+                                                  tuple(self.loaded.eos_token_ids))
         self._pending: list[StepOutput] = []
         self.step_count = 0
         self.idle = True  # the last step had nothing to compute
@@ -119,6 +122,8 @@ class LLMEngine:
         bad_bias = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)  # type: ignore[misc]
         if bad_bias is not None:
             raise ValueError(f"logit_bias names token id {bad_bias}, out of range for vocabulary size {vocab}")
+        if params.structured_outputs is not None:
+            self.structured.validate(params.structured_outputs)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
@@ -170,6 +175,8 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             kv_transfer_params=kvp,
         )
+        if params.structured_outputs is not None:
+            self.structured.add(request_id, params.structured_outputs)
         if self.connector is not None:
             self.connector.on_add(req, kvp)
         self.scheduler.add(req)
@@ -207,7 +214,7 @@ class LLMEngine:
         if self.connector is not None:
             self.connector.begin_step(batch.prefills)
         try:
-            result = self.runner.execute(batch)
+            result = self.runner.execute(batch, self._bitmask(batch))
         finally:
             if self.connector is not None:
                 self.connector.end_step()
@@ -217,6 +224,12 @@ class LLMEngine:
         advanced = self.scheduler.update_after_step(batch, result.tokens)
         outputs.extend(self._process(advanced, result.logprobs))
         return outputs
+
+    def _bitmask(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Structured outputs: what each row of the step may sample (rows whose sample is kept)."""
+        rows: list[str | None] = [r.request_id for r in batch.decodes]
+        rows += [r.request_id if r.num_computed_tokens + n >= r.num_tokens else None for r, n in batch.prefills]
+        return self.structured.bitmask(rows, self.device)
 
     def tick(self) -> list[StepOutput]:
         """Housekeeping while idle: KV connector events (frees, lease expiries, landed transfers)."""
@@ -240,6 +253,8 @@ class LLMEngine:
             plps = req.prompt_logprobs if req.sampling_params.prompt_logprobs is not None \
                 and len(req.output_token_ids) == 1 else None
             delta, hit_stop = text.push(new_id)
+            if self.structured.accept(req.request_id, new_id):  # the output is complete
+                hit_stop = True
             if hit_stop and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
             if req.is_finished:
@@ -263,6 +278,7 @@ class LLMEngine:
         if text is not None:
             delta += text.flush()
         self.runner.sampler.forget(req.request_id)
+        self.structured.forget(req.request_id)
         return StepOutput(
             req.request_id,
             new_ids,

@@ -19,6 +19,7 @@ from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledBatch
 from pdserve.engine.staging import to_device
+from pdserve.engine.structured import apply_bitmask_
 from pdserve.model.attention import AttentionMetadata, PrefillSpan
 
 PROMPT_LOGPROB_ROWS = 256  # prompt positions per logits matrix (rows x vocab, float32)
@@ -95,8 +96,9 @@ class ModelRunner:
         return ids, pos, meta, last_rows
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        """Run one step: the sampled tokens, and the logprobs of requests that ask."""
+    def execute(self, batch: ScheduledBatch, bitmask: torch.Tensor | None = None) -> StepResult:
+        """Run one step: the sampled tokens, and the logprobs of requests that ask. `bitmask`
+        (structured.py; one row per request, decodes then prefills) limits what each row may sample."""
         reqs = batch.decodes + [r for r, _ in batch.prefills]
         sampling = self.sampler.prepare(reqs)  # first: its copies queue ahead of the forward pass
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
@@ -108,6 +110,8 @@ class ModelRunner:
             rows = to_device(last_rows, torch.long, self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
             prompt_logprobs = self._prompt_logprobs(batch, hidden, last_rows[len(batch.decodes):])
+        if bitmask is not None:
+            apply_bitmask_(logits, bitmask)
         logprobs = BatchLogprobs.of(logits[:, : self.sampler.vocab_size], [r.sampling_params.logprobs for r in reqs])
         ids = self.sampler(logits, sampling)
         sampled = ids.tolist()

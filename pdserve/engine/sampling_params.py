@@ -9,6 +9,29 @@ MAX_LOGPROBS = 20  # most top alternatives a request may ask for (OpenAI's top_l
 
 
 @dataclass(frozen=True)
+class StructuredOutputs:
+    """Constrain the output to a language (vLLM's structured outputs): exactly one of a JSON schema
+    (as JSON text), any JSON object, a regular expression, one of several strings, or a Lark grammar.
+    Compiled and enforced by engine/structured.py."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice:
+                raise ValueError("choice needs at least one string")
+        given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
+        if sum(given) != 1:
+            raise ValueError("structured outputs take exactly one of json, json_object, regex, choice, grammar")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. Validated on construction (ValueError naming the field)."""
 
@@ -33,6 +56,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # OpenAI's: added to these tokens' logits before sampling, (token id, bias in [-100, 100]).
     logit_bias: Sequence[tuple[int, float]] | Mapping[int, float] = ()
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so the object stays hashable and immutable.

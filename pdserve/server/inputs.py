@@ -6,9 +6,11 @@ before any response byte is sent (a stream cannot change its status code once st
 
 from __future__ import annotations
 
+import json
+
 from pdserve.config import Role
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams, StructuredOutputs
 from pdserve.kv.factory import parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
 from pdserve.server.errors import APIError
@@ -41,9 +43,44 @@ def sampling_params(
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             logit_bias=bias,
+            structured_outputs=structured_outputs(req),
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
+
+
+def structured_outputs(req: SamplingFields) -> StructuredOutputs | None:
+    """The one output constraint of a request (response_format, structured_outputs or guided_*)."""
+    found: list[tuple[str, StructuredOutputs]] = []
+
+    def schema_text(value: object) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", StructuredOutputs(json_object=True)))
+    elif rf is not None and rf.type == "json_schema" and rf.json_schema is not None:
+        found.append(("response_format", StructuredOutputs(json=json.dumps(rf.json_schema.schema_))))
+    so = req.structured_outputs
+    if so is not None:
+        kw = {"json": None if so.json_ is None else schema_text(so.json_), "json_object": bool(so.json_object),
+              "regex": so.regex, "choice": so.choice, "grammar": so.grammar}
+        try:
+            found.append(("structured_outputs", StructuredOutputs(**kw)))  # type: ignore[arg-type]
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value", param="structured_outputs") from None
+    for name, kw in (("guided_json", {"json": None if req.guided_json is None else schema_text(req.guided_json)}),
+                     ("guided_regex", {"regex": req.guided_regex}), ("guided_choice", {"choice": req.guided_choice}),
+                     ("guided_grammar", {"grammar": req.guided_grammar})):
+        if next(iter(kw.values())) is not None:
+            try:
+                found.append((name, StructuredOutputs(**kw)))  # type: ignore[arg-type]
+            except ValueError as e:
+                raise APIError(400, str(e), code="invalid_value", param=name) from None
+    if len(found) > 1:
+        raise APIError(400, f"give one output constraint, not {' and '.join(n for n, _ in found)}",
+                       code="invalid_value", param=found[1][0])
+    return found[0][1] if found else None
 
 
 def completion_prompt(engine: LLMEngine, req: CompletionRequest) -> list[int]:
@@ -61,14 +98,21 @@ def chat_prompt(engine: LLMEngine, messages: list[ChatMessage], add_generation_p
     return engine.tokenizer.encode(text)
 
 
-def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams) -> None:
-    """The engine's own checks: empty prompt, ids out of vocabulary, context length, cache size."""
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar")
+
+
+def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams, req: SamplingFields) -> None:
+    """The engine's own checks: empty prompt, ids out of vocabulary, context length, cache size, the
+    output constraint's grammar."""
     try:
         engine.validate_prompt(token_ids, params)
     except ValueError as e:
         msg = str(e)
         code = "context_length_exceeded" if "context length" in msg else "invalid_value"
         param = next((f for f in ("max_tokens", "logit_bias") if msg.startswith(f)), "prompt")
+        if msg.startswith("invalid structured output"):
+            param = next(f for f in CONSTRAINT_FIELDS if getattr(req, f) is not None)
         raise APIError(400, msg, code=code, param=param) from None
 
 

@@ -6,7 +6,8 @@ Unknown fields are ignored, as OpenAI-compatible servers do; fields we know but 
 the generated tokens are supported (`logprobs: k` for completions; `logprobs: true` and
 `top_logprobs: k` for chat), as the model's raw distribution (vLLM's default).
 vLLM's extensions (`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
-`kv_transfer_params`) are accepted with vLLM's meaning.
+`kv_transfer_params`, `structured_outputs`, `guided_*`) are accepted with vLLM's meaning, and so is
+OpenAI's `response_format` (engine/structured.py enforces them).
 """
 
 from __future__ import annotations
@@ -37,6 +38,38 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, JsonValue] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
+
+
+class StructuredOutputsFields(_Request):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    json_: dict[str, JsonValue] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -60,6 +93,13 @@ class SamplingFields(_Request):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id -> bias
     kv_transfer_params: KVParamsJSON | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_*.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsFields | None = None
+    guided_json: dict[str, JsonValue] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:

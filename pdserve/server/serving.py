@@ -77,7 +77,7 @@ def start(
     id_prefix: str,
     arrival: float,
 ) -> Started:
-    validate(ctx.llm, token_ids, params)
+    validate(ctx.llm, token_ids, params, req)
     kvp = kv_transfer_params(ctx.settings.role, req.kv_transfer_params)
     if req.n > 1 and kvp is not None and kvp.do_remote_decode:
         raise APIError(400, "a prefill half computes one choice: send it with n = 1 (a proxy does)",

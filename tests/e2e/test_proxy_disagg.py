@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -317,6 +318,25 @@ def test_n_choices_share_one_kv_transfer(topo: Topology, reference: ServerProces
     assert sum(d.metrics()["pdserve_prefix_cache_hits_total"] for d in topo.decodes) - hits >= 4 * 16
     assert topo.proxy_metric("pdserve_proxy_fallbacks_total{reason=\"n\"}") == 0
     _blocks_all_free(servers)
+
+
+def test_structured_outputs_through_both_halves(topo: Topology, reference: ServerProcess) -> None:
+    """The decode half samples every token the client sees, the first one included, under the
+    constraint: the JSON equals a standalone instance's for the same seed, and obeys the schema."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "visits"],
+              "properties": {"city": {"type": "string", "maxLength": 8}, "visits": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": schema}}
+
+    def answer(server: ServerProcess) -> str:
+        r = _client(server).chat.completions.create(
+            model=TINY_MODEL, messages=[{"role": "user", "content": PROMPTS[1]}], response_format=fmt,  # type: ignore[arg-type]
+            max_tokens=60, temperature=1.0, seed=9)
+        assert r.choices[0].finish_reason == "stop"
+        return r.choices[0].message.content or ""
+
+    got = answer(topo.proxy)
+    assert got == answer(reference) and set(json.loads(got)) == {"city", "visits"}
+    _blocks_all_free(topo.prefills + topo.decodes)
 
 
 def test_refused_decode_half_frees_the_prefill_blocks(topo: Topology) -> None:

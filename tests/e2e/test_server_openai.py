@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -369,3 +371,57 @@ def test_reset_prefix_cache(server: ServerProcess, client: openai.OpenAI) -> Non
     r = httpx.post(server.base_url + "/reset_prefix_cache", timeout=10)
     assert r.status_code == 200 and r.json()["forgotten_blocks"] > 0
     assert cached() == 0
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "member"],
+          "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 150},
+                         "member": {"type": "boolean"}}}
+
+
+def test_structured_outputs(server: ServerProcess, client: openai.OpenAI) -> None:
+    """response_format (json_object, json_schema), vLLM's structured_outputs and guided_* fields: the
+    random model's sampled output obeys the constraint, streamed or not, chat or completions."""
+    sampled = {"temperature": 1.0, "seed": 11, "max_tokens": 80}
+    messages = [{"role": "user", "content": "Describe a person."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = client.chat.completions.create(model=TINY_MODEL, messages=messages, response_format=fmt, **sampled)  # type: ignore[arg-type]
+    person = json.loads(r.choices[0].message.content or "")
+    assert set(person) == {"name", "age", "member"} and len(person["name"]) <= 6
+    assert isinstance(person["age"], int) and isinstance(person["member"], bool)
+    assert r.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model=TINY_MODEL, messages=messages, response_format=fmt,  # type: ignore[arg-type]
+                                            stream=True, **sampled)
+    assert json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)) == person
+    r = httpx.post(server.v1_url + "/completions", timeout=60, json={  # a seed whose object is not {}
+        "prompt": PROMPT, "response_format": {"type": "json_object"}, **sampled, "seed": 4, "max_tokens": 300})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and len(json.loads(choice["text"])) >= 1, choice
+    for extra, check in [
+        ({"guided_regex": r"[a-f]{4}-[0-9]{3}"}, lambda t: re.fullmatch(r"[a-f]{4}-[0-9]{3}", t)),
+        ({"guided_choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue")),
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, lambda t: t in ("yes", "no")),
+        ({"guided_json": PERSON}, lambda t: set(json.loads(t)) == set(PERSON["properties"])),
+        ({"guided_grammar": 'start: "id-" NUM\nNUM: /[0-9]{2,4}/'}, lambda t: re.fullmatch(r"id-[0-9]{2,4}", t)),
+        ({"guided_grammar": 'root ::= "v" [0-9] "." [0-9]'}, lambda t: re.fullmatch(r"v[0-9]\.[0-9]", t)),
+    ]:
+        r = client.completions.create(model=TINY_MODEL, prompt=PROMPT, extra_body=extra, **sampled)
+        assert check(r.choices[0].text), (extra, r.choices[0].text)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"guided_regex": "("}, "guided_regex"),
+    ({"guided_json": {"type": 5}}, "guided_json"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"response_format": {"type": "json_schema"}}, None),
+    ({"response_format": {"type": "xml"}}, None),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"guided_grammar": "start: ("}, "guided_grammar"),
+])
+def test_bad_structured_outputs_are_400(server: ServerProcess, body: dict, param: str | None) -> None:
+    r = httpx.post(server.v1_url + "/completions", timeout=30, json={"prompt": PROMPT, "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["message"] and (param is None or err["param"] == param), err

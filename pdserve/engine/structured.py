@@ -1,0 +1,123 @@
+"""Structured outputs: the tokens a constrained request may sample next, from a grammar (llguidance).
+
+    request with StructuredOutputs ──compile (cached)──► grammar ──► LLMatcher (one per request)
+    each step: matcher ──fill──► bitmask row [ceil(vocab / 32) x int32] ──► logits of disallowed ids = -inf
+    after sampling: matcher.consume_token(id); a matcher that has stopped ends the request ("stop")
+
+Masks are filled on the host before the forward pass (they depend only on the tokens accepted so
+far) and copied to the device with the step's other inputs. JSON is compact (no free whitespace
+between tokens): a model with flexible whitespace can otherwise pad forever.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import llguidance as llg
+import llguidance.numpy as llg_np
+import torch
+
+from pdserve.engine.sampling_params import StructuredOutputs
+from pdserve.model.tokenizer import Tokenizer
+
+_COMPACT_JSON = {"whitespace_flexible": False}
+
+
+def grammar_of(so: StructuredOutputs) -> str:
+    """The llguidance grammar of `so`; ValueError when its spec is not valid JSON / a grammar."""
+    if so.json is not None or so.json_object:
+        try:
+            schema = json.loads(so.json) if so.json is not None else {"type": "object"}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid structured output: the JSON schema is not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise ValueError("invalid structured output: the JSON schema must be a JSON object")
+        schema = {**schema, "x-guidance": {**_COMPACT_JSON, **schema.get("x-guidance", {})}}
+        return llg.grammar_from("json_schema", json.dumps(schema))
+    if so.regex is not None:
+        return llg.grammar_from("regex", so.regex)
+    if so.choice is not None:
+        return llg.grammar_from("lark", "start: " + " | ".join(json.dumps(c) for c in so.choice))
+    assert so.grammar is not None
+    text = so.grammar
+    if "::=" in text:  # GBNF (llama.cpp's), as vLLM also accepts
+        try:
+            text = llg.gbnf_to_lark.gbnf_to_lark(text)
+        except Exception as e:  # the converter's own errors, whatever their type
+            raise ValueError(f"invalid structured output: the GBNF grammar does not convert: {e}") from None
+    return llg.grammar_from("lark", text)
+
+
+class StructuredOutputManager:
+    """One engine's constrained requests: compiles and validates grammars (ValueError with the
+    compiler's message), keeps a matcher per request, fills bitmasks, accepts sampled tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.vocab_size = vocab_size
+        self._tokenizer = tokenizer
+        self._eos = list(eos_token_ids)
+        self._matchers: dict[str, llg.LLMatcher] = {}
+        self._executor: llg.LLExecutor | None = None
+
+    @functools.cached_property
+    def _lltok(self) -> llg.LLTokenizer:  # ~ms for a byte tokenizer, ~1 s for a 150k BPE: on first use
+        return llg.LLTokenizer(self._tokenizer.hf.to_str(), n_vocab=self.vocab_size,
+                               eos_token=self._eos or None, slices=None)
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (one manager per engine, for its lifetime)
+    def _grammar(self, so: StructuredOutputs) -> str:
+        grammar = grammar_of(so)
+        error = llg.LLMatcher.validate_grammar(grammar, self._lltok)
+        if error:
+            raise ValueError(f"invalid structured output: {error}")
+        return grammar
+
+    def validate(self, so: StructuredOutputs) -> None:
+        self._grammar(so)
+
+    def add(self, request_id: str, so: StructuredOutputs) -> None:
+        matcher = llg.LLMatcher(self._lltok, self._grammar(so))
+        if matcher.is_error():
+            raise ValueError(f"invalid structured output: {matcher.get_error()}")
+        self._matchers[request_id] = matcher
+
+    def forget(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)
+
+    def constrained(self, request_id: str) -> bool:
+        return request_id in self._matchers
+
+    def bitmask(self, rows: list[str | None], device: torch.device) -> torch.Tensor | None:
+        """[len(rows), ceil(vocab / 32)] int32 on `device`: row i allows what the matcher of
+        request `rows[i]` allows (every id where rows[i] is None or unconstrained). None when no
+        row is constrained."""
+        targets = [(self._matchers[rid], i) for i, rid in enumerate(rows) if rid is not None and rid in self._matchers]
+        if not targets:
+            return None
+        mask = llg_np.allocate_token_bitmask(len(rows), self.vocab_size)  # all ones
+        if self._executor is None:
+            self._executor = llg.LLExecutor()
+        llg_np.fill_next_token_bitmask_par(self._executor, targets, mask)
+        out = torch.from_numpy(mask)
+        return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out
+
+    def accept(self, request_id: str, token: int) -> bool:
+        """Advance the request's matcher by `token`. True when the output is complete (the matcher
+        stopped) or the token was not allowed: the request should end."""
+        matcher = self._matchers.get(request_id)
+        if matcher is None:
+            return False
+        return not matcher.consume_token(token) or matcher.is_stopped()
+
+
+def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Set the logits of ids whose bit is 0 to -inf, in place ([rows, vocab or more])."""
+    rows, words = bitmask.shape
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(rows, words * 32).bool()
+    vocab = min(logits.shape[1], words * 32)
+    logits[:, :vocab].masked_fill_(~allowed[:, :vocab], float("-inf"))
+    logits[:, vocab:] = float("-inf")
+    return logits
+
