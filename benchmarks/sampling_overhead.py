@@ -1,4 +1,4 @@
-"""What logprobs, penalties and prompt logprobs cost: offline decode throughput of one engine with
+"""What logprobs, penalties, prompt logprobs and structured outputs cost: offline decode throughput of one engine with
 each option against plain sampling, in the same run, as ratios.
 
     .venv/bin/python benchmarks/sampling_overhead.py [--model dummy:qwen3-cpu-bench] [--rounds 3]
@@ -21,6 +21,7 @@ import time
 import torch
 
 from pdserve import LLM, SamplingParams
+from pdserve.engine.sampling_params import StructuredOutputs
 
 VARIANTS: dict[str, dict[str, object]] = {
     "plain": {},
@@ -28,6 +29,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     "logprobs=20": {"logprobs": 20},
     "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.2},
     "prompt_logprobs=1": {"prompt_logprobs": 1},
+    # Constraints no request can complete within --output-len tokens (a token is at most a few
+    # characters), so every variant generates the same number of tokens and each pays for its masks.
+    "regex [a-z ,.]{400}": {"structured_outputs": StructuredOutputs(regex="[a-z ,.]{400}")},
+    "json string, 400+ chars": {"structured_outputs": StructuredOutputs(json=json.dumps(
+        {"type": "string", "minLength": 400}))},
 }
 
 
@@ -43,7 +49,9 @@ def main() -> None:
     a = p.parse_args()
     os.sched_setaffinity(0, {a.cpu})
     torch.set_num_threads(1)
-    llm = LLM(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=a.batch)
+    # No prefix caching: every variant computes the same prompts, so none may find them cached.
+    llm = LLM(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=a.batch,
+              enable_prefix_caching=False)
     g = torch.Generator().manual_seed(0)
     vocab = llm.engine.model_config.vocab_size
     prompts = [torch.randint(0, vocab, (a.input_len,), generator=g).tolist() for _ in range(a.batch)]
