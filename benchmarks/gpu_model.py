@@ -93,7 +93,7 @@ def make_engine(a, s: dict) -> LLMEngine:
     blocks_per_seq = -(-max_len // 16)
     return LLMEngine(EngineConfig(
         model=a.model, device=a.device, dtype="bfloat16" if a.device.startswith("cuda") else "float32",
-        cache=CacheConfig(num_kv_blocks=(top + 2) * blocks_per_seq + 1),
+        cache=CacheConfig(num_kv_blocks=(top + 2) * blocks_per_seq + 1, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=top, max_num_batched_tokens=max(2048, ctx), max_model_len=max_len),
     ))
 

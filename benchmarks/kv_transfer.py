@@ -89,7 +89,7 @@ def bandwidth(num_blocks: int, n: int, repeats: int) -> dict:
 
 def _engine(role: str, mode: str, model: str) -> AsyncEngine:
     return AsyncEngine(LLMEngine(EngineConfig(
-        model=model, threads=1, cache=CacheConfig(num_kv_blocks=256),
+        model=model, threads=1, cache=CacheConfig(num_kv_blocks=256, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_batched_tokens=512),
         kv_transfer=KVTransferConfig(role=role, kv_mode=mode),
     )))

@@ -263,6 +263,7 @@ class PdserveRunner:
             max_num_batched_tokens=args.max_num_batched_tokens,
             num_kv_blocks=args.batch * blocks_per_seq + 16,
             max_model_len=args.max_model_len,
+            enable_prefix_caching=False,  # as vLLM's run: rounds repeat the prompts, every one computed
         )
         self.n = 0
 

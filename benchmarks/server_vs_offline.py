@@ -77,7 +77,8 @@ def step_offline(llm: LLM, work: list[BenchRequest], sp: SamplingParams, tag: st
 
 def run_offline(args: argparse.Namespace, work: list[BenchRequest]) -> tuple[Result, float]:
     """Best of `--repeats` step-loop runs, and the best LLM.generate throughput."""
-    llm = LLM(args.model, threads=args.threads, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, threads=args.threads, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+              enable_prefix_caching=False)  # the repeats reuse the prompts
     sp = params(args.output_len)
     prompts = [list(r.prompt_token_ids) for r in work]
     llm.generate(prompts, sp)  # warm-up: same shapes
@@ -112,6 +113,7 @@ def start_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.P
         str(args.num_kv_blocks),
         "--max-num-seqs",
         str(args.max_num_seqs),
+        "--no-enable-prefix-caching",  # as the offline run: the repeats reuse the prompts
     ]
     if args.threads:
         argv += ["--threads", str(args.threads)]

@@ -66,7 +66,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args()
-    cfg = EngineConfig(model=args.model, threads=1, cpus=(args.cpu,), cache=CacheConfig(num_kv_blocks=2048))
+    cache = CacheConfig(num_kv_blocks=2048, enable_prefix_caching=False)  # repeats reuse prompts: compute them
+    cfg = EngineConfig(model=args.model, threads=1, cpus=(args.cpu,), cache=cache)
     engine = LLMEngine(cfg)
     out: dict[str, object] = {"model": args.model, "cpu": args.cpu, "dtype": str(engine.dtype)}
     prefill = {n: measure_prefill(engine, n, args.repeats) for n in args.input_len}

@@ -12,20 +12,30 @@ between tokens): a model with flexible whitespace can otherwise pad forever.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import llguidance as llg
-import llguidance.numpy as llg_np
 import torch
 
 from pdserve.engine.sampling_params import StructuredOutputs
 from pdserve.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import llguidance as llg
+
+
+def _llg() -> ModuleType:
+    """llguidance, imported on the first constrained request (an engine without any needs none)."""
+    return importlib.import_module("llguidance")
 
 _COMPACT_JSON = {"whitespace_flexible": False}
 
 
 def grammar_of(so: StructuredOutputs) -> str:
     """The llguidance grammar of `so`; ValueError when its spec is not valid JSON / a grammar."""
+    llg = _llg()
     if so.json is not None or so.json_object:
         try:
             schema = json.loads(so.json) if so.json is not None else {"type": "object"}
@@ -43,7 +53,7 @@ def grammar_of(so: StructuredOutputs) -> str:
     text = so.grammar
     if "::=" in text:  # GBNF (llama.cpp's), as vLLM also accepts
         try:
-            text = llg.gbnf_to_lark.gbnf_to_lark(text)
+            text = importlib.import_module("llguidance.gbnf_to_lark").gbnf_to_lark(text)
         except Exception as e:  # the converter's own errors, whatever their type
             raise ValueError(f"invalid structured output: the GBNF grammar does not convert: {e}") from None
     return llg.grammar_from("lark", text)
@@ -62,13 +72,13 @@ class StructuredOutputManager:
 
     @functools.cached_property
     def _lltok(self) -> llg.LLTokenizer:  # ~ms for a byte tokenizer, ~1 s for a 150k BPE: on first use
-        return llg.LLTokenizer(self._tokenizer.hf.to_str(), n_vocab=self.vocab_size,
+        return _llg().LLTokenizer(self._tokenizer.hf.to_str(), n_vocab=self.vocab_size,
                                eos_token=self._eos or None, slices=None)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one manager per engine, for its lifetime)
     def _grammar(self, so: StructuredOutputs) -> str:
         grammar = grammar_of(so)
-        error = llg.LLMatcher.validate_grammar(grammar, self._lltok)
+        error = _llg().LLMatcher.validate_grammar(grammar, self._lltok)
         if error:
             raise ValueError(f"invalid structured output: {error}")
         return grammar
@@ -77,7 +87,7 @@ class StructuredOutputManager:
         self._grammar(so)
 
     def add(self, request_id: str, so: StructuredOutputs) -> None:
-        matcher = llg.LLMatcher(self._lltok, self._grammar(so))
+        matcher = _llg().LLMatcher(self._lltok, self._grammar(so))
         if matcher.is_error():
             raise ValueError(f"invalid structured output: {matcher.get_error()}")
         self._matchers[request_id] = matcher
@@ -95,9 +105,10 @@ class StructuredOutputManager:
         targets = [(self._matchers[rid], i) for i, rid in enumerate(rows) if rid is not None and rid in self._matchers]
         if not targets:
             return None
+        llg_np = importlib.import_module("llguidance.numpy")
         mask = llg_np.allocate_token_bitmask(len(rows), self.vocab_size)  # all ones
         if self._executor is None:
-            self._executor = llg.LLExecutor()
+            self._executor = _llg().LLExecutor()
         llg_np.fill_next_token_bitmask_par(self._executor, targets, mask)
         out = torch.from_numpy(mask)
         return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out

@@ -45,6 +45,32 @@ def test_cuda_logprobs_and_penalties_match_cpu():
             assert [[t for t, _ in lp.top] for lp in y.logprobs] == [[t for t, _ in lp.top] for lp in x.logprobs]
 
 
+def test_cuda_prefix_cache_and_structured_outputs_match_cpu():
+    """Prefix-cache hits (prefill over cached blocks on the device) and grammar masks (pinned
+    host bitmask, copied with the step's inputs; applied after a graph replay): the same as CPU."""
+    import json
+
+    from pdserve.engine.sampling_params import StructuredOutputs
+
+    shared = [(7 * j) % 250 for j in range(70)]
+    prompts = [shared + [i, i + 1] for i in range(3)]
+    schema = {"type": "object", "required": ["a"], "additionalProperties": False,
+              "properties": {"a": {"type": "boolean"}}}
+    params = [
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.0, structured_outputs=StructuredOutputs(json=json.dumps(schema))),
+        SamplingParams(max_tokens=20, temperature=0.0, structured_outputs=StructuredOutputs(regex="[a-d]{5}")),
+    ]
+    cpu = LLM("dummy:qwen3-tiny", dtype="float32", num_kv_blocks=64)
+    gpu = LLM("dummy:qwen3-tiny", device="cuda", dtype="float32", num_kv_blocks=64)
+    for llm in (cpu, gpu):
+        llm.generate([shared + [9]], SamplingParams(max_tokens=2))  # the shared prefix is cached now
+    a, b = cpu.generate(prompts, params), gpu.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert [o.num_cached_tokens for o in b] == [64, 64, 64]
+    assert set(json.loads(b[1].outputs[0].text)) == {"a"} and len(b[2].outputs[0].text) == 5
+
+
 @pytest.mark.parametrize("mode", ["read", "write"])
 def test_cuda_ipc_disagg_equals_standalone(mode):
     from tests.unit.test_kv_transfer import close, disagg, make_on, prompts, run
