@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,7 @@ from pdserve.model.tokenizer import Tokenizer
 from pdserve.server import sse
 from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
+from pdserve.server.errors import APIError
 from pdserve.server.inputs import chat_prompt, sampling_params
 from pdserve.server.logprobs import chat_logprobs
 from pdserve.server.protocol import (
@@ -23,6 +25,8 @@ from pdserve.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     DeltaMessage,
+    DeltaToolCall,
+    FinishReason,
     KVParamsJSON,
     Usage,
 )
@@ -36,6 +40,7 @@ from pdserve.server.serving import (
     usage_of,
     wait_for_end,
 )
+from pdserve.server.tools import ToolStream, parse_tool_calls, template_tools, tool_constraint
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -44,19 +49,27 @@ async def create_chat_completion(request: Request) -> Response:
     ctx.admission.check_open()
     req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
-    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt)
+    tools = template_tools(req)
+    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools)
     params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None)
+    constraint = tool_constraint(req)
+    if constraint is not None:
+        if params.structured_outputs is not None:
+            raise APIError(400, "tool_choice 'required' or a named function constrains the output already: "
+                           "send it without another output constraint", code="invalid_value", param="tool_choice")
+        params = dataclasses.replace(params, structured_outputs=constraint)
     started = start(request, ctx, req, token_ids, params, "chatcmpl", arrival)
     if req.stream:
-        return sse.GenerationStream(_stream(req, started, ctx.llm.tokenizer), started.abort, {})
+        return sse.GenerationStream(_stream(req, started, ctx.llm.tokenizer, tools is not None), started.abort, {})
     results = await wait_for_end(request, started)
-    choices = [
-        ChatChoice(
-            index=i, message=AssistantMessage(content=r.text), finish_reason=finish_reason(r.final),
+    choices = []
+    for i, r in enumerate(results):
+        content, calls = parse_tool_calls(r.text) if tools is not None else (r.text, [])
+        choices.append(ChatChoice(
+            index=i, message=AssistantMessage(content=content, tool_calls=calls),
+            finish_reason=_reason(finish_reason(r.final), bool(calls)),
             logprobs=chat_logprobs(ctx.llm.tokenizer, r.logprobs) if req.logprobs else None,
-        )
-        for i, r in enumerate(results)
-    ]
+        ))
     body = ChatCompletionResponse(
         id=started.response_id,
         created=started.created,
@@ -68,7 +81,11 @@ async def create_chat_completion(request: Request) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer) -> AsyncIterator[bytes]:
+def _reason(reason: FinishReason | None, called: bool) -> FinishReason | None:
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer, tools: bool) -> AsyncIterator[bytes]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None) -> bytes:
         return sse.event(
             ChatCompletionChunk(
@@ -86,6 +103,8 @@ async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer) -> Asy
     for i in range(n):
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     finals: list[StepOutput] = []
+    # With tools: content goes out until a call starts; the calls go out with the last chunk.
+    calls = [ToolStream() if tools else None for _ in range(n)]
     async for i, out in s.outputs():
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
@@ -93,9 +112,18 @@ async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer) -> Asy
         if out.new_token_ids or out.new_text or out.finished:
             running = usage_of(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
-            delta = DeltaMessage(content=out.new_text)
+            text, tool_calls, reason = out.new_text, None, finish_reason(out)
+            stream = calls[i]
+            if stream is not None:
+                text = stream.push(text)
+                if out.finished:
+                    rest, done = stream.finish()
+                    text += rest
+                    tool_calls = [DeltaToolCall(index=j, id=c.id, function=c.function) for j, c in enumerate(done)]
+                    reason = _reason(reason, bool(done))
+            delta = DeltaMessage(content=text, tool_calls=tool_calls or None)
             lps = chat_logprobs(tok, out.logprobs or ()) if req.logprobs else None
-            choice = ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish_reason(out))
+            choice = ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=reason)
             yield chunk([choice], running, kv)
         if out.finished:
             finals.append(out)

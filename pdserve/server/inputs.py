@@ -7,6 +7,7 @@ before any response byte is sent (a stream cannot change its status code once st
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pdserve.config import Role
 from pdserve.engine.engine import LLMEngine
@@ -88,14 +89,37 @@ def completion_prompt(engine: LLMEngine, req: CompletionRequest) -> list[int]:
     return engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
 
-def chat_prompt(engine: LLMEngine, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """The messages rendered with the model's chat template, tokenized."""
-    turns = [{"role": m.role, "content": m.text} for m in messages]
+def chat_prompt(
+    engine: LLMEngine, messages: list[ChatMessage], add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """The messages rendered with the model's chat template (with `tools`, when given), tokenized."""
+    turns = [_turn(m) for m in messages]
     try:
-        text = engine.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt)
+        text = engine.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tools=tools)
     except Exception as e:  # a template's raise_exception(), e.g. a role order it rejects
         raise APIError(400, f"cannot apply the chat template: {e}", code="invalid_value", param="messages") from None
     return engine.tokenizer.encode(text)
+
+
+def _turn(m: ChatMessage) -> dict[str, Any]:
+    """One message as chat templates take it: an assistant's tool calls with their arguments as
+    objects when they are JSON (Qwen's template prints them either way), a tool result's call id."""
+    turn: dict[str, Any] = {"role": m.role, "content": m.text}
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                args: Any = json.loads(c.function.arguments)
+            except json.JSONDecodeError:
+                args = c.function.arguments
+            calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+        turn["tool_calls"] = calls
+    if m.tool_call_id is not None:
+        turn["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        turn["name"] = m.name
+    return turn
 
 
 CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
@@ -112,7 +136,8 @@ def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams, re
         code = "context_length_exceeded" if "context length" in msg else "invalid_value"
         param = next((f for f in ("max_tokens", "logit_bias") if msg.startswith(f)), "prompt")
         if msg.startswith("invalid structured output"):
-            param = next(f for f in CONSTRAINT_FIELDS if getattr(req, f) is not None)
+            # The constraint came from one of these fields, or else from tool_choice (chat's tools).
+            param = next((f for f in CONSTRAINT_FIELDS if getattr(req, f) is not None), "tool_choice")
         raise APIError(400, msg, code=code, param=param) from None
 
 

@@ -13,9 +13,15 @@ from pdserve.engine.logprobs import TokenLogprob
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
+MIN_LOGPROB = -9999.0  # JSON has no -inf: a token a grammar (or a ban) made impossible reads so (OpenAI's, vLLM's)
+
 
 def _text(tok: Tokenizer, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
 
 
 def completion_logprobs(tok: Tokenizer, lps: Sequence[TokenLogprob], text_offset: int) -> CompletionLogprobs:
@@ -24,13 +30,13 @@ def completion_logprobs(tok: Tokenizer, lps: Sequence[TokenLogprob], text_offset
     for lp in lps:
         s = _text(tok, lp.token_id)
         out.tokens.append(s)
-        out.token_logprobs.append(lp.logprob)
+        out.token_logprobs.append(_finite(lp.logprob))
         # As OpenAI's: the sampled token is listed among the alternatives too (k+1 entries at most).
         # Distinct tokens can share a text (byte pieces of one character): the likelier one is kept.
         alternatives: dict[str, float] = {}
         for t, v in lp.top:
-            alternatives.setdefault(_text(tok, t), v)
-        alternatives.setdefault(s, lp.logprob)
+            alternatives.setdefault(_text(tok, t), _finite(v))
+        alternatives.setdefault(s, _finite(lp.logprob))
         out.top_logprobs.append(alternatives)
         out.text_offset.append(text_offset)
         text_offset += len(s)
@@ -47,7 +53,7 @@ def echo_logprobs(tok: Tokenizer, prompt_ids: Sequence[int], lps: Sequence[Token
 
 def _top(tok: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
     s = _text(tok, token_id)
-    return TopLogprob(token=s, logprob=logprob, bytes=list(s.encode()))
+    return TopLogprob(token=s, logprob=_finite(logprob), bytes=list(s.encode()))
 
 
 def chat_logprobs(tok: Tokenizer, lps: Sequence[TokenLogprob]) -> ChatLogprobs:

@@ -336,6 +336,17 @@ def test_structured_outputs_through_both_halves(topo: Topology, reference: Serve
 
     got = answer(topo.proxy)
     assert got == answer(reference) and set(json.loads(got)) == {"city", "visits"}
+    tools = [{"type": "function", "function": {"name": "plan_trip", "parameters": schema}}]
+
+    def call(server: ServerProcess) -> tuple[str, str]:
+        r = _client(server).chat.completions.create(
+            model=TINY_MODEL, messages=[{"role": "user", "content": PROMPTS[0]}], tools=tools,  # type: ignore[arg-type]
+            tool_choice="required", parallel_tool_calls=False, max_tokens=120, temperature=1.0, seed=9)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls
+        fn = r.choices[0].message.tool_calls[0].function  # type: ignore[union-attr]
+        return fn.name, fn.arguments
+
+    assert call(topo.proxy) == call(reference)
     _blocks_all_free(topo.prefills + topo.decodes)
 
 

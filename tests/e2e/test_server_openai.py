@@ -425,3 +425,78 @@ def test_bad_structured_outputs_are_400(server: ServerProcess, body: dict, param
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["message"] and (param is None or err["param"] == param), err
+
+
+def test_logprobs_of_tokens_a_grammar_forbids_are_finite(client: openai.OpenAI) -> None:
+    """Under a constraint most alternatives have probability 0: reported as -9999 (JSON has no -inf)."""
+    r = client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": "pick"}],
+                                       max_tokens=4, logprobs=True, top_logprobs=3,
+                                       extra_body={"guided_choice": ["ab"]}, **GREEDY)
+    assert r.choices[0].message.content == "ab" and r.choices[0].logprobs is not None
+    content = r.choices[0].logprobs.content or []
+    assert [c.logprob for c in content] == [0.0, 0.0]
+    assert all(t.logprob == -9999.0 for c in content for t in c.top_logprobs[1:])
+    c = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=4, logprobs=2,
+                                  extra_body={"guided_choice": ["ab"]}, **GREEDY)
+    lp = c.choices[0].logprobs
+    assert lp is not None and lp.top_logprobs is not None and -9999.0 in lp.top_logprobs[0].values()
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["city"],
+        "properties": {"city": {"type": "string", "maxLength": 8}}}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["tz"],
+        "properties": {"tz": {"enum": ["UTC", "CET"]}}}}},
+]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_calls(client: openai.OpenAI, tool_choice: object) -> None:
+    """tool_choice "required" / named: the reply is a tool call (finish_reason "tool_calls") whose
+    arguments obey the function's schema, streamed or not; then the result goes back as a tool turn."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = {"model": TINY_MODEL, "tools": TOOLS, "tool_choice": tool_choice, "parallel_tool_calls": False,
+          "max_tokens": 300, "temperature": 1.0, "seed": 2}
+    r = client.chat.completions.create(messages=messages, **kw)  # type: ignore[arg-type]
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls and not choice.message.content
+    (call,) = choice.message.tool_calls
+    args = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    if isinstance(tool_choice, dict):
+        assert call.function.name == "get_weather" and set(args) == {"city"}  # type: ignore[union-attr]
+    else:
+        assert (call.function.name, sorted(args)) in [("get_weather", ["city"]), ("get_time", ["tz"])]  # type: ignore[union-attr]
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **kw))  # type: ignore[arg-type]
+    streamed = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert [(t.function.name, t.function.arguments) for t in streamed] == [  # type: ignore[union-attr]
+        (call.function.name, call.function.arguments)]  # type: ignore[union-attr]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    turn = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                       {"role": "tool", "tool_call_id": call.id, "content": '{"result": 21}'}]
+    r = client.chat.completions.create(model=TINY_MODEL, messages=turn, tools=TOOLS, max_tokens=4, **GREEDY)  # type: ignore[arg-type]
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tool_choice_auto_and_none_leave_text_alone(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Hello"}]
+    for choice in ("auto", "none"):
+        r = client.chat.completions.create(model=TINY_MODEL, messages=messages, tools=TOOLS, tool_choice=choice,  # type: ignore[arg-type]
+                                           max_tokens=8, **GREEDY)
+        assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"tool_choice": "required"}, None),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None),
+    ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
+      "tool_choice": "required"}, "tool_choice"),
+])
+def test_bad_tool_requests_are_400(server: ServerProcess, body: dict, param: str | None) -> None:
+    r = httpx.post(server.v1_url + "/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    assert param is None or r.json()["error"]["param"] == param, r.text
