@@ -30,6 +30,7 @@ from pdserve.server.protocol import (
     KVParamsJSON,
     Usage,
 )
+from pdserve.server.reasoning import ReasoningStream, split_reasoning
 from pdserve.server.serving import (
     Started,
     check_model,
@@ -50,7 +51,7 @@ async def create_chat_completion(request: Request) -> Response:
     req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
     tools = template_tools(req)
-    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools)
+    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
     params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None)
     constraint = tool_constraint(req)
     if constraint is not None:
@@ -59,14 +60,17 @@ async def create_chat_completion(request: Request) -> Response:
                            "send it without another output constraint", code="invalid_value", param="tool_choice")
         params = dataclasses.replace(params, structured_outputs=constraint)
     started = start(request, ctx, req, token_ids, params, "chatcmpl", arrival)
+    reasoning = ctx.settings.reasoning_parser is not None
     if req.stream:
-        return sse.GenerationStream(_stream(req, started, ctx.llm.tokenizer, tools is not None), started.abort, {})
+        stream = _stream(req, started, ctx.llm.tokenizer, tools is not None, reasoning)
+        return sse.GenerationStream(stream, started.abort, {})
     results = await wait_for_end(request, started)
     choices = []
     for i, r in enumerate(results):
-        content, calls = parse_tool_calls(r.text) if tools is not None else (r.text, [])
+        thought, text = split_reasoning(r.text) if reasoning else (None, r.text)
+        content, calls = parse_tool_calls(text) if tools is not None else (text, [])
         choices.append(ChatChoice(
-            index=i, message=AssistantMessage(content=content, tool_calls=calls),
+            index=i, message=AssistantMessage(content=content, reasoning_content=thought, tool_calls=calls),
             finish_reason=_reason(finish_reason(r.final), bool(calls)),
             logprobs=chat_logprobs(ctx.llm.tokenizer, r.logprobs) if req.logprobs else None,
         ))
@@ -85,7 +89,9 @@ def _reason(reason: FinishReason | None, called: bool) -> FinishReason | None:
     return "tool_calls" if called and reason == "stop" else reason
 
 
-async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer, tools: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    req: ChatCompletionRequest, s: Started, tok: Tokenizer, tools: bool, reasoning: bool
+) -> AsyncIterator[bytes]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None) -> bytes:
         return sse.event(
             ChatCompletionChunk(
@@ -104,7 +110,9 @@ async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer, tools:
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     finals: list[StepOutput] = []
     # With tools: content goes out until a call starts; the calls go out with the last chunk.
+    # With a reasoning parser: the <think> block streams as reasoning_content, the rest as content.
     calls = [ToolStream() if tools else None for _ in range(n)]
+    thoughts = [ReasoningStream() if reasoning else None for _ in range(n)]
     async for i, out in s.outputs():
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
@@ -112,7 +120,13 @@ async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer, tools:
         if out.new_token_ids or out.new_text or out.finished:
             running = usage_of(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
-            text, tool_calls, reason = out.new_text, None, finish_reason(out)
+            thought, text, tool_calls, reason = "", out.new_text, None, finish_reason(out)
+            thinking = thoughts[i]
+            if thinking is not None:
+                thought, text = thinking.push(text)
+                if out.finished:
+                    more, rest = thinking.finish()
+                    thought, text = thought + more, text + rest
             stream = calls[i]
             if stream is not None:
                 text = stream.push(text)
@@ -121,7 +135,7 @@ async def _stream(req: ChatCompletionRequest, s: Started, tok: Tokenizer, tools:
                     text += rest
                     tool_calls = [DeltaToolCall(index=j, id=c.id, function=c.function) for j, c in enumerate(done)]
                     reason = _reason(reason, bool(done))
-            delta = DeltaMessage(content=text, tool_calls=tool_calls or None)
+            delta = DeltaMessage(content=text, reasoning_content=thought or None, tool_calls=tool_calls or None)
             lps = chat_logprobs(tok, out.logprobs or ()) if req.logprobs else None
             choice = ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=reason)
             yield chunk([choice], running, kv)

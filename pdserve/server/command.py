@@ -15,6 +15,7 @@ from pdserve.engine.args import (
     positive_int,
 )
 from pdserve.server.kv_args import add_kv_transfer_args, kv_transfer_config_from_args
+from pdserve.server.reasoning import PARSERS
 from pdserve.server.settings import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -51,6 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_DRAIN_TIMEOUT_S,
         help="on SIGTERM, seconds in-flight requests may take before they are aborted",
     )
+    g.add_argument("--reasoning-parser", default=None, choices=PARSERS,
+                   help="put a reply's <think> block in reasoning_content (chat), as vLLM's parser of that name")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", action="store_true")
     add_kv_transfer_args(p)
@@ -67,6 +70,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_bytes,
         max_queued_requests=args.max_queued_requests,
         drain_timeout_s=args.drain_timeout,
+        reasoning_parser=args.reasoning_parser,
     )
 
 

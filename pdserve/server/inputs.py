@@ -89,14 +89,23 @@ def completion_prompt(engine: LLMEngine, req: CompletionRequest) -> list[int]:
     return engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
 
+TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")
+
+
 def chat_prompt(
     engine: LLMEngine, messages: list[ChatMessage], add_generation_prompt: bool,
-    tools: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """The messages rendered with the model's chat template (with `tools`, when given), tokenized."""
+    """The messages rendered with the model's chat template (with `tools` and the request's
+    chat_template_kwargs, when given), tokenized."""
     turns = [_turn(m) for m in messages]
+    taken = sorted(set(template_kwargs or ()) & set(TEMPLATE_VARIABLES))
+    if taken:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(taken)}", code="invalid_value",
+                       param="chat_template_kwargs")
     try:
-        text = engine.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tools=tools)
+        text = engine.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tools=tools,
+                                                    **(template_kwargs or {}))
     except Exception as e:  # a template's raise_exception(), e.g. a role order it rejects
         raise APIError(400, f"cannot apply the chat template: {e}", code="invalid_value", param="messages") from None
     return engine.tokenizer.encode(text)

@@ -217,6 +217,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without (OpenAI's)
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, JsonValue] | None = None  # vLLM's: e.g. {"enable_thinking": false} (Qwen3)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -255,6 +256,7 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_generation_prompt: bool = True  # messages only
+    chat_template_kwargs: dict[str, JsonValue] | None = None  # messages only
     add_special_tokens: bool = False  # prompt only; False is what /v1/completions does
 
     @model_validator(mode="after")
@@ -356,6 +358,7 @@ class ToolCallOut(_Response):
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(default=None, exclude_if=_none)  # --reasoning-parser
     tool_calls: list[ToolCallOut] = Field(default_factory=list, exclude_if=lambda v: not v)
 
 
@@ -400,6 +403,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_none)
     content: str | None = None
+    reasoning_content: str | None = Field(default=None, exclude_if=_none)
     tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_none)
 
 

@@ -22,6 +22,7 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS  # None: no limit
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    reasoning_parser: str | None = None  # reasoning.PARSERS: split <think> blocks into reasoning_content
 
     @property
     def model_name(self) -> str:

@@ -21,7 +21,7 @@ async def tokenize(request: Request) -> Response:
     check_model(ctx, req.model)
     tok = ctx.llm.tokenizer
     if req.messages is not None:
-        ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt)
+        ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, None, req.chat_template_kwargs)
     else:
         ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
     body = TokenizeResponse(count=len(ids), max_model_len=ctx.llm.max_model_len, tokens=ids)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.engine.sampling_params import StructuredOutputs
+from pdserve.server.markers import partial_marker
 from pdserve.server.protocol import ChatCompletionRequest, FunctionCallOut, NamedToolChoice, ToolCallOut
 
 TOOL_CALL_START = "<tool_call>"
@@ -91,7 +92,7 @@ class ToolStream:
             self.in_call = True
             out, self.sent = self.text[self.sent:start], start
             return out
-        hold = _partial_prefix(self.text, TOOL_CALL_START)
+        hold = partial_marker(self.text, TOOL_CALL_START)
         end = len(self.text) - hold
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
@@ -104,10 +105,3 @@ class ToolStream:
         _, calls = parse_tool_calls(rest)
         return ("", calls) if calls else (rest, [])
 
-
-def _partial_prefix(text: str, token: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `token`."""
-    for n in range(min(len(token) - 1, len(text)), 0, -1):
-        if text.endswith(token[:n]):
-            return n
-    return 0

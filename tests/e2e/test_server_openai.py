@@ -500,3 +500,40 @@ def test_bad_tool_requests_are_400(server: ServerProcess, body: dict, param: str
                    json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, **body})
     assert r.status_code == 400, r.text
     assert param is None or r.json()["error"]["param"] == param, r.text
+
+
+def test_chat_template_kwargs(server: ServerProcess) -> None:
+    """vLLM's chat_template_kwargs reach the template (the dummy's ChatML follows Qwen3: with
+    enable_thinking false the reply starts after an empty think block); template variables of the
+    server's own may not be overridden."""
+    messages = [{"role": "user", "content": "hi"}]
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        plain = http.post("/tokenize", json={"messages": messages}).json()["count"]
+        off = http.post("/tokenize", json={"messages": messages, "chat_template_kwargs": {"enable_thinking": False}})
+        assert off.json()["count"] == plain + len("<think>\n\n</think>\n\n")
+        r = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2,
+                                                   "chat_template_kwargs": {"enable_thinking": False}})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == plain + 19
+        bad = http.post("/v1/chat/completions", json={"messages": messages, "chat_template_kwargs": {"messages": []}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_reasoning_parser(module_tmp: Path) -> None:
+    """--reasoning-parser qwen3: the <think> block goes to reasoning_content, streamed or not (a
+    regex makes the random model write one); without the flag it stays in the content."""
+    body = {"messages": [{"role": "user", "content": "Think first."}], "max_tokens": 60, "temperature": 1.0,
+            "seed": 3, "guided_regex": "<think>\\n[a-z]{6}\\n</think>\\n\\n[a-z]{4}"}
+    with pdserve_server(module_tmp, "--reasoning-parser", "qwen3") as s:
+        c = openai.OpenAI(base_url=s.v1_url, api_key="unused", max_retries=0)
+        r = httpx.post(s.v1_url + "/chat/completions", json=body, timeout=60).json()
+        message = r["choices"][0]["message"]
+        assert re.fullmatch("[a-z]{6}", message["reasoning_content"]) and re.fullmatch("[a-z]{4}", message["content"])
+        chunks = list(c.chat.completions.create(model=TINY_MODEL, messages=body["messages"], max_tokens=60,  # type: ignore[arg-type]
+                                                temperature=1.0, seed=3, stream=True,
+                                                extra_body={"guided_regex": body["guided_regex"]}))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message["reasoning_content"]
+        assert "".join(d.content or "" for d in deltas) == message["content"]
+    with pdserve_server(module_tmp) as s:
+        message = httpx.post(s.v1_url + "/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]
+        assert message["content"].startswith("<think>\n") and "reasoning_content" not in message
