@@ -79,6 +79,11 @@ def start(
 ) -> Started:
     validate(ctx.llm, token_ids, params, req)
     kvp = kv_transfer_params(ctx.settings.role, req.kv_transfer_params)
+    if kvp is not None and ctx.llm.connector is not None:
+        try:  # here, not in the engine's thread: a 400 before anything starts
+            ctx.llm.connector.validate(kvp, len(token_ids))
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value", param="kv_transfer_params") from None
     if req.n > 1 and kvp is not None and kvp.do_remote_decode:
         raise APIError(400, "a prefill half computes one choice: send it with n = 1 (a proxy does)",
                        code="invalid_value", param="n")

@@ -126,3 +126,16 @@ def test_instances_refuse_what_needs_the_prompt_computed_here(module_tmp):
                        json={**BODY, "prompt": PROMPTS[1], "kv_transfer_params": {"do_remote_decode": True}, "n": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
         blocks_back(p)
+
+
+def test_prompt_length_mismatch_with_the_prefill_is_400(module_tmp):
+    """kv_transfer_params naming another prompt length than the decode's rendering of the prompt
+    (another tokenizer or chat template on the prefill): a 400 naming the field, before any transfer."""
+    remote = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_handshake_port": 1,
+              "remote_notify_port": 2, "remote_block_ids": [0, 1], "num_prompt_tokens": 3}
+    with pdserve_server(module_tmp, "--role", "decode") as d:
+        r = httpx.post(f"{d.base_url}/v1/completions", timeout=30,
+                       json={**BODY, "prompt": PROMPTS[1], "kv_transfer_params": remote})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params", r.text
+        assert "tokens here but 3 on the prefill" in r.json()["error"]["message"]
+        blocks_back(d)
