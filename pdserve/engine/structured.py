@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import threading
+from collections import OrderedDict
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,8 @@ def _llg() -> ModuleType:
     return importlib.import_module("llguidance")
 
 _COMPACT_JSON = {"whitespace_flexible": False}
+GRAMMAR_CACHE_ENTRIES = 128  # compiled grammars kept for repeated requests ...
+GRAMMAR_CACHE_MAX_CHARS = 64 * 1024  # ... when small: a client's huge schemas must not pin memory
 
 
 def grammar_of(so: StructuredOutputs) -> str:
@@ -69,18 +73,30 @@ class StructuredOutputManager:
         self._eos = list(eos_token_ids)
         self._matchers: dict[str, llg.LLMatcher] = {}
         self._executor: llg.LLExecutor | None = None
+        self._grammars: OrderedDict[StructuredOutputs, str] = OrderedDict()
+        self._lock = threading.Lock()
 
     @functools.cached_property
     def _lltok(self) -> llg.LLTokenizer:  # ~ms for a byte tokenizer, ~1 s for a 150k BPE: on first use
         return _llg().LLTokenizer(self._tokenizer.hf.to_str(), n_vocab=self.vocab_size,
                                eos_token=self._eos or None, slices=None)
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 (one manager per engine, for its lifetime)
     def _grammar(self, so: StructuredOutputs) -> str:
+        """The validated grammar of `so`; small ones are kept (LRU) for the next request with them."""
+        with self._lock:  # the HTTP thread validates, the engine thread adds
+            grammar = self._grammars.get(so)
+            if grammar is not None:
+                self._grammars.move_to_end(so)
+                return grammar
         grammar = grammar_of(so)
         error = _llg().LLMatcher.validate_grammar(grammar, self._lltok)
         if error:
             raise ValueError(f"invalid structured output: {error}")
+        if len(grammar) <= GRAMMAR_CACHE_MAX_CHARS:
+            with self._lock:
+                self._grammars[so] = grammar
+                while len(self._grammars) > GRAMMAR_CACHE_ENTRIES:
+                    self._grammars.popitem(last=False)
         return grammar
 
     def validate(self, so: StructuredOutputs) -> None:
