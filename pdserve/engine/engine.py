@@ -111,8 +111,9 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError with a user-facing message if the request cannot be served."""
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams, structured: bool = True) -> None:
+        """Raise ValueError with a user-facing message if the request cannot be served. `structured`:
+        compile the output constraint too (the server does that off its event loop instead)."""
         if not token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
@@ -122,7 +123,7 @@ class LLMEngine:
         bad_bias = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)  # type: ignore[misc]
         if bad_bias is not None:
             raise ValueError(f"logit_bias names token id {bad_bias}, out of range for vocabulary size {vocab}")
-        if params.structured_outputs is not None:
+        if structured and params.structured_outputs is not None:
             self.structured.validate(params.structured_outputs)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
@@ -141,10 +142,12 @@ class LLMEngine:
             )
 
     def validate_request(
-        self, token_ids: list[int], params: SamplingParams, kv_transfer_params: KVTransferParams | dict | None
+        self, token_ids: list[int], params: SamplingParams, kv_transfer_params: KVTransferParams | dict | None,
+        structured: bool = True,
     ) -> KVTransferParams | None:
-        """Every add-time check, callable from any thread: ValueError with a user-facing message."""
-        self.validate_prompt(token_ids, params)
+        """Every add-time check, callable from any thread: ValueError with a user-facing message.
+        `structured=False` leaves the output constraint to `add_request` (compiling may take a while)."""
+        self.validate_prompt(token_ids, params, structured)
         kvp = parse_kv_transfer_params(kv_transfer_params)
         if kvp is not None and kvp.do_remote_prefill and params.prompt_logprobs is not None:
             raise ValueError("prompt logprobs need the prompt computed on this instance: send the request "

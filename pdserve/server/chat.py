@@ -15,7 +15,7 @@ from pdserve.server import sse
 from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
 from pdserve.server.errors import APIError
-from pdserve.server.inputs import chat_prompt, sampling_params
+from pdserve.server.inputs import chat_prompt, sampling_params, validate_constraint
 from pdserve.server.logprobs import chat_logprobs
 from pdserve.server.protocol import (
     AssistantMessage,
@@ -59,6 +59,7 @@ async def create_chat_completion(request: Request) -> Response:
             raise APIError(400, "tool_choice 'required' or a named function constrains the output already: "
                            "send it without another output constraint", code="invalid_value", param="tool_choice")
         params = dataclasses.replace(params, structured_outputs=constraint)
+    await validate_constraint(ctx.llm, params, req)
     started = start(request, ctx, req, token_ids, params, "chatcmpl", arrival)
     reasoning = ctx.settings.reasoning_parser is not None
     if req.stream:

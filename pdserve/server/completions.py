@@ -20,7 +20,7 @@ from pdserve.model.tokenizer import Tokenizer
 from pdserve.server import sse
 from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
-from pdserve.server.inputs import completion_prompt, sampling_params
+from pdserve.server.inputs import completion_prompt, sampling_params, validate_constraint
 from pdserve.server.logprobs import completion_logprobs, echo_logprobs
 from pdserve.server.protocol import (
     CompletionChoice,
@@ -94,6 +94,7 @@ async def create_completion(request: Request) -> Response:
     token_ids = completion_prompt(ctx.llm, req)
     params = sampling_params(req, 1 if req.max_tokens == 0 else req.max_tokens, req.logprobs,
                              req.logprobs if req.echo else None)
+    await validate_constraint(ctx.llm, params, req)
     started = start(request, ctx, req, token_ids, params, "cmpl", arrival)  # validates the ids too
     prompt, tok = req.single_prompt, ctx.llm.tokenizer
     echoed = "" if not req.echo else prompt if isinstance(prompt, str) else tok.decode(prompt, False)

@@ -6,6 +6,7 @@ before any response byte is sent (a stream cannot change its status code once st
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -131,22 +132,31 @@ def _turn(m: ChatMessage) -> dict[str, Any]:
     return turn
 
 
+# The fields a constraint can come from; else it came from tool_choice (chat's tools).
 CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar")
 
 
-def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams, req: SamplingFields) -> None:
-    """The engine's own checks: empty prompt, ids out of vocabulary, context length, cache size, the
-    output constraint's grammar."""
+async def validate_constraint(engine: LLMEngine, params: SamplingParams, req: SamplingFields) -> None:
+    """Compile the output constraint's grammar (a large schema takes a while: off the event loop)."""
+    if params.structured_outputs is None:
+        return
     try:
-        engine.validate_prompt(token_ids, params)
+        await asyncio.to_thread(engine.structured.validate, params.structured_outputs)
+    except ValueError as e:
+        param = next((f for f in CONSTRAINT_FIELDS if getattr(req, f) is not None), "tool_choice")
+        raise APIError(400, str(e), code="invalid_value", param=param) from None
+
+
+def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams, req: SamplingFields) -> None:
+    """The engine's own checks: empty prompt, ids out of vocabulary, context length, cache size
+    (the output constraint: `validate_constraint`)."""
+    try:
+        engine.validate_prompt(token_ids, params, structured=False)
     except ValueError as e:
         msg = str(e)
         code = "context_length_exceeded" if "context length" in msg else "invalid_value"
         param = next((f for f in ("max_tokens", "logit_bias") if msg.startswith(f)), "prompt")
-        if msg.startswith("invalid structured output"):
-            # The constraint came from one of these fields, or else from tool_choice (chat's tools).
-            param = next((f for f in CONSTRAINT_FIELDS if getattr(req, f) is not None), "tool_choice")
         raise APIError(400, msg, code=code, param=param) from None
 
 
