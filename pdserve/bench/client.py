@@ -44,6 +44,7 @@ class RequestRecord:
     success: bool
     error: str = ""
     generated_text: str = ""
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache (usage), 0 when unreported
 
     @property
     def ttft(self) -> float | None:
@@ -150,6 +151,7 @@ async def send_request(
         success=not error,
         error=error,
         generated_text="".join(text),
+        cached_tokens=usage.cached_tokens if usage and usage.cached_tokens is not None else 0,
     )
 
 

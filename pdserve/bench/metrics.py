@@ -139,6 +139,7 @@ class BenchMetrics:
     total_input: int
     total_output: int
     duration_s: float
+    total_cached_input: int  # of total_input, found in the server's prefix cache (as its usage says)
     request_throughput: float
     request_goodput: float | None  # None when no SLO was given (as vLLM)
     output_throughput: float
@@ -180,6 +181,7 @@ def compute_metrics(
         total_input=total_input,
         total_output=total_output,
         duration_s=duration_s,
+        total_cached_input=sum(r.cached_tokens for r in ok),
         request_throughput=len(ok) / duration_s,
         request_goodput=sum(good) / duration_s if slos else None,
         output_throughput=total_output / duration_s,

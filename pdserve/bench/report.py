@@ -61,6 +61,7 @@ def result_json(result: BenchResult) -> dict[str, JsonValue]:
         "completed": m.completed,
         "failed": m.failed,
         "total_input_tokens": m.total_input,
+        "total_cached_input_tokens": m.total_cached_input,
         "total_output_tokens": m.total_output,
         "request_throughput": m.request_throughput,
         "request_goodput": m.request_goodput,
@@ -143,6 +144,9 @@ def format_summary(result: BenchResult) -> str:
         row("Request rate configured (RPS):", cfg.request_rate, ".2f")
     row("Benchmark duration (s):", result.duration_s, ".2f")
     row("Total input tokens:", m.total_input)
+    if m.total_cached_input:
+        share = m.total_cached_input / m.total_input
+        row("Input tokens from the prefix cache:", f"{m.total_cached_input} ({share:.0%})")
     row("Total generated tokens:", m.total_output)
     row("Request throughput (req/s):", m.request_throughput, ".2f")
     if m.request_goodput is not None:

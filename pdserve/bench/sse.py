@@ -73,6 +73,7 @@ class TokenChunk:
 class UsageChunk:
     prompt_tokens: int | None
     completion_tokens: int | None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens (prefix cache)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,9 @@ def interpret(ev: SSEEvent) -> list[StreamItem]:
         items.append(TokenChunk(text=str(first.get("text") or ""), finish_reason=first.get("finish_reason")))
     usage = obj.get("usage")
     if isinstance(usage, dict):
-        items.append(UsageChunk(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))))
+        details = usage.get("prompt_tokens_details")
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+        items.append(UsageChunk(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), cached))
     return items
 
 

@@ -26,3 +26,6 @@ def test_rates_never_reuse_each_others_prompts(tmp_path: Path) -> None:
     queries, hits = m["pdserve_prefix_cache_queries_total"], m["pdserve_prefix_cache_hits_total"]
     assert queries == (2 + 2 * N) * (PREFIX + INPUT)  # every request was looked up
     assert 0 < hits <= (1 + 2 * N) * PREFIX  # at most the shared prefix, never a whole earlier prompt
+    # The bench reads the same from each response's usage (the warm-up's are not counted).
+    cached = [p.result.metrics.total_cached_input for p in points if p.result is not None]
+    assert 0 < sum(cached) <= hits and all(c % 16 == 0 for c in cached)

@@ -118,5 +118,13 @@ def test_chunk_with_choice_and_usage_yields_both() -> None:
     assert interpret(SSEEvent(data=data)) == [TokenChunk("x"), UsageChunk(3, 1)]
 
 
+def test_usage_with_cached_prompt_tokens() -> None:
+    data = ('{"choices":[],"usage":{"prompt_tokens":40,"completion_tokens":2,'
+            '"prompt_tokens_details":{"cached_tokens":32}}}')
+    assert interpret(SSEEvent(data=data)) == [UsageChunk(40, 2, 32)]
+    bad = '{"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"prompt_tokens_details":"x"}}'
+    assert interpret(SSEEvent(data=bad)) == [UsageChunk(4, 2, None)]
+
+
 def test_usage_without_counts() -> None:
     assert interpret(SSEEvent(data='{"choices": [], "usage": {}}')) == [UsageChunk(None, None)]
