@@ -35,6 +35,12 @@ def parse_body(raw: bytes) -> JSONObject:
     return body
 
 
+def is_batch(body: JSONObject) -> bool:
+    """A completions body with several prompts (strings or token-id lists)."""
+    prompt = body.get("prompt")
+    return isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str | list)
+
+
 def params_json(params: KVTransferParams) -> JSONObject:
     """Params as JSON, both direction flags always present (as vLLM's proxies send them)."""
     out: JSONObject = msgspec.to_builtins(params)

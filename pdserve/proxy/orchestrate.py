@@ -16,8 +16,9 @@ would hold its KV blocks until the lease ends (30 s).
 Failures before anything reached the client are retried once on another instance of the same
 role (`max_attempts`); a prefill half that still fails falls back per `--fallback`: the plain
 request to the decode instance (`local-prefill`) or a 503 (`fail`). A 4xx is the client's fault:
-returned as is, never retried. A completion with `echo: true` goes as a plain request to a decode
-instance by design (prompt logprobs are computed where the prompt is). A request with `n > 1` is
+returned as is, never retried. A completion with `echo: true` or a batch of prompts goes as a plain
+request to a decode instance by design (prompt logprobs are computed where the prompt is; a KV
+transfer is for one prompt). A request with `n > 1` is
 disaggregated like any other: the prefill half computes one choice (`n` dropped), and the decode
 feeds its other choices from the first one's KV (its prefix cache).
 """
@@ -96,9 +97,11 @@ class Orchestrator:
             req.key = prompt_key(body, req.path)
         if not self.table.candidates("D"):
             raise no_instance("decode")
-        if body.get("echo") is True:
-            # The prompt's logprobs are computed where the prompt is: the decode prefills it itself.
-            self.metrics.fallbacks.inc(labels=("echo",))
+        alone = "echo" if body.get("echo") is True else "batch" if bodies.is_batch(body) else None
+        if alone is not None:
+            # echo: the prompt's logprobs are computed where the prompt is; a batch of prompts: one
+            # KV transfer is for one prompt. Either way the decode prefills them itself.
+            self.metrics.fallbacks.inc(labels=(alone,))
             return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
         if self.settings.kv_mode == "READ":
             return await self._read(req, body)

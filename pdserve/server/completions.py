@@ -1,8 +1,9 @@
-"""`POST /v1/completions`: one prompt in, text out (whole, or streamed as SSE).
+"""`POST /v1/completions`: a prompt (or a batch of them) in, text out (whole, or streamed as SSE).
 
-With `echo` the prompt comes first (its text, and with `logprobs` its tokens' logprobs: the first
-token has none); `max_tokens: 0` then scores the prompt alone (the engine still samples one token,
-which is not shown or counted).
+A batch of P prompts with `n` choices each answers P * n choices, prompt k's at indices k*n .. k*n+n-1;
+usage counts every prompt once. With `echo` the prompt comes first (its text, and with `logprobs`
+its tokens' logprobs: the first token has none); `max_tokens: 0` then scores the prompt alone (the
+engine still samples one token, which is not shown or counted).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pdserve.model.tokenizer import Tokenizer
 from pdserve.server import sse
 from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
-from pdserve.server.inputs import completion_prompt, sampling_params, validate_constraint
+from pdserve.server.errors import APIError
+from pdserve.server.inputs import completion_prompts, sampling_params, validate_constraint
 from pdserve.server.logprobs import completion_logprobs, echo_logprobs
 from pdserve.server.protocol import (
     CompletionChoice,
@@ -59,8 +61,6 @@ class _Shape:
     def usage(self, out: StepOutput) -> Usage:
         return usage_of(out) if self.shows_output else Usage.of(out.num_prompt_tokens, 0, out.num_cached_tokens)
 
-    def total_usage(self, finals: list[StepOutput]) -> Usage:
-        return total_usage(finals, self.shows_output)
 
     def prefix(self, prompt_lps: list[TokenLogprob] | None) -> tuple[str, CompletionLogprobs | None]:
         """The echoed prompt: its text and (with logprobs) its tokens' logprobs."""
@@ -91,31 +91,55 @@ async def create_completion(request: Request) -> Response:
     ctx.admission.check_open()
     req = await parse_body(request, CompletionRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
-    token_ids = completion_prompt(ctx.llm, req)
+    prompts = completion_prompts(ctx.llm, req)
+    if len(prompts) > 1 and req.kv_transfer_params is not None:
+        raise APIError(400, "a KV transfer is for one prompt: send a batch without kv_transfer_params",
+                       code="invalid_value", param="prompt")
     params = sampling_params(req, 1 if req.max_tokens == 0 else req.max_tokens, req.logprobs,
                              req.logprobs if req.echo else None)
     await validate_constraint(ctx.llm, params, req)
-    started = start(request, ctx, req, token_ids, params, "cmpl", arrival)  # validates the ids too
-    prompt, tok = req.single_prompt, ctx.llm.tokenizer
-    echoed = "" if not req.echo else prompt if isinstance(prompt, str) else tok.decode(prompt, False)
-    shape = _Shape(req, tok, token_ids, echoed)
+    tok = ctx.llm.tokenizer
+    parts: list[Started] = []
+    try:
+        for k, token_ids in enumerate(prompts):  # start() validates the ids too
+            parts.append(start(request, ctx, req, token_ids, params, "cmpl", arrival, batch_index=k))
+    except APIError:  # a later prompt refused: the earlier ones go too
+        for part in parts:
+            part.abort()
+        raise
+    started = Started(tuple(g for p in parts for g in p.generations), parts[0].response_id, parts[0].model,
+                      parts[0].created)
+    shapes = [_Shape(req, tok, ids, _echoed(req, tok, prompt))
+              for prompt, ids in zip(req.prompts, prompts, strict=True) for _ in range(req.n)]
     if req.stream:
-        return sse.GenerationStream(_stream(shape, started), started.abort, {})
+        return sse.GenerationStream(_stream(shapes, started), started.abort, {})
     results = await wait_for_end(request, started)
     body = CompletionResponse(
         id=started.response_id,
         created=started.created,
         model=started.model,
-        choices=[shape.choice(i, r.text, r.logprobs, 0, r.final, True, r.prompt_logprobs)
+        choices=[shapes[i].choice(i, r.text, r.logprobs, 0, r.final, True, r.prompt_logprobs)
                  for i, r in enumerate(results)],
-        usage=shape.total_usage([r.final for r in results]),
+        usage=_total_usage(shapes, [r.final for r in results]),
         kv_transfer_params=kv_params(results[0].final),
     )
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-async def _stream(shape: _Shape, s: Started) -> AsyncIterator[bytes]:
-    req = shape.req
+def _echoed(req: CompletionRequest, tok: Tokenizer, prompt: str | list[int]) -> str:
+    return "" if not req.echo else prompt if isinstance(prompt, str) else tok.decode(prompt, False)
+
+
+def _total_usage(shapes: list[_Shape], finals: list[StepOutput]) -> Usage:
+    """Every prompt once, every choice's completion tokens (`finals` in choice order)."""
+    n = shapes[0].req.n
+    per_prompt = [total_usage(finals[k:k + n], shapes[0].shows_output) for k in range(0, len(finals), n)]
+    return Usage.of(sum(u.prompt_tokens for u in per_prompt), sum(u.completion_tokens for u in per_prompt),
+                    sum(u.prompt_tokens_details.cached_tokens for u in per_prompt))
+
+
+async def _stream(shapes: list[_Shape], s: Started) -> AsyncIterator[bytes]:
+    req = shapes[0].req
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None) -> bytes:
         return sse.event(
@@ -132,11 +156,12 @@ async def _stream(shape: _Shape, s: Started) -> AsyncIterator[bytes]:
     n = len(s.generations)
     offsets = [0] * n  # of each choice's next text in its whole generated text
     first = [True] * n
-    finals: list[StepOutput] = []
+    finals: dict[int, StepOutput] = {}
     async for i, out in s.outputs():
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
             break
+        shape = shapes[i]
         if out.new_token_ids or out.new_text or out.finished:
             running = shape.usage(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
@@ -146,7 +171,7 @@ async def _stream(shape: _Shape, s: Started) -> AsyncIterator[bytes]:
                 yield chunk([choice], running, kv)
             first[i] = False
         if out.finished:
-            finals.append(out)
+            finals[i] = out
             if req.include_usage and len(finals) == n:
-                yield chunk([], shape.total_usage(finals))
+                yield chunk([], _total_usage(shapes, [finals[j] for j in range(n)]))
     yield sse.DONE

@@ -85,9 +85,9 @@ def structured_outputs(req: SamplingFields) -> StructuredOutputs | None:
     return found[0][1] if found else None
 
 
-def completion_prompt(engine: LLMEngine, req: CompletionRequest) -> list[int]:
-    prompt = req.single_prompt
-    return engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+def completion_prompts(engine: LLMEngine, req: CompletionRequest) -> list[list[int]]:
+    """Token ids of each prompt of the request."""
+    return [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
 
 
 TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")

@@ -23,6 +23,7 @@ KVParamsJSON = dict[str, JsonValue]
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 TopK = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 MAX_N = 16  # most choices one request may ask for
+MAX_BATCH_CHOICES = 256  # most prompts x n of one completions request
 
 
 def _none(value: object) -> bool:
@@ -131,20 +132,21 @@ class CompletionRequest(SamplingFields):
         return v
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> CompletionRequest:
+    def _prompts(self) -> CompletionRequest:
         p = self.prompt
-        if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) != 1:
-            raise ValueError(f"exactly one prompt per request is supported, got a batch of {len(p)}")
         if isinstance(p, list) and not p:
             raise ValueError("the prompt is empty")
+        if isinstance(p, list) and not isinstance(p[0], int) and len(p) * self.n > MAX_BATCH_CHOICES:
+            raise ValueError(f"a batch of {len(p)} prompts x n={self.n} exceeds {MAX_BATCH_CHOICES} choices")
         return self
 
     @property
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one prompt (a string or token ids), or several (choice index = prompt * n + i)."""
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], str | list):
-            return p[0]  # type: ignore[return-value]
-        return p  # type: ignore[return-value]
+            return list(p)  # type: ignore[arg-type]
+        return [p]  # type: ignore[list-item]
 
 
 class TextPart(_Request):

@@ -76,7 +76,10 @@ def start(
     params: SamplingParams,
     id_prefix: str,
     arrival: float,
+    batch_index: int = 0,
 ) -> Started:
+    """Admit one prompt's `n` engine requests (choice 0 keeps the request id; prompt k > 0 of a
+    completions batch gets `<id>-p<k>`)."""
     validate(ctx.llm, token_ids, params, req)
     kvp = kv_transfer_params(ctx.settings.role, req.kv_transfer_params)
     if kvp is not None and ctx.llm.connector is not None:
@@ -90,7 +93,7 @@ def start(
     if params.prompt_logprobs is not None and kvp is not None and kvp.do_remote_prefill:
         raise APIError(400, "echo with logprobs needs the prompt computed on this instance: send it without "
                        "kv_transfer_params (a proxy routes such requests so)", code="invalid_value", param="echo")
-    request_id = request_id_of(request)
+    request_id = request_id_of(request) + (f"-p{batch_index}" if batch_index else "")
     # Choice 0 keeps the request's id: a prefill instance knows the KV it holds for us by that id.
     ids = [request_id] + [f"{request_id}-{i}" for i in range(1, req.n)]
     remote = kvp is not None and kvp.do_remote_prefill

@@ -287,6 +287,19 @@ def test_echo_is_served_by_a_decode_alone(topo: Topology, reference: ServerProce
     _blocks_all_free(topo.prefills + topo.decodes)
 
 
+def test_batch_of_prompts_is_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
+    """Several prompts in one completions request: a KV transfer is for one prompt, so the proxy sends
+    the batch to a decode as a plain request (fallback "batch"); the choices equal a standalone's."""
+    def texts(server: ServerProcess) -> list[str]:
+        r = _client(server).completions.create(model=TINY_MODEL, prompt=PROMPTS, max_tokens=5, **GREEDY)
+        return [c.text for c in r.choices]
+
+    before = topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="batch"}')
+    assert texts(topo.proxy) == texts(reference)
+    assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="batch"}') == before + 1
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
 def test_n_choices_share_one_kv_transfer(topo: Topology, reference: ServerProcess) -> None:
     """n > 1 is disaggregated: the prefill half computes one choice, one KV transfer feeds the decode,
     whose other choices start from its prefix cache once the first has its first token. The choices

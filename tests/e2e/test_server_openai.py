@@ -537,3 +537,23 @@ def test_reasoning_parser(module_tmp: Path) -> None:
     with pdserve_server(module_tmp) as s:
         message = httpx.post(s.v1_url + "/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]
         assert message["content"].startswith("<think>\n") and "reasoning_content" not in message
+
+
+def test_batch_of_prompts(client: openai.OpenAI) -> None:
+    """Several prompts in one completions request (OpenAI's and vLLM's; lm-eval batches so): choice
+    k*n+i is prompt k's i-th, equal to that prompt sent alone; usage counts each prompt once."""
+    prompts = ["The quick brown fox", "Hello there", "A third prompt, longer than the others"]
+    alone = [client.completions.create(model=TINY_MODEL, prompt=p, max_tokens=5, **GREEDY) for p in prompts]
+    r = client.completions.create(model=TINY_MODEL, prompt=prompts, max_tokens=5, n=2, **GREEDY)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert r.usage is not None and r.usage.prompt_tokens == sum(len(p.encode()) for p in prompts)
+    assert r.usage.completion_tokens == 6 * 5
+    out = ["", "", ""]
+    for chunk in client.completions.create(model=TINY_MODEL, prompt=prompts, max_tokens=5, stream=True, **GREEDY):
+        for c in chunk.choices:
+            out[c.index] += c.text
+    assert out == [a.choices[0].text for a in alone]
+    scored = client.completions.create(model=TINY_MODEL, prompt=prompts[:2], max_tokens=0, echo=True, logprobs=1)
+    assert [c.text for c in scored.choices] == prompts[:2]
+    assert [len(c.logprobs.token_logprobs or []) for c in scored.choices] == [len(p.encode()) for p in prompts[:2]]  # type: ignore[union-attr]

@@ -26,17 +26,20 @@ def parse(body: object) -> CompletionRequest:
 
 
 @pytest.mark.parametrize(
-    ("prompt", "single"),
-    [("hi", "hi"), ([1, 2], [1, 2]), (["hi"], "hi"), ([[1, 2]], [1, 2])],
+    ("prompt", "prompts"),
+    [("hi", ["hi"]), ([1, 2], [[1, 2]]), (["hi"], ["hi"]), ([[1, 2]], [[1, 2]]), (["a", "b"], ["a", "b"]),
+     ([[1], [2]], [[1], [2]])],
 )
-def test_prompt_forms(prompt: object, single: object) -> None:
-    assert parse({"prompt": prompt}).single_prompt == single
+def test_prompt_forms(prompt: object, prompts: object) -> None:
+    assert parse({"prompt": prompt}).prompts == prompts
 
 
-@pytest.mark.parametrize("prompt", [[], ["a", "b"], [[1], [2]], [1, "a"], 3, None, {"a": 1}])
+@pytest.mark.parametrize("prompt", [[], [1, "a"], ["a", 1], 3, None, {"a": 1}, ["x"] * 257])
 def test_bad_prompts(prompt: object) -> None:
     with pytest.raises(ValidationError):
         parse({"prompt": prompt})
+    with pytest.raises(ValidationError):  # 20 prompts x 16 choices: over the batch limit
+        parse({"prompt": ["x"] * 20, "n": 16})
 
 
 def test_defaults_and_extensions() -> None:
