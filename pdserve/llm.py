@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.outputs import CompletionOutput, RequestOutput
+from pdserve.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from pdserve.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -84,30 +85,49 @@ class LLM:
         for p, sp in zip(prompts, params, strict=True):
             self.engine.validate_prompt(self.engine.tokenize(p), sp)
         results: dict[str, RequestOutput] = {}
-        order = []
+        choices: dict[str, tuple[RequestOutput, CompletionOutput]] = {}  # engine request id -> its choice
+        order, later = [], []
         for p, sp in zip(prompts, params, strict=True):
             rid = str(next(self._ids))
-            req = self.engine.add_request(rid, p, sp)
+            req = self.engine.add_request(rid, p, dataclasses.replace(sp, n=1))
             order.append(rid)
-            results[rid] = RequestOutput(
+            ro = results[rid] = RequestOutput(
                 rid, p if isinstance(p, str) else None, list(req.prompt_token_ids),
-                [CompletionOutput(0, "", [], None)],
+                [CompletionOutput(i, "", [], None) for i in range(sp.n)],
             )
-        for out in self.engine.run_until_done():
-            ro = results[out.request_id]
-            comp = ro.outputs[0]
+            choices[rid] = (ro, ro.outputs[0])
+            for i in range(1, sp.n):  # choice i draws from seed + i, as the server's
+                seed = None if sp.seed is None else (sp.seed + i) % 2**64
+                later.append((f"{rid}-{i}", p, dataclasses.replace(sp, n=1, seed=seed), ro, ro.outputs[i]))
+        outs = self._first_tokens(list(choices)) if later else []
+        for cid, p, sp, ro, comp in later:  # now the prompts are in the prefix cache
+            self.engine.add_request(cid, p, sp)
+            choices[cid] = (ro, comp)
+        for out in outs + self.engine.run_until_done():
+            ro, comp = choices[out.request_id]
             comp.token_ids.extend(out.new_token_ids)
             comp.text += out.new_text
-            if out.prompt_logprobs is not None:
+            if out.prompt_logprobs is not None and comp.index == 0:
                 ro.prompt_logprobs = out.prompt_logprobs
             if out.logprobs is not None:
                 comp.logprobs = (comp.logprobs or []) + out.logprobs
                 comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + sum(lp.logprob for lp in out.logprobs)
             if out.finished:
                 comp.finish_reason = out.finish_reason
-                ro.finished = True
-                ro.num_cached_tokens = out.num_cached_tokens
+                ro.finished = all(c.finish_reason is not None for c in ro.outputs)
+                if comp.index == 0:  # the prompt's own lookup (later choices find it cached by design)
+                    ro.num_cached_tokens = out.num_cached_tokens
         return [results[r] for r in order]
+
+    def _first_tokens(self, request_ids: list[str]) -> list[StepOutput]:
+        """Step until each of `request_ids` has its first token (or has ended): with `n > 1` the
+        other choices then find the prompt's KV in the prefix cache. The outputs so far."""
+        waiting, outs = set(request_ids), []
+        while waiting and self.engine.has_unfinished():
+            step = self.engine.step()
+            outs.extend(step)
+            waiting -= {o.request_id for o in step}
+        return outs
 
     def close(self) -> None:
         self.engine.close()

@@ -45,7 +45,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    n: int = 1
+    n: int = 1  # offline API: choices per prompt (the server fans out `n` itself, one engine request each)
     logprobs: int | None = None  # None: none; k: each sampled token's logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's)
     # OpenAI's: logit -= presence * [token in output] + frequency * (its count in the output).
@@ -78,8 +78,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         for name in ("logprobs", "prompt_logprobs"):

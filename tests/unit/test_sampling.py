@@ -71,7 +71,7 @@ def test_max_tokens_and_eos(llm):
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
-        ({"n": 2}, "n must be 1"),
+        ({"n": 0}, "n must be at least 1"),
     ],
 )
 def test_bad_sampling_params(kwargs, match):
@@ -136,3 +136,21 @@ def test_logit_bias(llm):
         SamplingParams(logit_bias={1: 101.0})
     with pytest.raises(ValueError, match="logit_bias names token id"):
         llm.engine.validate_prompt([1, 2], SamplingParams(logit_bias={10**6: 1.0}))
+
+
+def test_offline_n_choices_compute_the_prompt_once(llm):
+    """SamplingParams(n=3) offline (vLLM's): three choices per prompt, choice i seeded seed + i, each
+    equal to a single request with that seed; choices after the first start from the prompt's
+    cached blocks."""
+    prompts = [[(5 * i + j) % 200 for j in range(40)] for i in range(2)]
+    sp = SamplingParams(max_tokens=6, temperature=1.0, seed=11, n=3)
+    hits = llm.engine.stats().prefix_cache_hits
+    outs = llm.generate(prompts, sp)
+    assert [len(o.outputs) for o in outs] == [3, 3] and all(o.finished for o in outs)
+    assert [c.index for c in outs[0].outputs] == [0, 1, 2]
+    assert llm.engine.stats().prefix_cache_hits - hits == 2 * 2 * 32  # choices 1, 2 of each: 2 blocks each
+    for i in range(3):
+        alone = llm.generate([prompts[1]], SamplingParams(max_tokens=6, temperature=1.0, seed=11 + i))[0]
+        assert outs[1].outputs[i].token_ids == alone.outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1
+    llm.engine.scheduler.check_integrity()
