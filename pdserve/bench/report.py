@@ -102,6 +102,7 @@ def result_json(result: BenchResult) -> dict[str, JsonValue]:
                     "start_time": r.send_time - result.start_time,
                     "queue_time": r.send_time - r.scheduled_time,
                     "prompt_len": r.prompt_len,
+                    "cached_tokens": r.cached_tokens,
                     "output_tokens": r.output_tokens,
                     "ttft": r.ttft,
                     "itl": list(r.itl),

@@ -47,6 +47,7 @@ class HeadlineCell:
     p99_ttft_ms: float
     per_set_good: tuple[tuple[str, int], ...]  # every SLO set: requests meeting it
     load_avg_1m: float | None = None  # the machine's load average after the run (other work on it)
+    cached_share: float = 0.0  # of the successful requests' prompt tokens, found in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ def headline_cell(point: RatePoint, slo_sets: Sequence[SLOSet], headline: SLOSet
         p99_ttft_ms=_p99_ms([r.ttft for r in ok if r.ttft is not None]),
         per_set_good=tuple((s.name, good_count(point, s.slos)) for s in slo_sets),
         load_avg_1m=point.load_avg_1m,
+        cached_share=sum(r.cached_tokens for r in ok) / max(1, sum(r.prompt_len for r in ok)),
     )
 
 
@@ -164,6 +166,9 @@ def markdown_summary(cfg: SweepConfig, summaries: Sequence[SeriesSummary]) -> st
         if s.name != head.name:
             row(f"Meeting {s.name} ({s.spec()}) at {rate:g} req/s",
                 [f"{dict(c.per_set_good)[s.name]}/{c.total}" if c else "n/a" for c in cells])
+    if any(c and c.cached_share for c in cells):
+        row(f"Prompt tokens from the prefix cache at {rate:g} req/s",
+            [f"{c.cached_share:.0%}" if c else "n/a" for c in cells])
     if any(c and c.failed for c in cells):
         row("Failed requests", [str(c.failed) if c else "n/a" for c in cells])
     if any(c and c.load_avg_1m is not None for c in cells):
@@ -258,7 +263,7 @@ def _record(req: dict, output_len: int) -> RequestRecord:
         index=req["index"], prompt_len=req["prompt_len"], expected_output_len=output_len,
         scheduled_time=send - float(req.get("queue_time") or 0.0), send_time=send,
         end_time=chunks[-1] if chunks else send, chunk_times=tuple(chunks), output_tokens=req["output_tokens"],
-        success=bool(req["success"]), error=req.get("error") or "",
+        success=bool(req["success"]), error=req.get("error") or "", cached_tokens=int(req.get("cached_tokens") or 0),
     )
 
 

@@ -24,7 +24,14 @@ from pdserve.bench.sweep import (
     run_sweep,
 )
 from pdserve.bench.sweep_command import add_parser, config_from_sweep_args, load_results, rerender, write_outputs
-from pdserve.bench.sweep_report import attainment_curve, markdown_summary, series_from_json, summarize, sweep_json
+from pdserve.bench.sweep_report import (
+    _record,
+    attainment_curve,
+    markdown_summary,
+    series_from_json,
+    summarize,
+    sweep_json,
+)
 from pdserve.bench.workload import WorkloadConfig
 
 # --- rates, SLO sets, names -------------------------------------------------------------------
@@ -147,6 +154,20 @@ def test_markdown_table_shaped_like_the_article() -> None:
     assert "| Relative DistServe goodput (vs standard:2) | 1x | 1.3x |" in md
     assert "| 4 | 10% | 40% |" in md  # attainment per rate
     assert "| both | ttft:1000,itl_p99:50 | 1.14 | 1.50 |" in md
+    assert "prefix cache" not in md  # no cached prompt tokens: no row
+
+
+def test_prefix_cache_share_row_survives_the_json() -> None:
+    """A prefix workload: the share of prompt tokens the server found cached (from usage) gets a row,
+    also when the report is re-rendered from results.json."""
+    cached = tuple(replace(r, cached_tokens=96) for r in point(2, 10).records)
+    series = (SERIES[0], Series("disagg-write", "topology", "http://b", (RatePoint(2.0, cached, 5.0),)))
+    md = markdown_summary(cfg(), summarize(cfg(), series))
+    assert "| Prompt tokens from the prefix cache at 2 req/s | 0% | 86% |" in md
+    row = {"index": 0, "start_time": 1.0, "ttft": 0.1, "itl": [0.02], "prompt_len": 112, "output_tokens": 2,
+           "success": True, "cached_tokens": 96}
+    assert _record(row, 2).cached_tokens == 96  # what --from-results rebuilds
+    assert _record({k: v for k, v in row.items() if k != "cached_tokens"}, 2).cached_tokens == 0  # older files
 
 
 def test_missing_baseline_and_missing_rate_are_na() -> None:
