@@ -125,9 +125,18 @@ def test_bad_kv_transfer_params(http: httpx.Client, kvp: object) -> None:
     assert_error(post(http, {"prompt": "hi", "kv_transfer_params": kvp}), 400, param="kv_transfer_params")
 
 
-def test_batch_prompt_rejected(http: httpx.Client) -> None:
-    msg = assert_error(post(http, {"prompt": ["a", "b"]}), 400)
-    assert "one prompt" in msg
+def test_batch_beyond_the_choice_limit_rejected(http: httpx.Client) -> None:
+    msg = assert_error(post(http, {"prompt": ["a"] * 20, "n": 16}), 400)
+    assert "exceeds 256 choices" in msg
+
+
+def test_batch_with_a_bad_prompt_starts_nothing(server: ServerProcess, http: httpx.Client) -> None:
+    """A batch whose second prompt the engine refuses: a 400 naming the problem, and nothing left
+    behind (the first prompt's request, already admitted, is aborted; in flight 0, blocks free)."""
+    msg = assert_error(post(http, {"prompt": [[65, 66], [10**6]], "max_tokens": 500, "ignore_eos": True}), 400)
+    assert "out of range" in msg
+    total = server.metrics()["pdserve_kv_blocks_total"]
+    server.wait_metrics({"pdserve_num_requests_in_flight": 0, "pdserve_kv_blocks_free": total}, timeout=5)
 
 
 def test_max_tokens_beyond_context(http: httpx.Client) -> None:
