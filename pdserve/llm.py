@@ -84,6 +84,8 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         for p, sp in zip(prompts, params, strict=True):
             self.engine.validate_prompt(self.engine.tokenize(p), sp)
+            if sp.structured_outputs is not None:
+                self.engine.structured.validate(sp.structured_outputs)
         results: dict[str, RequestOutput] = {}
         choices: dict[str, tuple[RequestOutput, CompletionOutput]] = {}  # engine request id -> its choice
         order, later = [], []

@@ -70,8 +70,7 @@ class AsyncEngine:
         """Stream a request's outputs. Leaving the iteration early (client gone) aborts it."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
-        # On the event loop: cheap checks only; the engine thread compiles the output constraint.
-        kv_transfer_params = self.engine.validate_request(token_ids, params, kv_transfer_params, structured=False)
+        kv_transfer_params = self.engine.validate_request(token_ids, params, kv_transfer_params)
         sink: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._send(_Add(request_id, token_ids, params, kv_transfer_params, sink, asyncio.get_running_loop()))
         finished = False

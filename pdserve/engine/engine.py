@@ -111,9 +111,10 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def validate_prompt(self, token_ids: list[int], params: SamplingParams, structured: bool = True) -> None:
-        """Raise ValueError with a user-facing message if the request cannot be served. `structured`:
-        compile the output constraint too (the server does that off its event loop instead)."""
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError with a user-facing message if the request cannot be served. Cheap checks
+        only: an output constraint's grammar is compiled by `structured.validate` (the server runs
+        it off its event loop) or when the request is added."""
         if not token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
@@ -123,8 +124,6 @@ class LLMEngine:
         bad_bias = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)  # type: ignore[misc]
         if bad_bias is not None:
             raise ValueError(f"logit_bias names token id {bad_bias}, out of range for vocabulary size {vocab}")
-        if structured and params.structured_outputs is not None:
-            self.structured.validate(params.structured_outputs)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
@@ -142,12 +141,10 @@ class LLMEngine:
             )
 
     def validate_request(
-        self, token_ids: list[int], params: SamplingParams, kv_transfer_params: KVTransferParams | dict | None,
-        structured: bool = True,
+        self, token_ids: list[int], params: SamplingParams, kv_transfer_params: KVTransferParams | dict | None
     ) -> KVTransferParams | None:
-        """Every add-time check, callable from any thread: ValueError with a user-facing message.
-        `structured=False` leaves the output constraint to `add_request` (compiling may take a while)."""
-        self.validate_prompt(token_ids, params, structured)
+        """Every cheap add-time check, callable from any thread: ValueError with a user-facing message."""
+        self.validate_prompt(token_ids, params)
         kvp = parse_kv_transfer_params(kv_transfer_params)
         if kvp is not None and kvp.do_remote_prefill and params.prompt_logprobs is not None:
             raise ValueError("prompt logprobs need the prompt computed on this instance: send the request "
@@ -178,7 +175,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             kv_transfer_params=kvp,
         )
-        if params.structured_outputs is not None:
+        if params.structured_outputs is not None:  # compiles the grammar: ValueError when it is bad
             self.structured.add(request_id, params.structured_outputs)
         if self.connector is not None:
             self.connector.on_add(req, kvp)
@@ -230,6 +227,8 @@ class LLMEngine:
 
     def _bitmask(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """Structured outputs: what each row of the step may sample (rows whose sample is kept)."""
+        if not self.structured.active:
+            return None
         rows: list[str | None] = [r.request_id for r in batch.decodes]
         rows += [r.request_id if r.num_computed_tokens + n >= r.num_tokens else None for r, n in batch.prefills]
         return self.structured.bitmask(rows, self.device)

@@ -88,12 +88,10 @@ class Scheduler:
         need = self._blocks_needed(request, request.num_prompt_tokens)
         if not self.pool.can_allocate(need):
             if looked_up:
-                self.release_blocks(request)
-                request.num_computed_tokens = 0
+                self._give_back_prefix(request)
             return False
         if looked_up:
-            self.prefix_cache_queries += request.num_tokens
-            self.prefix_cache_hits += request.num_computed_tokens
+            self._count_lookup(request)
         request.block_ids.extend(self.pool.allocate(need))
         return True
 
@@ -136,11 +134,14 @@ class Scheduler:
         req.num_computed_tokens = len(hits) * self.block_size
         return True
 
-    def _count_cache_hit(self, req: Request) -> None:
+    def _give_back_prefix(self, req: Request) -> None:
+        """Undo `_take_cached_prefix` (the rest did not fit); it is looked up again next time."""
+        self.release_blocks(req)
+        req.num_computed_tokens = 0
+
+    def _count_lookup(self, req: Request) -> None:
         self.prefix_cache_queries += req.num_tokens
         self.prefix_cache_hits += req.num_computed_tokens
-        if req.num_preemptions == 0:
-            req.num_cached_tokens = req.num_computed_tokens
 
     def _register_computed(self, req: Request, first: int) -> None:
         """Register the full blocks from index `first` on whose KV is now computed."""
@@ -238,14 +239,15 @@ class Scheduler:
                 fits = num_new <= budget or self.config.enable_chunked_prefill
                 num_new = min(num_new, budget)
                 if not fits or not self._try_allocate(req, num_new):
-                    if looked_up:  # give the cached prefix back; it is looked up again next time
-                        self.release_blocks(req)
-                        req.num_computed_tokens = 0
+                    if looked_up:
+                        self._give_back_prefix(req)
                     if fits and (had_blocks or not self.running):
                         continue  # a later, smaller request may still fit; nothing waits on this one
                     break
                 if looked_up:
-                    self._count_cache_hit(req)
+                    self._count_lookup(req)
+                    if req.num_preemptions == 0:  # usage reports what the first admission found
+                        req.num_cached_tokens = req.num_computed_tokens
                 admitted.add(id(req))
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)

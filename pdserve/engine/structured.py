@@ -111,8 +111,10 @@ class StructuredOutputManager:
     def forget(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
 
-    def constrained(self, request_id: str) -> bool:
-        return request_id in self._matchers
+    @property
+    def active(self) -> bool:
+        """Some request in flight is constrained."""
+        return bool(self._matchers)
 
     def bitmask(self, rows: list[str | None], device: torch.device) -> torch.Tensor | None:
         """[len(rows), ceil(vocab / 32)] int32 on `device`: row i allows what the matcher of

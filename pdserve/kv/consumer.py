@@ -74,7 +74,7 @@ class KVConsumer(KVConnectorBase):
         mode = (params.transfer_mode or self.transfer_mode).upper()
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         request.kv_transfer_params = None  # consumed here; responses carry none (as vLLM's)
-        request.num_cached_tokens = min(max(params.num_cached_tokens or 0, 0), request.num_prompt_tokens)
+        _set_cached_tokens(request, params.num_cached_tokens or 0)
         params = msgspec.structs.replace(params, transfer_mode=mode)
         self._pending[request.request_id] = _Pending(
             request, params, time.monotonic() + self.config.kv_transfer_timeout
@@ -158,7 +158,7 @@ class KVConsumer(KVConnectorBase):
                 self._drop(ev.request_id)
                 ready.add(ev.request_id)
                 if isinstance(ev, WriteDone):
-                    p.request.num_cached_tokens = min(max(ev.num_cached_tokens, 0), p.request.num_prompt_tokens)
+                    _set_cached_tokens(p.request, ev.num_cached_tokens)
             else:
                 self._fail(p, f"KV transfer failed: {ev.reason}", failed)
                 if not p.quarantined:
@@ -256,3 +256,8 @@ class KVConsumer(KVConnectorBase):
             return
         self.sender.send(host, prm.remote_notify_port, ReadDone(rid, self.engine_id))  # type: ignore[arg-type]
         self.events.put(_Done(rid, True, None, nbytes, time.perf_counter() - t0))
+
+
+def _set_cached_tokens(request: Request, n: int) -> None:
+    """The prefill's count of prompt tokens from its prefix cache (for usage), kept in range."""
+    request.num_cached_tokens = min(max(n, 0), request.num_prompt_tokens)

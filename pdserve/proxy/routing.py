@@ -72,7 +72,7 @@ class PrefixAffinity(LeastLoaded):
         for inst in sorted(candidates, key=lambda i: i.address):
             if inst.in_flight > low + self.balance_slack:
                 continue
-            n = self._matched(inst, key)
+            n = self.matched(inst, key)
             if n > best_len:
                 best, best_len = inst, n
         chosen = best if best is not None else super().pick(role, candidates)
@@ -81,10 +81,7 @@ class PrefixAffinity(LeastLoaded):
         return chosen
 
     def matched(self, inst: Instance, key: Sequence[bytes]) -> int:
-        """How many leading chunks of `key` were sent to `inst` before (for tests and logs)."""
-        return self._matched(inst, key)
-
-    def _matched(self, inst: Instance, key: Sequence[bytes]) -> int:
+        """How many leading chunks of `key` were sent to `inst` before."""
         seen = self._seen.get((inst.address, inst.engine_id))
         if not seen:
             return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -28,6 +29,7 @@ from pdserve.server.protocol import (
     DeltaToolCall,
     FinishReason,
     KVParamsJSON,
+    ToolCallOut,
     Usage,
 )
 from pdserve.server.reasoning import ReasoningStream, split_reasoning
@@ -86,6 +88,30 @@ async def create_chat_completion(request: Request) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
+@dataclass
+class _ReplyFilter:
+    """One streamed choice, as the non-streamed reply is split: the <think> block first (with a
+    reasoning parser), then tool calls out of the rest (with tools)."""
+
+    thinking: ReasoningStream | None
+    tools: ToolStream | None
+
+    def push(self, delta: str, finished: bool) -> tuple[str, str, list[ToolCallOut]]:
+        """(reasoning, content) to send now, and the tool calls (only with the last delta)."""
+        thought, text, calls = "", delta, []
+        if self.thinking is not None:
+            thought, text = self.thinking.push(text)
+            if finished:
+                more, rest = self.thinking.finish()
+                thought, text = thought + more, text + rest
+        if self.tools is not None:
+            text = self.tools.push(text)
+            if finished:
+                rest, calls = self.tools.finish()
+                text += rest
+        return thought, text, calls
+
+
 def _reason(reason: FinishReason | None, called: bool) -> FinishReason | None:
     return "tool_calls" if called and reason == "stop" else reason
 
@@ -112,8 +138,8 @@ async def _stream(
     finals: list[StepOutput] = []
     # With tools: content goes out until a call starts; the calls go out with the last chunk.
     # With a reasoning parser: the <think> block streams as reasoning_content, the rest as content.
-    calls = [ToolStream() if tools else None for _ in range(n)]
-    thoughts = [ReasoningStream() if reasoning else None for _ in range(n)]
+    filters = [_ReplyFilter(ReasoningStream() if reasoning else None, ToolStream() if tools else None)
+               for _ in range(n)]
     async for i, out in s.outputs():
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
@@ -121,21 +147,9 @@ async def _stream(
         if out.new_token_ids or out.new_text or out.finished:
             running = usage_of(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
-            thought, text, tool_calls, reason = "", out.new_text, None, finish_reason(out)
-            thinking = thoughts[i]
-            if thinking is not None:
-                thought, text = thinking.push(text)
-                if out.finished:
-                    more, rest = thinking.finish()
-                    thought, text = thought + more, text + rest
-            stream = calls[i]
-            if stream is not None:
-                text = stream.push(text)
-                if out.finished:
-                    rest, done = stream.finish()
-                    text += rest
-                    tool_calls = [DeltaToolCall(index=j, id=c.id, function=c.function) for j, c in enumerate(done)]
-                    reason = _reason(reason, bool(done))
+            thought, text, done = filters[i].push(out.new_text, out.finished)
+            reason = _reason(finish_reason(out), bool(done))
+            tool_calls = [DeltaToolCall(index=j, id=c.id, function=c.function) for j, c in enumerate(done)]
             delta = DeltaMessage(content=text, reasoning_content=thought or None, tool_calls=tool_calls or None)
             lps = chat_logprobs(tok, out.logprobs or ()) if req.logprobs else None
             choice = ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=reason)

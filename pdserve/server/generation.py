@@ -65,7 +65,7 @@ class Generation:
         self._outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._after = after
         self._aborted = asyncio.Event()  # abort() before the engine request was sent
-        self.sent = after is None  # the engine request was sent (or is about to be, with no await between)
+        self._sent = after is None  # the engine request was sent (or is about to be, with no await between)
         self.first_output = asyncio.Event()  # set at the first output (or the end, whatever it was)
         self.finished = False
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"generation-{inp.request_id}")
@@ -99,7 +99,7 @@ class Generation:
                 gone.cancel()
         if self._aborted.is_set():
             return False
-        self.sent = True
+        self._sent = True
         return True
 
     def _put(self, out: StepOutput) -> None:
@@ -111,7 +111,7 @@ class Generation:
         """Ask the engine to stop this request (no-op once it has finished)."""
         if self.finished:
             return
-        if self.sent:
+        if self._sent:
             self.engine.abort(self.request_id)
         else:
             self._aborted.set()

@@ -51,38 +51,44 @@ def sampling_params(
         raise APIError(400, str(e), code="invalid_value") from None
 
 
-def structured_outputs(req: SamplingFields) -> StructuredOutputs | None:
-    """The one output constraint of a request (response_format, structured_outputs or guided_*)."""
-    found: list[tuple[str, StructuredOutputs]] = []
+def _constraints(req: SamplingFields) -> list[tuple[str, dict[str, Any]]]:
+    """(field, StructuredOutputs keywords) of every output constraint the request sets, in the
+    order: OpenAI's response_format, vLLM's structured_outputs, then its older guided_* fields."""
 
-    def schema_text(value: object) -> str:
+    def schema(value: object) -> str:
         return value if isinstance(value, str) else json.dumps(value)
 
+    out: list[tuple[str, dict[str, Any]]] = []
     rf = req.response_format
     if rf is not None and rf.type == "json_object":
-        found.append(("response_format", StructuredOutputs(json_object=True)))
+        out.append(("response_format", {"json_object": True}))
     elif rf is not None and rf.type == "json_schema" and rf.json_schema is not None:
-        found.append(("response_format", StructuredOutputs(json=json.dumps(rf.json_schema.schema_))))
+        out.append(("response_format", {"json": json.dumps(rf.json_schema.schema_)}))
     so = req.structured_outputs
     if so is not None:
-        kw = {"json": None if so.json_ is None else schema_text(so.json_), "json_object": bool(so.json_object),
-              "regex": so.regex, "choice": so.choice, "grammar": so.grammar}
-        try:
-            found.append(("structured_outputs", StructuredOutputs(**kw)))  # type: ignore[arg-type]
-        except ValueError as e:
-            raise APIError(400, str(e), code="invalid_value", param="structured_outputs") from None
-    for name, kw in (("guided_json", {"json": None if req.guided_json is None else schema_text(req.guided_json)}),
-                     ("guided_regex", {"regex": req.guided_regex}), ("guided_choice", {"choice": req.guided_choice}),
-                     ("guided_grammar", {"grammar": req.guided_grammar})):
-        if next(iter(kw.values())) is not None:
-            try:
-                found.append((name, StructuredOutputs(**kw)))  # type: ignore[arg-type]
-            except ValueError as e:
-                raise APIError(400, str(e), code="invalid_value", param=name) from None
+        out.append(("structured_outputs", {"json": None if so.json_ is None else schema(so.json_),
+                                           "json_object": bool(so.json_object), "regex": so.regex,
+                                           "choice": so.choice, "grammar": so.grammar}))
+    given = {"guided_json": ("json", None if req.guided_json is None else schema(req.guided_json)),
+             "guided_regex": ("regex", req.guided_regex), "guided_choice": ("choice", req.guided_choice),
+             "guided_grammar": ("grammar", req.guided_grammar)}
+    out += [(field, {key: value}) for field, (key, value) in given.items() if value is not None]
+    return out
+
+
+def structured_outputs(req: SamplingFields) -> StructuredOutputs | None:
+    """The one output constraint of a request; a 400 naming the field when it is malformed or not alone."""
+    found = _constraints(req)
     if len(found) > 1:
-        raise APIError(400, f"give one output constraint, not {' and '.join(n for n, _ in found)}",
+        raise APIError(400, f"give one output constraint, not {' and '.join(f for f, _ in found)}",
                        code="invalid_value", param=found[1][0])
-    return found[0][1] if found else None
+    if not found:
+        return None
+    field, kw = found[0]
+    try:
+        return StructuredOutputs(**kw)
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value", param=field) from None
 
 
 def completion_prompts(engine: LLMEngine, req: CompletionRequest) -> list[list[int]]:
@@ -132,11 +138,6 @@ def _turn(m: ChatMessage) -> dict[str, Any]:
     return turn
 
 
-# The fields a constraint can come from; else it came from tool_choice (chat's tools).
-CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                     "guided_grammar")
-
-
 async def validate_constraint(engine: LLMEngine, params: SamplingParams, req: SamplingFields) -> None:
     """Compile the output constraint's grammar (a large schema takes a while: off the event loop)."""
     if params.structured_outputs is None:
@@ -144,15 +145,15 @@ async def validate_constraint(engine: LLMEngine, params: SamplingParams, req: Sa
     try:
         await asyncio.to_thread(engine.structured.validate, params.structured_outputs)
     except ValueError as e:
-        param = next((f for f in CONSTRAINT_FIELDS if getattr(req, f) is not None), "tool_choice")
-        raise APIError(400, str(e), code="invalid_value", param=param) from None
+        found = _constraints(req)  # else the constraint is chat's tool_choice
+        raise APIError(400, str(e), code="invalid_value", param=found[0][0] if found else "tool_choice") from None
 
 
-def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams, req: SamplingFields) -> None:
+def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams) -> None:
     """The engine's own checks: empty prompt, ids out of vocabulary, context length, cache size
     (the output constraint: `validate_constraint`)."""
     try:
-        engine.validate_prompt(token_ids, params, structured=False)
+        engine.validate_prompt(token_ids, params)
     except ValueError as e:
         msg = str(e)
         code = "context_length_exceeded" if "context length" in msg else "invalid_value"

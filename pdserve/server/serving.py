@@ -80,7 +80,7 @@ def start(
 ) -> Started:
     """Admit one prompt's `n` engine requests (choice 0 keeps the request id; prompt k > 0 of a
     completions batch gets `<id>-p<k>`)."""
-    validate(ctx.llm, token_ids, params, req)
+    validate(ctx.llm, token_ids, params)
     kvp = kv_transfer_params(ctx.settings.role, req.kv_transfer_params)
     if kvp is not None and ctx.llm.connector is not None:
         try:  # here, not in the engine's thread: a 400 before anything starts
