@@ -500,7 +500,7 @@ class ComponentTimer:
 
     def install(self) -> ComponentTimer:
         from pdserve.engine import engine, runner, sampler, scheduler
-        from pdserve.model import attention, cpu_linear, qwen3
+        from pdserve.model import attention, cpu_linear, decoder, rope
 
         self.wrap(engine.LLMEngine, "step", "engine.step (all)")
         self.wrap(engine.LLMEngine, "_process", "engine._process (detokenize, outputs)")
@@ -509,15 +509,15 @@ class ComponentTimer:
         self.wrap(runner.ModelRunner, "build", "runner.build (batch tensors, metadata)")
         self.wrap(sampler.Sampler, "prepare", "sampler.prepare")
         self.wrap(sampler.Sampler, "__call__", "sampler (argmax)")
-        self.wrap(qwen3.Qwen3ForCausalLM, "forward", "model.forward (embedding, residual adds, views)")
-        self.wrap(qwen3.Qwen3ForCausalLM, "compute_logits", "compute_logits (.float())")
+        self.wrap(decoder.DecoderForCausalLM, "forward", "model.forward (embedding, residual adds, views)")
+        self.wrap(decoder.DecoderForCausalLM, "compute_logits", "compute_logits (.float())")
         self.wrap(cpu_linear.PackedLinear, "forward", "linear (oneDNN packed)")
-        self.wrap(qwen3.RMSNorm, "forward", "rms_norm")
-        self.wrap(qwen3.RotaryEmbedding, "__call__", "rope table lookup")
-        self.wrap(qwen3, "apply_rope", "apply_rope")
-        self.wrap(qwen3.Qwen3MLP, "forward", "mlp elementwise (silu, mul)")
-        self.wrap(qwen3.Qwen3Attention, "forward", "attention block glue (views, reshape)")
-        self.wrap(qwen3, "paged_attention", "paged_attention glue (out buffer, slicing)")
+        self.wrap(decoder.RMSNorm, "forward", "rms_norm")
+        self.wrap(rope.RotaryEmbedding, "__call__", "rope table lookup")
+        self.wrap(decoder, "apply_rope", "apply_rope")
+        self.wrap(decoder.GatedMLP, "forward", "mlp elementwise (silu, mul)")
+        self.wrap(decoder.SelfAttention, "forward", "attention block glue (views, reshape)")
+        self.wrap(decoder, "paged_attention", "paged_attention glue (out buffer, slicing)")
         self.wrap(attention, "write_kv", "write_kv (index_copy_)")
         self.wrap(attention, "_gather", "decode: _gather KV blocks (index_select)")
         self.wrap(attention, "_decode_attention", "decode: attention math (matmul, softmax)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pdserve.engine.sampling_params import SamplingDefaults
+
 Role = Literal["standalone", "prefill", "decode"]
 KVMode = Literal["read", "write"]
 DType = Literal["bfloat16", "float16", "float32", "auto"]
@@ -26,8 +28,35 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # HTTP request bodies, server and prox
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling of long-context checkpoints (HF config.json's `rope_scaling`).
+
+    rope_type "linear" divides every frequency by `factor`; "llama3" (Llama 3.1+) divides only the
+    low frequencies, smoothly between `low_freq_factor` and `high_freq_factor`; "yarn" (Qwen2.5/3
+    long context) blends interpolated and original frequencies by dimension (`beta_fast`,
+    `beta_slow`) and scales cos/sin by `attention_factor` (from `factor`, or `mscale`/`mscale_all_dim`,
+    when not given).
+    """
+
+    rope_type: Literal["linear", "llama3", "yarn"]
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a Qwen3 / Qwen3-MoE model, named as in Hugging Face's config.json."""
+    """Hyper-parameters of a dense decoder (Qwen3, Qwen2, Llama, Mistral) or Qwen3-MoE model, named as
+    in Hugging Face's config.json. The dense families differ only in the flags below: per-head q/k
+    RMSNorm (Qwen3), biases on q/k/v (Qwen2) or on all four projections (`attention_bias`), RoPE scaling.
+    """
 
     architecture: str = "Qwen3ForCausalLM"
     vocab_size: int = 512
@@ -39,9 +68,12 @@ class ModelConfig:
     head_dim: int = 16
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    qk_norm: bool = True
     # Qwen3-MoE only.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -109,6 +141,10 @@ class EngineConfig:
     cpus: tuple[int, ...] | None = None  # pin the process to these cores
     # CUDA: run every step eagerly; otherwise decode-only steps replay CUDA graphs (one per batch bucket).
     enforce_eager: bool = False
+    # vLLM's --generation-config: "auto" takes the sampling defaults of the model's
+    # generation_config.json, "vllm" ignores them; the overrides win over both.
+    generation_config: Literal["auto", "vllm"] = "auto"
+    override_generation_config: SamplingDefaults = field(default_factory=SamplingDefaults)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)

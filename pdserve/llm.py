@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import CompletionOutput, RequestOutput, StepOutput
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
 
 Prompt = str | list[int]
 
@@ -19,7 +19,10 @@ class LLM:
 
     `model` is a local Hugging Face directory or `dummy:<preset>`; `dtype` is "auto", "bfloat16",
     "float16" or "float32". Extra keyword arguments size the cache and the scheduler; on CUDA,
-    `enforce_eager=True` turns off the CUDA graphs of decode-only steps.
+    `enforce_eager=True` turns off the CUDA graphs of decode-only steps. `generation_config="auto"`
+    takes the model's recommended sampling values (generation_config.json) as the defaults of
+    `get_default_sampling_params()`, used when `generate` gets none; `override_generation_config`
+    (generation_config.json keys) wins over them.
     """
 
     def __init__(
@@ -38,7 +41,11 @@ class LLM:
         enable_prefix_caching: bool = True,
         threads: int | None = None,
         enforce_eager: bool = False,
+        generation_config: str = "auto",
+        override_generation_config: dict[str, float | int] | None = None,
     ) -> None:
+        if generation_config not in ("auto", "vllm"):
+            raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
         config = EngineConfig(
             model=model,
             device=device,
@@ -46,6 +53,8 @@ class LLM:
             seed=seed,
             threads=threads,
             enforce_eager=enforce_eager,
+            generation_config=generation_config,  # type: ignore[arg-type]
+            override_generation_config=SamplingDefaults.from_generation_config(override_generation_config or {}),
             cache=CacheConfig(
                 block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_gib=kv_cache_gib,
                 enable_prefix_caching=enable_prefix_caching,
@@ -64,6 +73,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's recommended values (see the class doc), vLLM's method."""
+        return self.engine.sampling_defaults.params()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -74,7 +87,7 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = (
             [sampling_params] * len(prompts)
             if isinstance(sampling_params, SamplingParams)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from pdserve.config import (
     DEFAULT_BLOCK_SIZE,
@@ -14,6 +15,7 @@ from pdserve.config import (
     KVTransferConfig,
     SchedulerConfig,
 )
+from pdserve.engine.sampling_params import SamplingDefaults
 
 
 def _bounded_int(text: str, low: int, what: str) -> int:
@@ -56,6 +58,20 @@ def cpu_list(text: str) -> tuple[int, ...]:
     return tuple(cpus)
 
 
+def generation_overrides(text: str) -> SamplingDefaults:
+    """'{"temperature": 0.5, "max_new_tokens": 128}' -> SamplingDefaults."""
+    try:
+        values = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
+    if not isinstance(values, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    try:
+        return SamplingDefaults.from_generation_config(values)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
         p.add_argument("model", help="a local Hugging Face directory or dummy:<preset>")
@@ -76,6 +92,11 @@ def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None
                    help="reuse the KV of shared prompt prefixes (whole blocks)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: no CUDA graphs (decode-only steps are otherwise replayed from graphs)")
+    g.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
+                   help="auto: requests default to the sampling values of the model's generation_config.json "
+                        "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); vllm: ignore them")
+    g.add_argument("--override-generation-config", type=generation_overrides, default=SamplingDefaults(),
+                   metavar="JSON", help='sampling defaults over the model\'s, e.g. \'{"temperature": 0.5}\'')
 
 
 def engine_config_from_args(
@@ -89,6 +110,8 @@ def engine_config_from_args(
         threads=args.threads,
         cpus=args.cpus,
         enforce_eager=args.enforce_eager,
+        generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
         cache=CacheConfig(
             block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks,

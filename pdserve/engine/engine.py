@@ -21,15 +21,15 @@ from pdserve.engine.logprobs import TokenLogprob
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch, Scheduler
 from pdserve.engine.structured import StructuredOutputManager
 from pdserve.engine.text import TextState
 from pdserve.kv.factory import make_connector, parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
 from pdserve.model.cpu_linear import can_prepack, prepack_linears_
+from pdserve.model.decoder import fuse_projections_
 from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
-from pdserve.model.qwen3 import fuse_projections_
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ class LLMEngine:
         elif self.device.type == "cuda":
             fuse_projections_(self.loaded.module)
         self.tokenizer = self.loaded.tokenizer
+        model_defaults = self.loaded.sampling_defaults if config.generation_config == "auto" else SamplingDefaults()
+        self.sampling_defaults = model_defaults.merged(config.override_generation_config)
+        if self.sampling_defaults.as_dict():
+            log.info("default sampling parameters (from the model's generation config and overrides): %s",
+                     self.sampling_defaults.as_dict())
         self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self.layout = plan_layout(self.model_config, config.cache, self.dtype)
         role = config.kv_transfer.role
@@ -107,8 +112,10 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """A text prompt's ids with the tokenizer's special tokens (a BOS, for Llama), as vLLM's
+        offline API; token ids as given."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)
 
     def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:

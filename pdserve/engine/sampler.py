@@ -1,5 +1,5 @@
-"""Token sampling for a batch: penalties, greedy, temperature, top-k, top-p, per-request seeds,
-min_tokens.
+"""Token sampling for a batch: penalties, greedy, temperature, top-k, top-p, min-p, per-request
+seeds, min_tokens.
 
 No host sync: `prepare` builds the per-row tensors on the host and copies them asynchronously
 (pinned memory on CUDA; call it before the forward pass so the copies queue behind nothing), and
@@ -34,6 +34,7 @@ class SamplingBatch:
     penalties: Penalties | None = None  # None when no row uses one
     # (rows, token ids, biases) of SamplingParams.logit_bias, or None when no row has one.
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    min_p: torch.Tensor | None = None  # [N, 1] float32, None when no row uses it
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class Sampler:
             ],
             penalties=Penalties.of(requests, self.vocab_size, dev) if any(sp.uses_penalties for sp in sps) else None,
             bias=self._bias(sps),
+            min_p=to_device([[sp.min_p] for sp in sps], torch.float32, dev) if any(sp.uses_min_p for sp in sps)
+            else None,
         )
 
     def _bias(self, sps: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -157,6 +160,8 @@ class Sampler:
         if batch.top_k is not None or batch.top_p is not None:
             scaled = _apply_top_k_top_p(scaled, batch.top_k, batch.top_p)
         probs = torch.softmax(scaled, dim=-1)
+        if batch.min_p is not None:  # (the race below needs no renormalization)
+            probs = probs.masked_fill(probs < batch.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; seeded rows draw their own E.
         noise = torch.empty_like(probs).exponential_()
         for row, gen in batch.seeded:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 MAX_LOGPROBS = 20  # most top alternatives a request may ask for (OpenAI's top_logprobs limit)
 
@@ -40,6 +40,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p times the most likely one; 0: off
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
@@ -78,6 +79,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if any(not s for s in self.stop):
@@ -107,5 +110,63 @@ class SamplingParams:
         return self.top_p < 1.0
 
     @property
+    def uses_min_p(self) -> bool:
+        return self.min_p > 0.0
+
+    @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+# generation_config.json keys that set a sampling default (vLLM's --generation-config auto), and
+# the SamplingParams field each one sets.
+GENERATION_CONFIG_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling values a request gets where it leaves the field out: a model's recommended ones
+    (its generation_config.json, e.g. Qwen3's temperature 0.6, top_p 0.95, top_k 20) and the
+    operator's overrides. None: SamplingParams' own default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+
+    @classmethod
+    def from_generation_config(cls, generation: Mapping[str, object]) -> SamplingDefaults:
+        """The sampling keys of a generation_config.json (or of an override in that shape); ValueError
+        on a key that is not one, or a value that SamplingParams would refuse."""
+        unknown = sorted(set(generation) - set(GENERATION_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"unknown generation config keys {unknown}; known: {', '.join(GENERATION_CONFIG_KEYS)}")
+        values = {GENERATION_CONFIG_KEYS[k]: v for k, v in generation.items() if v is not None}
+        defaults = cls(**values)  # type: ignore[arg-type]
+        defaults.params()  # validates
+        return defaults
+
+    def merged(self, overrides: SamplingDefaults) -> SamplingDefaults:
+        """These defaults with every value `overrides` sets replaced."""
+        return replace(self, **overrides.as_dict())
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The values set."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def fill(self, **request: float | int | None) -> dict[str, float | int | None]:
+        """The request's values, each None replaced by the default where one is set."""
+        return {k: getattr(self, k) if v is None and getattr(self, k) is not None else v for k, v in request.items()}
+
+    def params(self) -> SamplingParams:
+        """SamplingParams with these defaults (SamplingParams' own elsewhere)."""
+        return SamplingParams(**self.as_dict())  # type: ignore[arg-type]

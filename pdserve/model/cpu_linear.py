@@ -12,15 +12,16 @@ from torch import nn
 
 
 class PackedLinear(nn.Module):
-    """Inference-only replacement of an nn.Linear (no bias: Qwen3 has none)."""
+    """Inference-only replacement of an nn.Linear (with its bias, if any)."""
 
-    def __init__(self, weight: torch.Tensor, batch_hint: int = 16) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_hint: int = 16) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+        self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -28,7 +29,7 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def prepack_linears_(module: nn.Module) -> int:
-    """Replace every bias-free nn.Linear under `module` by a PackedLinear (after fusing the
+    """Replace every nn.Linear under `module` by a PackedLinear (after fusing the
     projections of modules that offer `fuse_projections`: q/k/v, gate/up). Returns how many."""
     for m in list(module.modules()):
         fuse = getattr(m, "fuse_projections", None)
@@ -40,8 +41,8 @@ def prepack_linears_(module: nn.Module) -> int:
 def _pack(module: nn.Module) -> int:
     count = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and child.bias is None:
-            setattr(module, name, PackedLinear(child.weight))
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child.weight, child.bias))
             count += 1
         else:
             count += _pack(child)

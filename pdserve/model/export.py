@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from pdserve.config import ModelConfig
-from pdserve.model.loader import MODEL_TYPES, load_model
+from pdserve.model.hf_config import MODEL_TYPES
+from pdserve.model.loader import load_model
 from pdserve.model.tokenizer import Tokenizer
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -24,8 +26,14 @@ DEFAULT_MAX_SHARD_SIZE = 4 * 1000**3  # bytes ("4GB", as transformers counts)
 _UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
 
 
+def _rope_scaling_dict(config: ModelConfig) -> dict[str, Any] | None:
+    if config.rope_scaling is None:
+        return None
+    return {k: v for k, v in asdict(config.rope_scaling).items() if v is not None}
+
+
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json content that transformers' Qwen3Config / Qwen3MoeConfig (and vLLM) accept."""
+    """config.json content that transformers' config class of the architecture (and vLLM) accept."""
     eos = list(config.eos_token_ids)
     d: dict[str, Any] = {
         "architectures": [config.architecture],
@@ -44,8 +52,9 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "use_cache": True,
         "tie_word_embeddings": config.tie_word_embeddings,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": config.attention_bias,
+        "rope_scaling": _rope_scaling_dict(config),
+        "attention_bias": config.qkv_bias,
+        "mlp_bias": False,
         "attention_dropout": 0.0,
         "use_sliding_window": False,
         "sliding_window": None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +17,19 @@ from safetensors import safe_open
 from torch import nn
 
 from pdserve.config import ModelConfig
+from pdserve.engine.sampling_params import GENERATION_CONFIG_KEYS, SamplingDefaults
+from pdserve.model.decoder import DecoderForCausalLM, RMSNorm
+from pdserve.model.hf_config import MODEL_TYPES, config_from_hf
 from pdserve.model.presets import PRESETS, get_preset
-from pdserve.model.qwen3 import Qwen3ForCausalLM, RMSNorm
 from pdserve.model.qwen3_moe import Qwen3MoeForCausalLM
 from pdserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 DUMMY_PREFIX = "dummy:"
-ARCHITECTURES: dict[str, type[Qwen3ForCausalLM]] = {
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,
-    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+ARCHITECTURES: dict[str, type[DecoderForCausalLM]] = {
+    arch: Qwen3MoeForCausalLM if arch == "Qwen3MoeForCausalLM" else DecoderForCausalLM for arch in MODEL_TYPES
 }
-MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -46,12 +46,14 @@ _IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 class LoadedModel:
     """A ready-to-run model (eval mode, no grad) with its config and tokenizer."""
 
-    module: Qwen3ForCausalLM
+    module: DecoderForCausalLM
     config: ModelConfig
     tokenizer: Tokenizer
     eos_token_ids: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    # The sampling values generation_config.json recommends (none for dummy models).
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 def cpu_supports_bf16() -> bool:
@@ -83,7 +85,7 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return DTYPES[key]
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Qwen3ForCausalLM:
+def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> DecoderForCausalLM:
     """An allocated but uninitialized model of `config` in `dtype` on `device` (eval mode, no grad)."""
     if config.architecture not in ARCHITECTURES:
         raise ValueError(
@@ -168,86 +170,11 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-# ---- config.json -> ModelConfig ------------------------------------------------------------
-
-
-def _id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
-def _architecture(cfg: dict[str, Any]) -> str:
-    archs = cfg.get("architectures") or []
-    for arch in archs:
-        if arch in MODEL_TYPES:
-            return arch
-    by_type = {t: a for a, t in MODEL_TYPES.items()}
-    if not archs and cfg.get("model_type") in by_type:
-        return by_type[cfg["model_type"]]
-    found = archs or cfg.get("model_type")
-    raise ValueError(
-        f"unsupported architecture {found!r}; supported: {', '.join(MODEL_TYPES)} "
-        f"(model_type {', '.join(MODEL_TYPES.values())})"
-    )
-
-
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or params
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise ValueError(f"unsupported rope scaling {rope_type!r}: only default RoPE is implemented")
-    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10_000.0)
-
-
-def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
-    """Build a ModelConfig from config.json (and generation_config.json, for eos ids)."""
-    arch = _architecture(cfg)
-    if cfg.get("use_sliding_window"):
-        raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
-    heads = int(cfg["num_attention_heads"])
-    eos: list[int] = []
-    for i in _id_list((generation or {}).get("eos_token_id")) + _id_list(cfg.get("eos_token_id")):
-        if i not in eos:
-            eos.append(i)
-    moe_fields: dict[str, Any] = {}
-    if arch == "Qwen3MoeForCausalLM":
-        moe_fields = dict(
-            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0)),
-            moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0)),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-            decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
-            mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
-        )
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_hidden_layers=int(cfg["num_hidden_layers"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(cfg),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        eos_token_ids=tuple(eos),
-        bos_token_id=(generation or {}).get("bos_token_id", cfg.get("bos_token_id")),
-        **moe_fields,
-    )
-
-
 # ---- weights ---------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def load_weights_(module: Qwen3ForCausalLM, files: list[Path]) -> None:
+def load_weights_(module: DecoderForCausalLM, files: list[Path]) -> None:
     """Copy checkpoint tensors into `module` by name; ValueError on shape mismatch or missing weights."""
     params = dict(module.named_parameters())
     tied = module.config.tie_word_embeddings
@@ -285,13 +212,25 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _load_dir(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Qwen3ForCausalLM, Tokenizer]:
+def _sampling_defaults(generation: dict[str, Any], path: Path) -> SamplingDefaults:
+    try:
+        return SamplingDefaults.from_generation_config({k: generation[k] for k in GENERATION_CONFIG_KEYS
+                                                        if k in generation})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path / 'generation_config.json'}: {e}") from None
+
+
+def _load_dir(
+    path: Path, dtype: torch.dtype, device: torch.device
+) -> tuple[DecoderForCausalLM, Tokenizer, SamplingDefaults]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in model directory {path}")
+    generation = _read_json(path / "generation_config.json")
     try:
-        config = config_from_hf(_read_json(path / "config.json"), _read_json(path / "generation_config.json"))
+        config = config_from_hf(_read_json(path / "config.json"), generation)
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'} lacks required field {e}") from None
+    defaults = _sampling_defaults(generation, path)
     files = weight_files(path)
     if (path / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_dir(path)
@@ -300,7 +239,7 @@ def _load_dir(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Qwe
         tokenizer = Tokenizer.byte_level(config.vocab_size, config.max_position_embeddings)
     module = build_model(config, dtype, device)
     load_weights_(module, files)
-    return module, tokenizer
+    return module, tokenizer, defaults
 
 
 def load_model(
@@ -318,6 +257,7 @@ def load_model(
         tokenizer = Tokenizer.byte_level(config.vocab_size, config.max_position_embeddings)
         module = build_model(config, dtype, device)
         init_random_(module, seed)
+        defaults = SamplingDefaults()
     else:
         path = Path(model).expanduser()
         if not path.is_dir():
@@ -325,9 +265,9 @@ def load_model(
                 f"model {model!r} is not a local directory; pass an HF model directory or "
                 f"{DUMMY_PREFIX}<preset> (presets: {', '.join(PRESETS)})"
             )
-        module, tokenizer = _load_dir(path, dtype, device)
+        module, tokenizer, defaults = _load_dir(path, dtype, device)
         config = module.config
     eos = tuple(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids))
     config = replace(config, eos_token_ids=eos)
     module.config = config
-    return LoadedModel(module, config, tokenizer, eos, dtype, device)
+    return LoadedModel(module, config, tokenizer, eos, dtype, device, defaults)

@@ -6,7 +6,7 @@ vocab_size >= 259 and eos ids (<|im_end|>, <|endoftext|>).
 
 from __future__ import annotations
 
-from pdserve.config import ModelConfig
+from pdserve.config import ModelConfig, RopeScaling
 
 BYTE_EOS_IDS = (258, 256)  # <|im_end|>, <|endoftext|> in the byte tokenizer
 
@@ -42,6 +42,39 @@ PRESETS: dict[str, ModelConfig] = {
         norm_topk_prob=True,
         decoder_sparse_step=1,
         mlp_only_layers=(0,),
+        eos_token_ids=BYTE_EOS_IDS,
+    ),
+    # The other dense families at test size: Llama (no q/k norm, llama3 RoPE scaling) and Qwen2
+    # (q/k/v biases, no q/k norm), with the byte tokenizer's ChatML.
+    "llama-tiny": ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=500_000.0,
+        rope_scaling=RopeScaling("llama3", factor=8.0, original_max_position_embeddings=512),
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        qk_norm=False,
+        eos_token_ids=BYTE_EOS_IDS,
+    ),
+    "qwen2-tiny": ModelConfig(
+        architecture="Qwen2ForCausalLM",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        qkv_bias=True,
+        qk_norm=False,
         eos_token_ids=BYTE_EOS_IDS,
     ),
     # CPU benchmark: compute-heavy enough that prefill and decode differ, small vocab.

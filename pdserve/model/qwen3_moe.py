@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pdserve.config import ModelConfig
-from pdserve.model.qwen3 import Qwen3ForCausalLM, Qwen3MLP
+from pdserve.model.decoder import DecoderForCausalLM, GatedMLP
 
 
 class Qwen3MoeSparseMoeBlock(nn.Module):
@@ -23,7 +23,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
-            Qwen3MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+            GatedMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +51,11 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         return out
 
 
-class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
-    """Qwen3-MoE causal LM; same interface as Qwen3ForCausalLM."""
+class Qwen3MoeForCausalLM(DecoderForCausalLM):
+    """Qwen3-MoE causal LM; same interface as DecoderForCausalLM."""
 
     @staticmethod
     def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
         if config.is_sparse_layer(layer_idx):
             return Qwen3MoeSparseMoeBlock(config)
-        return Qwen3MLP(config.hidden_size, config.intermediate_size)
+        return GatedMLP(config.hidden_size, config.intermediate_size)

@@ -29,7 +29,6 @@ from pdserve.server.protocol import (
     DeltaToolCall,
     FinishReason,
     KVParamsJSON,
-    ToolCallOut,
     Usage,
 )
 from pdserve.server.reasoning import ReasoningStream, split_reasoning
@@ -43,7 +42,8 @@ from pdserve.server.serving import (
     usage_of,
     wait_for_end,
 )
-from pdserve.server.tools import ToolStream, parse_tool_calls, template_tools, tool_constraint
+from pdserve.server.tool_parsers import ParsedReply, ToolCallStream
+from pdserve.server.tools import template_tools, tool_constraint
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -53,9 +53,11 @@ async def create_chat_completion(request: Request) -> Response:
     req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
     tools = template_tools(req)
-    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
-    params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None)
-    constraint = tool_constraint(req)
+    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
+                            req.add_special_tokens)
+    params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None,
+                             defaults=ctx.llm.sampling_defaults)
+    constraint = tool_constraint(req, ctx.tool_parser)
     if constraint is not None:
         if params.structured_outputs is not None:
             raise APIError(400, "tool_choice 'required' or a named function constrains the output already: "
@@ -65,16 +67,19 @@ async def create_chat_completion(request: Request) -> Response:
     started = start(request, ctx, req, token_ids, params, "chatcmpl", arrival)
     reasoning = ctx.settings.reasoning_parser is not None
     if req.stream:
-        stream = _stream(req, started, ctx.llm.tokenizer, tools is not None, reasoning)
+        filters = [_ReplyFilter(ReasoningStream() if reasoning else None,
+                                ctx.tool_parser.stream() if tools is not None else None)
+                   for _ in started.generations]
+        stream = _stream(req, started, ctx.llm.tokenizer, filters)
         return sse.GenerationStream(stream, started.abort, {})
     results = await wait_for_end(request, started)
     choices = []
     for i, r in enumerate(results):
         thought, text = split_reasoning(r.text) if reasoning else (None, r.text)
-        content, calls = parse_tool_calls(text) if tools is not None else (text, [])
+        reply = ctx.tool_parser.parse(text) if tools is not None else ParsedReply(text, [])
         choices.append(ChatChoice(
-            index=i, message=AssistantMessage(content=content, reasoning_content=thought, tool_calls=calls),
-            finish_reason=_reason(finish_reason(r.final), bool(calls)),
+            index=i, message=AssistantMessage(content=reply.content, reasoning_content=thought, tool_calls=reply.calls),
+            finish_reason=_reason(finish_reason(r.final), bool(reply.calls)),
             logprobs=chat_logprobs(ctx.llm.tokenizer, r.logprobs) if req.logprobs else None,
         ))
     body = ChatCompletionResponse(
@@ -94,10 +99,15 @@ class _ReplyFilter:
     reasoning parser), then tool calls out of the rest (with tools)."""
 
     thinking: ReasoningStream | None
-    tools: ToolStream | None
+    tools: ToolCallStream | None
 
-    def push(self, delta: str, finished: bool) -> tuple[str, str, list[ToolCallOut]]:
-        """(reasoning, content) to send now, and the tool calls (only with the last delta)."""
+    @property
+    def called(self) -> bool:
+        """Some tool call has gone out."""
+        return self.tools is not None and bool(self.tools.calls)
+
+    def push(self, delta: str, finished: bool) -> tuple[str, str, list[DeltaToolCall]]:
+        """(reasoning, content) to send now, and the tool calls that are complete."""
         thought, text, calls = "", delta, []
         if self.thinking is not None:
             thought, text = self.thinking.push(text)
@@ -105,10 +115,11 @@ class _ReplyFilter:
                 more, rest = self.thinking.finish()
                 thought, text = thought + more, text + rest
         if self.tools is not None:
-            text = self.tools.push(text)
+            out = self.tools.push(text)
+            text, calls = out.content, out.calls
             if finished:
-                rest, calls = self.tools.finish()
-                text += rest
+                out = self.tools.finish()
+                text, calls = text + out.content, calls + out.calls
         return thought, text, calls
 
 
@@ -117,7 +128,7 @@ def _reason(reason: FinishReason | None, called: bool) -> FinishReason | None:
 
 
 async def _stream(
-    req: ChatCompletionRequest, s: Started, tok: Tokenizer, tools: bool, reasoning: bool
+    req: ChatCompletionRequest, s: Started, tok: Tokenizer, filters: list[_ReplyFilter]
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None) -> bytes:
         return sse.event(
@@ -136,10 +147,6 @@ async def _stream(
     for i in range(n):
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     finals: list[StepOutput] = []
-    # With tools: content goes out until a call starts; the calls go out with the last chunk.
-    # With a reasoning parser: the <think> block streams as reasoning_content, the rest as content.
-    filters = [_ReplyFilter(ReasoningStream() if reasoning else None, ToolStream() if tools else None)
-               for _ in range(n)]
     async for i, out in s.outputs():
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
@@ -147,10 +154,9 @@ async def _stream(
         if out.new_token_ids or out.new_text or out.finished:
             running = usage_of(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
-            thought, text, done = filters[i].push(out.new_text, out.finished)
-            reason = _reason(finish_reason(out), bool(done))
-            tool_calls = [DeltaToolCall(index=j, id=c.id, function=c.function) for j, c in enumerate(done)]
-            delta = DeltaMessage(content=text, reasoning_content=thought or None, tool_calls=tool_calls or None)
+            thought, text, calls = filters[i].push(out.new_text, out.finished)
+            reason = _reason(finish_reason(out), filters[i].called)
+            delta = DeltaMessage(content=text, reasoning_content=thought or None, tool_calls=calls or None)
             lps = chat_logprobs(tok, out.logprobs or ()) if req.logprobs else None
             choice = ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=reason)
             yield chunk([choice], running, kv)

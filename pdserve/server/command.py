@@ -20,8 +20,10 @@ from pdserve.server.settings import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_TOOL_CALL_PARSER,
     ServerSettings,
 )
+from pdserve.server.tool_parsers import TOOL_PARSERS
 
 log = logging.getLogger("pdserve.server")
 
@@ -54,6 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--reasoning-parser", default=None, choices=PARSERS,
                    help="put a reply's <think> block in reasoning_content (chat), as vLLM's parser of that name")
+    g.add_argument("--tool-call-parser", default=DEFAULT_TOOL_CALL_PARSER, choices=tuple(TOOL_PARSERS),
+                   help="the format the model writes tool calls in, as vLLM's parser of that name: hermes "
+                        "(Qwen's <tool_call> blocks) or llama3_json (Llama 3.1/3.2); default %(default)s")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility and ignored: tool_choice 'auto' is always on")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", action="store_true")
     add_kv_transfer_args(p)
@@ -71,6 +78,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_queued_requests=args.max_queued_requests,
         drain_timeout_s=args.drain_timeout,
         reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -96,7 +96,7 @@ async def create_completion(request: Request) -> Response:
         raise APIError(400, "a KV transfer is for one prompt: send a batch without kv_transfer_params",
                        code="invalid_value", param="prompt")
     params = sampling_params(req, 1 if req.max_tokens == 0 else req.max_tokens, req.logprobs,
-                             req.logprobs if req.echo else None)
+                             req.logprobs if req.echo else None, ctx.llm.sampling_defaults)
     await validate_constraint(ctx.llm, params, req)
     tok = ctx.llm.tokenizer
     parts: list[Started] = []

@@ -13,6 +13,7 @@ from pdserve.server.admission import Admission
 from pdserve.server.generation import Generation, GenerationInput
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.settings import ServerSettings
+from pdserve.server.tool_parsers import ToolParser, make_tool_parser
 
 
 @dataclass
@@ -21,9 +22,11 @@ class ServerContext:
     settings: ServerSettings
     metrics: ServerMetrics = field(init=False)
     admission: Admission = field(init=False)
+    tool_parser: ToolParser = field(init=False)  # --tool-call-parser
     generations: dict[str, Generation] = field(init=False, default_factory=dict)  # also keeps tasks alive
 
     def __post_init__(self) -> None:
+        self.tool_parser = make_tool_parser(self.settings.tool_call_parser)
         self.admission = Admission(self.llm.config.scheduler.max_num_seqs, self.settings.max_queued_requests)
         self.metrics = ServerMetrics(lambda: self.engine.stats, lambda: self.admission.num_in_flight)
         connector = self.llm.connector

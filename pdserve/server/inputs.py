@@ -12,7 +12,7 @@ from typing import Any
 
 from pdserve.config import Role
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.sampling_params import SamplingParams, StructuredOutputs
+from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams, StructuredOutputs
 from pdserve.kv.factory import parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
 from pdserve.server.errors import APIError
@@ -20,20 +20,28 @@ from pdserve.server.protocol import ChatMessage, CompletionRequest, KVParamsJSON
 
 
 def sampling_params(
-    req: SamplingFields, max_tokens: int | None, logprobs: int | None = None, prompt_logprobs: int | None = None
+    req: SamplingFields, max_tokens: int | None, logprobs: int | None = None, prompt_logprobs: int | None = None,
+    defaults: SamplingDefaults | None = None,
 ) -> SamplingParams:
+    """The engine's SamplingParams of a request; a field it leaves out takes `defaults` (the model's
+    generation config), else the OpenAI default."""
     try:
         bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
     except ValueError:
         raise APIError(400, "logit_bias keys must be token ids (integers as strings)", code="invalid_value",
                        param="logit_bias") from None
+    d = (defaults or SamplingDefaults()).fill(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+    )
     try:
         return SamplingParams(
-            max_tokens=max_tokens,
+            max_tokens=d["max_tokens"],
             min_tokens=req.min_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k is None else req.top_k,
+            temperature=1.0 if d["temperature"] is None else d["temperature"],
+            top_p=1.0 if d["top_p"] is None else d["top_p"],
+            top_k=0 if d["top_k"] is None else d["top_k"],
+            min_p=0.0 if d["min_p"] is None else d["min_p"],
             seed=req.seed,
             stop=req.stop or (),
             stop_token_ids=req.stop_token_ids or (),
@@ -43,7 +51,7 @@ def sampling_params(
             prompt_logprobs=prompt_logprobs,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=1.0 if d["repetition_penalty"] is None else d["repetition_penalty"],
             logit_bias=bias,
             structured_outputs=structured_outputs(req),
         )
@@ -93,7 +101,9 @@ def structured_outputs(req: SamplingFields) -> StructuredOutputs | None:
 
 def completion_prompts(engine: LLMEngine, req: CompletionRequest) -> list[list[int]]:
     """Token ids of each prompt of the request."""
-    return [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
+    tok = engine.tokenizer
+    return [tok.encode(p, add_special_tokens=req.add_special_tokens) if isinstance(p, str) else list(p)
+            for p in req.prompts]
 
 
 TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")
@@ -102,9 +112,11 @@ TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "bos_token",
 def chat_prompt(
     engine: LLMEngine, messages: list[ChatMessage], add_generation_prompt: bool,
     tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None,
+    add_special_tokens: bool = False,
 ) -> list[int]:
     """The messages rendered with the model's chat template (with `tools` and the request's
-    chat_template_kwargs, when given), tokenized."""
+    chat_template_kwargs, when given), tokenized (without the tokenizer's BOS unless asked: the
+    template writes it)."""
     turns = [_turn(m) for m in messages]
     taken = sorted(set(template_kwargs or ()) & set(TEMPLATE_VARIABLES))
     if taken:
@@ -115,7 +127,7 @@ def chat_prompt(
                                                     **(template_kwargs or {}))
     except Exception as e:  # a template's raise_exception(), e.g. a role order it rejects
         raise APIError(400, f"cannot apply the chat template: {e}", code="invalid_value", param="messages") from None
-    return engine.tokenizer.encode(text)
+    return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _turn(m: ChatMessage) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class SamplingFields(_Request):
     temperature: Annotated[float, Field(ge=0.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # vLLM's
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -123,6 +124,7 @@ class CompletionRequest(SamplingFields):
     logprobs: TopK | None = None  # each token's logprob and this many most likely alternatives
     best_of: Literal[1] | None = None
     suffix: None = None
+    add_special_tokens: bool = True  # vLLM's: a text prompt gets the tokenizer's BOS etc. (Llama's <|begin_of_text|>)
 
     @field_validator("max_tokens")
     @classmethod
@@ -220,6 +222,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, JsonValue] | None = None  # vLLM's: e.g. {"enable_thinking": false} (Qwen3)
+    add_special_tokens: bool = False  # vLLM's: templates write the BOS themselves
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -259,7 +262,7 @@ class TokenizeRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_generation_prompt: bool = True  # messages only
     chat_template_kwargs: dict[str, JsonValue] | None = None  # messages only
-    add_special_tokens: bool = False  # prompt only; False is what /v1/completions does
+    add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (as the two endpoints)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

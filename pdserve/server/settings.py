@@ -8,6 +8,7 @@ from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, R
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_TOOL_CALL_PARSER = "hermes"
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class ServerSettings:
     max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS  # None: no limit
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     reasoning_parser: str | None = None  # reasoning.PARSERS: split <think> blocks into reasoning_content
+    tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER  # tool_parsers.TOOL_PARSERS: the format of tool calls
 
     @property
     def model_name(self) -> str:

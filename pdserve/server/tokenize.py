@@ -21,9 +21,11 @@ async def tokenize(request: Request) -> Response:
     check_model(ctx, req.model)
     tok = ctx.llm.tokenizer
     if req.messages is not None:
-        ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, None, req.chat_template_kwargs)
+        ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, None, req.chat_template_kwargs,
+                          bool(req.add_special_tokens))
     else:
-        ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        special = True if req.add_special_tokens is None else req.add_special_tokens
+        ids = tok.encode(req.prompt or "", add_special_tokens=special)
     body = TokenizeResponse(count=len(ids), max_model_len=ctx.llm.max_model_len, tokens=ids)
     return Response(body.model_dump_json(), media_type="application/json")
 

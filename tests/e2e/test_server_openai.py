@@ -452,31 +452,79 @@ TOOLS = [
 ]
 
 
+def _streamed_calls(chunks: list) -> list[tuple[str, str]]:
+    """The calls as a streaming client puts them together: by index, the first delta of each call
+    opening it (id, type "function", name), the arguments joined over its deltas. Checks that every
+    call but the last came out before the chunk that ends the reply (the last may complete it)."""
+    calls: dict[int, list[str]] = {}
+    for c in chunks:
+        for t in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            if t.index not in calls:
+                assert t.index == len(calls) and t.id and t.type == "function" and t.function and t.function.name
+                calls[t.index] = [t.function.name, ""]
+            else:
+                assert t.id is None and t.function and t.function.name is None  # later deltas: arguments only
+            calls[t.index][1] += t.function.arguments or ""
+    ends = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason is not None]
+    early = {t.index for c in chunks[:ends[-1]] if c.choices for t in c.choices[0].delta.tool_calls or []}
+    assert early >= set(range(len(calls) - 1))
+    return [(name, args) for name, args in calls.values()]
+
+
+def _check_tool_calls(client: openai.OpenAI, tool_choice: object, parallel: bool, seed: int = 2
+                      ) -> list[tuple[str, dict]]:
+    """The reply to tool_choice "required" / named is tool calls (finish_reason "tool_calls" unless
+    cut off) whose arguments obey the function's schema; streamed with the same seed, the client
+    puts together the very same calls, argument strings included. Returns (name, arguments)."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = {"model": TINY_MODEL, "messages": messages, "tools": TOOLS, "tool_choice": tool_choice,
+          "parallel_tool_calls": parallel, "max_tokens": 300, "temperature": 1.0, "seed": seed}
+    choice = client.chat.completions.create(**kw).choices[0]  # type: ignore[call-overload]
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]  # type: ignore[union-attr]
+    assert calls and not choice.message.content and (len(calls) == 1 or parallel)
+    assert choice.finish_reason == "tool_calls" or (parallel and choice.finish_reason == "length")
+    parsed = [(name, json.loads(args)) for name, args in calls]
+    for name, args in parsed:
+        if isinstance(tool_choice, dict):
+            assert name == "get_weather" and set(args) == {"city"}
+        else:
+            assert (name, sorted(args)) in [("get_weather", ["city"]), ("get_time", ["tz"])]
+    chunks = list(client.chat.completions.create(stream=True, **kw))  # type: ignore[call-overload]
+    assert _streamed_calls(chunks) == calls
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    return parsed
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_tool_calls(client: openai.OpenAI, tool_choice: object) -> None:
-    """tool_choice "required" / named: the reply is a tool call (finish_reason "tool_calls") whose
-    arguments obey the function's schema, streamed or not; then the result goes back as a tool turn."""
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    kw = {"model": TINY_MODEL, "tools": TOOLS, "tool_choice": tool_choice, "parallel_tool_calls": False,
-          "max_tokens": 300, "temperature": 1.0, "seed": 2}
-    r = client.chat.completions.create(messages=messages, **kw)  # type: ignore[arg-type]
-    choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls and not choice.message.content
-    (call,) = choice.message.tool_calls
-    args = json.loads(call.function.arguments)  # type: ignore[union-attr]
-    if isinstance(tool_choice, dict):
-        assert call.function.name == "get_weather" and set(args) == {"city"}  # type: ignore[union-attr]
-    else:
-        assert (call.function.name, sorted(args)) in [("get_weather", ["city"]), ("get_time", ["tz"])]  # type: ignore[union-attr]
-    chunks = list(client.chat.completions.create(messages=messages, stream=True, **kw))  # type: ignore[arg-type]
-    streamed = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
-    assert [(t.function.name, t.function.arguments) for t in streamed] == [  # type: ignore[union-attr]
-        (call.function.name, call.function.arguments)]  # type: ignore[union-attr]
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
-    turn = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                       {"role": "tool", "tool_call_id": call.id, "content": '{"result": 21}'}]
+    """One call, streamed or not; then its result goes back as a tool turn."""
+    ((name, args),) = _check_tool_calls(client, tool_choice, parallel=False)
+    call = {"id": "call-1", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+    turn = [{"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call-1", "content": '{"result": 21}'}]
     r = client.chat.completions.create(model=TINY_MODEL, messages=turn, tools=TOOLS, max_tokens=4, **GREEDY)  # type: ignore[arg-type]
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_parallel_tool_calls_stream_one_by_one(client: openai.OpenAI) -> None:
+    """"required" with parallel_tool_calls: several calls (in some of a few sampled replies), each
+    streamed as it completes."""
+    assert any(len(_check_tool_calls(client, "required", parallel=True, seed=seed)) > 1 for seed in range(1, 20))
+
+
+def test_llama3_json_tool_call_parser(module_tmp: Path) -> None:
+    """--tool-call-parser llama3_json (with vLLM's --enable-auto-tool-choice, accepted): "required"
+    and named choices constrain the reply to Llama's JSON calls, which come back as tool_calls,
+    streamed or not; "auto" leaves plain text alone."""
+    with pdserve_server(module_tmp, "--tool-call-parser", "llama3_json", "--enable-auto-tool-choice") as s:
+        client = openai.OpenAI(base_url=s.v1_url, api_key="unused", max_retries=0)
+        assert any(len(_check_tool_calls(client, "required", True, seed)) > 1 for seed in range(1, 20))
+        _check_tool_calls(client, {"type": "function", "function": {"name": "get_weather"}}, parallel=False)
+        r = client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                           tools=TOOLS, max_tokens=8, **GREEDY)  # type: ignore[arg-type]
+        assert r.choices[0].message.content and not r.choices[0].message.tool_calls
 
 
 def test_tool_choice_auto_and_none_leave_text_alone(client: openai.OpenAI) -> None:

@@ -1,4 +1,5 @@
-"""Model, loader, export and tokenizer: pdserve's Qwen3 / Qwen3-MoE against transformers, on CPU."""
+"""Model, loader, export and tokenizer: pdserve's presets (Qwen3, Qwen3-MoE, Llama, Qwen2) exported and
+run against transformers, on CPU."""
 
 from __future__ import annotations
 
@@ -8,65 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdserve.engine.kv_cache import KVLayout
 from pdserve.model import loader
-from pdserve.model.attention import AttentionMetadata, PrefillSpan
+from pdserve.model.decoder import DecoderForCausalLM
 from pdserve.model.export import export_model, save_hf_dir
 from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
 from pdserve.model.presets import get_preset
-from pdserve.model.qwen3 import Qwen3ForCausalLM
 from pdserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from tests.unit.paged import PROMPT_LEN, assert_close, make_meta, new_cache, run
 
 transformers = pytest.importorskip("transformers")
 
-BS = 16  # block size
-PROMPT_LEN = 40
-PRESETS = ["qwen3-tiny", "qwen3-moe-tiny"]
-
-
-def make_meta(
-    decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], int, int]]
-) -> tuple[AttentionMetadata, torch.Tensor]:
-    """Flat-batch metadata: decodes are (block_ids, position); prefills are (block_ids, num_cached, q_len)."""
-    slots: list[int] = []
-    positions: list[int] = []
-    for blocks, pos in decodes:
-        slots.append(blocks[pos // BS] * BS + pos % BS)
-        positions.append(pos)
-    width = max((len(b) for b, _ in decodes), default=1)
-    tables = torch.tensor([b + [0] * (width - len(b)) for b, _ in decodes], dtype=torch.long).view(-1, width)
-    ctx = torch.tensor([pos + 1 for _, pos in decodes], dtype=torch.long)
-    spans = []
-    for blocks, cached, n in prefills:
-        spans.append(PrefillSpan(len(slots), n, cached, torch.tensor(blocks)))
-        for pos in range(cached, cached + n):
-            slots.append(blocks[pos // BS] * BS + pos % BS)
-            positions.append(pos)
-    meta = AttentionMetadata(BS, torch.tensor(slots), len(decodes), tables, ctx, spans)
-    return meta, torch.tensor(positions)
-
-
-def new_cache(lm: LoadedModel, num_blocks: int = 8) -> torch.Tensor:
-    c = lm.config
-    layout = KVLayout(c.num_hidden_layers, num_blocks, BS, c.num_key_value_heads, c.head_dim, lm.dtype)
-    return torch.zeros(layout.shape, dtype=lm.dtype)
-
-
-@torch.inference_mode()
-def run(
-    lm: LoadedModel, ids: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, positions
-) -> torch.Tensor:
-    hooked: list[int] = []
-    meta.layer_hook = hooked.append
-    logits = lm.module.compute_logits(lm.module(ids, positions, kv, meta))
-    assert hooked == list(range(lm.config.num_hidden_layers))
-    assert logits.dtype == torch.float32
-    return logits
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
-    assert a.shape == b.shape
-    assert (a - b).abs().max().item() < tol
+PRESETS = ["qwen3-tiny", "qwen3-moe-tiny", "llama-tiny", "qwen2-tiny"]
 
 
 @pytest.fixture(scope="module", params=PRESETS)
@@ -76,7 +29,7 @@ def pair(request, tmp_path_factory):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in lm.module.named_parameters():
-            if "norm" in name:  # make norm weights != 1 so a misnamed norm shows up
+            if "norm" in name or "bias" in name:  # != 1 / != 0, so a misnamed one shows up
                 p.add_(torch.randn(p.shape, generator=gen) * 0.2)
     out = save_hf_dir(tmp_path_factory.mktemp(request.param), lm.config, lm.module.state_dict(), lm.tokenizer)
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(
@@ -172,7 +125,7 @@ def test_dummy_weights_deterministic_and_pooled(monkeypatch):
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
     assert torch.equal(a["model.norm.weight"], torch.ones(64))
     with torch.device("meta"):
-        tied = Qwen3ForCausalLM(get_preset("qwen3-cpu-bench"))
+        tied = DecoderForCausalLM(get_preset("qwen3-cpu-bench"))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     # The pooled fast path for large CPU tensors: still N(0, 0.02) and deterministic.
     monkeypatch.setattr(loader, "_DIRECT_MAX", 1024)
@@ -223,6 +176,39 @@ def test_incremental_detokenizer_matches_full_decode():
     assert det.add(ids[:2]) == "ab"
     assert det.add(ids[2:4]) == ""
     assert det.flush() == "\ufffd"
+
+
+def _metaspace_tokenizer() -> Tokenizer:
+    """A sentencepiece-style BPE (Llama 2 / Mistral): spaces are '▁', the first word gets one too,
+    and the decoder strips the leading space: deltas must not lose or double spaces."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, trainers
+
+    hf = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    hf.train_from_iterator(["the lazy dog sleeps in the sun", "hello world again"] * 10, trainer)
+    spec = json.loads(hf.to_str())  # the 256 byte tokens are ordinary vocabulary, as in Llama 2's
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    hf = HFTokenizer.from_str(json.dumps(spec))
+    return Tokenizer(hf, eos_token="</s>", bos_token="<s>")
+
+
+def test_incremental_detokenizer_metaspace_keeps_spaces():
+    tok = _metaspace_tokenizer()
+    ids = tok.encode("hello world, the lazy dog sleeps. naïve 😀 end")
+    assert tok.token_to_id("<0xF0>") in ids  # the emoji went through byte fallback
+    for context in ([], tok.encode("a prompt")):
+        det = IncrementalDetokenizer(tok, context_ids=context)
+        deltas = [det.add([i]) for i in ids] + [det.flush()]
+        assert all("\ufffd" not in d for d in deltas)
+        # After a prompt, the first word keeps its space (the decoder strips only a text's first one).
+        whole = tok.decode(context + ids)[len(tok.decode(context)):]
+        assert "".join(deltas) == whole == (" " if context else "") + tok.decode(ids)
 
 
 def test_saved_tokenizer_loads_in_transformers(tmp_path):
@@ -285,10 +271,10 @@ def _broken_dir(tmp_path: Path, edit) -> str:
 def test_checkpoint_errors(tmp_path):
     def wrong_arch(out, sd):
         cfg = json.loads((out / "config.json").read_text())
-        cfg["architectures"], cfg["model_type"] = ["LlamaForCausalLM"], "llama"
+        cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
         (out / "config.json").write_text(json.dumps(cfg))
 
-    with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel.*supported: .*LlamaForCausalLM"):
         load_model(_broken_dir(tmp_path / "a", wrong_arch), torch.float32, "cpu")
 
     def no_weights(out, sd):

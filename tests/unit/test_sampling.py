@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from pdserve import LLM, SamplingParams
@@ -41,6 +43,21 @@ def test_top_k_restricts_choices(llm):
     assert len(firsts) == 2
 
 
+def test_min_p_keeps_only_tokens_near_the_most_likely(llm):
+    greedy = toks(llm, max_tokens=12, temperature=0, ignore_eos=True).token_ids
+    assert toks(llm, max_tokens=12, temperature=2.0, min_p=1.0, seed=1, ignore_eos=True).token_ids == greedy
+    # At temperature T, p_i / p_max = exp((logprob_i - logprob_max) / T): the tokens min_p keeps.
+    temperature, min_p = 0.1, 0.2  # the tiny model is nearly uniform: a low temperature spreads it
+    top = toks(llm, max_tokens=1, temperature=0, logprobs=20).logprobs[0].top
+    best = top[0][1]
+    kept = {t for t, lp in top if (lp - best) / temperature >= math.log(min_p)}
+    assert 1 < len(kept) < len(top)
+    firsts = {toks(llm, max_tokens=1, temperature=temperature, min_p=min_p, seed=s).token_ids[0] for s in range(40)}
+    assert firsts <= kept and len(firsts) > 1
+    unrestricted = {toks(llm, max_tokens=1, temperature=temperature, seed=s).token_ids[0] for s in range(40)}
+    assert not unrestricted <= kept
+
+
 def test_stop_token_ids_and_min_tokens(llm):
     greedy = toks(llm, max_tokens=12, temperature=0, ignore_eos=True).token_ids
     out = toks(llm, max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[greedy[3]])
@@ -70,6 +87,7 @@ def test_max_tokens_and_eos(llm):
         ({"max_tokens": 0}, "max_tokens"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
+        ({"min_p": 1.5}, "min_p"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"n": 0}, "n must be at least 1"),
     ],

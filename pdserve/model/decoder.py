@@ -1,8 +1,12 @@
-"""Qwen3 dense decoder (`Qwen3ForCausalLM`) over the paged KV cache.
+"""Dense decoder-only causal LM over the paged KV cache: Qwen3, Qwen2, Llama and Mistral.
 
-Module and parameter names follow the Hugging Face checkpoint exactly (`model.embed_tokens`,
-`model.layers.N.self_attn.q_proj`, ..., `lm_head`), so loading weights is a name lookup. The MoE
-variant (qwen3_moe.py) reuses every piece here and only swaps the MLP of sparse layers.
+The four families share one block (pre-norm GQA attention with RoPE, SwiGLU MLP, RMSNorm) and
+differ only in ModelConfig flags: Qwen3 normalizes q and k per head (`qk_norm`), Qwen2 has biases
+on q/k/v (`qkv_bias`), Llama may have them on all four projections, and long-context checkpoints
+scale RoPE (rope.py). Module and parameter names follow the Hugging Face checkpoints exactly
+(`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `lm_head`), so loading weights is
+a name lookup. The MoE variant (qwen3_moe.py) reuses every piece here and only swaps the MLP of
+sparse layers.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from torch import nn
 
 from pdserve.config import ModelConfig
 from pdserve.model.attention import AttentionMetadata, paged_attention
+from pdserve.model.rope import RotaryEmbedding, apply_rope
+
+# Builds the inference layer that replaces fused projections: (weight [out, in], bias [out] or None).
+MakeLinear = Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
 
 
 class RMSNorm(nn.Module):
@@ -29,41 +37,8 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-class RotaryEmbedding:
-    """Neox-style RoPE; a float32 cos/sin table up to `max_positions`, built lazily per device."""
-
-    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
-        self.head_dim = head_dim
-        self.max_positions = max_positions
-        self.theta = theta
-        self._table: torch.Tensor | None = None  # [max_positions, 2, head_dim // 2] float32
-
-    def _build(self, device: torch.device) -> torch.Tensor:
-        half = self.head_dim // 2
-        inv_freq = 1.0 / (
-            self.theta
-            ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim)
-        )
-        pos = torch.arange(self.max_positions, dtype=torch.float32, device=device)
-        freqs = torch.outer(pos, inv_freq)  # [P, half]
-        return torch.stack([freqs.cos(), freqs.sin()], dim=1).view(self.max_positions, 2, half)
-
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` ([T]), each [T, 1, head_dim // 2] in `dtype`."""
-        if self._table is None or self._table.device != positions.device:
-            self._table = self._build(positions.device)
-        cs = self._table.index_select(0, positions).to(dtype)
-        return cs[:, 0:1], cs[:, 1:2]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x ([T, heads, hd]) by the half-split (rotate_half) convention of HF Qwen3."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-class Qwen3Attention(nn.Module):
-    """GQA self-attention with per-head q/k RMSNorm and RoPE, over one layer of the paged cache."""
+class SelfAttention(nn.Module):
+    """GQA self-attention with RoPE (and per-head q/k RMSNorm for Qwen3), over one layer of the paged cache."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -71,21 +46,21 @@ class Qwen3Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        h, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        h, hd, bias = config.hidden_size, config.head_dim, config.qkv_bias
         self.q_proj = nn.Linear(h, self.num_heads * hd, bias=bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=bias)
-        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
-        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=config.o_proj_bias)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.qkv_proj: nn.Module | None = None  # set by fuse_projections (inference only)
         self._qkv_sizes = (self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd)
 
-    def fuse_projections(self, make: Callable[[torch.Tensor], nn.Module]) -> None:
+    def fuse_projections(self, make: MakeLinear) -> None:
         """Replace q/k/v_proj by one layer over their concatenated weights (one GEMM, not three)."""
-        if self.q_proj.bias is not None:
-            return
-        self.qkv_proj = make(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        self.qkv_proj = make(torch.cat([p.weight for p in projs]), bias)
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
@@ -101,15 +76,17 @@ class Qwen3Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))
-        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = paged_attention(q, k, v, kv_layer, meta, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
-class Qwen3MLP(nn.Module):
+class GatedMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
@@ -119,9 +96,9 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.gate_up_proj: nn.Module | None = None  # set by fuse_projections (inference only)
 
-    def fuse_projections(self, make: Callable[[torch.Tensor], nn.Module]) -> None:
+    def fuse_projections(self, make: MakeLinear) -> None:
         """Replace gate/up_proj by one layer over their concatenated weights."""
-        self.gate_up_proj = make(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        self.gate_up_proj = make(torch.cat([self.gate_proj.weight, self.up_proj.weight]), None)
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,13 +111,13 @@ class Qwen3MLP(nn.Module):
         return self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(x)))
 
 
-class Qwen3DecoderLayer(nn.Module):
+class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); calls meta.layer_hook after attention."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, mlp: nn.Module) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = Qwen3Attention(config)
+        self.self_attn = SelfAttention(config)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -159,10 +136,10 @@ class Qwen3DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Qwen3Model(nn.Module):
+class DecoderModel(nn.Module):
     """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: ModelConfig, layers: list[Qwen3DecoderLayer]) -> None:
+    def __init__(self, config: ModelConfig, layers: list[DecoderLayer]) -> None:
         super().__init__()
         # _weight skips nn.Embedding's random init: weights come from the loader.
         self.embed_tokens = nn.Embedding(
@@ -170,7 +147,9 @@ class Qwen3Model(nn.Module):
         )
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
 
     def forward(
         self,
@@ -186,9 +165,11 @@ class Qwen3Model(nn.Module):
         return self.norm(x)
 
 
-def _plain_linear(weight: torch.Tensor) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
     return lin
 
 
@@ -202,8 +183,8 @@ def fuse_projections_(module: nn.Module) -> None:
             fuse(_plain_linear)
 
 
-class Qwen3ForCausalLM(nn.Module):
-    """Qwen3 dense causal LM over a paged KV cache.
+class DecoderForCausalLM(nn.Module):
+    """Dense causal LM over a paged KV cache.
 
     forward(input_ids [T], positions [T], kv_cache [layers, blocks, 2, kvh, block_size, hd], meta)
     returns the final hidden states [T, hidden]; compute_logits maps selected rows to float32 logits.
@@ -213,9 +194,9 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         layers = [
-            Qwen3DecoderLayer(config, i, self.make_mlp(config, i)) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, self.make_mlp(config, i)) for i in range(config.num_hidden_layers)
         ]
-        self.model = Qwen3Model(config, layers)
+        self.model = DecoderModel(config, layers)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_weights()
@@ -223,7 +204,7 @@ class Qwen3ForCausalLM(nn.Module):
     @staticmethod
     def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
         """The feed-forward block of layer `layer_idx` (overridden by the MoE variant)."""
-        return Qwen3MLP(config.hidden_size, config.intermediate_size)
+        return GatedMLP(config.hidden_size, config.intermediate_size)
 
     def tie_weights(self) -> None:
         """Share the input embedding with lm_head (after loading or materializing)."""

@@ -1,0 +1,150 @@
+"""Hugging Face config.json (+ generation_config.json) -> ModelConfig, for the supported families.
+
+| architecture         | q/k norm | biases              | notes                                   |
+| -------------------- | -------- | ------------------- | --------------------------------------- |
+| Qwen3ForCausalLM     | yes      | `attention_bias`    |                                         |
+| Qwen3MoeForCausalLM  | yes      | `attention_bias`    | expert MLP on sparse layers             |
+| Qwen2ForCausalLM     | no       | q/k/v always        | Qwen2 and Qwen2.5                       |
+| LlamaForCausalLM     | no       | `attention_bias`    | Llama 2/3.x (llama3 RoPE scaling)       |
+| MistralForCausalLM   | no       | none                | sliding window: contexts capped to it   |
+
+RoPE scalings: linear, llama3, yarn (rope.py). Windowed attention is not implemented: a model whose
+window is shorter than its context serves contexts up to the window (where it is exact), with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from typing import Any
+
+from pdserve.config import ModelConfig, RopeScaling
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+}
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+_ROPE_FIELDS = {f.name for f in fields(RopeScaling)} - {"rope_type"}
+
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def architecture_of(cfg: dict[str, Any]) -> str:
+    """The supported architecture named by `architectures` (or `model_type`); ValueError otherwise."""
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in MODEL_TYPES:
+            return arch
+    by_type = {t: a for a, t in MODEL_TYPES.items()}
+    if not archs and cfg.get("model_type") in by_type:
+        return by_type[cfg["model_type"]]
+    found = archs or cfg.get("model_type")
+    raise ValueError(
+        f"unsupported architecture {found!r}; supported: {', '.join(MODEL_TYPES)} "
+        f"(model_type {', '.join(MODEL_TYPES.values())})"
+    )
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or scaling.get("rope_theta") or 10_000.0)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in (None, "default"):
+        return theta, None
+    if rope_type not in ("linear", "llama3", "yarn"):
+        raise ValueError(
+            f"unsupported rope scaling {rope_type!r}: supported are default, linear, llama3 and yarn"
+        )
+    values = {k: v for k, v in scaling.items() if k in _ROPE_FIELDS and v is not None}
+    context = cfg.get("max_position_embeddings")
+    values.setdefault("original_max_position_embeddings", context)
+    if "factor" not in values:  # YaRN's default: the context extension itself
+        original = values["original_max_position_embeddings"]
+        values["factor"] = context / original if rope_type == "yarn" and context and original else 1.0
+    return theta, RopeScaling(rope_type=rope_type, **values)
+
+
+def _context_length(cfg: dict[str, Any], arch: str) -> int:
+    """max_position_embeddings, capped to the sliding window where one applies (see module doc)."""
+    length = int(cfg.get("max_position_embeddings", 32768))
+    windowed = arch == "MistralForCausalLM" or bool(cfg.get("use_sliding_window"))
+    window = cfg.get("sliding_window") if windowed else None
+    if window and int(window) < length:
+        log.warning(
+            "sliding-window attention (window %d) is not implemented: serving contexts up to %d tokens, "
+            "where full attention equals it", window, window,
+        )
+        return int(window)
+    return length
+
+
+def _biases(cfg: dict[str, Any], arch: str) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias)."""
+    if cfg.get("mlp_bias"):
+        raise ValueError("MLP biases (mlp_bias=true) are not supported")
+    if arch == "Qwen2ForCausalLM":
+        return True, False
+    if arch == "MistralForCausalLM":
+        return False, False
+    bias = bool(cfg.get("attention_bias", False))
+    return bias, bias
+
+
+def _moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0)),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0)),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+        mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
+    )
+
+
+def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+    """Build a ModelConfig from config.json (and generation_config.json, for eos/bos ids)."""
+    arch = architecture_of(cfg)
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}: only silu (SwiGLU) is implemented")
+    heads = int(cfg["num_attention_heads"])
+    eos: list[int] = []
+    for i in _id_list((generation or {}).get("eos_token_id")) + _id_list(cfg.get("eos_token_id")):
+        if i not in eos:
+            eos.append(i)
+    theta, scaling = _rope(cfg)
+    qkv_bias, o_proj_bias = _biases(cfg, arch)
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=_context_length(cfg, arch),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_proj_bias=o_proj_bias,
+        qk_norm=arch in QK_NORM_ARCHITECTURES,
+        eos_token_ids=tuple(eos),
+        bos_token_id=(generation or {}).get("bos_token_id", cfg.get("bos_token_id")),
+        **(_moe_fields(cfg) if arch == "Qwen3MoeForCausalLM" else {}),
+    )
