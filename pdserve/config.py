@@ -14,6 +14,7 @@ from pdserve.engine.sampling_params import SamplingDefaults
 Role = Literal["standalone", "prefill", "decode"]
 KVMode = Literal["read", "write"]
 DType = Literal["bfloat16", "float16", "float32", "auto"]
+SchedulingPolicy = Literal["fcfs", "priority"]
 
 # Defaults in one place.
 DEFAULT_HOST = "127.0.0.1"
@@ -25,6 +26,9 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 DEFAULT_KV_CACHE_GIB = 1.0
 DEFAULT_MODEL = "dummy:qwen3-tiny"
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # HTTP request bodies, server and proxy
+DEFAULT_MAX_STORED_RESPONSES = 256  # /v1/responses kept for GET and previous_response_id (LRU), per server
+DEFAULT_MAX_LORAS = 4
+DEFAULT_MAX_LORA_RANK = 16  # vLLM's
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
+    # vLLM's --scheduling-policy. fcfs: arrival order, the newest running request is preempted
+    # first; priority: by (request priority, arrival), lower first, the worst running request is
+    # preempted first, also to make room for a waiting request that ranks before it.
+    policy: SchedulingPolicy = "fcfs"
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,26 @@ class KVTransferConfig:
     kv_transfer_timeout: float = 30.0
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
     token: str | None = None  # shared secret on registration, handshake, notify and data messages
+
+
+@dataclass(frozen=True)
+class LoRAModule:
+    """An adapter to load at start: the name clients use in `model`, and its PEFT directory."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    enable_lora: bool = False
+    max_loras: int = DEFAULT_MAX_LORAS  # adapters on the device at once
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    lora_modules: tuple[LoRAModule, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
 
 
 @dataclass(frozen=True)
@@ -148,3 +176,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

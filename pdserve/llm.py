@@ -6,8 +6,16 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
-from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.config import (
+    DEFAULT_MAX_LORA_RANK,
+    DEFAULT_MAX_LORAS,
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    SchedulerConfig,
+)
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
 
@@ -22,7 +30,10 @@ class LLM:
     `enforce_eager=True` turns off the CUDA graphs of decode-only steps. `generation_config="auto"`
     takes the model's recommended sampling values (generation_config.json) as the defaults of
     `get_default_sampling_params()`, used when `generate` gets none; `override_generation_config`
-    (generation_config.json keys) wins over them.
+    (generation_config.json keys) wins over them. `enable_lora=True` lets `generate` take
+    `lora_request=LoRARequest(name, id, path)` (PEFT adapters, loaded on first use; up to
+    `max_loras` on the device, of rank up to `max_lora_rank`). `scheduling_policy="priority"` serves
+    requests by the `priority` that `generate` takes (lower first), "fcfs" (the default) by arrival.
     """
 
     def __init__(
@@ -39,13 +50,19 @@ class LLM:
         max_model_len: int | None = None,
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
+        scheduling_policy: str = "fcfs",
         threads: int | None = None,
         enforce_eager: bool = False,
         generation_config: str = "auto",
         override_generation_config: dict[str, float | int] | None = None,
+        enable_lora: bool = False,
+        max_loras: int = DEFAULT_MAX_LORAS,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
     ) -> None:
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
+        if scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {scheduling_policy!r}")
         config = EngineConfig(
             model=model,
             device=device,
@@ -55,6 +72,7 @@ class LLM:
             enforce_eager=enforce_eager,
             generation_config=generation_config,  # type: ignore[arg-type]
             override_generation_config=SamplingDefaults.from_generation_config(override_generation_config or {}),
+            lora=LoRAConfig(enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank),
             cache=CacheConfig(
                 block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_gib=kv_cache_gib,
                 enable_prefix_caching=enable_prefix_caching,
@@ -64,6 +82,7 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 enable_chunked_prefill=enable_chunked_prefill,
+                policy=scheduling_policy,  # type: ignore[arg-type]
             ),
         )
         self.engine = LLMEngine(config)
@@ -81,8 +100,12 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Invalid prompts raise ValueError before any runs."""
+        """One RequestOutput per prompt, in order. Invalid prompts raise ValueError before any runs.
+        `lora_request`: an adapter for every prompt, or one (or None) per prompt (needs enable_lora).
+        `priority`: one per prompt, lower first (needs scheduling_policy="priority"), as vLLM's."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -95,6 +118,14 @@ class LLM:
         )
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        loras = (list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(prompts))
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(loras)} LoRA requests")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
+        for prio in priorities:
+            self.engine.validate_priority(prio)
         for p, sp in zip(prompts, params, strict=True):
             self.engine.validate_prompt(self.engine.tokenize(p), sp)
             if sp.structured_outputs is not None:
@@ -102,9 +133,9 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         choices: dict[str, tuple[RequestOutput, CompletionOutput]] = {}  # engine request id -> its choice
         order, later = [], []
-        for p, sp in zip(prompts, params, strict=True):
+        for p, sp, lora, prio in zip(prompts, params, loras, priorities, strict=True):
             rid = str(next(self._ids))
-            req = self.engine.add_request(rid, p, dataclasses.replace(sp, n=1))
+            req = self.engine.add_request(rid, p, dataclasses.replace(sp, n=1), lora_request=lora, priority=prio)
             order.append(rid)
             ro = results[rid] = RequestOutput(
                 rid, p if isinstance(p, str) else None, list(req.prompt_token_ids),
@@ -113,10 +144,10 @@ class LLM:
             choices[rid] = (ro, ro.outputs[0])
             for i in range(1, sp.n):  # choice i draws from seed + i, as the server's
                 seed = None if sp.seed is None else (sp.seed + i) % 2**64
-                later.append((f"{rid}-{i}", p, dataclasses.replace(sp, n=1, seed=seed), ro, ro.outputs[i]))
+                later.append((f"{rid}-{i}", p, dataclasses.replace(sp, n=1, seed=seed), lora, prio, ro, ro.outputs[i]))
         outs = self._first_tokens(list(choices)) if later else []
-        for cid, p, sp, ro, comp in later:  # now the prompts are in the prefix cache
-            self.engine.add_request(cid, p, sp)
+        for cid, p, sp, lora, prio, ro, comp in later:  # now the prompts are in the prefix cache
+            self.engine.add_request(cid, p, sp, lora_request=lora, priority=prio)
             choices[cid] = (ro, comp)
         for out in outs + self.engine.run_until_done():
             ro, comp = choices[out.request_id]

@@ -8,11 +8,15 @@ import json
 from pdserve.config import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_KV_CACHE_GIB,
+    DEFAULT_MAX_LORA_RANK,
+    DEFAULT_MAX_LORAS,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     CacheConfig,
     EngineConfig,
     KVTransferConfig,
+    LoRAConfig,
+    LoRAModule,
     SchedulerConfig,
 )
 from pdserve.engine.sampling_params import SamplingDefaults
@@ -72,6 +76,20 @@ def generation_overrides(text: str) -> SamplingDefaults:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def lora_module(text: str) -> LoRAModule:
+    """'name=path' or '{"name": ..., "path": ...}' (vLLM's two forms) -> LoRAModule."""
+    if text.lstrip().startswith("{"):
+        try:
+            d = json.loads(text)
+            return LoRAModule(str(d["name"]), str(d["path"]))
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f'expected {{"name": ..., "path": ...}}, got {text!r}') from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return LoRAModule(name, path)
+
+
 def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
         p.add_argument("model", help="a local Hugging Face directory or dummy:<preset>")
@@ -88,10 +106,19 @@ def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
     g.add_argument("--max-model-len", type=positive_int, default=None)
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="fcfs: by arrival; priority: by each request's `priority` (lower first, then arrival), "
+                        "preempting running requests that rank after a waiting one when the KV cache is full")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of shared prompt prefixes (whole blocks)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: no CUDA graphs (decode-only steps are otherwise replayed from graphs)")
+    g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT directories)")
+    g.add_argument("--lora-modules", type=lora_module, nargs="+", default=[], metavar="NAME=PATH",
+                   help="adapters to load at start; clients name one in `model` (needs --enable-lora)")
+    g.add_argument("--max-loras", type=positive_int, default=DEFAULT_MAX_LORAS,
+                   help="adapters on the device at once (loading another evicts an idle one)")
+    g.add_argument("--max-lora-rank", type=positive_int, default=DEFAULT_MAX_LORA_RANK)
     g.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                    help="auto: requests default to the sampling values of the model's generation_config.json "
                         "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); vllm: ignore them")
@@ -124,6 +151,9 @@ def engine_config_from_args(
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
             enable_chunked_prefill=not args.no_chunked_prefill,
+            policy=args.scheduling_policy,
         ),
         kv_transfer=kv_transfer or KVTransferConfig(),
+        lora=LoRAConfig(enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                        lora_modules=tuple(args.lora_modules)),
     )

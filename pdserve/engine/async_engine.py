@@ -14,15 +14,18 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from pdserve.engine.engine import EngineStats, LLMEngine
+from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class _Add:
     kv_transfer_params: object | None
     sink: asyncio.Queue[StepOutput]
     loop: asyncio.AbstractEventLoop
+    lora: LoRARequest | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,15 +46,18 @@ class _Abort:
 
 
 @dataclass(frozen=True)
-class _ResetPrefixCache:
-    done: asyncio.Future[int]
+class _Call:
+    """Run `fn` on the engine thread between steps; its result (or exception) resolves `done`."""
+
+    fn: Callable[[], object]
+    done: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[_Add | _Abort | _ResetPrefixCache | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.Queue[StepOutput], asyncio.AbstractEventLoop]] = {}
         self._wake = threading.Event()
         self._stopping = False
@@ -66,13 +74,18 @@ class AsyncEngine:
         token_ids: list[int],
         params: SamplingParams,
         kv_transfer_params: object | None = None,
+        lora: LoRARequest | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[StepOutput]:
-        """Stream a request's outputs. Leaving the iteration early (client gone) aborts it."""
+        """Stream a request's outputs (with the loaded adapter `lora`). Leaving the iteration early
+        (client gone) aborts it."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         kv_transfer_params = self.engine.validate_request(token_ids, params, kv_transfer_params)
+        self.engine.validate_priority(priority)
         sink: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._send(_Add(request_id, token_ids, params, kv_transfer_params, sink, asyncio.get_running_loop()))
+        self._send(_Add(request_id, token_ids, params, kv_transfer_params, sink, asyncio.get_running_loop(), lora,
+                        priority))
         finished = False
         try:
             while not finished:
@@ -86,14 +99,19 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))
 
-    async def reset_prefix_cache(self) -> int:
-        """Forget every free cached block (between benchmark runs); the number forgotten."""
+    async def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` run on the engine thread between two steps (what touches engine state); its
+        exception is raised here."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[int] = loop.create_future()
-        self._send(_ResetPrefixCache(done, loop))
+        done: asyncio.Future[T] = loop.create_future()
+        self._send(_Call(fn, done, loop))
         return await done
 
-    def _send(self, cmd: _Add | _Abort | _ResetPrefixCache | None) -> None:
+    async def reset_prefix_cache(self) -> int:
+        """Forget every free cached block (between benchmark runs); the number forgotten."""
+        return await self.call(self.engine.block_pool.reset_cache)
+
+    def _send(self, cmd: _Add | _Abort | _Call | None) -> None:
         self._inbox.put(cmd)
         self._wake.set()
 
@@ -145,8 +163,13 @@ class AsyncEngine:
             if isinstance(cmd, _Abort):
                 self.engine.abort_request(cmd.request_id)
                 continue
-            if isinstance(cmd, _ResetPrefixCache):
-                cmd.loop.call_soon_threadsafe(_resolve, cmd.done, self.engine.block_pool.reset_cache())
+            if isinstance(cmd, _Call):
+                try:
+                    result: object = cmd.fn()
+                except Exception as e:  # the caller's error (a bad adapter, say), not the loop's
+                    cmd.loop.call_soon_threadsafe(_fail, cmd.done, e)
+                else:
+                    cmd.loop.call_soon_threadsafe(_resolve, cmd.done, result)
                 continue
             if cmd.request_id in self._sinks:
                 err = StepOutput(cmd.request_id, [], "", True, "error", error="duplicate request id in flight")
@@ -154,7 +177,8 @@ class AsyncEngine:
                 continue
             self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
             try:
-                self.engine.add_request(cmd.request_id, cmd.token_ids, cmd.params, cmd.kv_transfer_params)
+                self.engine.add_request(cmd.request_id, cmd.token_ids, cmd.params, cmd.kv_transfer_params, cmd.lora,
+                                        cmd.priority)
             except Exception as e:  # validated already; anything here fails this request only
                 self._deliver([StepOutput(cmd.request_id, [], "", True, "error", error=str(e))])
 
@@ -184,9 +208,14 @@ class AsyncEngine:
                 self._wake.wait(0.005 if self.engine.has_unfinished() else 0.05)
 
 
-def _resolve(done: asyncio.Future[int], value: int) -> None:
+def _resolve(done: asyncio.Future[Any], value: object) -> None:
     if not done.done():  # the caller may have gone
         done.set_result(value)
+
+
+def _fail(done: asyncio.Future[Any], error: Exception) -> None:
+    if not done.done():
+        done.set_exception(error)
 
 
 def _put_all(items: list[tuple[asyncio.Queue[StepOutput], StepOutput]]) -> None:

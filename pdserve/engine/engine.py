@@ -18,6 +18,8 @@ from pdserve.engine.cpu import apply_cpu_placement, keep_freed_memory
 from pdserve.engine.cuda_graphs import StaticDecoder
 from pdserve.engine.kv_cache import KVCache, plan_layout
 from pdserve.engine.logprobs import TokenLogprob
+from pdserve.engine.lora import LoRAManager
+from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
@@ -30,6 +32,7 @@ from pdserve.kv.messages import KVTransferParams
 from pdserve.model.cpu_linear import can_prepack, prepack_linears_
 from pdserve.model.decoder import fuse_projections_
 from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
+from pdserve.model.lora import AdapterWeights
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,12 @@ class LLMEngine:
             self.loaded.module, self.kv_cache.tensor, self.layout.block_size, self.model_config.vocab_size,
             self.device,
         )
+        self.lora: LoRAManager | None = None
+        self._lora_ids = 0  # the last adapter id handed out
+        if config.lora.enable_lora:  # after fusing/packing: the wrappers go around the final linears
+            self.lora = self.runner.lora = LoRAManager(self.loaded.module, config.lora, self.dtype, self.device)
+            for module in config.lora.lora_modules:
+                self.add_lora(LoRARequest(module.name, self.next_lora_id(), module.path))
         if self.device.type == "cuda" and not config.enforce_eager and not self.model_config.is_moe:
             self.enable_static_decode(use_graphs=True)
         self.connector = make_connector(
@@ -109,6 +118,40 @@ class LLMEngine:
             log.info("captured %d CUDA graphs (batch sizes %s) in %.1f s", len(static.buckets), static.buckets,
                      time.perf_counter() - t0)
         self.runner.static = static
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+    def _lora_manager(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA adapters need the engine started with LoRA enabled (--enable-lora)")
+        return self.lora
+
+    def _loras_in_use(self) -> set[int]:
+        return {r.lora.lora_int_id for r in self.scheduler.requests.values() if r.lora is not None}
+
+    def next_lora_id(self) -> int:
+        """An adapter id no adapter loaded so far had (ids key the prefix cache: never reused)."""
+        self._lora_ids += 1
+        return self._lora_ids
+
+    def add_lora(self, lora: LoRARequest, weights: AdapterWeights | None = None) -> None:
+        """Load an adapter (engine thread; `weights` read beforehand off this thread, or read here).
+        ValueError: LoRA off, a bad adapter, or max_loras loaded and in use."""
+        manager = self._lora_manager()
+        if weights is None:
+            weights = manager.read(lora.lora_name, lora.lora_path)
+        manager.install(lora, weights, self._loras_in_use())
+
+    def remove_lora(self, name: str) -> None:
+        """Unload the adapter called `name`; ValueError when unknown or in use."""
+        lora = self._lora_manager().by_name(name)
+        if lora is None:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded")
+        if lora.lora_int_id in self._loras_in_use():
+            raise ValueError(f"LoRA adapter {name!r} is in use by unfinished requests")
+        self._lora_manager().remove(lora.lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return list(self.lora.loaded.values()) if self.lora is not None else []
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -147,6 +190,13 @@ class LLMEngine:
                 f"the prompt needs {blocks_needed} KV blocks; the cache has {self.block_pool.num_usable} in all"
             )
 
+    def validate_priority(self, priority: int) -> None:
+        """A priority other than 0 needs the priority policy (as in vLLM): ValueError otherwise."""
+        policy = self.config.scheduler.policy
+        if priority != 0 and policy != "priority":
+            raise ValueError(f"priority {priority} needs the priority scheduling policy; this instance schedules "
+                             f"{policy} (pdserve serve --scheduling-policy priority)")
+
     def validate_request(
         self, token_ids: list[int], params: SamplingParams, kv_transfer_params: KVTransferParams | dict | None
     ) -> KVTransferParams | None:
@@ -168,12 +218,18 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         kv_transfer_params: KVTransferParams | dict | None = None,
+        lora_request: LoRARequest | None = None,
+        priority: int = 0,
     ) -> Request:
-        """Queue a request. ValueError (a user-facing message) when it cannot be served."""
+        """Queue a request (with the adapter `lora_request`, loaded now if it is not). ValueError (a
+        user-facing message) when it cannot be served."""
         token_ids = self.tokenize(prompt)
         kvp = self.validate_request(token_ids, params, kv_transfer_params)
+        self.validate_priority(priority)  # `priority`: lower first, under the priority policy
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        if lora_request is not None:
+            self._lora_manager().ensure(lora_request, self._loras_in_use())
         req = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
@@ -181,6 +237,8 @@ class LLMEngine:
             eos_token_ids=self._eos,
             max_model_len=self.max_model_len,
             kv_transfer_params=kvp,
+            lora=lora_request,
+            priority=priority,
         )
         if params.structured_outputs is not None:  # compiles the grammar: ValueError when it is bad
             self.structured.add(request_id, params.structured_outputs)

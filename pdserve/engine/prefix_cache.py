@@ -1,6 +1,7 @@
 """Content hashes of full KV blocks, chained so that one hash names the whole prefix before it.
 
     hash(block i) = sha256(hash(block i-1) || token ids of block i, little-endian int32)
+    hash(block -1) = a constant, or one per LoRA adapter id
 
 Equal hashes mean equal token prefixes (up to sha256 collisions), so the longest cached prefix of a
 request is found with one dict lookup per block (BlockPool.cached_prefix).
@@ -17,6 +18,14 @@ from pdserve.engine.request import Request
 ROOT_HASH = b"pdserve-kv-prefix-v1"
 
 
+def root_hash(req: Request) -> bytes:
+    """The chain's start: the same for every request without an adapter; per adapter id otherwise
+    (its KV differs for the same tokens)."""
+    if req.lora is None:
+        return ROOT_HASH
+    return hashlib.sha256(ROOT_HASH + b"lora" + req.lora.lora_int_id.to_bytes(8, "little")).digest()
+
+
 def block_hashes(req: Request, block_size: int, num_blocks: int) -> list[bytes]:
     """The hashes of the request's first `num_blocks` full blocks of tokens (prompt, then output).
     Computed once per block and kept on the request."""
@@ -26,5 +35,5 @@ def block_hashes(req: Request, block_size: int, num_blocks: int) -> list[bytes]:
         tokens = np.asarray(req.token_ids(i * block_size, (i + 1) * block_size), dtype="<i4")
         if len(tokens) != block_size:
             raise ValueError(f"block {i} of request {req.request_id!r} is not full")
-        hashes.append(hashlib.sha256((hashes[-1] if hashes else ROOT_HASH) + tokens.tobytes()).digest())
+        hashes.append(hashlib.sha256((hashes[-1] if hashes else root_hash(req)) + tokens.tobytes()).digest())
     return hashes[:num_blocks]

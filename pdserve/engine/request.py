@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the scheduler's side stays free of torch
@@ -50,6 +51,8 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 1 << 30
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # the priority policy serves lower values first (vLLM's); fcfs ignores it
+    arrival_seq: int = 0  # set by Scheduler.add: breaks ties of arrival_time by add order
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -65,6 +68,7 @@ class Request:
     # tokens the first admission found computed in the cache (reported as usage's cached_tokens).
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
+    lora: LoRARequest | None = None  # the adapter it runs with (engine/lora.py)
 
     @property
     def num_prompt_tokens(self) -> int:

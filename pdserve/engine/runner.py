@@ -15,6 +15,7 @@ from torch import nn
 
 from pdserve.engine.cuda_graphs import StaticDecoder
 from pdserve.engine.logprobs import BatchLogprobs, TokenLogprob
+from pdserve.engine.lora import LoRAManager
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledBatch
@@ -47,6 +48,8 @@ class ModelRunner:
         self.layer_hook: Callable[[int], None] | None = None
         # Static-shape decode steps (CUDA graphs), set by the engine; None: every step eager.
         self.static: StaticDecoder | None = None
+        # Multi-LoRA (engine/lora.py), set by the engine with --enable-lora.
+        self.lora: LoRAManager | None = None
 
     def _slots(self, req: Request, start: int, end: int) -> list[int]:
         bs, blocks = self.block_size, req.block_ids
@@ -102,7 +105,8 @@ class ModelRunner:
         reqs = batch.decodes + [r for r, _ in batch.prefills]
         sampling = self.sampler.prepare(reqs)  # first: its copies queue ahead of the forward pass
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
-        if self.static is not None and not batch.prefills and self.static.accepts(batch.decodes):
+        adapted = self.lora is not None and self.lora.prepare(_rows(batch))
+        if self.static is not None and not batch.prefills and not adapted and self.static.accepts(batch.decodes):
             logits = self.static.run(batch.decodes)
         else:
             ids, pos, meta, last_rows = self.build(batch)
@@ -146,3 +150,13 @@ class ModelRunner:
                 entries += [lp for lp in rows_lp.resolve(targets) if lp is not None]
             out[req.request_id] = entries
         return out
+
+
+def _rows(batch: ScheduledBatch) -> list[tuple[Request, int, int]]:
+    """(request, first row, end row) of each request in the step's flat batch: decodes, then prefills."""
+    rows = [(r, i, i + 1) for i, r in enumerate(batch.decodes)]
+    start = len(batch.decodes)
+    for req, n in batch.prefills:
+        rows.append((req, start, start + n))
+        start += n
+    return rows

@@ -1,9 +1,19 @@
 """Continuous batching with chunked prefill under a per-step token budget. Pure Python.
 
-Each step: running requests first (decodes, then unfinished prefill chunks), preempting the newest
-running request by recompute when blocks run out; then waiting requests in arrival order while the
-token budget, `max_num_seqs` and free blocks allow. Requests in WAITING_FOR_REMOTE_KVS are skipped
-until the KV connector reports their blocks ready.
+Each step: running requests first (decodes, then unfinished prefill chunks), preempting a running
+request by recompute when blocks run out; then waiting requests in queue order while the token
+budget, `max_num_seqs` and free blocks allow. Requests in WAITING_FOR_REMOTE_KVS are skipped until
+the KV connector reports their blocks ready.
+
+The policy (SchedulerConfig.policy, vLLM's --scheduling-policy) decides the order:
+
+* fcfs: the queue is in arrival order (a preempted request goes back to its front), `running` in
+  admission order, and the victim is the newest running request.
+* priority: the queue and `running` are kept sorted by `rank` = (priority, arrival), lower first;
+  the victim is the running request that ranks last, and a waiting request that does not find the
+  blocks it needs preempts running requests that rank after it (worst first, and only when that
+  frees enough). A victim always ranks after the request it makes room for, so two requests never
+  preempt each other in turn.
 
 With prefix caching, a request admitted without blocks first takes the cached blocks of its longest
 computed prefix (whole blocks, at most all tokens but the last: that one's logits are needed) and
@@ -12,6 +22,8 @@ computes from there; every block a step completes is registered for later reques
 
 from __future__ import annotations
 
+import itertools
+from bisect import insort
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -65,6 +77,8 @@ class Scheduler:
         self.block_size = block_size
         self.connector = connector
         self.prefix_caching = prefix_caching
+        self.by_priority = config.policy == "priority"
+        self._arrivals = itertools.count()
         self.prefix_cache_queries = 0  # tokens looked up in the prefix cache, lifetime
         self.prefix_cache_hits = 0  # of which found computed
         self.waiting: deque[Request] = deque()
@@ -77,8 +91,30 @@ class Scheduler:
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
+        request.arrival_seq = next(self._arrivals)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(request)
+
+    @staticmethod
+    def rank(request: Request) -> tuple[int, float, int]:
+        """The priority policy's order, lower first: priority, then arrival."""
+        return request.priority, request.arrival_time, request.arrival_seq
+
+    def _enqueue(self, req: Request, preempted: bool = False) -> None:
+        """Into the waiting queue: at its rank (priority), else at the back, or the front when preempted."""
+        if self.by_priority:
+            insort(self.waiting, req, key=self.rank)
+        elif preempted:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
+
+    def _start_running(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        if self.by_priority:
+            insort(self.running, req, key=self.rank)
+        else:
+            self.running.append(req)
 
     def allocate_for_remote(self, request: Request) -> bool:
         """Give a remote-KV request blocks for its whole prompt up front (decode side). With prefix
@@ -173,8 +209,42 @@ class Scheduler:
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(victim)
+        self._enqueue(victim, preempted=True)
         batch.preempted.append(victim)
+
+    def _victims_for(self, req: Request, num_new: int, spared: set[int]) -> list[Request] | None:
+        """Priority policy: the running requests that rank after waiting `req` whose preemption
+        (worst first) frees the blocks it needs for `num_new` tokens; None when all of them would
+        not. Shared (cached) blocks count as freed only once every holder among them lets go.
+        Requests whose id() is in `spared` (admitted in this step) are not taken."""
+        need = self._blocks_needed(req, req.num_computed_tokens + num_new)
+        free = self.pool.num_free
+        released: dict[int, int] = {}
+        victims: list[Request] = []
+        rank = self.rank(req)
+        for victim in reversed(self.running):  # worst first
+            if free >= need or self.rank(victim) < rank:
+                break
+            if id(victim) in spared:
+                continue
+            victims.append(victim)
+            for b in victim.block_ids:
+                released[b] = released.get(b, 0) + 1
+                if released[b] == self.pool.ref_count(b):
+                    free += 1
+        return victims if free >= need else None
+
+    @staticmethod
+    def _unschedule(batch: ScheduledBatch, req: Request) -> int:
+        """Take `req` out of this step's batch; the number of tokens it had there."""
+        if req in batch.decodes:
+            batch.decodes.remove(req)
+            return 1
+        for i, (r, n) in enumerate(batch.prefills):
+            if r is req:
+                del batch.prefills[i]
+                return n
+        return 0
 
     def poll_connector(self) -> None:
         """Let the KV connector report landed / failed transfers (also called when idle)."""
@@ -207,7 +277,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
 
-        # 1. Running requests, oldest first; the newest is preempted when blocks run out.
+        # 1. Running requests in order (fcfs: oldest first; priority: by rank); the last one (fcfs:
+        #    the newest; priority: the worst ranked) is preempted when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -224,43 +295,65 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        # 2. Waiting requests, unless this step had to preempt: first those that hold their blocks
-        #    already (remote KV landed), then the rest in arrival order.
-        if not batch.preempted:
-            admitted: set[int] = set()
-            for req in sorted(self.waiting, key=lambda r: not r.block_ids):
-                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                    break
-                if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
-                    continue
-                had_blocks = bool(req.block_ids)
-                looked_up = not had_blocks and self._take_cached_prefix(req)
-                num_new = req.num_tokens - req.num_computed_tokens
-                fits = num_new <= budget or self.config.enable_chunked_prefill
-                num_new = min(num_new, budget)
-                if not fits or not self._try_allocate(req, num_new):
-                    if looked_up:
-                        self._give_back_prefix(req)
-                    if fits and (had_blocks or not self.running):
-                        continue  # a later, smaller request may still fit; nothing waits on this one
-                    break
-                if looked_up:
-                    self._count_lookup(req)
-                    if req.num_preemptions == 0:  # usage reports what the first admission found
-                        req.num_cached_tokens = req.num_computed_tokens
-                admitted.add(id(req))
-                req.status = RequestStatus.RUNNING
-                self.running.append(req)
-                self._add_to_batch(batch, req, num_new)
-                budget -= num_new
-            if admitted:
-                self.waiting = deque(r for r in self.waiting if id(r) not in admitted)
+        # 2. Waiting requests: first those that hold their blocks already (remote KV landed), then
+        #    the rest in queue order. After a preemption the cache is full: fcfs admits nobody;
+        #    priority only requests that rank before every victim of this step (a victim readmitted
+        #    at once would be preempted again, a request after it would take the victim's blocks).
+        if not batch.preempted or self.by_priority:
+            self._schedule_waiting(batch, budget)
         return batch
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        """Step 2: admit waiting requests into `batch` with what is left of the token `budget`."""
+        cutoff = min((self.rank(v) for v in batch.preempted), default=None)
+        admitted: set[int] = set()
+        for req in sorted(self.waiting, key=lambda r: not r.block_ids):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                continue
+            if cutoff is not None and self.rank(req) >= cutoff:
+                continue
+            had_blocks = bool(req.block_ids)
+            looked_up = not had_blocks and self._take_cached_prefix(req)
+            num_new = req.num_tokens - req.num_computed_tokens
+            fits = num_new <= budget or self.config.enable_chunked_prefill
+            num_new = min(num_new, budget)
+            allocated = fits and self._try_allocate(req, num_new)
+            if fits and not allocated and self.by_priority:
+                victims = self._victims_for(req, num_new, admitted)
+                if victims:
+                    for victim in victims:
+                        budget += self._unschedule(batch, victim)
+                        self._preempt(victim, batch)
+                    best = self.rank(victims[-1])  # victims come worst first
+                    cutoff = best if cutoff is None else min(cutoff, best)
+                    allocated = self._try_allocate(req, num_new)
+                    assert allocated, "the victims were to free enough blocks"
+            if not allocated:
+                if looked_up:
+                    self._give_back_prefix(req)
+                if fits and (had_blocks or not self.running):
+                    continue  # a later, smaller request may still fit; nothing waits on this one
+                break
+            if looked_up:
+                self._count_lookup(req)
+                if req.num_preemptions == 0:  # usage reports what the first admission found
+                    req.num_cached_tokens = req.num_computed_tokens
+            admitted.add(id(req))
+            self._start_running(req)
+            self._add_to_batch(batch, req, num_new)
+            budget -= num_new
+        if admitted:
+            self.waiting = deque(r for r in self.waiting if id(r) not in admitted)
 
     @staticmethod
     def _add_to_batch(batch: ScheduledBatch, req: Request, num_new: int) -> None:
         # A single new token is a decode, whatever the phase: one query against the cached context.
-        if num_new == 1:
+        # Except a one-token chunk inside a prompt whose logprobs are asked: the runner computes
+        # prompt logprobs from prefill chunks only.
+        in_prompt = req.num_computed_tokens + 1 < req.num_prompt_tokens
+        if num_new == 1 and not (in_prompt and req.sampling_params.prompt_logprobs is not None):
             batch.decodes.append(req)
         else:
             batch.prefills.append((req, num_new))
@@ -297,3 +390,7 @@ class Scheduler:
         for b, n in holders.items():
             assert self.pool.ref_count(b) >= n, f"block {b} has {n} holders but fewer references"
             assert n == 1 or self.pool.is_cached(b), f"uncached block {b} is owned by {n} requests"
+        if self.by_priority:
+            for queue in (list(self.waiting), self.running):
+                ranks = [self.rank(r) for r in queue]
+                assert ranks == sorted(ranks), "the priority policy keeps its queues in rank order"

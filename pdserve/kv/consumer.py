@@ -109,7 +109,8 @@ class KVConsumer(KVConnectorBase):
         check = now - self._last_liveness >= 0.1  # a stat() per waiting WRITE request, ten times a second
         if check:
             self._last_liveness = now
-        for rid, p in list(self._pending.items()):
+        # Blocks go to waiting requests by priority (all 0 under fcfs), then arrival: a stable sort.
+        for rid, p in sorted(self._pending.items(), key=lambda item: item[1].request.priority):
             gone = check and self._producer_gone(p)
             if p.quarantined or p.abandoned:
                 # Settled once no write can land any more: the peer is gone, or long past the deadline.

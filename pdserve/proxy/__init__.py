@@ -8,4 +8,5 @@ bodies.py     the two halves' bodies, kv params  upstream.py    pooled aiohttp c
 orchestrate.py standard / READ / WRITE, retries, fallback   relay.py  the ASGI endpoint, SSE relay
 metrics.py    Prometheus metrics                 errors.py      OpenAI-style errors
 app.py        the ASGI app: hot paths + FastAPI admin routes (/health /instances /metrics /v1/models)
+responses.py  stored /v1/responses: GET and previous_response_id go to the instance that has it
 """

@@ -5,6 +5,7 @@ GET /health     200 when the topology can serve (disagg: a healthy prefill and a
 GET /instances  every known instance, its state and load (JSON list)
 GET /metrics    Prometheus text
 GET /v1/models  from a healthy instance
+GET /v1/responses/{id}  a stored response, from the decode (standalone) instance that has it (responses.py)
 GET /openapi.json  the OpenAPI schema (openapi.py), the generation paths' request bodies included
 """
 
@@ -28,13 +29,14 @@ from pdserve.proxy.errors import ProxyError, no_instance
 from pdserve.proxy.health import HealthChecker
 from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
 from pdserve.proxy.metrics import ProxyMetrics
-from pdserve.proxy.openapi import TOKENIZER_BODIES, install_openapi
+from pdserve.proxy.openapi import LORA_BODIES, TOKENIZER_BODIES, install_openapi
 from pdserve.proxy.orchestrate import CHAT_PATH, Orchestrator
 from pdserve.proxy.registry import RegistryServer, sweep_forever
 from pdserve.proxy.relay import ClientGone, ProxyEndpoint, check_api_key, read_body
+from pdserve.proxy.responses import RESPONSES_PATH, find_stored
 from pdserve.proxy.routing import make_picker
 from pdserve.proxy.settings import ProxySettings
-from pdserve.proxy.upstream import Upstream, UpstreamFailure
+from pdserve.proxy.upstream import Buffered, Upstream, UpstreamFailure
 from pdserve.server.prometheus import CONTENT_TYPE
 from pdserve.server.protocol import openapi_body
 
@@ -98,6 +100,16 @@ def build_state(settings: ProxySettings) -> ProxyState:
     return ProxyState(settings, table, upstream, registry, metrics, orchestrator)
 
 
+def _upstream_error(got: Buffered) -> ProxyError:
+    """An instance's 4xx as a ProxyError (its OpenAI error's message, code and param when it sent one)."""
+    try:
+        info = msgspec.json.decode(got.body)["error"]
+        code = str(info.get("code") or "upstream_error")
+        return ProxyError(got.status, str(info["message"]), code, info.get("param"))
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return ProxyError(got.status, f"HTTP {got.status}: {got.body[:300].decode(errors='replace')}", "upstream_error")
+
+
 def _error(err: ProxyError) -> Response:
     return Response(err.body(), status_code=err.status, media_type="application/json")
 
@@ -152,7 +164,7 @@ def build_app(settings: ProxySettings) -> ProxyApp:
     install_openapi(app)  # GET /openapi.json, the generation paths' request bodies included
     app.state.proxy = state
     hot = {path: ProxyEndpoint(path, state.orchestrator, state.metrics, settings.api_key)
-           for path in ("/v1/completions", CHAT_PATH)}
+           for path in ("/v1/completions", CHAT_PATH, RESPONSES_PATH)}
     for path, endpoint in hot.items():
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
 
@@ -196,6 +208,22 @@ def build_app(settings: ProxySettings) -> ProxyApp:
     async def models_route(request: Request) -> Response:
         return await any_instance(request)
 
+    @app.get(RESPONSES_PATH + "/{response_id}")
+    async def stored_response_route(request: Request, response_id: str) -> Response:
+        """A stored response: every decode (standalone) instance is asked; the one that has it answers."""
+        try:
+            check_api_key(request.headers.raw, settings.api_key)
+        except ProxyError as e:
+            return _error(e)
+        role: RoleCode = "S" if settings.mode == "standard" else "D"
+        headers = state.upstream.auth_headers(request.headers.get("authorization"))
+        found = await find_stored(state.upstream, state.table.candidates(role), response_id, headers)
+        if found is None:
+            return _error(ProxyError(404, f"no response '{response_id}' is stored on any {ROLE_NAMES[role]} instance",
+                                     code="response_not_found", param="response_id"))
+        got = found[1]
+        return Response(got.body, status_code=got.status, media_type=got.content_type or "application/json")
+
     async def tokenizer_route(request: Request) -> Response:
         """vLLM's /tokenize and /detokenize: every instance serves the same model and tokenizer."""
         try:
@@ -209,31 +237,62 @@ def build_app(settings: ProxySettings) -> ProxyApp:
     for path, model in TOKENIZER_BODIES.items():
         app.add_api_route(path, tokenizer_route, methods=["POST"], openapi_extra=openapi_body(model))
 
-    @app.post("/reset_prefix_cache")
-    async def reset_prefix_cache_route(request: Request) -> Response:
-        """Every healthy instance forgets its prefix cache's free blocks (vLLM's route; between
-        benchmark runs). One row per instance; 502 when one of them failed, 503 when none is up."""
+    async def every_instance(request: Request, path: str) -> Response:
+        """POST the request's body to every healthy instance (each must do it: forget its prefix
+        cache, load or unload an adapter). One row per instance: its answer's JSON, or its text as
+        `message`, or its `error`. Every instance 200: 200; all refused alike (a 4xx): that status;
+        otherwise 502. None up: 503."""
         try:
             check_api_key(request.headers.raw, settings.api_key)
+            body = await read_body(request.scope, request.receive, settings.max_body_bytes)
         except ProxyError as e:
             return _error(e)
+        except ClientGone:
+            return Response(status_code=499)
         headers = state.upstream.auth_headers(request.headers.get("authorization"))
+        if body:
+            headers["Content-Type"] = "application/json"
         targets = sorted((i for i in state.table.all() if i.healthy), key=lambda i: i.address)
         if not targets:
             return _error(ProxyError(503, "no healthy instance", code="no_instance"))
 
-        async def one(inst: Instance) -> dict[str, object]:
+        async def one(inst: Instance) -> tuple[int, dict[str, object], ProxyError | None]:
             row: dict[str, object] = {"address": inst.address, "role": ROLE_NAMES[inst.role]}
             try:
-                got = await state.upstream.fetch(inst, "POST", "/reset_prefix_cache", headers)
+                got = await state.upstream.fetch(inst, "POST", path, headers, body or None)
             except UpstreamFailure as e:
-                return row | {"error": str(e)}
+                return 502, row | {"error": str(e)}, ProxyError(502, str(e), code="upstream_error")
+            text = got.body.decode(errors="replace")
             if got.status != 200:
-                return row | {"error": f"HTTP {got.status}: {got.body[:200].decode(errors='replace')}"}
-            return row | msgspec.json.decode(got.body)
+                return got.status, row | {"error": f"HTTP {got.status}: {text[:300]}"}, _upstream_error(got)
+            if got.content_type == "application/json":
+                return 200, row | msgspec.json.decode(got.body), None
+            return 200, row | {"message": text}, None
 
-        rows = await asyncio.gather(*(one(i) for i in targets))
-        status = 502 if any("error" in r for r in rows) else 200
-        return Response(msgspec.json.encode({"instances": rows}), status_code=status, media_type="application/json")
+        answers = await asyncio.gather(*(one(i) for i in targets))
+        statuses = {code for code, _, _ in answers}
+        status = statuses.pop() if len(statuses) == 1 else 502
+        rows = [row for _, row, _ in answers]
+        out: dict[str, object] = {"instances": rows}
+        failed = [err for _, _, err in answers if err is not None]
+        if failed:  # OpenAI's error shape, from the first instance that refused; every row below
+            first = failed[0]
+            message = f"{len(failed)} of {len(rows)} instances failed; the first: {first.message}"
+            out = msgspec.json.decode(ProxyError(status, message, first.code, first.param).body()) | out
+        return Response(msgspec.json.encode(out), status_code=status, media_type="application/json")
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache_route(request: Request) -> Response:
+        """Every healthy instance forgets its prefix cache's free blocks (vLLM's route; between
+        benchmark runs)."""
+        return await every_instance(request, "/reset_prefix_cache")
+
+    async def lora_route(request: Request) -> Response:
+        """vLLM's runtime LoRA routes, on every healthy instance: a disaggregated request runs its
+        adapter on both halves."""
+        return await every_instance(request, request.url.path)
+
+    for path, model in LORA_BODIES.items():
+        app.add_api_route(path, lora_route, methods=["POST"], openapi_extra=openapi_body(model))
 
     return ProxyApp(app, hot)

@@ -71,17 +71,24 @@ def write_decode_params(prefill: Instance) -> KVTransferParams:
     )
 
 
-def prefill_body(body: JSONObject, chat: bool, params: KVTransferParams) -> bytes:
-    """The prefill half: one token, not streamed, with `params`.
+# the fields that limit a path's output, all set to 1 in a prefill half
+_OUTPUT_LIMITS = {"/v1/completions": ("max_tokens",), "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+                  "/v1/responses": ("max_output_tokens",)}
+
+
+def prefill_body(body: JSONObject, path: str, params: KVTransferParams) -> bytes:
+    """The prefill half of a request to `path`: one token, not streamed, with `params`.
 
     `min_tokens` is dropped (a client's min_tokens > 1 would make max_tokens=1 invalid), and so are
     the logprobs fields (the decode half samples, and reports, every token the client sees) and `n`
-    (one choice computes the prompt; the decode half makes the others)."""
+    (one choice computes the prompt; the decode half makes the others). A response is not stored
+    (`store: false`): the client sees the decode half's."""
     drop = ("stream_options", "min_tokens", "logprobs", "top_logprobs", "n")
     half = {k: v for k, v in body.items() if k not in drop}
-    half["max_tokens"] = 1
-    if chat:
-        half["max_completion_tokens"] = 1
+    for field in _OUTPUT_LIMITS.get(path, ("max_tokens",)):
+        half[field] = 1
+    if path == "/v1/responses":
+        half["store"] = False
     half["stream"] = False
     half["kv_transfer_params"] = params_json(params)
     return msgspec.json.encode(half)

@@ -16,11 +16,13 @@ would hold its KV blocks until the lease ends (30 s).
 Failures before anything reached the client are retried once on another instance of the same
 role (`max_attempts`); a prefill half that still fails falls back per `--fallback`: the plain
 request to the decode instance (`local-prefill`) or a 503 (`fail`). A 4xx is the client's fault:
-returned as is, never retried. A completion with `echo: true` or a batch of prompts goes as a plain
-request to a decode instance by design (prompt logprobs are computed where the prompt is; a KV
-transfer is for one prompt). A request with `n > 1` is
+returned as is, never retried. A completion with `echo: true`, a request with `prompt_logprobs` or a
+batch of prompts goes as a plain request to a decode instance by design (prompt logprobs are
+computed where the prompt is; a KV transfer is for one prompt). A request with `n > 1` is
 disaggregated like any other: the prefill half computes one choice (`n` dropped), and the decode
-feeds its other choices from the first one's KV (its prefix cache).
+feeds its other choices from the first one's KV (its prefix cache). A `/v1/responses` request is
+disaggregated like chat (its prefill half: `max_output_tokens=1`, `store: false`); one that continues a
+stored response (`previous_response_id`) goes whole to the instance that stores it (responses.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pdserve.proxy.errors import ProxyError, no_instance
 from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
 from pdserve.proxy.metrics import ProxyMetrics
 from pdserve.proxy.prefix_key import prompt_key
+from pdserve.proxy.responses import RESPONSES_PATH, find_stored, not_stored
 from pdserve.proxy.routing import Picker
 from pdserve.proxy.settings import ProxySettings
 from pdserve.proxy.upstream import Buffered, Stream, Upstream, UpstreamFailure
@@ -55,7 +58,7 @@ CHAT_PATH = "/v1/chat/completions"
 class ClientRequest:
     """One client request as the orchestrator sees it."""
 
-    path: str  # /v1/completions or /v1/chat/completions
+    path: str  # /v1/completions, /v1/chat/completions or /v1/responses
     raw: bytes  # the client's body
     request_id: str  # X-Request-Id of both halves
     auth: str | None  # the client's Authorization header
@@ -85,9 +88,12 @@ class Orchestrator:
     async def serve(self, req: ClientRequest) -> Reply:
         """The reply to `req`; ProxyError when it cannot be served."""
         if self.settings.mode == "standard":
-            if self.settings.routing == "prefix":
+            if self.settings.routing == "prefix" or req.path == RESPONSES_PATH:
                 with contextlib.suppress(bodies.BadBody):  # the instance answers a bad body itself
-                    req.key = prompt_key(bodies.parse_body(req.raw), req.path)
+                    body = bodies.parse_body(req.raw)
+                    req.key = prompt_key(body, req.path) if self.settings.routing == "prefix" else ()
+                    if _continues(req, body):
+                        return await self._continuation(req, body, "S")
             return await self._one_of("S", req, req.raw, req.request_id)
         try:
             body = bodies.parse_body(req.raw)
@@ -97,10 +103,13 @@ class Orchestrator:
             req.key = prompt_key(body, req.path)
         if not self.table.candidates("D"):
             raise no_instance("decode")
-        alone = "echo" if body.get("echo") is True else "batch" if bodies.is_batch(body) else None
+        if _continues(req, body):
+            return await self._continuation(req, body, "D")
+        alone = ("echo" if body.get("echo") is True else "prompt_logprobs" if body.get("prompt_logprobs") is not None
+                 else "batch" if bodies.is_batch(body) else None)
         if alone is not None:
-            # echo: the prompt's logprobs are computed where the prompt is; a batch of prompts: one
-            # KV transfer is for one prompt. Either way the decode prefills them itself.
+            # echo, prompt_logprobs: the prompt's logprobs are computed where the prompt is; a batch
+            # of prompts: one KV transfer is for one prompt. Either way the decode prefills them itself.
             self.metrics.fallbacks.inc(labels=(alone,))
             return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
         if self.settings.kv_mode == "READ":
@@ -144,6 +153,22 @@ class Orchestrator:
             raise no_instance(ROLE_NAMES[role])
         raise ProxyError(502, f"the {ROLE_NAMES[role]} instance failed: {last}", code="upstream_error")
 
+    async def _continuation(self, req: ClientRequest, body: bodies.JSONObject, role: RoleCode) -> Reply:
+        """A response that continues a stored one goes whole to the instance that stored it
+        (responses.py): in disagg mode that decode prefills it itself."""
+        previous = body["previous_response_id"]
+        headers = self.upstream.auth_headers(req.auth)
+        found = await find_stored(self.upstream, self.table.candidates(role), previous, headers)
+        if found is None:
+            raise not_stored(previous, ROLE_NAMES[role])
+        if role == "D":
+            self.metrics.fallbacks.inc(labels=("previous_response",))
+        try:
+            return await self._call(found[0], req, bodies.decode_body(body, None), req.request_id)
+        except UpstreamFailure as e:
+            raise ProxyError(502, f"the instance that stores the previous response failed: {e}",
+                             code="upstream_error") from None
+
     def _fallback(self, reason: str, failure: UpstreamFailure | None) -> None:
         """Check that a local prefill is allowed (else a 503), and count it."""
         if self.settings.fallback == "fail" and reason != "no_params":
@@ -156,7 +181,7 @@ class Orchestrator:
     # -- READ -----------------------------------------------------------------------------------
 
     async def _read(self, req: ClientRequest, body: bodies.JSONObject) -> Reply:
-        half = bodies.prefill_body(body, req.path == CHAT_PATH, bodies.prefill_params("READ"))
+        half = bodies.prefill_body(body, req.path, bodies.prefill_params("READ"))
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         for attempt in range(self.settings.max_attempts):
@@ -285,7 +310,7 @@ class Orchestrator:
         prefill half has answered 200 (a decode may stream a first chunk, e.g. chat's role, before it
         has the KV); until then a failure of either half aborts the other (its connection is closed)
         and raises _PrefillFailed or UpstreamFailure (decode), which the caller may retry."""
-        p_half = bodies.prefill_body(body, req.path == CHAT_PATH, bodies.prefill_params("WRITE", decode))
+        p_half = bodies.prefill_body(body, req.path, bodies.prefill_params("WRITE", decode))
         d_half = bodies.decode_body(body, bodies.write_decode_params(prefill))
         p_task = asyncio.ensure_future(self._call(prefill, req, p_half, request_id, self.settings.prefill_timeout_s))
         decode_scope = anyio.CancelScope()
@@ -333,6 +358,11 @@ class Orchestrator:
         if isinstance(reply, Stream):
             reply.close()
         raise _PrefillFailed(UpstreamFailure(prefill, "status", "the prefill half did not answer 200 with JSON"))
+
+
+def _continues(req: ClientRequest, body: bodies.JSONObject) -> bool:
+    """A /v1/responses request that continues a stored response."""
+    return req.path == RESPONSES_PATH and isinstance(body.get("previous_response_id"), str)
 
 
 _NOTHING_HELD = ("status", "unreachable")  # prefill failures that show it holds no KV for the request

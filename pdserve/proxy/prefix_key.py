@@ -2,7 +2,8 @@
 chunks and hashed as a chain, so that equal leading chunks mean equal prompt prefixes.
 
 Completions: the prompt string (or token ids, or the first of a list). Chat: each message's role
-and text, in order — a shared system prompt and earlier turns are the shared prefix.
+and text, in order — a shared system prompt and earlier turns are the shared prefix. Responses:
+the instructions, then each input item's role (or type) and text, likewise.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ def prompt_key(body: dict[str, Any], path: str) -> tuple[bytes, ...]:
 
 def _prompt_bytes(body: dict[str, Any], path: str) -> bytes:
     if path.endswith("/chat/completions"):
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return b""
-        parts = []
-        for m in messages:
-            if isinstance(m, dict):
-                parts.append(f"{m.get('role')}\0{_text(m.get('content'))}\0")
-        return "".join(parts).encode("utf-8", "replace")
+        return _turns(body.get("messages"))
+    if path.endswith("/responses"):
+        given = body.get("input")
+        items = [{"role": "user", "content": given}] if isinstance(given, str) else given
+        if isinstance(items, list) and isinstance(body.get("instructions"), str):
+            items = [{"role": "system", "content": body["instructions"]}, *items]
+        return _turns(items)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         prompt = prompt[0]  # a batch: its first prompt
@@ -43,6 +43,17 @@ def _prompt_bytes(body: dict[str, Any], path: str) -> bytes:
     if isinstance(prompt, list) and all(type(t) is int and 0 <= t < 1 << 32 for t in prompt):
         return b"".join(t.to_bytes(4, "little") for t in prompt)
     return b""
+
+
+def _turns(messages: object) -> bytes:
+    """Each message's role (an item's type, when it has none) and text, in order."""
+    if not isinstance(messages, list):
+        return b""
+    parts = []
+    for m in messages:
+        if isinstance(m, dict):
+            parts.append(f"{m.get('role', m.get('type'))}\0{_text(m.get('content', m.get('output')))}\0")
+    return "".join(parts).encode("utf-8", "replace")
 
 
 def _text(content: object) -> str:

@@ -16,17 +16,22 @@ from pdserve.server.chat import create_chat_completion
 from pdserve.server.completions import create_completion
 from pdserve.server.context import ServerContext, get_context
 from pdserve.server.errors import APIError, install_error_handlers
+from pdserve.server.lora_routes import load_lora_adapter, unload_lora_adapter
 from pdserve.server.prometheus import CONTENT_TYPE
 from pdserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
     openapi_body,
 )
 from pdserve.server.request_id import RequestIdMiddleware
+from pdserve.server.responses.endpoint import create_response, retrieve_response
+from pdserve.server.responses.request import ResponsesRequest
 from pdserve.server.tokenize import detokenize, tokenize
 
 
@@ -47,6 +52,10 @@ async def list_models(request: Request) -> Response:
     cards = [
         ModelCard(id=name, root=ctx.llm.config.model, max_model_len=ctx.llm.max_model_len)
         for name in ctx.settings.served_model_names
+    ] + [
+        ModelCard(id=name, root=lora.lora_path, parent=ctx.settings.served_model_names[0],
+                  max_model_len=ctx.llm.max_model_len)
+        for name, lora in ctx.loras.items()
     ]
     return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
 
@@ -97,9 +106,15 @@ def build_app(ctx: ServerContext) -> FastAPI:
     app.add_api_route("/kv_info", kv_info, methods=["GET"])
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.add_api_route("/models", list_models, methods=["GET"])
+    v1.add_api_route("/load_lora_adapter", load_lora_adapter, methods=["POST"],
+                     openapi_extra=openapi_body(LoadLoRAAdapterRequest))
+    v1.add_api_route("/unload_lora_adapter", unload_lora_adapter, methods=["POST"],
+                     openapi_extra=openapi_body(UnloadLoRAAdapterRequest))
     v1.add_api_route("/completions", create_completion, methods=["POST"], openapi_extra=openapi_body(CompletionRequest))
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"],
                      openapi_extra=openapi_body(ChatCompletionRequest))
+    v1.add_api_route("/responses", create_response, methods=["POST"], openapi_extra=openapi_body(ResponsesRequest))
+    v1.add_api_route("/responses/{response_id}", retrieve_response, methods=["GET"])
     app.include_router(v1)
     tok = APIRouter(dependencies=[Depends(require_api_key)])  # vLLM's paths: no /v1
     tok.add_api_route("/tokenize", tokenize, methods=["POST"], openapi_extra=openapi_body(TokenizeRequest))

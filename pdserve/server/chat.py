@@ -6,18 +6,20 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from pdserve.engine.outputs import StepOutput
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server import sse
 from pdserve.server.body import parse_body
-from pdserve.server.context import get_context
+from pdserve.server.context import ServerContext, get_context
 from pdserve.server.errors import APIError
 from pdserve.server.inputs import chat_prompt, sampling_params, validate_constraint
-from pdserve.server.logprobs import chat_logprobs
+from pdserve.server.logprobs import chat_logprobs, prompt_logprobs
 from pdserve.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -26,12 +28,12 @@ from pdserve.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     DeltaMessage,
-    DeltaToolCall,
     FinishReason,
     KVParamsJSON,
     Usage,
 )
-from pdserve.server.reasoning import ReasoningStream, split_reasoning
+from pdserve.server.reasoning import ReasoningStream
+from pdserve.server.reply import ReplyFilter, parse_reply
 from pdserve.server.serving import (
     Started,
     check_model,
@@ -42,8 +44,34 @@ from pdserve.server.serving import (
     usage_of,
     wait_for_end,
 )
-from pdserve.server.tool_parsers import ParsedReply, ToolCallStream
 from pdserve.server.tools import template_tools, tool_constraint
+
+
+@dataclass(frozen=True)
+class ChatInputs:
+    """What the engine takes for a chat request."""
+
+    token_ids: list[int]
+    params: SamplingParams  # a tool_choice constraint included, its grammar compiled once
+    tools: list[dict[str, Any]] | None  # as the template got them; None: no tool calls are looked for
+
+
+async def chat_inputs(ctx: ServerContext, req: ChatCompletionRequest) -> ChatInputs:
+    """The prompt (messages and tools through the chat template) and the sampling params of `req`;
+    APIError 400 for anything the engine would refuse."""
+    tools = template_tools(req)
+    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
+                            req.add_special_tokens)
+    params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None,
+                             req.prompt_logprobs, defaults=ctx.llm.sampling_defaults)
+    constraint = tool_constraint(req, ctx.tool_parser)
+    if constraint is not None:
+        if params.structured_outputs is not None:
+            raise APIError(400, "tool_choice 'required' or a named function constrains the output already: "
+                           "send it without another output constraint", code="invalid_value", param="tool_choice")
+        params = dataclasses.replace(params, structured_outputs=constraint)
+    await validate_constraint(ctx.llm, params, req)
+    return ChatInputs(token_ids, params, tools)
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -52,36 +80,27 @@ async def create_chat_completion(request: Request) -> Response:
     ctx.admission.check_open()
     req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
-    tools = template_tools(req)
-    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
-                            req.add_special_tokens)
-    params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None,
-                             defaults=ctx.llm.sampling_defaults)
-    constraint = tool_constraint(req, ctx.tool_parser)
-    if constraint is not None:
-        if params.structured_outputs is not None:
-            raise APIError(400, "tool_choice 'required' or a named function constrains the output already: "
-                           "send it without another output constraint", code="invalid_value", param="tool_choice")
-        params = dataclasses.replace(params, structured_outputs=constraint)
-    await validate_constraint(ctx.llm, params, req)
-    started = start(request, ctx, req, token_ids, params, "chatcmpl", arrival)
+    inputs = await chat_inputs(ctx, req)
+    tools = inputs.tools
+    started = start(request, ctx, req, inputs.token_ids, inputs.params, "chatcmpl", arrival)
     reasoning = ctx.settings.reasoning_parser is not None
+    parser = ctx.tool_parser if tools is not None else None
     if req.stream:
-        filters = [_ReplyFilter(ReasoningStream() if reasoning else None,
-                                ctx.tool_parser.stream() if tools is not None else None)
+        filters = [ReplyFilter(ReasoningStream() if reasoning else None, parser.stream() if parser else None)
                    for _ in started.generations]
-        stream = _stream(req, started, ctx.llm.tokenizer, filters)
+        stream = _stream(req, started, ctx.llm.tokenizer, filters, inputs.token_ids)
         return sse.GenerationStream(stream, started.abort, {})
     results = await wait_for_end(request, started)
     choices = []
     for i, r in enumerate(results):
-        thought, text = split_reasoning(r.text) if reasoning else (None, r.text)
-        reply = ctx.tool_parser.parse(text) if tools is not None else ParsedReply(text, [])
+        thought, reply = parse_reply(r.text, reasoning, parser)
         choices.append(ChatChoice(
             index=i, message=AssistantMessage(content=reply.content, reasoning_content=thought, tool_calls=reply.calls),
             finish_reason=_reason(finish_reason(r.final), bool(reply.calls)),
             logprobs=chat_logprobs(ctx.llm.tokenizer, r.logprobs) if req.logprobs else None,
+            token_ids=r.token_ids if req.return_token_ids else None,
         ))
+    plps = results[0].prompt_logprobs if req.prompt_logprobs is not None else None
     body = ChatCompletionResponse(
         id=started.response_id,
         created=started.created,
@@ -89,38 +108,10 @@ async def create_chat_completion(request: Request) -> Response:
         choices=choices,
         usage=total_usage([r.final for r in results]),
         kv_transfer_params=kv_params(results[0].final),
+        prompt_token_ids=inputs.token_ids if req.return_token_ids else None,
+        prompt_logprobs=None if plps is None else prompt_logprobs(ctx.llm.tokenizer, plps, req.prompt_logprobs or 0),
     )
     return Response(body.model_dump_json(), media_type="application/json")
-
-
-@dataclass
-class _ReplyFilter:
-    """One streamed choice, as the non-streamed reply is split: the <think> block first (with a
-    reasoning parser), then tool calls out of the rest (with tools)."""
-
-    thinking: ReasoningStream | None
-    tools: ToolCallStream | None
-
-    @property
-    def called(self) -> bool:
-        """Some tool call has gone out."""
-        return self.tools is not None and bool(self.tools.calls)
-
-    def push(self, delta: str, finished: bool) -> tuple[str, str, list[DeltaToolCall]]:
-        """(reasoning, content) to send now, and the tool calls that are complete."""
-        thought, text, calls = "", delta, []
-        if self.thinking is not None:
-            thought, text = self.thinking.push(text)
-            if finished:
-                more, rest = self.thinking.finish()
-                thought, text = thought + more, text + rest
-        if self.tools is not None:
-            out = self.tools.push(text)
-            text, calls = out.content, out.calls
-            if finished:
-                out = self.tools.finish()
-                text, calls = text + out.content, calls + out.calls
-        return thought, text, calls
 
 
 def _reason(reason: FinishReason | None, called: bool) -> FinishReason | None:
@@ -128,9 +119,12 @@ def _reason(reason: FinishReason | None, called: bool) -> FinishReason | None:
 
 
 async def _stream(
-    req: ChatCompletionRequest, s: Started, tok: Tokenizer, filters: list[_ReplyFilter]
+    req: ChatCompletionRequest, s: Started, tok: Tokenizer, filters: list[ReplyFilter], prompt_ids: list[int]
 ) -> AsyncIterator[bytes]:
-    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None) -> bytes:
+    def chunk(
+        choices: list[ChatChunkChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None,
+        prompt: list[int] | None = None,
+    ) -> bytes:
         return sse.event(
             ChatCompletionChunk(
                 id=s.response_id,
@@ -139,13 +133,16 @@ async def _stream(
                 choices=choices,
                 usage=usage,
                 kv_transfer_params=kv,
+                prompt_token_ids=prompt,
             )
         )
 
-    # Each choice's first chunk announces the role, as OpenAI's does.
+    # Each choice's first chunk announces the role, as OpenAI's does; the very first carries the
+    # prompt's token ids (return_token_ids), as vLLM's.
     n = len(s.generations)
     for i in range(n):
-        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        prompt = prompt_ids if i == 0 and req.return_token_ids else None
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], prompt=prompt)
     finals: list[StepOutput] = []
     async for i, out in s.outputs():
         if out.finish_reason == "error":
@@ -158,7 +155,8 @@ async def _stream(
             reason = _reason(finish_reason(out), filters[i].called)
             delta = DeltaMessage(content=text, reasoning_content=thought or None, tool_calls=calls or None)
             lps = chat_logprobs(tok, out.logprobs or ()) if req.logprobs else None
-            choice = ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=reason)
+            ids = list(out.new_token_ids) if req.return_token_ids else None
+            choice = ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=reason, token_ids=ids)
             yield chunk([choice], running, kv)
         if out.finished:
             finals.append(out)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pdserve.config import DEFAULT_HOST, DEFAULT_PORT
+from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_PORT
 from pdserve.engine.args import (
     add_engine_args,
     engine_config_from_args,
@@ -61,6 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(Qwen's <tool_call> blocks) or llama3_json (Llama 3.1/3.2); default %(default)s")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility and ignored: tool_choice 'auto' is always on")
+    g.add_argument("--max-stored-responses", type=non_negative_int, default=DEFAULT_MAX_STORED_RESPONSES,
+                   help="/v1/responses kept in memory for GET and previous_response_id, least recently used "
+                        "forgotten first (0: none); default %(default)s")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", action="store_true")
     add_kv_transfer_args(p)
@@ -79,6 +82,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         drain_timeout_s=args.drain_timeout,
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
+        max_stored_responses=args.max_stored_responses,
     )
 
 

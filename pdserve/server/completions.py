@@ -3,7 +3,9 @@
 A batch of P prompts with `n` choices each answers P * n choices, prompt k's at indices k*n .. k*n+n-1;
 usage counts every prompt once. With `echo` the prompt comes first (its text, and with `logprobs`
 its tokens' logprobs: the first token has none); `max_tokens: 0` then scores the prompt alone (the
-engine still samples one token, which is not shown or counted).
+engine still samples one token, which is not shown or counted). vLLM's `return_token_ids` puts the
+generated `token_ids` (streamed: each chunk's) and the `prompt_token_ids` (streamed: on a choice's
+first chunk) on each choice, and `prompt_logprobs: k` vLLM's `prompt_logprobs` (not streamed).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
 from pdserve.server.errors import APIError
 from pdserve.server.inputs import completion_prompts, sampling_params, validate_constraint
-from pdserve.server.logprobs import completion_logprobs, echo_logprobs
+from pdserve.server.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs, top_k
 from pdserve.server.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -66,23 +68,32 @@ class _Shape:
         """The echoed prompt: its text and (with logprobs) its tokens' logprobs."""
         if not self.req.echo:
             return "", None
-        lps = echo_logprobs(self.tok, self.prompt_ids, prompt_lps or []) if self.req.logprobs is not None else None
+        k = self.req.logprobs
+        lps = echo_logprobs(self.tok, self.prompt_ids, top_k(prompt_lps or [], k)) if k is not None else None
         return self.prompt_text, lps
 
     def choice(
-        self, index: int, text: str, lps: list[TokenLogprob], offset: int, out: StepOutput, first: bool,
-        prompt_lps: list[TokenLogprob] | None,
+        self, index: int, text: str, token_ids: list[int], lps: list[TokenLogprob], offset: int, out: StepOutput,
+        first: bool, prompt_lps: list[TokenLogprob] | None,
     ) -> CompletionChoice:
-        """`text` / `lps`: generated, starting at `offset` of the generated text; `first`: the
-        choice that carries the echoed prompt (and `prompt_lps`, its logprobs)."""
+        """`text` / `token_ids` / `lps`: generated, starting at `offset` of the generated text;
+        `first`: the choice (or chunk) that carries the prompt: echoed, its token ids and logprobs
+        (`prompt_lps`) when asked."""
+        req = self.req
         if not self.shows_output:
-            text, lps = "", []
+            text, token_ids, lps = "", [], []
         prefix, prefix_lps = self.prefix(prompt_lps) if first else ("", None)
         logprobs = None
-        if self.req.logprobs is not None:
+        if req.logprobs is not None:
             logprobs = completion_logprobs(self.tok, lps, len(prefix) + offset)
             logprobs = prefix_lps + logprobs if prefix_lps is not None else logprobs
-        return CompletionChoice(index=index, text=prefix + text, logprobs=logprobs, finish_reason=finish_reason(out))
+        prompt_k = req.prompt_logprobs if first and prompt_lps is not None else None
+        return CompletionChoice(
+            index=index, text=prefix + text, logprobs=logprobs, finish_reason=finish_reason(out),
+            prompt_token_ids=self.prompt_ids if first and req.return_token_ids else None,
+            token_ids=list(token_ids) if req.return_token_ids else None,
+            prompt_logprobs=None if prompt_k is None else prompt_logprobs(self.tok, prompt_lps or [], prompt_k),
+        )
 
 
 async def create_completion(request: Request) -> Response:
@@ -95,8 +106,10 @@ async def create_completion(request: Request) -> Response:
     if len(prompts) > 1 and req.kv_transfer_params is not None:
         raise APIError(400, "a KV transfer is for one prompt: send a batch without kv_transfer_params",
                        code="invalid_value", param="prompt")
+    # The prompt's logprobs serve `prompt_logprobs` and echo with logprobs: the larger k of the two.
+    prompt_ks = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
     params = sampling_params(req, 1 if req.max_tokens == 0 else req.max_tokens, req.logprobs,
-                             req.logprobs if req.echo else None, ctx.llm.sampling_defaults)
+                             max(prompt_ks, default=None), ctx.llm.sampling_defaults)
     await validate_constraint(ctx.llm, params, req)
     tok = ctx.llm.tokenizer
     parts: list[Started] = []
@@ -118,7 +131,7 @@ async def create_completion(request: Request) -> Response:
         id=started.response_id,
         created=started.created,
         model=started.model,
-        choices=[shapes[i].choice(i, r.text, r.logprobs, 0, r.final, True, r.prompt_logprobs)
+        choices=[shapes[i].choice(i, r.text, r.token_ids, r.logprobs, 0, r.final, True, r.prompt_logprobs)
                  for i, r in enumerate(results)],
         usage=_total_usage(shapes, [r.final for r in results]),
         kv_transfer_params=kv_params(results[0].final),
@@ -165,7 +178,8 @@ async def _stream(shapes: list[_Shape], s: Started) -> AsyncIterator[bytes]:
         if out.new_token_ids or out.new_text or out.finished:
             running = shape.usage(out) if req.include_usage and req.continuous_usage else None
             kv = kv_params(out) if out.finished else None
-            choice = shape.choice(i, out.new_text, out.logprobs or [], offsets[i], out, first[i], out.prompt_logprobs)
+            choice = shape.choice(i, out.new_text, out.new_token_ids, out.logprobs or [], offsets[i], out, first[i],
+                                  out.prompt_logprobs)
             offsets[i] += len(out.new_text)
             if first[i] or shape.shows_output or out.finished:
                 yield chunk([choice], running, kv)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.logprobs import TokenLogprob
+from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv.messages import KVTransferParams
@@ -34,6 +35,7 @@ class Collected:
     final: StepOutput
     logprobs: list[TokenLogprob]
     prompt_logprobs: list[TokenLogprob] | None
+    token_ids: list[int] = field(default_factory=list)  # the generated ones
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class GenerationInput:
     params: SamplingParams
     kv_transfer_params: KVTransferParams | None
     arrival: float
+    lora: LoRARequest | None = None  # the adapter the request's `model` named
+    priority: int = 0  # lower first, under --scheduling-policy priority
 
 
 class Generation:
@@ -76,7 +80,8 @@ class Generation:
             if not await self._wait_turn():
                 self._put(StepOutput(inp.request_id, [], "", True, "abort", num_prompt_tokens=len(inp.token_ids)))
                 return
-            async for out in self.engine.generate(inp.request_id, inp.token_ids, inp.params, inp.kv_transfer_params):
+            async for out in self.engine.generate(inp.request_id, inp.token_ids, inp.params, inp.kv_transfer_params,
+                                                  inp.lora, inp.priority):
                 self._put(out)
         except Exception as e:  # validation raced with a drain, or the engine is gone
             log.warning("request %s failed to start: %s", inp.request_id, e)
@@ -129,12 +134,14 @@ class Generation:
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
         prompt_logprobs = None
+        token_ids: list[int] = []
         async for out in self.outputs():
             parts.append(out.new_text)
+            token_ids.extend(out.new_token_ids)
             logprobs.extend(out.logprobs or ())
             prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_logprobs
             if out.finished:
-                return Collected("".join(parts), out, logprobs, prompt_logprobs)
+                return Collected("".join(parts), out, logprobs, prompt_logprobs, token_ids)
         raise AssertionError("unreachable")
 
 

@@ -7,11 +7,19 @@ vLLM's responses.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from pdserve.engine.logprobs import TokenLogprob
 from pdserve.model.tokenizer import Tokenizer
-from pdserve.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from pdserve.server.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
+)
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf: a token a grammar (or a ban) made impossible reads so (OpenAI's, vLLM's)
 
@@ -62,3 +70,22 @@ def chat_logprobs(tok: Tokenizer, lps: Sequence[TokenLogprob]) -> ChatLogprobs:
         head = _top(tok, lp.token_id, lp.logprob)
         content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=[_top(tok, t, v) for t, v in lp.top]))
     return ChatLogprobs(content=content)
+
+
+def top_k(lps: Sequence[TokenLogprob], k: int) -> list[TokenLogprob]:
+    """`lps` with at most `k` alternatives each (the engine computed one k for two uses)."""
+    return [lp if len(lp.top) <= k else dataclasses.replace(lp, top=lp.top[:k]) for lp in lps]
+
+
+def prompt_logprobs(tok: Tokenizer, lps: Sequence[TokenLogprob], k: int) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: None for the first prompt token (nothing before it), then for each
+    of `lps` (SamplingParams.prompt_logprobs) the prompt token's own entry and the `k` likeliest
+    tokens', keyed by token id (k + 1 entries, k when the prompt token is among the likeliest)."""
+    out: PromptLogprobs = [None]
+    for lp in lps:
+        entries = {str(lp.token_id): PromptLogprob(logprob=_finite(lp.logprob), rank=lp.rank,
+                                                   decoded_token=_text(tok, lp.token_id))}
+        for rank, (t, v) in enumerate(lp.top[:k], start=1):
+            entries.setdefault(str(t), PromptLogprob(logprob=_finite(v), rank=rank, decoded_token=_text(tok, t)))
+        out.append(entries)
+    return out

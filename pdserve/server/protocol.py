@@ -6,7 +6,8 @@ Unknown fields are ignored, as OpenAI-compatible servers do; fields we know but 
 the generated tokens are supported (`logprobs: k` for completions; `logprobs: true` and
 `top_logprobs: k` for chat), as the model's raw distribution (vLLM's default).
 vLLM's extensions (`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
-`kv_transfer_params`, `structured_outputs`, `guided_*`) are accepted with vLLM's meaning, and so is
+`kv_transfer_params`, `structured_outputs`, `guided_*`, `priority`, `return_token_ids`,
+`prompt_logprobs`) are accepted with vLLM's meaning, and so is
 OpenAI's `response_format` (engine/structured.py enforces them).
 """
 
@@ -102,6 +103,17 @@ class SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's: lower first under --scheduling-policy priority (any other value is a 400 under fcfs).
+    priority: Annotated[int, Field(ge=-(2**63), lt=2**63)] = 0
+    return_token_ids: bool | None = None  # vLLM's: the prompt's and each choice's token ids in the response
+    prompt_logprobs: TopK | None = None  # vLLM's: every prompt token's logprob and its k likeliest alternatives
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not available with stream: true (as in vLLM)")
+        return v
 
     @property
     def include_usage(self) -> bool:
@@ -271,6 +283,20 @@ class TokenizeRequest(_Request):
         return self
 
 
+class LoadLoRAAdapterRequest(_Request):
+    """vLLM's `POST /v1/load_lora_adapter`."""
+
+    lora_name: Annotated[str, Field(min_length=1)]
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    """vLLM's `POST /v1/unload_lora_adapter`."""
+
+    lora_name: str
+    lora_int_id: int | None = None  # accepted for vLLM's clients; the name decides
+
+
 class DetokenizeRequest(_Request):
     """`POST /detokenize` (vLLM's)."""
 
@@ -322,11 +348,28 @@ class CompletionLogprobs(_Response):
         )
 
 
+class PromptLogprob(_Response):
+    """vLLM's entry of `prompt_logprobs`: a token's logprob at one prompt position."""
+
+    logprob: float
+    rank: int | None  # 1: the likeliest token there
+    decoded_token: str | None
+
+
+# vLLM's: None for the first prompt token, then per position token id -> entry (the prompt's own
+# token, then the k likeliest).
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(_Response):
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # vLLM's, when asked (return_token_ids, prompt_logprobs); streamed: the prompt's on the first chunk.
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_none)
+    token_ids: list[int] | None = Field(default=None, exclude_if=_none)  # generated (streamed: this chunk's)
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_none)
 
 
 class CompletionResponse(_Response):
@@ -393,6 +436,7 @@ class ChatChoice(_Response):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    token_ids: list[int] | None = Field(default=None, exclude_if=_none)  # vLLM's return_token_ids
 
 
 class ChatCompletionResponse(_Response):
@@ -403,6 +447,9 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: Usage
     kv_transfer_params: KVParamsJSON | None = None
+    # vLLM's, when asked (return_token_ids, prompt_logprobs): the prompt's, for every choice.
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_none)
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_none)
 
 
 class DeltaMessage(_Response):
@@ -417,6 +464,7 @@ class ChatChunkChoice(_Response):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    token_ids: list[int] | None = Field(default=None, exclude_if=_none)  # vLLM's return_token_ids: this chunk's
 
 
 class ChatCompletionChunk(_Response):
@@ -427,6 +475,7 @@ class ChatCompletionChunk(_Response):
     choices: list[ChatChunkChoice]
     usage: Usage | None = Field(default=None, exclude_if=_none)
     kv_transfer_params: KVParamsJSON | None = Field(default=None, exclude_if=_none)
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_none)  # return_token_ids: the first chunk
 
 
 class ModelCard(_Response):
@@ -435,6 +484,7 @@ class ModelCard(_Response):
     created: int = Field(default_factory=_now)
     owned_by: str = "pdserve"
     root: str
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int
 
 

@@ -64,7 +64,8 @@ class Started:
 
 
 def check_model(ctx: ServerContext, model: str | None) -> None:
-    if model is not None and model not in ctx.settings.served_model_names:
+    """404 unless `model` is absent, a served name of the base model, or a loaded LoRA adapter's."""
+    if model is not None and model not in ctx.settings.served_model_names and model not in ctx.loras:
         raise APIError(404, f"the model '{model}' does not exist", code="model_not_found", param="model")
 
 
@@ -91,12 +92,18 @@ def start(
         raise APIError(400, "a prefill half computes one choice: send it with n = 1 (a proxy does)",
                        code="invalid_value", param="n")
     if params.prompt_logprobs is not None and kvp is not None and kvp.do_remote_prefill:
-        raise APIError(400, "echo with logprobs needs the prompt computed on this instance: send it without "
-                       "kv_transfer_params (a proxy routes such requests so)", code="invalid_value", param="echo")
+        field = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
+        raise APIError(400, f"{field} needs the prompt computed on this instance: send it without "
+                       "kv_transfer_params (a proxy routes such requests so)", code="invalid_value", param=field)
+    try:
+        ctx.llm.validate_priority(req.priority)
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value", param="priority") from None
     request_id = request_id_of(request) + (f"-p{batch_index}" if batch_index else "")
     # Choice 0 keeps the request's id: a prefill instance knows the KV it holds for us by that id.
     ids = [request_id] + [f"{request_id}-{i}" for i in range(1, req.n)]
     remote = kvp is not None and kvp.do_remote_prefill
+    lora = ctx.loras.get(req.model) if req.model is not None else None
     # n > 1: choices after the first wait until the first has its first token, when its prompt's KV
     # (computed here or transferred) is in the prefix cache: they then compute only its last block.
     # With remote KV they must: the transfer feeds the first choice alone.
@@ -107,10 +114,11 @@ def start(
             # Choice i draws from its own seed (seed + i): seeded choices differ from each other.
             p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=(params.seed + i) % 2**64)
             if i == 0:
-                gens.append(ctx.start(GenerationInput(rid, token_ids, p, kvp, arrival)))
+                gens.append(ctx.start(GenerationInput(rid, token_ids, p, kvp, arrival, lora, req.priority)))
             else:
                 after = gens[0].first_output if staged else None
-                gens.append(ctx.start(GenerationInput(rid, token_ids, p, None if remote else kvp, arrival), after))
+                inp = GenerationInput(rid, token_ids, p, None if remote else kvp, arrival, lora, req.priority)
+                gens.append(ctx.start(inp, after))
     except APIError:  # 409 / 429 / 503 for a later choice: the earlier ones go too
         for gen in gens:
             gen.abort()

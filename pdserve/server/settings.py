@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, Role
+from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_PORT, Role
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
@@ -25,6 +25,7 @@ class ServerSettings:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     reasoning_parser: str | None = None  # reasoning.PARSERS: split <think> blocks into reasoning_content
     tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER  # tool_parsers.TOOL_PARSERS: the format of tool calls
+    max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # /v1/responses store (LRU); 0: store none
 
     @property
     def model_name(self) -> str:

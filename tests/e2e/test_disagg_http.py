@@ -29,18 +29,20 @@ def complete(base: str, prompt, extra: dict | None = None, rid: str | None = Non
     return r.json()
 
 
-def disagg(p, d, prompt, mode: str, **kw) -> dict:
-    rid = uuid.uuid4().hex
+def disagg(p, d, prompt, mode: str, both: dict | None = None, **kw) -> dict:
+    """The proxy's part: `both` goes into the two halves' bodies, `kw` into the decode's."""
+    rid, both = uuid.uuid4().hex, both or {}
     if mode == "read":
-        pr = complete(p.base_url, prompt, {"max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}, rid)
-        return complete(d.base_url, prompt, {"kv_transfer_params": pr["kv_transfer_params"]}, rid, **kw)
+        pr = complete(p.base_url, prompt, {"max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True},
+                                           **both}, rid)
+        return complete(d.base_url, prompt, {"kv_transfer_params": pr["kv_transfer_params"], **both}, rid, **kw)
     pinfo = httpx.get(f"{p.base_url}/kv_info").json()
     dinfo = httpx.get(f"{d.base_url}/kv_info").json()
     to_p = {"max_tokens": 1, "kv_transfer_params": {
         "do_remote_decode": True, "transfer_mode": "WRITE", "remote_engine_id": dinfo["engine_id"],
         "remote_host": dinfo["host"], "remote_handshake_port": dinfo["handshake_port"],
-        "remote_notify_port": dinfo["notify_port"]}}
-    to_d = {"kv_transfer_params": {
+        "remote_notify_port": dinfo["notify_port"]}, **both}
+    to_d = {**both, "kv_transfer_params": {
         "do_remote_prefill": True, "transfer_mode": "WRITE", "remote_engine_id": pinfo["engine_id"],
         "remote_host": pinfo["host"], "remote_handshake_port": pinfo["handshake_port"],
         "remote_notify_port": pinfo["notify_port"]}}
@@ -111,15 +113,20 @@ def test_many_requests_with_aborts_and_a_killed_prefill(module_tmp):
 
 
 def test_instances_refuse_what_needs_the_prompt_computed_here(module_tmp):
-    """Echo with logprobs cannot use remote KV (prompt logprobs come from computing the prompt), and a
-    prefill half computes one choice (n > 1 there is a client's mistake): a 400 naming the field,
-    before anything is transferred."""
+    """Echo with logprobs or prompt_logprobs cannot use remote KV (prompt logprobs come from computing
+    the prompt), and a prefill half computes one choice (n > 1 there is a client's mistake): a 400
+    naming the field, before anything is transferred."""
     remote = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_handshake_port": 1,
               "remote_notify_port": 2, "remote_block_ids": [0, 1]}
     with pdserve_server(module_tmp, "--role", "decode") as d:
         r = httpx.post(f"{d.base_url}/v1/completions", timeout=30,
                        json={**BODY, "prompt": PROMPTS[1], "kv_transfer_params": remote, "echo": True, "logprobs": 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "echo", r.text
+        for path, body in (("completions", {"prompt": PROMPTS[1]}),
+                           ("chat/completions", {"messages": [{"role": "user", "content": "hello"}]})):
+            r = httpx.post(f"{d.base_url}/v1/{path}", timeout=30,
+                           json={**BODY, **body, "kv_transfer_params": remote, "prompt_logprobs": 0})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
         blocks_back(d)
     with pdserve_server(module_tmp, "--role", "prefill") as p:
         r = httpx.post(f"{p.base_url}/v1/completions", timeout=30,

@@ -287,6 +287,40 @@ def test_echo_is_served_by_a_decode_alone(topo: Topology, reference: ServerProce
     _blocks_all_free(topo.prefills + topo.decodes)
 
 
+def test_prompt_logprobs_are_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
+    """vLLM's prompt_logprobs, like echo: the decode computes the prompt itself (fallback
+    "prompt_logprobs"), completions and chat, with the standalone's values; return_token_ids goes
+    through the disaggregated path unchanged (the decode answers with the prompt's and its ids)."""
+    def scored(server: ServerProcess) -> tuple[list, list]:
+        client = _client(server)
+        c = client.completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=2, extra_body={
+            "prompt_logprobs": 1}, **GREEDY)
+        chat = client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                              max_tokens=2, extra_body={"prompt_logprobs": 0}, **GREEDY)
+        assert c.choices[0].model_extra and chat.model_extra
+        return c.choices[0].model_extra["prompt_logprobs"], chat.model_extra["prompt_logprobs"]
+
+    def values(plps: list) -> list[float]:
+        return [v["logprob"] for entry in plps[1:] for v in entry.values()]
+
+    metric = 'pdserve_proxy_fallbacks_total{reason="prompt_logprobs"}'
+    before = topo.proxy_metric(metric)
+    got, want = scored(topo.proxy), scored(reference)
+    for g, w in zip(got, want, strict=True):
+        assert g[0] is None and [list(e) for e in g[1:]] == [list(e) for e in w[1:]]
+        assert values(g) == pytest.approx(values(w), abs=0.02)
+    assert topo.proxy_metric(metric) == before + 2
+
+    ids = _client(topo.proxy).completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=4,
+                                                 extra_body={"return_token_ids": True}, **GREEDY)
+    want_ids = _client(reference).completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=4,
+                                                     extra_body={"return_token_ids": True}, **GREEDY)
+    extra, want_extra = ids.choices[0].model_extra, want_ids.choices[0].model_extra
+    assert extra and want_extra and extra["prompt_token_ids"] == want_extra["prompt_token_ids"]
+    assert extra["token_ids"] == want_extra["token_ids"] and len(extra["token_ids"]) == 4
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
 def test_batch_of_prompts_is_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
     """Several prompts in one completions request: a KV transfer is for one prompt, so the proxy sends
     the batch to a decode as a plain request (fallback "batch"); the choices equal a standalone's."""

@@ -29,10 +29,11 @@ from schemathesis import GenerationMode  # noqa: E402
 
 MAX_TOKENS = 8  # generated bodies are capped: this is about validation, not generation
 INSTANCE = ("--max-model-len", "256")
-GENERATION = ("/v1/completions", "/v1/chat/completions")
+GENERATION = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 TOKENIZER = ("/tokenize", "/detokenize")  # forwarded to an instance as they are
-POSTS = GENERATION + TOKENIZER
-GETS = ("/health", "/instances", "/metrics", "/v1/models")
+LORA = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # fanned out to every instance
+POSTS = GENERATION + TOKENIZER + LORA
+GETS = ("/health", "/instances", "/metrics", "/v1/models", "/v1/responses/{response_id}")
 ADMIN_POSTS = ("/reset_prefix_cache",)  # no body
 HIDDEN_5XX = (  # proxy metrics that count a 5xx the client may not have seen (retried, fallen back, in-band)
     "pdserve_proxy_upstream_failures_total",
@@ -81,7 +82,7 @@ def topo(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[Topology]
 
 def _cap(body: object) -> None:
     if isinstance(body, dict):
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(key), int) and body[key] > MAX_TOKENS:
                 body[key] = MAX_TOKENS
 
@@ -99,6 +100,7 @@ def test_schema_documents_every_route_and_body(topo: Topology) -> None:
     }
     assert {"model", "prompt", "max_tokens", "stream"} <= fields["/v1/completions"]
     assert {"model", "messages", "max_completion_tokens", "stream"} <= fields["/v1/chat/completions"]
+    assert {"model", "input", "max_output_tokens", "previous_response_id", "stream"} <= fields["/v1/responses"]
     assert {"prompt", "messages"} <= fields["/tokenize"] and {"tokens"} <= fields["/detokenize"]
 
 
@@ -126,7 +128,9 @@ def test_no_server_errors(topo: Topology, path: str, mode: GenerationMode, reque
     run()
     assert httpx.get(f"{proxy.base_url}/health").status_code == 200
     metrics = parse_metrics(httpx.get(f"{proxy.base_url}/metrics").text)
-    by_design = ('pdserve_proxy_fallbacks_total{reason="echo"}', 'pdserve_proxy_fallbacks_total{reason="batch"}')
+    by_design = ('pdserve_proxy_fallbacks_total{reason="echo"}', 'pdserve_proxy_fallbacks_total{reason="batch"}',
+                 'pdserve_proxy_fallbacks_total{reason="previous_response"}',
+                 'pdserve_proxy_fallbacks_total{reason="prompt_logprobs"}')
     hidden = {k: v for k, v in metrics.items() if v and k.startswith(HIDDEN_5XX) and k not in by_design}
     assert not hidden, f"5xx behind the proxy's back: {hidden}"
     for inst in topo.instances:

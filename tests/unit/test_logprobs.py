@@ -111,6 +111,28 @@ def test_prompt_logprobs_match_transformers(reference, chunk):
         assert [t for t, _ in lp.top] == ref[i].topk(2).indices.tolist()
 
 
+def test_prompt_logprobs_from_one_token_chunks(reference):
+    """A decode running beside it leaves one token of a 2-token budget: the prompt is prefilled one
+    token per step, and each of those steps still yields its position's prompt logprob."""
+    llm = LLM(MODEL, dtype="float32", num_kv_blocks=64, max_model_len=256, max_num_batched_tokens=2,
+              enable_prefix_caching=False)
+    try:
+        engine = llm.engine
+        engine.add_request("decode", [1, 2], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+        engine.step()
+        prompt = PROMPTS[0][:10]
+        engine.add_request("asked", prompt, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
+        outs = [o for o in engine.run_until_done() if o.request_id == "asked" and o.prompt_logprobs is not None]
+    finally:
+        llm.close()
+    got = outs[0].prompt_logprobs
+    assert got is not None and [lp.token_id for lp in got] == prompt[1:]
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+    for i, lp in enumerate(got):
+        assert lp.logprob == pytest.approx(ref[i, prompt[i + 1]].item(), abs=1e-4)
+
+
 def test_prompt_logprobs_refused_for_remote_prefill():
     from pdserve.config import EngineConfig
     from pdserve.engine.engine import LLMEngine

@@ -55,11 +55,11 @@ def _texts(raw: bytes) -> list[str]:
 
 
 def test_prefill_body_read() -> None:
-    half = msgspec.json.decode(bodies.prefill_body(BODY, False, bodies.prefill_params("READ")))
+    half = msgspec.json.decode(bodies.prefill_body(BODY, "/v1/completions", bodies.prefill_params("READ")))
     assert half == {"model": "fake", "prompt": "hi", "max_tokens": 1, "stream": False,
                     "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False,
                                            "transfer_mode": "READ"}}
-    chat = msgspec.json.decode(bodies.prefill_body(CHAT, True, bodies.prefill_params("READ")))
+    chat = msgspec.json.decode(bodies.prefill_body(CHAT, "/v1/chat/completions", bodies.prefill_params("READ")))
     assert chat["max_completion_tokens"] == 1 and chat["max_tokens"] == 1
 
 
@@ -181,6 +181,34 @@ def test_read_no_params_means_local_prefill() -> None:
         assert status == 200 and ds[0].seen[0].body == BODY and len(ps[0].seen) == 1
 
     _run([FakeInstance("P", behavior="no_params")], [FakeInstance("D")], body, fallback="fail")
+
+
+def test_read_priority_and_return_token_ids_reach_both_halves() -> None:
+    """vLLM's `priority` orders the request on both instances; `return_token_ids` rides along."""
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        extra = {"priority": -2, "return_token_ids": True}
+        for path, req in (("/v1/completions", BODY), ("/v1/chat/completions", CHAT)):
+            status, _, _ = await post(s, proxy.url + path, {**req, **extra})
+            assert status == 200
+        assert len(ps[0].seen) == len(ds[0].seen) == 2
+        for half in ps[0].seen + ds[0].seen:
+            assert {k: half.body[k] for k in extra} == extra
+
+    _run([FakeInstance("P")], [FakeInstance("D")], body)
+
+
+def test_prompt_logprobs_are_served_by_a_decode_alone() -> None:
+    """Like echo: the prompt's logprobs are computed where the prompt is, so no prefill half."""
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        for path, req in (("/v1/completions", BODY), ("/v1/chat/completions", CHAT)):
+            status, _, _ = await post(s, proxy.url + path, {**req, "prompt_logprobs": 0})
+            assert status == 200
+        assert not ps[0].seen and [x.body for x in ds[0].seen] == [{**BODY, "prompt_logprobs": 0},
+                                                                   {**CHAT, "prompt_logprobs": 0}]
+        status, _, _ = await post(s, proxy.url + "/v1/completions", {**BODY, "prompt_logprobs": None})
+        assert status == 200 and len(ps[0].seen) == 1  # null: not asked, disaggregated as usual
+
+    _run([FakeInstance("P")], [FakeInstance("D")], body)
 
 
 def test_read_decode_retry_keeps_params_and_id() -> None:

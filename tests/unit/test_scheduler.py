@@ -8,7 +8,7 @@ from pdserve.config import SchedulerConfig
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import ScheduledBatch, Scheduler
 
 
 def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, chunked=True):
@@ -215,3 +215,25 @@ def test_ready_remote_requests_go_first_no_self_preemption_livelock():
     run(s, max_steps=200)
     assert all(len(r.output_token_ids) == 2 for r in [*remotes, big])
     assert pool.num_free == pool.num_blocks
+
+
+def test_one_token_prompt_chunk_with_prompt_logprobs_is_a_prefill():
+    """The runner computes prompt logprobs from prefill chunks: a one-token chunk inside such a
+    prompt (a decode beside it left one token of the budget) is scheduled as a prefill."""
+    s, _ = make(budget=2)
+    s.add(req("d", 2, max_tokens=20))
+    s.update_after_step(s.schedule(), {"d": 1})
+    s.add(req("asked", 4, prompt_logprobs=0))
+    b = s.schedule()
+    assert [x.request_id for x in b.decodes] == ["d"] and [(x.request_id, n) for x, n in b.prefills] == [("asked", 1)]
+    s.update_after_step(b, {"d": 1, "asked": 1})
+    s.finish("asked", RequestStatus.FINISHED_ABORTED)
+    s.add(req("plain", 4))
+    b = s.schedule()
+    assert [x.request_id for x in b.decodes] == ["d", "plain"] and not b.prefills
+    # The last prompt token's chunk samples the first output token: an ordinary decode.
+    last = req("last", 4, prompt_logprobs=0)
+    last.num_computed_tokens = 3
+    batch = ScheduledBatch()
+    Scheduler._add_to_batch(batch, last, 1)
+    assert batch.decodes == [last]

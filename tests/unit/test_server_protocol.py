@@ -86,6 +86,14 @@ def test_defaults_and_extensions() -> None:
         ("stop", [1]),
         ("kv_transfer_params", [1]),
         ("seed", "1"),
+        ("priority", "1"),
+        ("priority", 1.5),
+        ("priority", True),
+        ("priority", 2**63),
+        ("prompt_logprobs", 21),
+        ("prompt_logprobs", -1),
+        ("prompt_logprobs", "2"),
+        ("return_token_ids", "yes"),
     ],
 )
 def test_rejected_values(field: str, value: object) -> None:
@@ -93,6 +101,19 @@ def test_rejected_values(field: str, value: object) -> None:
         parse({"prompt": "x", field: value})
     err = from_pydantic(e.value)
     assert err.status == 400 and err.param == field and field in err.message
+
+
+def test_vllm_token_fields() -> None:
+    r = parse({"prompt": "x", "priority": -3, "return_token_ids": True, "prompt_logprobs": 0})
+    assert (r.priority, r.return_token_ids, r.prompt_logprobs) == (-3, True, 0)
+    r = parse({"prompt": "x"})
+    assert (r.priority, r.return_token_ids, r.prompt_logprobs) == (0, None, None)
+    for model in (CompletionRequest, ChatCompletionRequest):  # vLLM refuses them streamed too
+        body = {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "stream": True, "prompt_logprobs": 0}
+        with pytest.raises(ValidationError) as e:
+            model.model_validate_json(json.dumps(body))
+        err = from_pydantic(e.value)
+        assert err.param == "prompt_logprobs" and "stream" in err.message
 
 
 def test_error_for_missing_and_invalid_json() -> None:

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from pdserve.engine.sampling_params import StructuredOutputs
 from pdserve.engine.structured import grammar_of
 from pdserve.model.tokenizer import Tokenizer
-from pdserve.server.chat import _ReplyFilter
 from pdserve.server.protocol import ChatCompletionRequest, DeltaToolCall
 from pdserve.server.reasoning import ReasoningStream, split_reasoning
+from pdserve.server.reply import ReplyFilter
 from pdserve.server.tool_parsers import TOOL_PARSERS, ToolParser, make_tool_parser
 from pdserve.server.tools import template_tools, tool_constraint
 
@@ -189,7 +189,7 @@ def test_reasoning_then_tool_calls_stream_as_the_finished_reply_splits(text: str
     thought, rest = split_reasoning(text)
     reply = HERMES.parse(rest)
     for pieces in _splits(text):
-        f = _ReplyFilter(ReasoningStream(), HERMES.stream())
+        f = ReplyFilter(ReasoningStream(), HERMES.stream())
         parts = [f.push(p, i == len(pieces) - 1) for i, p in enumerate(pieces)]
         assert "".join(t for t, _, _ in parts) == (thought or "")
         assert "".join(c for _, c, _ in parts) == (reply.content or "")

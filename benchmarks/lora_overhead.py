@@ -1,0 +1,119 @@
+"""What multi-LoRA costs on the decode path: one engine without LoRA, one with it enabled, in the
+same run, as ratios of generated tokens/s.
+
+    .venv/bin/python benchmarks/lora_overhead.py [--model dummy:qwen3-cpu-bench] [--rounds 3]
+
+Each round: `--batch` prompts of `--input-len` random tokens, `--output-len` tokens out
+(temperature 0, ignore_eos), in four configurations:
+- base: LoRA off (the baseline);
+- enabled: LoRA on, no request names an adapter (the cost of the wrappers alone);
+- one: every request runs adapter a;
+- mixed: half a, half b (each row its own delta: two small GEMM pairs per linear per step).
+The adapters are rank `--rank` on all seven linears of every layer (random weights, PEFT's format).
+Configurations rotate order each round so drift cancels; medians. One thread pinned to --cpu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pdserve import LLM, LoRARequest, SamplingParams
+from pdserve.config import ModelConfig
+from pdserve.model.presets import get_preset
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(out: Path, config: ModelConfig, rank: int, seed: int) -> None:
+    """A PEFT LoRA directory for `config` with random A and B on every linear of every layer."""
+    h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    shapes = {"q_proj": (h, config.num_attention_heads * hd), "k_proj": (h, config.num_key_value_heads * hd),
+              "v_proj": (h, config.num_key_value_heads * hd), "o_proj": (config.num_attention_heads * hd, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for t in TARGETS:
+            part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{t}"
+            fan_in, fan_out = shapes[t]
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS)}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dummy:qwen3-cpu-bench")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cpu", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the figures here")
+    a = p.parse_args()
+    os.sched_setaffinity(0, {a.cpu})
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="pdserve-lora-"))
+    config = get_preset(a.model.removeprefix("dummy:"))
+    loras = []
+    for i, name in enumerate(("a", "b")):
+        write_adapter(tmp / name, config, a.rank, seed=i)
+        loras.append(LoRARequest(name, i + 1, str(tmp / name)))
+    kw = dict(max_model_len=a.input_len + a.output_len + 16, max_num_seqs=max(a.batch, 16), enable_prefix_caching=False)
+    engines = {"base": LLM(a.model, **kw), "lora": LLM(a.model, enable_lora=True, max_lora_rank=a.rank, **kw)}
+    vocab = config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
+    cases = {
+        "base": ("base", None),
+        "enabled": ("lora", [None] * a.batch),
+        "one": ("lora", [loras[0]] * a.batch),
+        "mixed": ("lora", [loras[i % 2] for i in range(a.batch)]),
+    }
+
+    def run(case: str) -> float:
+        engine, lora = cases[case]
+        prompts = [torch.randint(0, vocab, (a.input_len,), generator=g).tolist() for _ in range(a.batch)]
+        t0 = time.perf_counter()
+        outs = engines[engine].generate(prompts, sp, lora_request=lora)
+        dt = time.perf_counter() - t0
+        return sum(len(o.outputs[0].token_ids) for o in outs) / dt
+
+    for case in cases:  # warm-up (and adapter loading)
+        run(case)
+    rates: dict[str, list[float]] = {c: [] for c in cases}
+    order = list(cases)
+    for r in range(a.rounds):
+        for case in order[r % len(order):] + order[: r % len(order)]:
+            rates[case].append(run(case))
+    med = {c: statistics.median(v) for c, v in rates.items()}
+    result = {
+        "command": "benchmarks/lora_overhead.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
+                                                           if k != "json" and v is not None),
+        "machine": f"{platform.processor() or platform.machine()}, 1 pinned core",
+        "date": time.strftime("%Y-%m-%d"),
+        "tokens_per_s": {c: round(v, 1) for c, v in med.items()},
+        "ratio_vs_base": {c: round(v / med["base"], 3) for c, v in med.items()},
+    }
+    print(json.dumps(result, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Stored responses (`store` true or left out), for `GET /v1/responses/{id}` and `previous_response_id`.
+
+In memory, in the server process, bounded: the `capacity` most recently stored or used responses
+(`pdserve serve --max-stored-responses`, default `DEFAULT_MAX_STORED_RESPONSES` in config.py); the
+least recently used one is forgotten first, after which its id is a 404 (GET) or a 400
+(`previous_response_id`). Nothing survives a restart. A stored response keeps its whole
+conversation (the items of every earlier turn, shared with the response it continued, not copied),
+which is at most one context's worth of text (its prompt and output fit the model's context): memory
+is bounded by capacity x max_model_len tokens of text (256 x 32k tokens: a few hundred MB at worst).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.server.responses.objects import ResponseObject
+from pdserve.server.responses.request import InputItem
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    response: ResponseObject
+    conversation: Sequence[InputItem]  # every turn's input and output items, instructions left out
+
+
+class ResponseStore:
+    """An LRU map from response id to `StoredResponse`; used from the event loop only."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("the response store's capacity must be 0 or more")
+        self.capacity = capacity
+        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        """The stored response (now the most recently used), or None."""
+        entry = self._entries.get(response_id)
+        if entry is not None:
+            self._entries.move_to_end(response_id)
+        return entry
+
+    def put(self, entry: StoredResponse) -> None:
+        """Store `entry` under its response's id, forgetting the least recently used beyond capacity."""
+        if self.capacity == 0:
+            return
+        self._entries[entry.response.id] = entry
+        self._entries.move_to_end(entry.response.id)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)

@@ -1,0 +1,177 @@
+"""vLLM's request fields `return_token_ids`, `prompt_logprobs` and `priority` with the official
+`openai` client (extra_body in, model_extra out) against real `pdserve serve` processes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import TINY_MODEL, ServerProcess, pdserve_server
+
+PROMPT = "The quick brown fox"
+MESSAGES = [{"role": "user", "content": PROMPT}]
+# Whole characters only (no byte token of a longer UTF-8 character): the ids detokenize to exactly the text.
+ASCII = {"temperature": 0.0, "seed": 5, "extra_body": {"structured_outputs": {"regex": "[a-z ]{10}"},
+                                                       "return_token_ids": True}}
+
+
+@pytest.fixture(scope="module")
+def server(module_tmp: Path) -> Iterator[ServerProcess]:
+    with pdserve_server(module_tmp) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1_url, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        yield c
+
+
+def _extra(obj: object) -> dict:
+    extra = getattr(obj, "model_extra", None)
+    assert extra is not None
+    return extra
+
+
+def test_completion_return_token_ids(client: openai.OpenAI, http: httpx.Client) -> None:
+    full = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=10, **ASCII)  # type: ignore[arg-type]
+    choice = _extra(full.choices[0])
+    assert "prompt_token_ids" not in _extra(full)  # completions: on the choice, as vLLM
+    prompt_ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    assert choice["prompt_token_ids"] == prompt_ids
+    ids = choice["token_ids"]
+    assert full.usage is not None and len(ids) == full.usage.completion_tokens > 0
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == full.choices[0].text
+
+    chunks = [c for c in client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=10, stream=True,
+                                                   **ASCII) if c.choices]  # type: ignore[arg-type]
+    extras = [_extra(c.choices[0]) for c in chunks]
+    assert extras[0]["prompt_token_ids"] == prompt_ids
+    assert all("prompt_token_ids" not in e for e in extras[1:])
+    assert [t for e in extras for t in e["token_ids"]] == ids
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+
+    plain = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=3)
+    assert "token_ids" not in _extra(plain.choices[0]) and "prompt_token_ids" not in _extra(plain.choices[0])
+
+
+def test_completion_return_token_ids_with_n_and_batches(client: openai.OpenAI, http: httpx.Client) -> None:
+    r = client.completions.create(model=TINY_MODEL, prompt=[PROMPT, "Hi"], max_tokens=4, n=2, temperature=1.0,
+                                  seed=3, extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert len(r.choices) == 4
+    for c in r.choices:
+        e = _extra(c)
+        assert e["prompt_token_ids"] == http.post("/tokenize", json={"prompt": PROMPT if c.index < 2 else "Hi"}
+                                                  ).json()["tokens"]
+        assert len(e["token_ids"]) == 4
+    scored = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=0,
+                                       extra_body={"return_token_ids": True})
+    assert _extra(scored.choices[0])["token_ids"] == []  # max_tokens 0: nothing generated is shown
+
+
+def test_chat_return_token_ids(client: openai.OpenAI, http: httpx.Client) -> None:
+    full = client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=10, **ASCII)  # type: ignore[arg-type]
+    prompt_ids = http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert _extra(full)["prompt_token_ids"] == prompt_ids  # chat: top level, as vLLM
+    ids = _extra(full.choices[0])["token_ids"]
+    assert full.usage is not None and len(ids) == full.usage.completion_tokens > 0
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == full.choices[0].message.content
+
+    chunks = list(client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=10, stream=True,
+                                                 **ASCII))  # type: ignore[arg-type]
+    assert _extra(chunks[0])["prompt_token_ids"] == prompt_ids
+    assert all("prompt_token_ids" not in _extra(c) for c in chunks[1:])
+    streamed = [t for c in chunks for ch in c.choices for t in (_extra(ch).get("token_ids") or [])]
+    assert streamed == ids
+    assert "".join(ch.delta.content or "" for c in chunks for ch in c.choices) == full.choices[0].message.content
+
+
+def _check_prompt_logprobs(plps: list, prompt_ids: list[int], k: int, http: httpx.Client) -> None:
+    assert len(plps) == len(prompt_ids) and plps[0] is None
+    for token, entry in zip(prompt_ids[1:], plps[1:], strict=True):
+        assert str(token) in entry and len(entry) in (k, k + 1)
+        for value in entry.values():
+            assert value["logprob"] <= 0.0 and value["rank"] >= 1 and isinstance(value["decoded_token"], str)
+        top = sorted((v for t, v in entry.items() if t != str(token) or v["rank"] <= k), key=lambda v: v["rank"])
+        assert [v["rank"] for v in top][:k] == list(range(1, k + 1))
+        assert entry[str(token)]["decoded_token"] == http.post("/detokenize", json={"tokens": [token]}).json()["prompt"]
+
+
+def test_prompt_logprobs(client: openai.OpenAI, http: httpx.Client) -> None:
+    prompt_ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    r = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=2, temperature=0.0,
+                                  extra_body={"prompt_logprobs": 2})
+    plps = _extra(r.choices[0])["prompt_logprobs"]
+    _check_prompt_logprobs(plps, prompt_ids, 2, http)
+    # The same values as echo's logprobs of the prompt (one k serves both when both are asked).
+    echo = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1,
+                                     extra_body={"prompt_logprobs": 3})
+    lp = echo.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    mine = [entry[str(t)]["logprob"] for t, entry in zip(prompt_ids[1:], plps[1:], strict=True)]
+    assert lp.token_logprobs[1:] == pytest.approx(mine, abs=1e-5)
+    assert all(top is None or len(top) <= 2 for top in lp.top_logprobs)  # echo keeps its own k
+    _check_prompt_logprobs(_extra(echo.choices[0])["prompt_logprobs"], prompt_ids, 3, http)
+
+    chat = client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=2,  # type: ignore[arg-type]
+                                          extra_body={"prompt_logprobs": 0})
+    chat_ids = http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    _check_prompt_logprobs(_extra(chat)["prompt_logprobs"], chat_ids, 0, http)
+    assert "prompt_logprobs" not in _extra(client.completions.create(model=TINY_MODEL, prompt=PROMPT,
+                                                                      max_tokens=1).choices[0])
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 21}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": -1}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "prompt_logprobs": 2, "stream": True}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": PROMPT, "priority": 1}, "priority"),  # this instance schedules fcfs
+    ("/v1/chat/completions", {"messages": MESSAGES, "priority": -1}, "priority"),
+])
+def test_refused(http: httpx.Client, path: str, body: dict, param: str) -> None:
+    r = http.post(path, json={"model": TINY_MODEL, "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    ok = {k: v for k, v in body.items() if k != param}
+    assert http.post(path, json={"model": TINY_MODEL, "max_tokens": 2, **ok}).status_code == 200
+
+
+def test_high_priority_request_finishes_before_the_queue(module_tmp: Path) -> None:
+    """One sequence at a time: a high-priority request sent behind a queue of low-priority ones is
+    served as soon as the running one ends, before the queue (order, not timing: the running one is
+    long enough for everything else to be queued meanwhile)."""
+    with pdserve_server(module_tmp, "--scheduling-policy", "priority", "--max-num-seqs", "1") as server:
+        client = openai.OpenAI(base_url=server.v1_url, api_key="unused", max_retries=0, timeout=120)
+        finished: list[str] = []
+        lock = threading.Lock()
+
+        def send(name: str, priority: int, max_tokens: int) -> threading.Thread:
+            def go() -> None:
+                client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=max_tokens,
+                                          extra_body={"priority": priority, "ignore_eos": True})
+                with lock:
+                    finished.append(name)
+
+            thread = threading.Thread(target=go)
+            thread.start()
+            return thread
+
+        threads = [send("running", 5, 600)]
+        server.wait_metrics({"pdserve_num_requests_running": 1}, timeout=60)
+        threads += [send(f"low{i}", 5, 8) for i in range(3)]
+        server.wait_metrics({"pdserve_num_requests_running": 1, "pdserve_num_requests_waiting": 3}, timeout=60)
+        threads.append(send("high", 0, 8))
+        for t in threads:
+            t.join(120)
+        # The lows arrive in any order (threads); fcfs would serve high last.
+        assert finished[:2] == ["running", "high"] and sorted(finished[2:]) == ["low0", "low1", "low2"], finished
