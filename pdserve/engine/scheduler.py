@@ -283,6 +283,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if -(-(req.num_computed_tokens + num_new) // self.block_size) > self.pool.num_usable:
+                # Its context outgrew the whole cache: it would only preempt itself for ever.
+                self.running.remove(req)
+                self._finalize(req, RequestStatus.FINISHED_LENGTH)
+                self._ended.append(req)
+                continue
             while not self._try_allocate(req, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, batch)

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+
+from pdserve.model.cpu_linear import PackedLinear, can_prepack
 
 PEFT_PREFIX = "base_model.model."
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -104,7 +108,8 @@ class LoRALinear(nn.Module):
         self.slices = slices  # (module path of the slice, first output row, end row)
         self.out_features = slices[-1][2]
         self.state = state
-        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Per adapter id: x -> A_cat x and h -> B_cat h (packed for oneDNN on a bf16 CPU).
+        self.adapters: dict[int, tuple[Projection, Projection]] = {}
 
     def install(self, adapter_id: int, weights: AdapterWeights, dtype: torch.dtype, device: torch.device) -> bool:
         """Add this module's part of an adapter (False when it targets none of its slices)."""
@@ -121,7 +126,7 @@ class LoRALinear(nn.Module):
                                  f"linear ({end - start} outputs)")
             b_cat[start:end, col : col + a.shape[0]] = b
             col += a.shape[0]
-        self.adapters[adapter_id] = (a_cat.to(device, dtype), b_cat.to(device, dtype))
+        self.adapters[adapter_id] = (_projection(a_cat.to(device, dtype)), _projection(b_cat.to(device, dtype)))
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,10 +137,20 @@ class LoRALinear(nn.Module):
                 continue
             a, b = ab
             if rows is None:
-                y = y.add_((x @ a.T) @ b.T)
+                y = y.add_(b(a(x)))
             else:
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+                y.index_add_(0, rows, b(a(x.index_select(0, rows))))
         return y
+
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _projection(weight: torch.Tensor) -> Projection:
+    """x -> x weight^T; weights prepacked once where oneDNN would otherwise re-lay them out per call."""
+    if can_prepack(weight.device, weight.dtype):
+        return PackedLinear(weight)
+    return lambda x: F.linear(x, weight)
 
 
 def wrap_lora_layers_(model: nn.Module, state: LoRAState) -> list[LoRALinear]:

@@ -237,3 +237,16 @@ def test_one_token_prompt_chunk_with_prompt_logprobs_is_a_prefill():
     batch = ScheduledBatch()
     Scheduler._add_to_batch(batch, last, 1)
     assert batch.decodes == [last]
+
+
+def test_a_context_outgrowing_the_whole_cache_ends_with_length():
+    """Prompt + max_tokens beyond every block of the cache: the request stops at the cache's end
+    ("length") instead of preempting itself for ever; the others go on."""
+    s, pool = make(num_blocks=4, block_size=4)
+    long, short = req("long", 10, max_tokens=50), req("short", 2, max_tokens=2)
+    s.add(long)
+    s.add(short)
+    run(s, max_steps=200)
+    assert long.status == RequestStatus.FINISHED_LENGTH and long.num_tokens == 4 * 4 + 1  # the last sampled
+    assert short.status == RequestStatus.FINISHED_LENGTH and short.output_token_ids == [7, 7]
+    assert pool.num_free == pool.num_blocks
