@@ -25,34 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from pdserve import LLM, LoRARequest, SamplingParams
-from pdserve.config import ModelConfig
+from pdserve.model.lora_dummy import save_random_adapter
 from pdserve.model.presets import get_preset
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def write_adapter(out: Path, config: ModelConfig, rank: int, seed: int) -> None:
-    """A PEFT LoRA directory for `config` with random A and B on every linear of every layer."""
-    h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    shapes = {"q_proj": (h, config.num_attention_heads * hd), "k_proj": (h, config.num_key_value_heads * hd),
-              "v_proj": (h, config.num_key_value_heads * hd), "o_proj": (config.num_attention_heads * hd, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config.num_hidden_layers):
-        for t in TARGETS:
-            part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{part}.{t}"
-            fan_in, fan_out = shapes[t]
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS)}))
 
 
 def main() -> None:
@@ -72,7 +48,7 @@ def main() -> None:
     config = get_preset(a.model.removeprefix("dummy:"))
     loras = []
     for i, name in enumerate(("a", "b")):
-        write_adapter(tmp / name, config, a.rank, seed=i)
+        save_random_adapter(tmp / name, config, a.rank, seed=i)
         loras.append(LoRARequest(name, i + 1, str(tmp / name)))
     kw = dict(max_model_len=a.input_len + a.output_len + 16, max_num_seqs=max(a.batch, 16), enable_prefix_caching=False)
     engines = {"base": LLM(a.model, **kw), "lora": LLM(a.model, enable_lora=True, max_lora_rank=a.rank, **kw)}
