@@ -70,7 +70,7 @@ class RequestRecord:
 
 def completion_payload(model: str, req: BenchRequest) -> dict[str, object]:
     return {
-        "model": model,
+        "model": req.model or model,
         "prompt": list(req.prompt_token_ids),
         "max_tokens": req.output_len,
         "min_tokens": req.output_len,

@@ -87,6 +87,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default="/v1/completions", help="completions path (default: %(default)s)")
     p.add_argument("--model", default=None, help="model name (default: first of GET /v1/models)")
     p.add_argument("--api-key", default=None, help="sent as a Bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME",
+                   help="LoRA adapters the server serves; each request names one, drawn at random (vLLM's)")
     p.add_argument("--num-prompts", type=pos_int, default=100, help="requests measured (default: %(default)s)")
     p.add_argument("--input-len", type=pos_int, default=1024, help="prompt tokens (default: %(default)s)")
     p.add_argument("--output-len", type=pos_int, default=128, help="output tokens (default: %(default)s)")
@@ -179,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         vocab_range=args.vocab_range,
         exclude_token_ids=args.exclude_token_ids,
         seed=args.seed,
+        lora_modules=tuple(args.lora_modules),
     )
     return BenchConfig(
         base_url=args.base_url,

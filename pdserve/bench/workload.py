@@ -17,6 +17,7 @@ import numpy as np
 
 DEFAULT_VOCAB_RANGE = (0, 256)
 PREFIX_STREAM = 1 << 20  # the rng stream of the shared prefix, apart from every prompt stream
+LORA_STREAM = PREFIX_STREAM + 1  # the adapter draws: prompts stay what they were without them
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class WorkloadConfig:
     vocab_range: tuple[int, int] = DEFAULT_VOCAB_RANGE  # token ids drawn from [lo, hi)
     exclude_token_ids: frozenset[int] = frozenset()  # e.g. special ids inside the range
     seed: int = 0
+    lora_modules: tuple[str, ...] = ()  # adapter names; each request names one, drawn uniformly (vLLM's)
 
     def __post_init__(self) -> None:
         if self.num_prompts < 0:
@@ -54,6 +56,7 @@ class BenchRequest:
     index: int
     prompt_token_ids: tuple[int, ...]
     output_len: int
+    model: str | None = None  # a LoRA adapter to name instead of the benchmark's model
 
     @property
     def prompt_len(self) -> int:
@@ -80,13 +83,16 @@ def make_requests(cfg: WorkloadConfig, stream: int = 0) -> list[BenchRequest]:
     prefixes = [tuple(int(t) for t in prefix_rng.choice(allowed, cfg.prefix_len)) for _ in range(cfg.num_prefixes)]
     # Its own stream, so prompts of a seed stay what they were before prefixes existed.
     which = np.random.default_rng([cfg.seed, stream, PREFIX_STREAM]).integers(0, cfg.num_prefixes, cfg.num_prompts)
+    adapters = np.random.default_rng([cfg.seed, stream, LORA_STREAM]).integers(0, max(len(cfg.lora_modules), 1),
+                                                                                 cfg.num_prompts)
     return [
         BenchRequest(
             index=i,
             prompt_token_ids=prefixes[k] + tuple(int(t) for t in rng.choice(allowed, size=int(n_in))),
             output_len=int(n_out),
+            model=cfg.lora_modules[a] if cfg.lora_modules else None,
         )
-        for i, (n_in, n_out, k) in enumerate(zip(input_lens, output_lens, which, strict=True))
+        for i, (n_in, n_out, k, a) in enumerate(zip(input_lens, output_lens, which, adapters, strict=True))
     ]
 
 

@@ -143,6 +143,17 @@ def test_streaming_request_timestamps_every_chunk(server: FakeServer) -> None:
     }
 
 
+def test_a_request_with_an_adapter_names_it_as_the_model(server: FakeServer) -> None:
+    req = BenchRequest(index=0, prompt_token_ids=(5, 6), output_len=2, model="ok")
+    endpoint = Endpoint(url=server.base_url + "/v1/completions", model="base")
+
+    async def go():
+        async with aiohttp.ClientSession() as session:
+            return await send_request(session, endpoint, req)
+
+    assert asyncio.run(go()).success and server.payloads[0]["model"] == "ok"
+
+
 def test_multi_token_chunks_follow_vllm_convention(server: FakeServer) -> None:
     r = _send(server, "multi", output_len=5)  # chunks of 2, 2, 1 tokens
     assert r.success and len(r.chunk_times) == 3 and r.output_tokens == 5

@@ -71,6 +71,17 @@ def test_several_prefixes_are_drawn_per_request() -> None:
     assert {r.prompt_token_ids[:16] for r in warm} <= set(counts)  # the same set in every stream
 
 
+def test_lora_modules_are_drawn_per_request_without_changing_prompts() -> None:
+    plain = make_requests(WorkloadConfig(num_prompts=200, input_len=8, seed=3))
+    reqs = make_requests(WorkloadConfig(num_prompts=200, input_len=8, seed=3, lora_modules=("a", "b", "c")))
+    assert [r.prompt_token_ids for r in reqs] == [r.prompt_token_ids for r in plain]
+    counts = Counter(r.model for r in reqs)
+    assert set(counts) == {"a", "b", "c"} and min(counts.values()) > 40
+    assert {r.model for r in plain} == {None}
+    again = make_requests(WorkloadConfig(num_prompts=200, input_len=8, seed=3, lora_modules=("a", "b", "c")))
+    assert [r.model for r in again] == [r.model for r in reqs]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
