@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "PoolingParams", "LoRARequest", "RequestOutput", "CompletionOutput",
+           "EmbeddingOutput"]
 
 
 def __getattr__(name: str):
@@ -16,11 +17,15 @@ def __getattr__(name: str):
         from pdserve.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "PoolingParams":
+        from pdserve.engine.pooling_params import PoolingParams
+
+        return PoolingParams
     if name == "LoRARequest":
         from pdserve.engine.lora_request import LoRARequest
 
         return LoRARequest
-    if name in ("RequestOutput", "CompletionOutput"):
+    if name in ("RequestOutput", "CompletionOutput", "EmbeddingOutput"):
         from pdserve.engine import outputs
 
         return getattr(outputs, name)

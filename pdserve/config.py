@@ -15,6 +15,7 @@ Role = Literal["standalone", "prefill", "decode"]
 KVMode = Literal["read", "write"]
 DType = Literal["bfloat16", "float16", "float32", "auto"]
 SchedulingPolicy = Literal["fcfs", "priority"]
+PoolingType = Literal["last", "mean"]  # how an embedding request pools its prompt (engine/pooler.py)
 
 # Defaults in one place.
 DEFAULT_HOST = "127.0.0.1"
@@ -39,10 +40,11 @@ class RopeScaling:
     low frequencies, smoothly between `low_freq_factor` and `high_freq_factor`; "yarn" (Qwen2.5/3
     long context) blends interpolated and original frequencies by dimension (`beta_fast`,
     `beta_slow`) and scales cos/sin by `attention_factor` (from `factor`, or `mscale`/`mscale_all_dim`,
-    when not given).
+    when not given); "longrope" (Phi-3/3.5) divides frequency i by `short_factor[i]` or
+    `long_factor[i]` (rope.py says which) and scales cos/sin by `attention_factor` (from `factor`).
     """
 
-    rope_type: Literal["linear", "llama3", "yarn"]
+    rope_type: Literal["linear", "llama3", "yarn", "longrope"]
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
     low_freq_factor: float = 1.0
@@ -53,13 +55,17 @@ class RopeScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a dense decoder (Qwen3, Qwen2, Llama, Mistral) or Qwen3-MoE model, named as
-    in Hugging Face's config.json. The dense families differ only in the flags below: per-head q/k
-    RMSNorm (Qwen3), biases on q/k/v (Qwen2) or on all four projections (`attention_bias`), RoPE scaling.
+    """Hyper-parameters of a dense decoder (Qwen3, Qwen2, Llama, Mistral, Phi-3, Gemma, Gemma 2) or
+    Qwen3-MoE model, named as in Hugging Face's config.json. The dense families differ only in the
+    flags below: per-head q/k RMSNorm (Qwen3), biases on q/k/v (Qwen2) or on all four projections
+    (`attention_bias`), RoPE scaling and partial rotation, fused projection weights (Phi-3), and
+    Gemma's norm, activation, embedding scale and (Gemma 2) soft-capping and extra norms.
     """
 
     architecture: str = "Qwen3ForCausalLM"
@@ -78,6 +84,21 @@ class ModelConfig:
     qkv_bias: bool = False
     o_proj_bias: bool = False
     qk_norm: bool = True
+    hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"  # of the gated MLP
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * this dims (Phi-3)
+    # The checkpoint stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3).
+    fused_projections: bool = False
+    # Gemma: RMSNorm scales by (1 + weight), in float32; embeddings are scaled by sqrt(hidden_size).
+    rms_norm_unit_offset: bool = False
+    scale_embeddings: bool = False
+    # Gemma 2: norms on the attention and MLP outputs too (`post_attention_layernorm` then normalizes
+    # the attention output; `pre_feedforward_layernorm` is the MLP's input norm), attention scale
+    # query_pre_attn_scalar ** -0.5 (head_dim ** -0.5 when None), and tanh soft-capping
+    # (cap * tanh(x / cap)) of the attention scores and of the final logits.
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     # Qwen3-MoE only.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -88,6 +109,11 @@ class ModelConfig:
     # Generation facts.
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head that RoPE rotates (the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def is_moe(self) -> bool:
@@ -173,6 +199,7 @@ class EngineConfig:
     # generation_config.json, "vllm" ignores them; the overrides win over both.
     generation_config: Literal["auto", "vllm"] = "auto"
     override_generation_config: SamplingDefaults = field(default_factory=SamplingDefaults)
+    pooling_type: PoolingType = "last"  # vLLM's pooler of decoder embedding models (--pooling-type)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)

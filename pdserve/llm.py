@@ -12,11 +12,13 @@ from pdserve.config import (
     CacheConfig,
     EngineConfig,
     LoRAConfig,
+    PoolingType,
     SchedulerConfig,
 )
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.lora_request import LoRARequest
-from pdserve.engine.outputs import CompletionOutput, RequestOutput, StepOutput
+from pdserve.engine.outputs import CompletionOutput, EmbeddingOutput, RequestOutput, StepOutput
+from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
 
 Prompt = str | list[int]
@@ -34,6 +36,7 @@ class LLM:
     `lora_request=LoRARequest(name, id, path)` (PEFT adapters, loaded on first use; up to
     `max_loras` on the device, of rank up to `max_lora_rank`). `scheduling_policy="priority"` serves
     requests by the `priority` that `generate` takes (lower first), "fcfs" (the default) by arrival.
+    `embed` pools prompts into vectors, by `pooling_type` ("last", the default, or "mean").
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class LLM:
         enable_lora: bool = False,
         max_loras: int = DEFAULT_MAX_LORAS,
         max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
+        pooling_type: PoolingType = "last",
     ) -> None:
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
@@ -72,6 +76,7 @@ class LLM:
             enforce_eager=enforce_eager,
             generation_config=generation_config,  # type: ignore[arg-type]
             override_generation_config=SamplingDefaults.from_generation_config(override_generation_config or {}),
+            pooling_type=pooling_type,
             lora=LoRAConfig(enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank),
             cache=CacheConfig(
                 block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_gib=kv_cache_gib,
@@ -164,6 +169,24 @@ class LLM:
                 if comp.index == 0:  # the prompt's own lookup (later choices find it cached by design)
                     ro.num_cached_tokens = out.num_cached_tokens
         return [results[r] for r in order]
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None
+              ) -> list[EmbeddingOutput]:
+        """One embedding per prompt, in order (vLLM's method): each prompt is prefilled and pooled
+        (L2-normalized unless `pooling_params` says otherwise). Invalid prompts raise ValueError
+        before any runs."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        pooling = pooling_params or PoolingParams()
+        token_ids = [self.engine.tokenize(p) for p in prompts]  # type: ignore[arg-type]
+        for ids in token_ids:
+            self.engine.validate_pooling(ids, pooling)
+        order = [str(next(self._ids)) for _ in token_ids]
+        for rid, ids in zip(order, token_ids, strict=True):
+            self.engine.add_request(rid, ids, SamplingParams(), pooling=pooling)
+        finals = {o.request_id: o for o in self.engine.run_until_done() if o.finished}
+        return [EmbeddingOutput(rid, ids, finals[rid].embedding or [], finals[rid].num_cached_tokens)
+                for rid, ids in zip(order, token_ids, strict=True)]
 
     def _first_tokens(self, request_ids: list[str]) -> list[StepOutput]:
         """Step until each of `request_ids` has its first token (or has ended): with `n > 1` the

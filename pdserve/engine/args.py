@@ -113,6 +113,9 @@ def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None
                    help="reuse the KV of shared prompt prefixes (whole blocks)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: no CUDA graphs (decode-only steps are otherwise replayed from graphs)")
+    g.add_argument("--pooling-type", default="last", choices=["last", "mean"],
+                   help="embeddings (/v1/embeddings): the last prompt token's final hidden state (Qwen3-Embedding's), "
+                        "or the mean over every prompt token (no prefix cache for those requests)")
     g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT directories)")
     g.add_argument("--lora-modules", type=lora_module, nargs="+", default=[], metavar="NAME=PATH",
                    help="adapters to load at start; clients name one in `model` (needs --enable-lora)")
@@ -153,6 +156,7 @@ def engine_config_from_args(
             enable_chunked_prefill=not args.no_chunked_prefill,
             policy=args.scheduling_policy,
         ),
+        pooling_type=args.pooling_type,
         kv_transfer=kv_transfer or KVTransferConfig(),
         lora=LoRAConfig(enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         lora_modules=tuple(args.lora_modules)),

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pdserve.engine.engine import EngineStats, LLMEngine
 from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import StepOutput
+from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -38,6 +39,7 @@ class _Add:
     loop: asyncio.AbstractEventLoop
     lora: LoRARequest | None = None
     priority: int = 0
+    pooling: PoolingParams | None = None
 
 
 @dataclass(frozen=True)
@@ -76,16 +78,17 @@ class AsyncEngine:
         kv_transfer_params: object | None = None,
         lora: LoRARequest | None = None,
         priority: int = 0,
+        pooling: PoolingParams | None = None,
     ) -> AsyncIterator[StepOutput]:
-        """Stream a request's outputs (with the loaded adapter `lora`). Leaving the iteration early
-        (client gone) aborts it."""
+        """Stream a request's outputs (with the loaded adapter `lora`); with `pooling`, an embedding
+        request's one final output. Leaving the iteration early (client gone) aborts it."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
-        kv_transfer_params = self.engine.validate_request(token_ids, params, kv_transfer_params)
+        kv_transfer_params = self.engine.validate_request(token_ids, params, kv_transfer_params, pooling)
         self.engine.validate_priority(priority)
         sink: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._send(_Add(request_id, token_ids, params, kv_transfer_params, sink, asyncio.get_running_loop(), lora,
-                        priority))
+                        priority, pooling))
         finished = False
         try:
             while not finished:
@@ -178,7 +181,7 @@ class AsyncEngine:
             self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
             try:
                 self.engine.add_request(cmd.request_id, cmd.token_ids, cmd.params, cmd.kv_transfer_params, cmd.lora,
-                                        cmd.priority)
+                                        cmd.priority, cmd.pooling)
             except Exception as e:  # validated already; anything here fails this request only
                 self._deliver([StepOutput(cmd.request_id, [], "", True, "error", error=str(e))])
 

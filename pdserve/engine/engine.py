@@ -6,6 +6,7 @@ into the scheduler's and runner's seams; the loop itself does not change.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pdserve.engine.logprobs import TokenLogprob
 from pdserve.engine.lora import LoRAManager
 from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import StepOutput
+from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
@@ -35,6 +37,7 @@ from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
 from pdserve.model.lora import AdapterWeights
 
 log = logging.getLogger(__name__)
+_POOLED_SAMPLE = SamplingParams(max_tokens=1, temperature=0.0)  # an embedding request's row: sampled, discarded
 
 
 @dataclass(frozen=True)
@@ -165,12 +168,8 @@ class LLMEngine:
         """Raise ValueError with a user-facing message if the request cannot be served. Cheap checks
         only: an output constraint's grammar is compiled by `structured.validate` (the server runs
         it off its event loop) or when the request is added."""
-        if not token_ids:
-            raise ValueError("the prompt is empty")
+        self._check_ids(token_ids)
         vocab = self.model_config.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:  # C-speed scan; the generator only on error
-            bad = next(t for t in token_ids if not 0 <= t < vocab)
-            raise ValueError(f"token id {bad} is out of range for vocabulary size {vocab}")
         bad_bias = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)  # type: ignore[misc]
         if bad_bias is not None:
             raise ValueError(f"logit_bias names token id {bad_bias}, out of range for vocabulary size {vocab}")
@@ -190,6 +189,30 @@ class LLMEngine:
                 f"the prompt needs {blocks_needed} KV blocks; the cache has {self.block_pool.num_usable} in all"
             )
 
+    def _check_ids(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:  # C-speed scan; the generator only on error
+            bad = next(t for t in token_ids if not 0 <= t < vocab)
+            raise ValueError(f"token id {bad} is out of range for vocabulary size {vocab}")
+
+    def validate_pooling(self, token_ids: list[int], pooling: PoolingParams) -> None:
+        """An embedding request's checks (ValueError, a user-facing message): the prompt may fill the
+        whole context (nothing is generated); `dimensions` at most the hidden size."""
+        self._check_ids(token_ids)
+        hidden = self.model_config.hidden_size
+        if pooling.dimensions is not None and pooling.dimensions > hidden:
+            raise ValueError(f"dimensions={pooling.dimensions} exceeds this model's embedding size of {hidden}")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
+                             f"{self.max_model_len}")
+        blocks_needed = -(-len(token_ids) // self.layout.block_size)
+        if blocks_needed > self.block_pool.num_usable:
+            raise ValueError(
+                f"the prompt needs {blocks_needed} KV blocks; the cache has {self.block_pool.num_usable} in all"
+            )
+
     def validate_priority(self, priority: int) -> None:
         """A priority other than 0 needs the priority policy (as in vLLM): ValueError otherwise."""
         policy = self.config.scheduler.policy
@@ -198,9 +221,15 @@ class LLMEngine:
                              f"{policy} (pdserve serve --scheduling-policy priority)")
 
     def validate_request(
-        self, token_ids: list[int], params: SamplingParams, kv_transfer_params: KVTransferParams | dict | None
+        self, token_ids: list[int], params: SamplingParams, kv_transfer_params: KVTransferParams | dict | None,
+        pooling: PoolingParams | None = None,
     ) -> KVTransferParams | None:
         """Every cheap add-time check, callable from any thread: ValueError with a user-facing message."""
+        if pooling is not None:
+            self.validate_pooling(token_ids, pooling)
+            if kv_transfer_params is not None:
+                raise ValueError("an embedding request computes its prompt here: it takes no kv_transfer_params")
+            return None
         self.validate_prompt(token_ids, params)
         kvp = parse_kv_transfer_params(kv_transfer_params)
         if kvp is not None and kvp.do_remote_prefill and params.prompt_logprobs is not None:
@@ -220,11 +249,17 @@ class LLMEngine:
         kv_transfer_params: KVTransferParams | dict | None = None,
         lora_request: LoRARequest | None = None,
         priority: int = 0,
+        pooling: PoolingParams | None = None,
     ) -> Request:
         """Queue a request (with the adapter `lora_request`, loaded now if it is not). ValueError (a
-        user-facing message) when it cannot be served."""
+        user-facing message) when it cannot be served. With `pooling` it is an embedding request:
+        prefill only, it ends with its prompt's pooled vector (`StepOutput.embedding`); `params` is
+        then unused (its one discarded sample is greedy)."""
         token_ids = self.tokenize(prompt)
-        kvp = self.validate_request(token_ids, params, kv_transfer_params)
+        if pooling is not None:
+            pooling = dataclasses.replace(pooling, pooling_type=pooling.pooling_type or self.config.pooling_type)
+            params = _POOLED_SAMPLE
+        kvp = self.validate_request(token_ids, params, kv_transfer_params, pooling)
         self.validate_priority(priority)  # `priority`: lower first, under the priority policy
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
@@ -239,6 +274,7 @@ class LLMEngine:
             kv_transfer_params=kvp,
             lora=lora_request,
             priority=priority,
+            pooling=pooling,
         )
         if params.structured_outputs is not None:  # compiles the grammar: ValueError when it is bad
             self.structured.add(request_id, params.structured_outputs)
@@ -287,7 +323,7 @@ class LLMEngine:
         for req, _ in batch.prefills:
             req.prompt_logprobs.extend(result.prompt_logprobs.get(req.request_id, ()))
         advanced = self.scheduler.update_after_step(batch, result.tokens)
-        outputs.extend(self._process(advanced, result.logprobs))
+        outputs.extend(self._process(advanced, result.logprobs, result.pooled))
         return outputs
 
     def _bitmask(self, batch: ScheduledBatch) -> torch.Tensor | None:
@@ -309,9 +345,14 @@ class LLMEngine:
         ended = self.scheduler.pop_ended()
         return [self._final_output(r, [], "") for r in ended]
 
-    def _process(self, advanced: list[Request], logprobs: dict[str, TokenLogprob]) -> list[StepOutput]:
+    def _process(
+        self, advanced: list[Request], logprobs: dict[str, TokenLogprob], pooled: dict[str, list[float]]
+    ) -> list[StepOutput]:
         outs = []
         for req in advanced:
+            if req.pooling is not None:  # finished with its prompt (scheduler), pooled (runner)
+                outs.append(self._final_output(req, [], "", embedding=pooled[req.request_id]))
+                continue
             text = self._texts[req.request_id]
             new_id = req.output_token_ids[-1]
             lp = logprobs.get(req.request_id)
@@ -339,13 +380,14 @@ class LLMEngine:
 
     def _final_output(
         self, req: Request, new_ids: list[int], delta: str, logprobs: list[TokenLogprob] | None = None,
-        prompt_logprobs: list[TokenLogprob] | None = None,
+        prompt_logprobs: list[TokenLogprob] | None = None, embedding: list[float] | None = None,
     ) -> StepOutput:
         text = self._texts.pop(req.request_id, None)
         if text is not None:
             delta += text.flush()
         self.runner.sampler.forget(req.request_id)
         self.structured.forget(req.request_id)
+        self.runner.pooler.forget(req.request_id)
         return StepOutput(
             req.request_id,
             new_ids,
@@ -359,6 +401,7 @@ class LLMEngine:
             kv_transfer_params=req.kv_transfer_params,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            embedding=embedding,
         )
 
     def run_until_done(self, max_idle_s: float = 600.0) -> list[StepOutput]:

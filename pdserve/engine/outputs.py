@@ -24,6 +24,7 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asks
     # With the first token, when the request asks: prompt tokens 1.. (the first has none).
     prompt_logprobs: list[TokenLogprob] | None = None
+    embedding: list[float] | None = None  # an embedding request's vector, on its final output
 
 
 @dataclass
@@ -45,4 +46,14 @@ class RequestOutput:
     finished: bool = False
     # SamplingParams.prompt_logprobs: None for the first prompt token, then one per prompt token.
     prompt_logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass
+class EmbeddingOutput:
+    """`LLM.embed`'s result for one prompt (vLLM nests the vector as `.outputs.embedding`)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    embedding: list[float]
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

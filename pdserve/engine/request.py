@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pdserve.engine.lora_request import LoRARequest
+from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the scheduler's side stays free of torch
@@ -69,6 +70,8 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
     lora: LoRARequest | None = None  # the adapter it runs with (engine/lora.py)
+    # An embedding request (its pooling type resolved): it ends with its prompt, pooled, not sampled.
+    pooling: PoolingParams | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

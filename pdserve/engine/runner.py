@@ -8,7 +8,7 @@ other step runs eagerly on the flat batch. Per-step inputs reach the device by a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 from pdserve.engine.cuda_graphs import StaticDecoder
 from pdserve.engine.logprobs import BatchLogprobs, TokenLogprob
 from pdserve.engine.lora import LoRAManager
+from pdserve.engine.pooler import Pooler
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledBatch
@@ -33,6 +34,7 @@ class StepResult:
     tokens: dict[str, int]  # every request in the batch (a partial prefill's is discarded)
     logprobs: dict[str, TokenLogprob]  # requests with SamplingParams.logprobs
     prompt_logprobs: dict[str, list[TokenLogprob]]  # new prompt entries, SamplingParams.prompt_logprobs
+    pooled: dict[str, list[float]] = field(default_factory=dict)  # pooling requests whose prompt completed
 
 
 class ModelRunner:
@@ -50,6 +52,7 @@ class ModelRunner:
         self.static: StaticDecoder | None = None
         # Multi-LoRA (engine/lora.py), set by the engine with --enable-lora.
         self.lora: LoRAManager | None = None
+        self.pooler = Pooler()  # embedding requests (always prefill chunks: never a static step)
 
     def _slots(self, req: Request, start: int, end: int) -> list[int]:
         bs, blocks = self.block_size, req.block_ids
@@ -105,6 +108,7 @@ class ModelRunner:
         reqs = batch.decodes + [r for r, _ in batch.prefills]
         sampling = self.sampler.prepare(reqs)  # first: its copies queue ahead of the forward pass
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
+        pooled: dict[str, list[float]] = {}
         adapted = self.lora is not None and self.lora.prepare(_rows(batch))
         if self.static is not None and not batch.prefills and not adapted and self.static.accepts(batch.decodes):
             logits = self.static.run(batch.decodes)
@@ -114,6 +118,7 @@ class ModelRunner:
             rows = to_device(last_rows, torch.long, self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
             prompt_logprobs = self._prompt_logprobs(batch, hidden, last_rows[len(batch.decodes):])
+            pooled = self.pooler.pool(batch.prefills, hidden, last_rows[len(batch.decodes):])
         if bitmask is not None:
             apply_bitmask_(logits, bitmask)
         logprobs = BatchLogprobs.of(logits[:, : self.sampler.vocab_size], [r.sampling_params.logprobs for r in reqs])
@@ -121,10 +126,10 @@ class ModelRunner:
         sampled = ids.tolist()
         tokens = {r.request_id: t for r, t in zip(reqs, sampled, strict=True)}
         if logprobs is None:
-            return StepResult(tokens, {}, prompt_logprobs)
+            return StepResult(tokens, {}, prompt_logprobs, pooled)
         rows = logprobs.resolve(ids)
         chosen = {r.request_id: lp for r, lp in zip(reqs, rows, strict=True) if lp is not None}
-        return StepResult(tokens, chosen, prompt_logprobs)
+        return StepResult(tokens, chosen, prompt_logprobs, pooled)
 
     def _prompt_logprobs(
         self, batch: ScheduledBatch, hidden: torch.Tensor, last_rows: list[int]

@@ -160,8 +160,10 @@ class Scheduler:
     # ---- prefix cache ----------------------------------------------------------------------
     def _take_cached_prefix(self, req: Request) -> bool:
         """Start a request without blocks at its longest cached prefix; False when it was not
-        looked up. Prompt logprobs need every prompt position's logits: those compute everything."""
-        if not self.prefix_caching or req.sampling_params.prompt_logprobs is not None:
+        looked up. Prompt logprobs need every prompt position's logits, mean pooling every prompt
+        token's hidden state: those compute everything."""
+        if not self.prefix_caching or req.sampling_params.prompt_logprobs is not None or \
+                (req.pooling is not None and req.pooling.needs_every_token):
             return False
         max_blocks = (req.num_tokens - 1) // self.block_size
         hits = self.pool.cached_prefix(block_hashes(req, self.block_size, max_blocks))
@@ -357,9 +359,9 @@ class Scheduler:
     def _add_to_batch(batch: ScheduledBatch, req: Request, num_new: int) -> None:
         # A single new token is a decode, whatever the phase: one query against the cached context.
         # Except a one-token chunk inside a prompt whose logprobs are asked: the runner computes
-        # prompt logprobs from prefill chunks only.
+        # prompt logprobs from prefill chunks only; and a pooling request: the runner pools those only.
         in_prompt = req.num_computed_tokens + 1 < req.num_prompt_tokens
-        if num_new == 1 and not (in_prompt and req.sampling_params.prompt_logprobs is not None):
+        if num_new == 1 and req.pooling is None and not (in_prompt and req.sampling_params.prompt_logprobs is not None):
             batch.decodes.append(req)
         else:
             batch.prefills.append((req, num_new))
@@ -367,7 +369,8 @@ class Scheduler:
     def update_after_step(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Request]:
         """Advance computed counts, append sampled tokens of caught-up requests, finish those that
         stopped. `sampled` maps request id -> token for every request in the batch. Returns the
-        requests that received a new token this step."""
+        requests that received a new token this step, and the pooling requests that finished (their
+        prompt computed: the runner pooled it; their sample is discarded)."""
         advanced: list[Request] = []
         for req, n in [(r, 1) for r in batch.decodes] + batch.prefills:
             if req.is_finished or req.status != RequestStatus.RUNNING:
@@ -377,6 +380,11 @@ class Scheduler:
                 self._register_computed(req, (req.num_computed_tokens - n) // self.block_size)
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a partial prefill chunk: its sample is discarded
+            if req.pooling is not None:
+                self.running.remove(req)
+                self._finalize(req, RequestStatus.FINISHED_STOPPED)
+                advanced.append(req)
+                continue
             req.output_token_ids.append(sampled[req.request_id])
             advanced.append(req)
             stop = req.check_stop()

@@ -20,8 +20,9 @@ rest are prefill chunks, each a contiguous span of tokens of one sequence.
 
 Kernels by device: on CUDA, decode attention is the paged Triton kernel of triton_decode.py (reads
 only each sequence's live blocks, static grid: CUDA-graph safe) and prefill attention is SDPA
-(FlashAttention) over the chunk; on CPU, and where Triton is missing, both are the batched-GEMM
-torch code below.
+(FlashAttention) over the chunk; on CPU, where Triton is missing, and for models that soft-cap the
+attention scores (Gemma 2: scores = cap * tanh(scores / cap), which neither the kernel nor SDPA
+does), both are the batched-GEMM torch code below.
 """
 
 from __future__ import annotations
@@ -105,13 +106,20 @@ def _gather(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return rows.view(2, kvh, *block_ids.shape[:-1], block_ids.shape[-1] * bs, hd)
 
 
-def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float):
+def _softcap_(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """cap * tanh(scores / cap) in place (Gemma 2), or scores unchanged when softcap is None."""
+    return scores if softcap is None else scores.div_(softcap).tanh_().mul_(softcap)
+
+
+def _decode_attention(
+    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, softcap: float | None = None
+):
     """q: [D, H, hd] -> [D, H, hd]; grouped-query attention against each sequence's blocks."""
-    if q.is_cuda and triton_decode.supported(q, kv_layer):
+    if q.is_cuda and softcap is None and triton_decode.supported(q, kv_layer):
         return triton_decode.paged_decode_attention(
             q, kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale
         )
-    return _decode_attention_torch(q, kv_layer, meta, scale)
+    return _decode_attention_torch(q, kv_layer, meta, scale, softcap)
 
 
 # Decode sequences per gather on CPU: about this many bytes of K and V at once, so the gathered copy
@@ -119,7 +127,9 @@ def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMe
 _DECODE_GATHER_BYTES = 4 << 20
 
 
-def _decode_attention_torch(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float):
+def _decode_attention_torch(
+    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, softcap: float | None = None
+):
     """The gather + matmul form: every block of the (padded) table is read, masked by length; in
     groups of sequences of about _DECODE_GATHER_BYTES of KV each."""
     d, h, hd = q.shape
@@ -132,7 +142,7 @@ def _decode_attention_torch(q: torch.Tensor, kv_layer: torch.Tensor, meta: Atten
         kv = _gather(kv_layer, tables[a:b])  # [2, kvh, n, L, hd]
         kvh = kv.shape[1]
         qg = q[a:b].view(b - a, kvh, h // kvh, hd).transpose(0, 1)  # [kvh, n, G, hd]
-        scores = torch.matmul(qg, kv[0].transpose(-1, -2)).float().mul_(scale)  # [kvh, n, G, L]
+        scores = _softcap_(torch.matmul(qg, kv[0].transpose(-1, -2)).float().mul_(scale), softcap)  # [kvh, n, G, L]
         scores.masked_fill_(~mask[a:b].transpose(0, 1), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(kv.dtype)
         out[a:b] = torch.matmul(probs, kv[1]).transpose(0, 1).reshape(b - a, h, hd)  # [n, H, hd]
@@ -158,7 +168,13 @@ _QUERY_BLOCK = 64
 
 
 def _prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One chunk: q [n, H, hd]; k, v of the chunk [n, kvh, hd]. Causal over cached + chunk tokens.
 
@@ -177,7 +193,7 @@ def _prefill_attention(
         b = min(n, a + _QUERY_BLOCK)
         visible = c + b
         qb = q4[:, :, a:b].reshape(kvh, group * (b - a), hd)
-        scores = torch.matmul(qb, keys[:, :visible].transpose(1, 2)).float().mul_(scale)
+        scores = _softcap_(torch.matmul(qb, keys[:, :visible].transpose(1, 2)).float().mul_(scale), softcap)
         scores = scores.view(kvh, group, b - a, visible)
         scores.masked_fill_(kpos[None, :visible] > kpos[a:b, None] + c, float("-inf"))  # causal
         probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kvh, group * (b - a), visible)
@@ -218,15 +234,19 @@ def paged_attention(
     kv_layer: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Store this step's K/V in the cache, then attend. q: [T, H, hd]; k, v: [T, kvh, hd] -> [T, H, hd]."""
+    """Store this step's K/V in the cache, then attend. q: [T, H, hd]; k, v: [T, kvh, hd] -> [T, H, hd].
+    `softcap`: cap the scaled scores to cap * tanh(scores / cap) before the softmax (Gemma 2)."""
     write_kv(kv_layer, k, v, meta)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        out[:nd] = _decode_attention(q[:nd], kv_layer, meta, scale)
-    prefill = _prefill_attention_sdpa if q.is_cuda else _prefill_attention
+        out[:nd] = _decode_attention(q[:nd], kv_layer, meta, scale, softcap)
     for span in meta.prefills:
         s, e = span.q_start, span.q_start + span.q_len
-        out[s:e] = prefill(q[s:e], k[s:e], v[s:e], kv_layer, span, scale)
+        if q.is_cuda and softcap is None:
+            out[s:e] = _prefill_attention_sdpa(q[s:e], k[s:e], v[s:e], kv_layer, span, scale)
+        else:
+            out[s:e] = _prefill_attention(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, softcap)
     return out

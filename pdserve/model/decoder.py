@@ -1,9 +1,13 @@
-"""Dense decoder-only causal LM over the paged KV cache: Qwen3, Qwen2, Llama and Mistral.
+"""Dense decoder-only causal LM over the paged KV cache: Qwen3, Qwen2, Llama, Mistral, Phi-3, Gemma
+and Gemma 2.
 
-The four families share one block (pre-norm GQA attention with RoPE, SwiGLU MLP, RMSNorm) and
-differ only in ModelConfig flags: Qwen3 normalizes q and k per head (`qk_norm`), Qwen2 has biases
-on q/k/v (`qkv_bias`), Llama may have them on all four projections, and long-context checkpoints
-scale RoPE (rope.py). Module and parameter names follow the Hugging Face checkpoints exactly
+The families share one block (pre-norm GQA attention with RoPE, gated MLP, RMSNorm) and differ
+only in ModelConfig flags: Qwen3 normalizes q and k per head (`qk_norm`), Qwen2 has biases on q/k/v
+(`qkv_bias`), Llama may have them on all four projections, long-context checkpoints scale RoPE
+(rope.py), Phi-3 stores q/k/v and gate/up fused (`fused_projections`) and may rotate part of each
+head, Gemma scales its norms by (1 + weight), its embeddings by sqrt(hidden_size) and gates with
+tanh-GELU, and Gemma 2 adds norms on the attention and MLP outputs and soft-caps attention scores
+and final logits. Module and parameter names follow the Hugging Face checkpoints exactly
 (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `lm_head`), so loading weights is
 a name lookup. The MoE variant (qwen3_moe.py) reuses every piece here and only swaps the MLP of
 sparse layers.
@@ -12,6 +16,7 @@ sparse layers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +31,26 @@ MakeLinear = Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension (statistics in float32, like HF)."""
+    """Root-mean-square norm over the last dimension (statistics in float32, like HF).
 
-    def __init__(self, dim: int, eps: float) -> None:
+    With `unit_offset` (Gemma) the scale is (1 + weight) and everything is computed in float32,
+    rounded to the input's dtype once at the end, as Gemma's reference does."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float() + 1.0, self.eps).to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig, dim: int) -> RMSNorm:
+    """The model's RMSNorm over `dim` features."""
+    return RMSNorm(dim, config.rms_norm_eps, config.rms_norm_unit_offset)
 
 
 class SelfAttention(nn.Module):
@@ -45,19 +61,27 @@ class SelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.softcap = config.attn_logit_softcapping
         h, hd, bias = config.hidden_size, config.head_dim, config.qkv_bias
-        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+        self._qkv_sizes = (self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd)
+        # One layer for q/k/v: built so when the checkpoint stores it so (Phi-3), else set by
+        # fuse_projections (inference only).
+        self.qkv_proj: nn.Module | None = None
+        if config.fused_projections:
+            self.qkv_proj = nn.Linear(h, sum(self._qkv_sizes), bias=bias)
+        else:
+            self.q_proj = nn.Linear(h, self.num_heads * hd, bias=bias)
+            self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+            self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, h, bias=config.o_proj_bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
-        self.qkv_proj: nn.Module | None = None  # set by fuse_projections (inference only)
-        self._qkv_sizes = (self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd)
 
     def fuse_projections(self, make: MakeLinear) -> None:
         """Replace q/k/v_proj by one layer over their concatenated weights (one GEMM, not three)."""
+        if self.qkv_proj is not None:
+            return
         projs = (self.q_proj, self.k_proj, self.v_proj)
         bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
         self.qkv_proj = make(torch.cat([p.weight for p in projs]), bias)
@@ -82,45 +106,68 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(q, k, v, kv_layer, meta, self.scale)
+        out = paged_attention(q, k, v, kv_layer, meta, self.scale, self.softcap)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), act silu (SwiGLU) or tanh-approximated GELU
+    (Gemma's GeGLU). With `fused`, gate and up are one layer from the start (Phi-3's checkpoint)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", fused: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation {act!r}")
+        self.act = act
+        # Set by fuse_projections (inference only) unless built fused.
+        self.gate_up_proj: nn.Module | None = None
+        if fused:
+            self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # set by fuse_projections (inference only)
 
     def fuse_projections(self, make: MakeLinear) -> None:
         """Replace gate/up_proj by one layer over their concatenated weights."""
+        if self.gate_up_proj is not None:
+            return
         self.gate_up_proj = make(torch.cat([self.gate_proj.weight, self.up_proj.weight]), None)
         del self.gate_proj, self.up_proj
+
+    def _act(self, g: torch.Tensor, inplace: bool) -> torch.Tensor:
+        if self.act == "gelu_pytorch_tanh":
+            return F.gelu(g, approximate="tanh")
+        return F.silu(g, inplace=inplace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             g, u = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(g).mul_(u))
+            return self.down_proj(self._act(g, inplace=False).mul_(u))
         g = self.gate_proj(x)
         if torch.is_grad_enabled():
-            return self.down_proj(F.silu(g) * self.up_proj(x))
-        return self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(x)))
+            return self.down_proj(self._act(g, inplace=False) * self.up_proj(x))
+        return self.down_proj(self._act(g, inplace=True).mul_(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); calls meta.layer_hook after attention."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); calls meta.layer_hook after attention.
+
+    With sandwich_norms (Gemma 2) each block's output is normalized too:
+    x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, mlp: nn.Module) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.self_attn = SelfAttention(config)
         self.mlp = mlp
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = make_norm(config, config.hidden_size)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size)
+        self.pre_feedforward_layernorm: RMSNorm | None = None
+        self.post_feedforward_layernorm: RMSNorm | None = None
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = make_norm(config, config.hidden_size)
+            self.post_feedforward_layernorm = make_norm(config, config.hidden_size)
 
     def forward(
         self,
@@ -130,10 +177,14 @@ class DecoderLayer(nn.Module):
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_layer, meta)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_layer, meta)
         if meta.layer_hook is not None:
             meta.layer_hook(self.layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class DecoderModel(nn.Module):
@@ -146,10 +197,11 @@ class DecoderModel(nn.Module):
             config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
         )
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_norm(config, config.hidden_size)
         self.rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+            config.rotary_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
+        self.embed_scale = config.hidden_size**0.5 if config.scale_embeddings else None
 
     def forward(
         self,
@@ -159,10 +211,18 @@ class DecoderModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            x = x * _in_dtype(self.embed_scale, x.dtype)
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache[i], meta)
         return self.norm(x)
+
+
+@cache
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype` (Gemma scales its embeddings by sqrt(hidden_size) in the model's dtype)."""
+    return torch.tensor(value, dtype=dtype).item()
 
 
 def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -204,7 +264,7 @@ class DecoderForCausalLM(nn.Module):
     @staticmethod
     def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
         """The feed-forward block of layer `layer_idx` (overridden by the MoE variant)."""
-        return GatedMLP(config.hidden_size, config.intermediate_size)
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.fused_projections)
 
     def tie_weights(self) -> None:
         """Share the input embedding with lm_head (after loading or materializing)."""
@@ -221,5 +281,7 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_cache, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        return self.lm_head(hidden).float()
+        """hidden [N, hidden] -> logits [N, vocab] in float32 (soft-capped for Gemma 2)."""
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)

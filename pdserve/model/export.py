@@ -29,7 +29,30 @@ _UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2,
 def _rope_scaling_dict(config: ModelConfig) -> dict[str, Any] | None:
     if config.rope_scaling is None:
         return None
-    return {k: v for k, v in asdict(config.rope_scaling).items() if v is not None}
+    d = {k: v for k, v in asdict(config.rope_scaling).items() if v is not None}
+    for key in ("short_factor", "long_factor"):
+        if key in d:
+            d[key] = list(d[key])
+    return d
+
+
+def _family_fields(config: ModelConfig) -> dict[str, Any]:
+    """What the Phi-3 and Gemma configs say beyond the common fields."""
+    d: dict[str, Any] = {}
+    if config.architecture == "Phi3ForCausalLM":
+        d["partial_rotary_factor"] = config.partial_rotary_factor
+        if config.rope_scaling is not None and config.rope_scaling.original_max_position_embeddings:
+            d["original_max_position_embeddings"] = config.rope_scaling.original_max_position_embeddings
+    if config.architecture == "Gemma2ForCausalLM":
+        d.update(
+            hidden_activation=config.hidden_act,
+            query_pre_attn_scalar=config.query_pre_attn_scalar,
+            attn_logit_softcapping=config.attn_logit_softcapping,
+            final_logit_softcapping=config.final_logit_softcapping,
+            # The served context is at most the window (hf_config.py): attention there is full.
+            sliding_window=config.max_position_embeddings,
+        )
+    return d
 
 
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -45,7 +68,7 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": config.hidden_act,
         "max_position_embeddings": config.max_position_embeddings,
         "initializer_range": 0.02,
         "rms_norm_eps": config.rms_norm_eps,
@@ -63,6 +86,7 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "torch_dtype": _DTYPE_NAMES.get(dtype, "float32"),
     }
+    d.update(_family_fields(config))
     if config.is_moe:
         d.update(
             num_experts=config.num_experts,

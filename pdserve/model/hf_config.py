@@ -1,15 +1,22 @@
 """Hugging Face config.json (+ generation_config.json) -> ModelConfig, for the supported families.
 
-| architecture         | q/k norm | biases              | notes                                   |
-| -------------------- | -------- | ------------------- | --------------------------------------- |
-| Qwen3ForCausalLM     | yes      | `attention_bias`    |                                         |
-| Qwen3MoeForCausalLM  | yes      | `attention_bias`    | expert MLP on sparse layers             |
-| Qwen2ForCausalLM     | no       | q/k/v always        | Qwen2 and Qwen2.5                       |
-| LlamaForCausalLM     | no       | `attention_bias`    | Llama 2/3.x (llama3 RoPE scaling)       |
-| MistralForCausalLM   | no       | none                | sliding window: contexts capped to it   |
+| architecture         | q/k norm | biases              | notes                                              |
+| -------------------- | -------- | ------------------- | -------------------------------------------------- |
+| Qwen3ForCausalLM     | yes      | `attention_bias`    |                                                    |
+| Qwen3MoeForCausalLM  | yes      | `attention_bias`    | expert MLP on sparse layers                        |
+| Qwen2ForCausalLM     | no       | q/k/v always        | Qwen2 and Qwen2.5                                  |
+| LlamaForCausalLM     | no       | `attention_bias`    | Llama 2/3.x (llama3 RoPE scaling)                  |
+| MistralForCausalLM   | no       | none                | sliding window: contexts capped to it              |
+| Phi3ForCausalLM      | no       | none                | fused qkv/gate_up weights, longrope, partial RoPE, |
+|                      |          |                     | sliding window as Mistral                          |
+| GemmaForCausalLM     | no       | `attention_bias`    | (1 + w) norms, sqrt(hidden) embedding scale, GeGLU |
+| Gemma2ForCausalLM    | no       | `attention_bias`    | Gemma + output norms, soft-capping, sliding window |
+|                      |          |                     | on alternate layers: contexts capped to it         |
 
-RoPE scalings: linear, llama3, yarn (rope.py). Windowed attention is not implemented: a model whose
-window is shorter than its context serves contexts up to the window (where it is exact), with a warning.
+RoPE scalings: linear, llama3, yarn, longrope (rope.py). Activations: silu, and for the Gemma
+families the tanh-approximated GELU (their configs' legacy "gelu" means it too, as in transformers).
+Windowed attention is not implemented: a model whose window is shorter than its context serves
+contexts up to the window (where it is exact), with a warning.
 """
 
 from __future__ import annotations
@@ -28,8 +35,15 @@ MODEL_TYPES = {
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
 }
 QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM")
+# Families whose attention is windowed whenever config.json sets `sliding_window` (for the others,
+# only with `use_sliding_window`).
+WINDOWED_ARCHITECTURES = ("MistralForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM")
 _ROPE_FIELDS = {f.name for f in fields(RopeScaling)} - {"rope_type"}
 
 
@@ -57,32 +71,74 @@ def architecture_of(cfg: dict[str, Any]) -> str:
     )
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def _rope(cfg: dict[str, Any], arch: str) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or params
     theta = float(cfg.get("rope_theta") or params.get("rope_theta") or scaling.get("rope_theta") or 10_000.0)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if arch == "Phi3ForCausalLM" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # early Phi-3 configs' names for it (transformers maps them too)
     if rope_type in (None, "default"):
         return theta, None
-    if rope_type not in ("linear", "llama3", "yarn"):
+    if rope_type not in ("linear", "llama3", "yarn", "longrope"):
         raise ValueError(
-            f"unsupported rope scaling {rope_type!r}: supported are default, linear, llama3 and yarn"
+            f"unsupported rope scaling {rope_type!r}: supported are default, linear, llama3, yarn and longrope"
         )
     values = {k: v for k, v in scaling.items() if k in _ROPE_FIELDS and v is not None}
     context = cfg.get("max_position_embeddings")
+    if rope_type == "longrope":
+        # Phi-3 keeps the pretraining length at the top level, and transformers prefers it there.
+        values["original_max_position_embeddings"] = (
+            cfg.get("original_max_position_embeddings") or values.get("original_max_position_embeddings") or context
+        )
+        for key in ("short_factor", "long_factor"):
+            if key not in values:
+                raise ValueError(f"longrope RoPE scaling needs {key}")
+            values[key] = tuple(float(f) for f in values[key])
     values.setdefault("original_max_position_embeddings", context)
-    if "factor" not in values:  # YaRN's default: the context extension itself
+    if "factor" not in values:  # YaRN's and LongRoPE's default: the context extension itself
         original = values["original_max_position_embeddings"]
-        values["factor"] = context / original if rope_type == "yarn" and context and original else 1.0
+        extends = rope_type in ("yarn", "longrope") and context and original
+        values["factor"] = context / original if extends else 1.0
     return theta, RopeScaling(rope_type=rope_type, **values)
+
+
+def _partial_rotary_factor(cfg: dict[str, Any], arch: str) -> float:
+    """The fraction of each head RoPE rotates: Phi-3's `partial_rotary_factor` (1 for the others,
+    whose transformers code rotates whole heads)."""
+    if arch != "Phi3ForCausalLM":
+        return 1.0
+    for source in (cfg, cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}):
+        if source.get("partial_rotary_factor") is not None:
+            factor = float(source["partial_rotary_factor"])
+            if not 0.0 < factor <= 1.0:
+                raise ValueError(f"partial_rotary_factor {factor} is not in (0, 1]")
+            return factor
+    return 1.0
+
+
+def _activation(cfg: dict[str, Any], arch: str) -> str:
+    """The gated MLP's activation: silu, or for Gemma the tanh-approximated GELU."""
+    if arch in GEMMA_ARCHITECTURES:
+        # Gemma 2 reads `hidden_activation`; Gemma 1 configs say "gelu" and mean the tanh form.
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+        if act not in ("gelu_pytorch_tanh", "silu"):
+            raise ValueError(f"unsupported hidden_act {act!r}: Gemma supports gelu_pytorch_tanh and silu")
+        return act
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act {act!r}: only silu (SwiGLU) is implemented for {arch}")
+    return act
 
 
 def _context_length(cfg: dict[str, Any], arch: str) -> int:
     """max_position_embeddings, capped to the sliding window where one applies (see module doc)."""
     length = int(cfg.get("max_position_embeddings", 32768))
-    windowed = arch == "MistralForCausalLM" or bool(cfg.get("use_sliding_window"))
-    window = cfg.get("sliding_window") if windowed else None
+    windowed = arch in WINDOWED_ARCHITECTURES or bool(cfg.get("use_sliding_window"))
+    default_window = 4096 if arch == "Gemma2ForCausalLM" else None  # transformers' default
+    window = cfg.get("sliding_window", default_window) if windowed else None
     if window and int(window) < length:
         log.warning(
             "sliding-window attention (window %d) is not implemented: serving contexts up to %d tokens, "
@@ -98,7 +154,7 @@ def _biases(cfg: dict[str, Any], arch: str) -> tuple[bool, bool]:
         raise ValueError("MLP biases (mlp_bias=true) are not supported")
     if arch == "Qwen2ForCausalLM":
         return True, False
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         return False, False
     bias = bool(cfg.get("attention_bias", False))
     return bias, bias
@@ -115,18 +171,30 @@ def _moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _gemma2_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    def optional(key: str, default: float) -> float | None:  # absent: transformers' default; null: none
+        value = cfg.get(key, default)
+        return None if value is None else float(value)
+
+    return dict(
+        sandwich_norms=True,
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or 256),
+        attn_logit_softcapping=optional("attn_logit_softcapping", 50.0),
+        final_logit_softcapping=optional("final_logit_softcapping", 30.0),
+    )
+
+
 def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
     """Build a ModelConfig from config.json (and generation_config.json, for eos/bos ids)."""
     arch = architecture_of(cfg)
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}: only silu (SwiGLU) is implemented")
     heads = int(cfg["num_attention_heads"])
     eos: list[int] = []
     for i in _id_list((generation or {}).get("eos_token_id")) + _id_list(cfg.get("eos_token_id")):
         if i not in eos:
             eos.append(i)
-    theta, scaling = _rope(cfg)
+    theta, scaling = _rope(cfg, arch)
     qkv_bias, o_proj_bias = _biases(cfg, arch)
+    gemma, gemma2 = arch in GEMMA_ARCHITECTURES, arch == "Gemma2ForCausalLM"
     return ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
@@ -140,10 +208,16 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=_context_length(cfg, arch),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),  # transformers' defaults
         qkv_bias=qkv_bias,
         o_proj_bias=o_proj_bias,
         qk_norm=arch in QK_NORM_ARCHITECTURES,
+        hidden_act=_activation(cfg, arch),
+        partial_rotary_factor=_partial_rotary_factor(cfg, arch),
+        fused_projections=arch == "Phi3ForCausalLM",
+        rms_norm_unit_offset=gemma,
+        scale_embeddings=gemma,
+        **(_gemma2_fields(cfg) if gemma2 else {}),
         eos_token_ids=tuple(eos),
         bos_token_id=(generation or {}).get("bos_token_id", cfg.get("bos_token_id")),
         **(_moe_fields(cfg) if arch == "Qwen3MoeForCausalLM" else {}),

@@ -108,7 +108,8 @@ _DIRECT_MAX = 1 << 20  # tensors up to this many elements draw their own normals
 
 @torch.no_grad()
 def init_random_(module: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Deterministic dummy weights: linear/embedding ~ N(0, std), biases 0, norms 1.
+    """Deterministic dummy weights: linear/embedding ~ N(0, std), biases 0, norms 1 (weights 0 for
+    Gemma's (1 + weight) norms).
 
     Large CPU tensors are filled with chunks of one pool of normals at random offsets (memory-copy
     speed, so an 8B model initializes in seconds); small tensors and GPU tensors draw directly.
@@ -123,7 +124,7 @@ def init_random_(module: nn.Module, seed: int = 0, std: float = 0.02) -> None:
                 continue
             seen.add(id(p))
             if isinstance(m, RMSNorm):
-                p.fill_(1.0)
+                p.fill_(0.0 if m.unit_offset else 1.0)
             elif name == "bias":
                 p.zero_()
             elif device.type != "cpu" or p.numel() <= _DIRECT_MAX:

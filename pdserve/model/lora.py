@@ -13,8 +13,10 @@ The engine may have fused q/k/v (or gate/up) into one linear; its LoRA then cove
             |  0   0   |  rows of k
             |  0   B_v |  rows of v
 
-so one pair of small GEMMs per (layer, adapter) serves the whole fused output. Which rows of the
-step's flat batch use which adapter is `LoRAState.groups`, set by the runner before each forward.
+so one pair of small GEMMs per (layer, adapter) serves the whole fused output. A fused linear also
+takes an adapter of the fused module itself (`qkv_proj`, `gate_up_proj`: Phi-3's checkpoints have
+no separate q/k/v or gate/up), over all its rows. Which rows of the step's flat batch use which
+adapter is `LoRAState.groups`, set by the runner before each forward.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from torch import nn
 from pdserve.model.cpu_linear import PackedLinear, can_prepack
 
 PEFT_PREFIX = "base_model.model."
-SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# A fused linear's output slices, in order, by the name of the linear it replaced.
+# A fused linear's output slices, in order, by the name of the fused linear.
 FUSED_SLICES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", *FUSED_SLICES)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, slices: list[tuple[str, int, int]], state: LoRAState) -> None:
         super().__init__()
         self.base = base
-        self.slices = slices  # (module path of the slice, first output row, end row)
+        self.slices = slices  # (module path of the slice, first output row, end row); may overlap
         self.out_features = slices[-1][2]
         self.state = state
         # Per adapter id: x -> A_cat x and h -> B_cat h (packed for oneDNN on a bf16 CPU).
@@ -171,6 +173,8 @@ def wrap_lora_layers_(model: nn.Module, state: LoRAState) -> list[LoRALinear]:
             for slice_name, size in zip(names, sizes, strict=True):
                 slices.append((f"{prefix}.{slice_name}" if prefix else slice_name, start, start + size))
                 start += size
+            if name in FUSED_SLICES:  # an adapter of the fused module itself covers every row
+                slices.append((path, 0, start))
             wrapper = LoRALinear(child, slices, state)
             setattr(parent, name, wrapper)
             wrapped.append(wrapper)

@@ -5,6 +5,7 @@ GET /health     200 when the topology can serve (disagg: a healthy prefill and a
 GET /instances  every known instance, its state and load (JSON list)
 GET /metrics    Prometheus text
 GET /v1/models  from a healthy instance
+POST /v1/embeddings  to an instance (disagg: a prefill, else a decode), orchestrate.py
 GET /v1/responses/{id}  a stored response, from the decode (standalone) instance that has it (responses.py)
 GET /openapi.json  the OpenAPI schema (openapi.py), the generation paths' request bodies included
 """
@@ -30,7 +31,7 @@ from pdserve.proxy.health import HealthChecker
 from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
 from pdserve.proxy.metrics import ProxyMetrics
 from pdserve.proxy.openapi import LORA_BODIES, TOKENIZER_BODIES, install_openapi
-from pdserve.proxy.orchestrate import CHAT_PATH, Orchestrator
+from pdserve.proxy.orchestrate import CHAT_PATH, EMBEDDINGS_PATH, Orchestrator
 from pdserve.proxy.registry import RegistryServer, sweep_forever
 from pdserve.proxy.relay import ClientGone, ProxyEndpoint, check_api_key, read_body
 from pdserve.proxy.responses import RESPONSES_PATH, find_stored
@@ -164,7 +165,7 @@ def build_app(settings: ProxySettings) -> ProxyApp:
     install_openapi(app)  # GET /openapi.json, the generation paths' request bodies included
     app.state.proxy = state
     hot = {path: ProxyEndpoint(path, state.orchestrator, state.metrics, settings.api_key)
-           for path in ("/v1/completions", CHAT_PATH, RESPONSES_PATH)}
+           for path in ("/v1/completions", CHAT_PATH, RESPONSES_PATH, EMBEDDINGS_PATH)}
     for path, endpoint in hot.items():
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
 

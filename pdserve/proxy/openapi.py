@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from pdserve.server.embedding_protocol import EmbeddingRequest
 from pdserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -27,6 +28,7 @@ GENERATION_BODIES: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/responses": ResponsesRequest,
+    "/v1/embeddings": EmbeddingRequest,
 }
 TOKENIZER_BODIES: dict[str, type[BaseModel]] = {"/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 LORA_BODIES: dict[str, type[BaseModel]] = {

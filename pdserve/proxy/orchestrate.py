@@ -23,6 +23,7 @@ disaggregated like any other: the prefill half computes one choice (`n` dropped)
 feeds its other choices from the first one's KV (its prefix cache). A `/v1/responses` request is
 disaggregated like chat (its prefill half: `max_output_tokens=1`, `store: false`); one that continues a
 stored response (`previous_response_id`) goes whole to the instance that stores it (responses.py).
+`/v1/embeddings` is prefill-only work: whole to a prefill instance (a decode one if no prefill is up).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 Reply = Buffered | Stream
 CHAT_PATH = "/v1/chat/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
 
 
 @dataclass
@@ -87,6 +89,8 @@ class Orchestrator:
 
     async def serve(self, req: ClientRequest) -> Reply:
         """The reply to `req`; ProxyError when it cannot be served."""
+        if req.path == EMBEDDINGS_PATH:
+            return await self._embed(req)
         if self.settings.mode == "standard":
             if self.settings.routing == "prefix" or req.path == RESPONSES_PATH:
                 with contextlib.suppress(bodies.BadBody):  # the instance answers a bad body itself
@@ -115,6 +119,18 @@ class Orchestrator:
         if self.settings.kv_mode == "READ":
             return await self._read(req, body)
         return await self._write(req, body)
+
+    async def _embed(self, req: ClientRequest) -> Reply:
+        """Embeddings are prefill-only work: the body as is to a standalone instance, or in disagg
+        mode to a prefill instance (a decode one when no prefill is healthy)."""
+        if self.settings.mode == "standard":
+            return await self._one_of("S", req, req.raw, req.request_id)
+        if self.table.candidates("P"):
+            return await self._one_of("P", req, req.raw, req.request_id)
+        if not self.table.candidates("D"):
+            raise no_instance("prefill")
+        self.metrics.fallbacks.inc(labels=("no_prefill",))
+        return await self._one_of("D", req, req.raw, req.request_id)
 
     # -- pieces ---------------------------------------------------------------------------------
 

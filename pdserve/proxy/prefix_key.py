@@ -1,7 +1,8 @@
 """A request's prompt as the proxy sees it (no tokenizer): the leading bytes of its text, cut into
 chunks and hashed as a chain, so that equal leading chunks mean equal prompt prefixes.
 
-Completions: the prompt string (or token ids, or the first of a list). Chat: each message's role
+The chain starts from the request's `model` (a LoRA adapter's KV is cached apart from the base
+model's). Completions: the prompt string (or token ids, or the first of a list). Chat: each message's role
 and text, in order — a shared system prompt and earlier turns are the shared prefix. Responses:
 the instructions, then each input item's role (or type) and text, likewise.
 """
@@ -19,7 +20,10 @@ def prompt_key(body: dict[str, Any], path: str) -> tuple[bytes, ...]:
     """Chained 8-byte hashes of the prompt's whole chunks (empty when the body has no usable prompt)."""
     data = _prompt_bytes(body, path)[:MAX_KEY_BYTES]
     out: list[bytes] = []
-    prev = b""
+    # The chain starts from the model name: a LoRA adapter's KV is its own (an instance caches it
+    # apart from the base model's), so equal prompts under different adapters do not share a key.
+    model = body.get("model")
+    prev = hashlib.blake2b(model.encode("utf-8", "replace"), digest_size=8).digest() if isinstance(model, str) else b""
     for i in range(0, len(data) - CHUNK_BYTES + 1, CHUNK_BYTES):
         prev = hashlib.blake2b(prev + data[i : i + CHUNK_BYTES], digest_size=8).digest()
         out.append(prev)

@@ -15,6 +15,8 @@ from pdserve.server.auth import require_api_key
 from pdserve.server.chat import create_chat_completion
 from pdserve.server.completions import create_completion
 from pdserve.server.context import ServerContext, get_context
+from pdserve.server.embedding_protocol import EmbeddingRequest
+from pdserve.server.embeddings import create_embedding
 from pdserve.server.errors import APIError, install_error_handlers
 from pdserve.server.lora_routes import load_lora_adapter, unload_lora_adapter
 from pdserve.server.prometheus import CONTENT_TYPE
@@ -113,6 +115,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
     v1.add_api_route("/completions", create_completion, methods=["POST"], openapi_extra=openapi_body(CompletionRequest))
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"],
                      openapi_extra=openapi_body(ChatCompletionRequest))
+    v1.add_api_route("/embeddings", create_embedding, methods=["POST"], openapi_extra=openapi_body(EmbeddingRequest))
     v1.add_api_route("/responses", create_response, methods=["POST"], openapi_extra=openapi_body(ResponsesRequest))
     v1.add_api_route("/responses/{response_id}", retrieve_response, methods=["GET"])
     app.include_router(v1)

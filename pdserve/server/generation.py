@@ -20,6 +20,7 @@ from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.logprobs import TokenLogprob
 from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import StepOutput
+from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv.messages import KVTransferParams
 from pdserve.server.metrics import RequestTimer, ServerMetrics
@@ -47,6 +48,7 @@ class GenerationInput:
     arrival: float
     lora: LoRARequest | None = None  # the adapter the request's `model` named
     priority: int = 0  # lower first, under --scheduling-policy priority
+    pooling: PoolingParams | None = None  # an embedding request (server/embeddings.py)
 
 
 class Generation:
@@ -81,7 +83,7 @@ class Generation:
                 self._put(StepOutput(inp.request_id, [], "", True, "abort", num_prompt_tokens=len(inp.token_ids)))
                 return
             async for out in self.engine.generate(inp.request_id, inp.token_ids, inp.params, inp.kv_transfer_params,
-                                                  inp.lora, inp.priority):
+                                                  inp.lora, inp.priority, inp.pooling):
                 self._put(out)
         except Exception as e:  # validation raced with a drain, or the engine is gone
             log.warning("request %s failed to start: %s", inp.request_id, e)

@@ -29,7 +29,7 @@ from schemathesis import GenerationMode  # noqa: E402
 
 MAX_TOKENS = 8  # generated bodies are capped: this is about validation, not generation
 INSTANCE = ("--max-model-len", "256")
-GENERATION = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+GENERATION = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 TOKENIZER = ("/tokenize", "/detokenize")  # forwarded to an instance as they are
 LORA = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # fanned out to every instance
 POSTS = GENERATION + TOKENIZER + LORA

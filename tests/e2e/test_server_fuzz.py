@@ -19,7 +19,7 @@ def server(module_tmp):
         yield s
 
 
-POSTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize",
+POSTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/tokenize", "/detokenize",
          "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 

@@ -1,5 +1,6 @@
-"""Checkpoints written by transformers itself (Llama, Mistral, Qwen2, Qwen3; RoPE scalings) load in
-pdserve and give transformers' logits over the paged cache: a prefill in two chunks, then decodes."""
+"""Checkpoints written by transformers itself (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2;
+RoPE scalings) load in pdserve and give transformers' logits over the paged cache: a prefill in two
+chunks, then decodes."""
 
 from __future__ import annotations
 
@@ -26,18 +27,40 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_fre
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
 LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
 
+
+def _longrope(n: int) -> dict:
+    """LongRoPE over n frequencies, with short and long factors that differ from each other and from 1."""
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(n)],
+            "long_factor": [1.5 + 0.5 * i for i in range(n)]}
+
+
+PHI3 = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Gemma 2 with weights large enough that both soft-caps bend the values they cap, and a window (128)
+# longer than the test's 40 tokens but shorter than max_position_embeddings (256).
+GEMMA2 = dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=128, attn_logit_softcapping=2.0,
+              final_logit_softcapping=1.5, initializer_range=0.2, tie_word_embeddings=True)
+
 FAMILIES = {
     "llama3-bias": (transformers.LlamaConfig, dict(attention_bias=True, rope_parameters=LLAMA3)),
     "llama-linear": (transformers.LlamaConfig, dict(rope_parameters=LINEAR)),
     "mistral": (transformers.MistralConfig, dict(sliding_window=None, head_dim=16)),
     "qwen2": (transformers.Qwen2Config, dict()),
     "qwen3-yarn": (transformers.Qwen3Config, dict(head_dim=16, rope_parameters=YARN)),
+    "phi3": (transformers.Phi3Config, PHI3),
+    # 40 positions > original 16: the long factors, in transformers and (context 256 > 16) here.
+    "phi3-longrope": (transformers.Phi3Config, dict(PHI3, rope_parameters=_longrope(8),
+                                                    original_max_position_embeddings=16)),
+    # Half of each head rotated; context = original: the short factors, in both.
+    "phi3-partial-short": (transformers.Phi3Config, dict(PHI3, partial_rotary_factor=0.5, rope_parameters=_longrope(4),
+                                                         original_max_position_embeddings=256)),
+    "gemma": (transformers.GemmaConfig, dict(head_dim=32, tie_word_embeddings=True)),
+    "gemma2": (transformers.Gemma2Config, GEMMA2),
 }
 
 
 def _hf_checkpoint(out: Path, config_cls, extra: dict) -> torch.nn.Module:
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config_cls(**SMALL, **extra), dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_config(config_cls(**{**SMALL, **extra}), dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in hf.named_parameters():

@@ -87,6 +87,15 @@ def _chat(system: str, user: str) -> tuple[bytes, ...]:
     return prompt_key(body, "/v1/chat/completions")
 
 
+def test_prompt_key_is_per_model() -> None:
+    """A LoRA adapter's KV is its own: the same prompt under another model has another key."""
+    body = {"prompt": "x" * 200}
+    base, lora = prompt_key({**body, "model": "base"}, "/v1/completions"), prompt_key({**body, "model": "sql"},
+                                                                                      "/v1/completions")
+    assert len(base) == len(lora) == 3 and not set(base) & set(lora)
+    assert prompt_key({**body, "model": "sql"}, "/v1/completions") == lora
+
+
 def test_prompt_key_chains_whole_chunks_of_the_prompt() -> None:
     a = prompt_key({"prompt": "x" * 200}, "/v1/completions")
     assert len(a) == 200 // CHUNK_BYTES and len(set(a)) == len(a)  # equal chunks, different chain hashes
