@@ -96,7 +96,7 @@ class ModelConfig:
     # query_pre_attn_scalar ** -0.5 (head_dim ** -0.5 when None), and tanh soft-capping
     # (cap * tanh(x / cap)) of the attention scores and of the final logits.
     sandwich_norms: bool = False
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: int | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     # Qwen3-MoE only.

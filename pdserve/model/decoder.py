@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
         self.softcap = config.attn_logit_softcapping
         h, hd, bias = config.hidden_size, config.head_dim, config.qkv_bias
         self._qkv_sizes = (self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd)
-        # One layer for q/k/v: built so when the checkpoint stores it so (Phi-3), else set by
+        # q/k/v as one layer: built so when the checkpoint stores them fused (Phi-3), else set by
         # fuse_projections (inference only).
         self.qkv_proj: nn.Module | None = None
         if config.fused_projections:

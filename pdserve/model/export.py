@@ -29,11 +29,7 @@ _UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2,
 def _rope_scaling_dict(config: ModelConfig) -> dict[str, Any] | None:
     if config.rope_scaling is None:
         return None
-    d = {k: v for k, v in asdict(config.rope_scaling).items() if v is not None}
-    for key in ("short_factor", "long_factor"):
-        if key in d:
-            d[key] = list(d[key])
-    return d
+    return {k: v for k, v in asdict(config.rope_scaling).items() if v is not None}
 
 
 def _family_fields(config: ModelConfig) -> dict[str, Any]:
@@ -41,6 +37,7 @@ def _family_fields(config: ModelConfig) -> dict[str, Any]:
     d: dict[str, Any] = {}
     if config.architecture == "Phi3ForCausalLM":
         d["partial_rotary_factor"] = config.partial_rotary_factor
+        d["pad_token_id"] = None  # Phi3Config's default, 32000, lies outside smaller vocabularies
         if config.rope_scaling is not None and config.rope_scaling.original_max_position_embeddings:
             d["original_max_position_embeddings"] = config.rope_scaling.original_max_position_embeddings
     if config.architecture == "Gemma2ForCausalLM":

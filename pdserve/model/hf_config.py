@@ -178,7 +178,7 @@ def _gemma2_fields(cfg: dict[str, Any]) -> dict[str, Any]:
 
     return dict(
         sandwich_norms=True,
-        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or 256),
+        query_pre_attn_scalar=int(cfg.get("query_pre_attn_scalar") or 256),
         attn_logit_softcapping=optional("attn_logit_softcapping", 50.0),
         final_logit_softcapping=optional("final_logit_softcapping", 30.0),
     )
@@ -195,7 +195,7 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
     theta, scaling = _rope(cfg, arch)
     qkv_bias, o_proj_bias = _biases(cfg, arch)
     gemma, gemma2 = arch in GEMMA_ARCHITECTURES, arch == "Gemma2ForCausalLM"
-    return ModelConfig(
+    config = ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=int(cfg["hidden_size"]),
@@ -222,3 +222,13 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
         bos_token_id=(generation or {}).get("bos_token_id", cfg.get("bos_token_id")),
         **(_moe_fields(cfg) if arch == "Qwen3MoeForCausalLM" else {}),
     )
+    if config.rotary_dim < 2 or config.rotary_dim % 2:
+        raise ValueError(f"partial_rotary_factor {config.partial_rotary_factor} leaves {config.rotary_dim} "
+                         f"rotary dims of {config.head_dim}: RoPE needs an even number")
+    rope = config.rope_scaling
+    if rope is not None and rope.rope_type == "longrope":
+        for name, factors in (("short_factor", rope.short_factor), ("long_factor", rope.long_factor)):
+            if len(factors or ()) != config.rotary_dim // 2:
+                raise ValueError(f"longrope {name} has {len(factors or ())} entries; the model rotates "
+                                 f"{config.rotary_dim} dims of each head, so it needs {config.rotary_dim // 2}")
+    return config

@@ -129,3 +129,17 @@ def test_abort_mid_prefill_forgets_the_sum(model_dir):
     out = eng.step()
     assert out[0].finish_reason == "abort" and out[0].embedding is None
     _close(llm)
+
+
+def test_mean_under_preemption(model_dir, hidden):
+    """A cache too small for everything: the embedding request (the newest) is preempted mid-prompt
+    and recomputed; its mean starts afresh."""
+    llm = LLM(model_dir, dtype="float32", num_kv_blocks=7, max_num_batched_tokens=16, pooling_type="mean")
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    eng.add_request("g", PROMPTS[0], sp)
+    eng.add_request("e", PROMPTS[2], sp, pooling=PoolingParams())
+    finals = {o.request_id: o for o in eng.run_until_done() if o.finished}
+    assert eng.scheduler.num_preemptions > 0
+    assert finals["e"].embedding == pytest.approx(reference(hidden[2], "mean"), abs=1e-4)
+    _close(llm)

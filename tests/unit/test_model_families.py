@@ -4,15 +4,24 @@ chunks, then decodes."""
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from pdserve import LLM, LoRARequest, SamplingParams
+from pdserve.config import LoRAConfig
+from pdserve.engine.lora import LoRAManager
+from pdserve.model.cpu_linear import can_prepack, prepack_linears_
+from pdserve.model.decoder import RMSNorm, fuse_projections_
+from pdserve.model.export import save_hf_dir
 from pdserve.model.hf_config import config_from_hf
-from pdserve.model.loader import load_model
+from pdserve.model.loader import LoadedModel, build_model, init_random_, load_model
 from pdserve.model.rope import rope_inv_freq
+from tests.lora_models import save_adapter
 from tests.unit.paged import PROMPT_LEN, assert_close, make_meta, new_cache, run
 
 transformers = pytest.importorskip("transformers")
@@ -70,6 +79,15 @@ def _hf_checkpoint(out: Path, config_cls, extra: dict) -> torch.nn.Module:
     return hf.eval()
 
 
+@dataclass
+class Family:
+    dir: Path  # the checkpoint transformers wrote
+    hf: torch.nn.Module
+    lm: LoadedModel  # pdserve's float32 load of it
+    ids: torch.Tensor
+    ref: torch.Tensor  # transformers' float32 logits for ids
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
@@ -79,19 +97,51 @@ def family(request, tmp_path_factory):
         ref = hf(ids[None]).logits[0].float()
     lm = load_model(str(out), torch.float32, "cpu")
     assert lm.config.architecture == type(hf).__name__
-    return lm, ids, ref
+    return Family(out, hf, lm, ids, ref)
+
+
+def _chunked_logits(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a prefill in two chunks (25 + 14 tokens) and one decode, over the paged cache."""
+    kv = new_cache(lm)
+    blocks = [5, 2, 7]
+    out = []
+    for decodes, prefills, rows in (([], [(blocks, 0, 25)], slice(0, 25)), ([], [(blocks, 25, 14)], slice(25, 39)),
+                                    ([(blocks, 39)], [], slice(39, 40))):
+        meta, pos = make_meta(decodes, prefills)
+        out.append(run(lm, ids[rows], kv, meta, pos))
+    return torch.cat(out)
 
 
 def test_transformers_checkpoint_matches_transformers(family):
-    lm, ids, ref = family
-    kv = new_cache(lm)
-    blocks = [5, 2, 7]
-    meta, pos = make_meta([], [(blocks, 0, 25)])
-    assert_close(run(lm, ids[:25], kv, meta, pos), ref[:25])
-    meta, pos = make_meta([], [(blocks, 25, 14)])
-    assert_close(run(lm, ids[25:39], kv, meta, pos), ref[25:39])
-    meta, pos = make_meta([(blocks, 39)], [])
-    assert_close(run(lm, ids[39:40], kv, meta, pos), ref[39:40])
+    assert_close(_chunked_logits(family.lm, family.ids), family.ref)
+
+
+def test_bf16_engine_path_is_as_close_as_transformers_bf16(family):
+    """bf16 with the engine's CPU layout (fused q/k/v and gate/up, prepacked linears): as far from
+    the float32 logits as transformers' own bf16 model is. (Greedy tokens of these random models
+    have near-ties that bf16 rounding flips either way, so logits are the sharper check.)"""
+    lm = load_model(str(family.dir), torch.bfloat16, "cpu")
+    if can_prepack(lm.device, lm.dtype):
+        assert prepack_linears_(lm.module) > 0
+    else:
+        fuse_projections_(lm.module)
+    err = (_chunked_logits(lm, family.ids) - family.ref).abs().max().item()
+    hf_bf16 = copy.deepcopy(family.hf).to(torch.bfloat16)
+    with torch.no_grad():
+        hf_err = (hf_bf16(family.ids[None]).logits[0].float() - family.ref).abs().max().item()
+    assert err < 2 * hf_err + 1e-3, (err, hf_err)
+
+
+def test_export_gives_transformers_the_same_model(family, tmp_path):
+    """pdserve's export of the loaded model (config.json from ModelConfig, weights by name) loads in
+    transformers with every weight in place and gives the original logits."""
+    lm = family.lm
+    out = save_hf_dir(tmp_path, lm.config, lm.module.state_dict(), lm.tokenizer)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        assert_close(hf(family.ids[None]).logits[0].float(), family.ref)
+    assert load_model(str(out), torch.float32, "cpu").config == lm.config
 
 
 @pytest.mark.parametrize("scaling", [None, LINEAR, LLAMA3, YARN], ids=["default", "linear", "llama3", "yarn"])
@@ -110,6 +160,27 @@ def test_rope_frequencies_equal_transformers(scaling):
     assert got_factor == pytest.approx(factor)
 
 
+@pytest.mark.parametrize(("original", "partial", "factors"), [(16, 1.0, "long"), (256, 1.0, "short"),
+                                                              (16, 0.5, "long")])
+def test_longrope_frequencies_equal_transformers(original, partial, factors):
+    """The factor set is chosen once, by the served context (256) against original_max_position_embeddings:
+    transformers' choice for a sequence that long."""
+    n = int(16 * partial) // 2
+    cfg = transformers.Phi3Config(**SMALL, **PHI3, rope_parameters=_longrope(n), partial_rotary_factor=partial,
+                                  original_max_position_embeddings=original)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    expected, factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu", seq_len=SMALL["max_position_embeddings"])
+    ours = config_from_hf(cfg.to_dict())
+    assert ours.rotary_dim == 2 * n
+    got, got_factor = rope_inv_freq(ours.rotary_dim, ours.rope_theta, ours.rope_scaling, None,
+                                    ours.max_position_embeddings)
+    torch.testing.assert_close(got, expected.float())
+    assert got_factor == pytest.approx(factor) and (factor > 1) == (factors == "long")
+    chosen = getattr(ours.rope_scaling, f"{factors}_factor")
+    torch.testing.assert_close(got, 1.0 / (torch.tensor(chosen) * 1e4 ** (torch.arange(0, 2 * n, 2) / (2 * n))))
+
+
 def _cfg(**over) -> dict:
     return {"architectures": ["LlamaForCausalLM"], **SMALL, **over}
 
@@ -124,6 +195,44 @@ def test_config_flags_per_family():
     # transformers 4 style: rope_theta + rope_scaling with "type".
     old = config_from_hf(_cfg(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 4.0}))
     assert old.rope_theta == 5e5 and old.rope_scaling.rope_type == "linear" and old.rope_scaling.factor == 4.0
+    for c in (qwen2, llama, qwen3):
+        assert c.hidden_act == "silu" and not (c.fused_projections or c.rms_norm_unit_offset or c.scale_embeddings)
+
+
+def test_phi3_config():
+    # Phi-3.5-mini's shape of config: top-level original_max_position_embeddings, "longrope" factors.
+    factors = dict(short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+    phi = config_from_hf(_cfg(architectures=["Phi3ForCausalLM"], attention_bias=True, rope_theta=1e4,
+                              original_max_position_embeddings=64, rope_scaling={"type": "longrope", **factors}))
+    assert (phi.fused_projections, phi.qkv_bias, phi.o_proj_bias, phi.hidden_act) == (True, False, False, "silu")
+    s = phi.rope_scaling
+    assert (s.rope_type, s.original_max_position_embeddings, s.factor) == ("longrope", 64, 4.0)
+    assert s.long_factor == (2.0,) * 8 and phi.partial_rotary_factor == 1.0 and phi.rotary_dim == 16
+    # Early Phi-3 configs call it "su" (or "yarn"), as transformers still reads them.
+    su = config_from_hf(_cfg(architectures=["Phi3ForCausalLM"], rope_scaling={"type": "su", **factors}))
+    assert su.rope_scaling.rope_type == "longrope"
+    partial = config_from_hf(_cfg(architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.75))
+    assert (partial.partial_rotary_factor, partial.rotary_dim) == (0.75, 12)
+    # Only Phi-3's transformers code rotates part of a head.
+    assert config_from_hf(_cfg(partial_rotary_factor=0.5)).rotary_dim == 16
+
+
+def test_gemma_configs():
+    gemma = config_from_hf(_cfg(architectures=["GemmaForCausalLM"], head_dim=32, hidden_act="gelu"))
+    assert gemma.hidden_act == "gelu_pytorch_tanh"  # Gemma's legacy "gelu" means the tanh form
+    assert (gemma.rms_norm_unit_offset, gemma.scale_embeddings, gemma.head_dim, gemma.sandwich_norms) == (
+        True, True, 32, False)
+    untied = {k: v for k, v in _cfg(architectures=["GemmaForCausalLM"]).items() if k != "tie_word_embeddings"}
+    assert config_from_hf(untied).tie_word_embeddings  # transformers' default for Gemma
+    assert gemma.attn_logit_softcapping is gemma.final_logit_softcapping is gemma.query_pre_attn_scalar is None
+    dummy = build_model(gemma, torch.float32, "cpu")
+    init_random_(dummy)  # (1 + weight) norms start at weight 0: the identity scale
+    assert all(not m.weight.any() for m in dummy.modules() if isinstance(m, RMSNorm))
+    gemma2 = config_from_hf(_cfg(architectures=["Gemma2ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
+                                 query_pre_attn_scalar=144, final_logit_softcapping=None))
+    assert (gemma2.sandwich_norms, gemma2.query_pre_attn_scalar, gemma2.hidden_act) == (True, 144, "gelu_pytorch_tanh")
+    # Absent: transformers' defaults (50); null: none.
+    assert (gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping) == (50.0, None)
 
 
 def test_sliding_window_caps_the_context(caplog):
@@ -136,18 +245,69 @@ def test_sliding_window_caps_the_context(caplog):
     qwen2 = _cfg(architectures=["Qwen2ForCausalLM"], sliding_window=32)
     assert config_from_hf(qwen2).max_position_embeddings == 256
     assert config_from_hf({**qwen2, "use_sliding_window": True}).max_position_embeddings == 32
+    # Phi-3-mini-4k: window 2047 of 4096 (as Mistral); the 128k models' window is past their context.
+    phi = _cfg(architectures=["Phi3ForCausalLM"], max_position_embeddings=4096, sliding_window=2047)
+    assert config_from_hf(phi).max_position_embeddings == 2047
+    assert config_from_hf({**phi, "sliding_window": 262144}).max_position_embeddings == 4096
+    # Gemma 2: every other layer is windowed (4096 by default), so the context is capped to it.
+    gemma2 = _cfg(architectures=["Gemma2ForCausalLM"], max_position_embeddings=8192)
+    assert config_from_hf(gemma2).max_position_embeddings == 4096
+    assert config_from_hf({**gemma2, "sliding_window": 1024}).max_position_embeddings == 1024
+    assert config_from_hf({**gemma2, "architectures": ["GemmaForCausalLM"]}).max_position_embeddings == 8192
 
 
 @pytest.mark.parametrize(
     ("over", "message"),
     [
         (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "unsupported rope scaling 'dynamic'"),
-        (dict(rope_scaling={"rope_type": "longrope"}), "supported are default, linear, llama3 and yarn"),
+        (dict(rope_scaling={"rope_type": "su"}), "supported are default, linear, llama3, yarn and longrope"),
+        (dict(rope_scaling={"rope_type": "longrope", "long_factor": [1.0] * 8}), "longrope .* needs short_factor"),
         (dict(mlp_bias=True), "mlp_bias"),
-        (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
-        (dict(architectures=["Phi3ForCausalLM"]), "unsupported architecture.*Phi3ForCausalLM"),
+        (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),  # the tanh-GELU is Gemma's only
+        (dict(hidden_act="gelu_pytorch_tanh"), "unsupported hidden_act 'gelu_pytorch_tanh'"),
+        (dict(architectures=["GemmaForCausalLM"], hidden_act="relu"), "unsupported hidden_act 'relu'"),
+        (dict(architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.0), "partial_rotary_factor 0.0"),
+        (dict(architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.2), "3 rotary dims of 16.*even"),
+        (dict(architectures=["Phi3ForCausalLM"], original_max_position_embeddings=64,
+              rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 8}),
+         "short_factor has 4 entries.*needs 8"),
+        (dict(architectures=["Gemma3ForCausalLM"]), "unsupported architecture.*Gemma3ForCausalLM"),
     ],
 )
 def test_unsupported_configs_are_named(over, message):
     with pytest.raises(ValueError, match=message):
         config_from_hf(_cfg(**over))
+
+
+def test_peft_lora_over_phi3_fused_projections(tmp_path):
+    """Phi-3 has no q/k/v or gate/up modules, so PEFT adapts qkv_proj and gate_up_proj: pdserve wraps
+    those fused linears (their slices, and the fused module itself) and gives PEFT's greedy tokens."""
+    pytest.importorskip("peft")
+    base = _hf_checkpoint(tmp_path / "base", transformers.Phi3Config, PHI3)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    peft_model = save_adapter(base, tmp_path / "a", 1, r=8, lora_alpha=16, target_modules=targets)
+    lm = load_model(str(tmp_path / "base"), torch.float32, "cpu")
+    manager = LoRAManager(lm.module, LoRAConfig(enable_lora=True), torch.float32, torch.device("cpu"))
+    attn = lm.module.model.layers[0].self_attn
+    assert [path.rpartition(".")[2] for path, _, _ in attn.qkv_proj.slices] == ["q_proj", "k_proj", "v_proj",
+                                                                               "qkv_proj"]
+    assert attn.qkv_proj.slices[-1][1:] == (0, 16 * (4 + 2 + 2))
+    assert len(manager.read("a", str(tmp_path / "a")).modules) == 2 * len(targets)
+
+    prompts = [[(7 * i + 3 * j) % 300 for j in range(n)] for i, n in enumerate((9, 37))]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    lora = LoRARequest("a", 1, str(tmp_path / "a"))
+    for dtype in ("float32", "bfloat16"):  # bfloat16: the adapter over the prepacked fused linears
+        llm = LLM(str(tmp_path / "base"), dtype=dtype, num_kv_blocks=64, enable_lora=True)
+        outs = llm.generate(prompts, sp, lora_request=[lora, lora])
+        if dtype == "float32":
+            for prompt, out in zip(prompts, outs, strict=True):
+                with torch.no_grad():
+                    ref = peft_model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6,
+                                              do_sample=False)
+                assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+            plain = llm.generate(prompts, sp)
+            assert [o.outputs[0].token_ids for o in plain] != [o.outputs[0].token_ids for o in outs]
+        else:
+            assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+        llm.close()
