@@ -51,9 +51,14 @@ class RequestOutput:
 
 @dataclass
 class EmbeddingOutput:
-    """`LLM.embed`'s result for one prompt (vLLM nests the vector as `.outputs.embedding`)."""
+    """`LLM.embed`'s result for one prompt; the vector is also at `.outputs.embedding`, where
+    vLLM's code reads it."""
 
     request_id: str
     prompt_token_ids: list[int]
     embedding: list[float]
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+    @property
+    def outputs(self) -> EmbeddingOutput:
+        return self

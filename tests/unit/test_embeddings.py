@@ -55,6 +55,7 @@ def test_embed_matches_transformers(model_dir, hidden, pooling, chunk):
     assert [o.prompt_token_ids for o in outs] == PROMPTS
     for out, states in zip(outs, hidden, strict=True):
         assert len(out.embedding) == llm.engine.model_config.hidden_size
+        assert out.outputs.embedding is out.embedding  # where vLLM's code reads it
         assert out.embedding == pytest.approx(reference(states, pooling), abs=1e-4)
     _close(llm)
 
