@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pdserve.launch import RunningTopology, Topology, TopologySpec  # noqa: E402
 from tests.e2e.conftest import parse_metrics  # noqa: E402
 
+SETTLE_LIMIT_S = 75.0  # after the load: the quarantine bound (60 s) and a margin
+
 
 def sample(topo: RunningTopology) -> dict:
     row: dict = {"t": time.time()}
@@ -87,12 +89,24 @@ def soak(mode: str, n: int, concurrency: int, model: str, out: Path) -> dict:
         stop.set()
         th.join()
         final = sample(topo)
+        # Blocks still held then wait for a quarantine (a WRITE transfer cut by a client abort) to
+        # settle: bounded by the transfer deadline + --kv-transfer-timeout (60 s by default).
+        settled_after = 12.0
+        while _held(final) and settled_after < SETTLE_LIMIT_S:
+            time.sleep(1.0)
+            settled_after += 1.0
+            final = sample(topo)
     samples.append(final)
     warm = samples[min(len(samples) - 1, max(1, len(samples) // 10))]
     growth = {k: final[k] - warm[k] for k in final if k.endswith("_rss_mb") and final[k] and warm.get(k)}
     leaks = {c: final[f"{c}_total"] - final[f"{c}_free"] for c in ("prefill-0", "decode-0") if f"{c}_free" in final}
     return {"mode": mode, "requests": n, "elapsed_s": elapsed, "counts": counts,
-            "rss_growth_after_warmup_mb": growth, "blocks_not_free_at_end": leaks, "samples": samples}
+            "rss_growth_after_warmup_mb": growth, "blocks_not_free_at_end": leaks,
+            "all_blocks_free_after_s": None if _held(final) else settled_after, "samples": samples}
+
+
+def _held(row: dict) -> bool:
+    return any(row.get(f"{c}_free") != row.get(f"{c}_total") for c in ("prefill-0", "decode-0"))
 
 
 def plot(results: list[dict], path: Path) -> None:
