@@ -123,7 +123,8 @@ class LLMEngine:
         self.runner.static = static
 
     # ---- LoRA adapters -------------------------------------------------------------------------
-    def _lora_manager(self) -> LoRAManager:
+    def lora_manager(self) -> LoRAManager:
+        """The adapter manager; ValueError when LoRA is off."""
         if self.lora is None:
             raise ValueError("LoRA adapters need the engine started with LoRA enabled (--enable-lora)")
         return self.lora
@@ -139,19 +140,19 @@ class LLMEngine:
     def add_lora(self, lora: LoRARequest, weights: AdapterWeights | None = None) -> None:
         """Load an adapter (engine thread; `weights` read beforehand off this thread, or read here).
         ValueError: LoRA off, a bad adapter, or max_loras loaded and in use."""
-        manager = self._lora_manager()
+        manager = self.lora_manager()
         if weights is None:
             weights = manager.read(lora.lora_name, lora.lora_path)
         manager.install(lora, weights, self._loras_in_use())
 
     def remove_lora(self, name: str) -> None:
         """Unload the adapter called `name`; ValueError when unknown or in use."""
-        lora = self._lora_manager().by_name(name)
+        lora = self.lora_manager().by_name(name)
         if lora is None:
             raise ValueError(f"no LoRA adapter named {name!r} is loaded")
         if lora.lora_int_id in self._loras_in_use():
             raise ValueError(f"LoRA adapter {name!r} is in use by unfinished requests")
-        self._lora_manager().remove(lora.lora_int_id)
+        self.lora_manager().remove(lora.lora_int_id)
 
     def list_loras(self) -> list[LoRARequest]:
         return list(self.lora.loaded.values()) if self.lora is not None else []
@@ -264,7 +265,7 @@ class LLMEngine:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         if lora_request is not None:
-            self._lora_manager().ensure(lora_request, self._loras_in_use())
+            self.lora_manager().ensure(lora_request, self._loras_in_use())
         req = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,

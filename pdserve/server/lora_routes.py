@@ -21,9 +21,10 @@ from pdserve.server.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterReq
 
 
 def _manager(ctx: ServerContext) -> LoRAManager:
-    if ctx.llm.lora is None:
-        raise APIError(400, "LoRA adapters need the server started with --enable-lora", code="invalid_value")
-    return ctx.llm.lora
+    try:
+        return ctx.llm.lora_manager()
+    except ValueError as e:  # LoRA is off
+        raise APIError(400, str(e), code="invalid_value") from None
 
 
 def _refresh(ctx: ServerContext, loaded: list[LoRARequest]) -> None:

@@ -221,6 +221,17 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
 
+def check_tools(names: list[str], required: bool, named: str | None) -> None:
+    """Tools and tool_choice together (chat and responses): distinct function names, a named choice
+    among them, "required" with at least one. ValueError otherwise."""
+    if len(set(names)) != len(names):
+        raise ValueError("tools: function names must be distinct")
+    if named is not None and named not in names:
+        raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
+    if required and not names:
+        raise ValueError("tool_choice 'required' needs tools")
+
+
 class ChatCompletionRequest(SamplingFields):
     """`POST /v1/chat/completions`."""
 
@@ -244,14 +255,9 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _tool_choice_needs_tools(self) -> ChatCompletionRequest:
-        names = [t.function.name for t in self.tools or ()]
-        if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be distinct")
         choice = self.tool_choice
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
-        if choice == "required" and not names:
-            raise ValueError("tool_choice 'required' needs tools")
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        check_tools([t.function.name for t in self.tools or ()], choice == "required", named)
         return self
 
     @property

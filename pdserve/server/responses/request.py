@@ -36,6 +36,7 @@ from pdserve.server.protocol import (
     KVParamsJSON,
     ResponseFormat,
     StructuredOutputsFields,
+    check_tools,
 )
 
 
@@ -276,14 +277,9 @@ class ResponsesRequest(_Request):
 
     @model_validator(mode="after")
     def _tool_choice_needs_tools(self) -> ResponsesRequest:
-        names = [t.name for t in self.tools or ()]
-        if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be distinct")
         choice = self.tool_choice
-        if isinstance(choice, FunctionChoice) and choice.name not in names:
-            raise ValueError(f"tool_choice names {choice.name!r}, which is not among the tools")
-        if choice == "required" and not names:
-            raise ValueError("tool_choice 'required' needs tools")
+        named = choice.name if isinstance(choice, FunctionChoice) else None
+        check_tools([t.name for t in self.tools or ()], choice == "required", named)
         return self
 
     @property
