@@ -118,9 +118,12 @@ class KVProducer(KVConnectorBase):
         if request.status not in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED):
             reason = f"prefill ended: {request.status.finish_reason}"
             dest = self._dests.pop(rid, None)
-            if pushed and not pushed_done and dest is not None:
-                # Layers may still be on their way into decode's blocks: tell it behind them, not before.
-                self._cancelled.add(rid)
+            if dest is not None:
+                # Decode sent write_dest, so it may have ended too and be keeping its blocks until we
+                # settle the transfer: only write_done does that (an abort from us does not, since
+                # it could overtake pushes). Layers may still be on their way: tell it behind them.
+                if pushed and not pushed_done:
+                    self._cancelled.add(rid)
                 self._worker.submit(self._ack_abort, rid, dest[0], reason)
             elif params.transfer_mode == "WRITE" and params.remote_host and params.remote_notify_port:
                 self.sender.send(params.remote_host, params.remote_notify_port, Abort(rid, self.engine_id, reason))

@@ -288,6 +288,41 @@ def test_write_halves_given_up_on_free_the_other_sides_blocks():
         close(p, d)
 
 
+def test_write_prefill_ending_after_write_dest_settles_a_quarantined_decode():
+    """WRITE, the client walks away from both halves at once: the prefill request ends (aborted)
+    after decode's `write_dest` came but before decode's `Abort` does, while the decode request
+    ended too and keeps its blocks until the transfer settles. The prefill must answer with
+    `write_done {ok: false}` (which settles it), not an `Abort` (which a quarantine ignores, as it
+    could overtake pushes): before, decode held the blocks until deadline + timeout (20 s here)."""
+    tiny = "dummy:qwen3-tiny"
+    p = make(tiny, "prefill", "write", blocks=8)
+    d = make(tiny, "decode", "write")
+    sender = NotifySender(zmq.Context.instance())
+    pc = p.engine.connector
+    a, x = prompts((80, 80), seed=11)
+
+    async def main():
+        await run(p, "held", a, _write_prefill_params(d))  # 5 of the prefill's 8 blocks, kept for a write_dest
+        pre = asyncio.ensure_future(run(p, "x", x, _write_prefill_params(d)))  # waits: no room for 6 blocks
+        dec = asyncio.ensure_future(run(d, "x", x, write_params(p)))
+        await until_true(lambda: "x" in pc._dests, 2.0)  # decode's write_dest reached the prefill
+        blocked = asyncio.ensure_future(p.call(lambda: time.sleep(0.5)))  # what follows meets in one gap
+        await asyncio.sleep(0.05)
+        pre.cancel()  # the prefill request ends first (its abort is next in the engine's inbox) ...
+        dec.cancel()  # ... and decode's request ends during its transfer: quarantined, Abort sent
+        await asyncio.gather(pre, dec, return_exceptions=True)
+        await blocked
+        await until_true(lambda: _held(d) == 0, 2.0)
+        sender.send(pc.host, pc.notify_port, Abort("held", PROXY_ENGINE_ID, "done"))
+
+    try:
+        asyncio.run(main())
+        wait_blocks_free(p, d, timeout=2)
+    finally:
+        sender.close()
+        close(p, d)
+
+
 async def until_true(cond, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
