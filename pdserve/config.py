@@ -64,8 +64,9 @@ class ModelConfig:
     """Hyper-parameters of a dense decoder (Qwen3, Qwen2, Llama, Mistral, Phi-3, Gemma, Gemma 2) or
     Qwen3-MoE model, named as in Hugging Face's config.json. The dense families differ only in the
     flags below: per-head q/k RMSNorm (Qwen3), biases on q/k/v (Qwen2) or on all four projections
-    (`attention_bias`), RoPE scaling and partial rotation, fused projection weights (Phi-3), and
-    Gemma's norm, activation, embedding scale and (Gemma 2) soft-capping and extra norms.
+    (`attention_bias`), RoPE scaling and partial rotation, fused projection weights (Phi-3),
+    Gemma's norm, activation, embedding scale and (Gemma 2) soft-capping and extra norms, and
+    per-layer sliding windows (Mistral, Phi-3, Gemma 2, and Qwen with `use_sliding_window`).
     """
 
     architecture: str = "Qwen3ForCausalLM"
@@ -99,6 +100,9 @@ class ModelConfig:
     query_pre_attn_scalar: int | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # Per layer, its attention window w (the query at position i sees the keys at i - w < j <= i,
+    # as in transformers) or None for full causal attention; () when no layer is windowed.
+    sliding_windows: tuple[int | None, ...] = ()
     # Qwen3-MoE only.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -114,6 +118,10 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """The dims of each head that RoPE rotates (the rest pass through)."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    def sliding_window(self, layer: int) -> int | None:
+        """The attention window of `layer` (None: full causal attention)."""
+        return self.sliding_windows[layer] if self.sliding_windows else None
 
     @property
     def is_moe(self) -> bool:

@@ -23,6 +23,15 @@ only each sequence's live blocks, static grid: CUDA-graph safe) and prefill atte
 (FlashAttention) over the chunk; on CPU, where Triton is missing, and for models that soft-cap the
 attention scores (Gemma 2: scores = cap * tanh(scores / cap), which neither the kernel nor SDPA
 does), both are the batched-GEMM torch code below.
+
+Sliding windows: a layer with window w lets the query at position i see the keys at positions
+i - w < j <= i (transformers' mask). Every path takes the layer's window: the torch decode masks
+keys before context_len - w, the Triton kernel starts each sequence's loop at its window,
+the blocked prefill masks per query row and skips the keys before its query block's window, and
+a prefill chunk the window cuts into goes through SDPA with an explicit boolean mask (the memory-
+efficient kernel, not FlashAttention, which takes no mask). Both prefill paths gather only the
+cached blocks from the first one the chunk's window reaches. The window is a per-layer constant,
+so CUDA graphs captured with it stay valid.
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ class AttentionMetadata:
     # Derived once per step, shared by every layer.
     _k_index: torch.Tensor | None = None
     _v_index: torch.Tensor | None = None
-    _decode_mask: torch.Tensor | None = None
+    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by window
 
     def kv_write_indices(self, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices ([T * kvh]) of this step's K and V rows in a layer's cache viewed as
@@ -76,13 +85,20 @@ class AttentionMetadata:
             self._v_index = self._k_index + num_kv_heads * bs
         return self._k_index, self._v_index  # type: ignore[return-value]
 
-    def decode_mask(self) -> torch.Tensor:
-        """[D, 1, 1, L] bool: key position < context length."""
-        if self._decode_mask is None:
+    def decode_mask(self, window: int | None = None) -> torch.Tensor:
+        """[D, 1, 1, L] bool, the keys each decode query sees: position < context length and, with a
+        window, position >= context length - window."""
+        mask = self._decode_masks.get(window)
+        if mask is None:
             n_blocks = self.decode_block_tables.shape[1]
-            pos = torch.arange(n_blocks * self.block_size, device=self.decode_context_lens.device)
-            self._decode_mask = (pos[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
-        return self._decode_mask
+            pos = torch.arange(n_blocks * self.block_size, device=self.decode_context_lens.device)[None, :]
+            ctx = self.decode_context_lens[:, None]
+            mask = pos < ctx
+            if window is not None:
+                mask &= pos >= ctx - window
+            mask = mask[:, None, None, :]
+            self._decode_masks[window] = mask
+        return mask
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -111,15 +127,29 @@ def _softcap_(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if softcap is None else scores.div_(softcap).tanh_().mul_(softcap)
 
 
+def _hidden_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[q, k] bool, True where the key at k_pos[k] is hidden from the query at q_pos[q]: after it, or
+    (with a window) window or more positions before it."""
+    hidden = k_pos[None, :] > q_pos[:, None]
+    if window is not None:
+        hidden |= k_pos[None, :] <= q_pos[:, None] - window
+    return hidden
+
+
 def _decode_attention(
-    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, softcap: float | None = None
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
 ):
     """q: [D, H, hd] -> [D, H, hd]; grouped-query attention against each sequence's blocks."""
     if q.is_cuda and softcap is None and triton_decode.supported(q, kv_layer):
         return triton_decode.paged_decode_attention(
-            q, kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale
+            q, kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale, window
         )
-    return _decode_attention_torch(q, kv_layer, meta, scale, softcap)
+    return _decode_attention_torch(q, kv_layer, meta, scale, softcap, window)
 
 
 # Decode sequences per gather on CPU: about this many bytes of K and V at once, so the gathered copy
@@ -128,12 +158,17 @@ _DECODE_GATHER_BYTES = 4 << 20
 
 
 def _decode_attention_torch(
-    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, softcap: float | None = None
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
 ):
-    """The gather + matmul form: every block of the (padded) table is read, masked by length; in
-    groups of sequences of about _DECODE_GATHER_BYTES of KV each."""
+    """The gather + matmul form: every block of the (padded) table is read, masked by length (and
+    window); in groups of sequences of about _DECODE_GATHER_BYTES of KV each."""
     d, h, hd = q.shape
-    tables, mask = meta.decode_block_tables, meta.decode_mask()
+    tables, mask = meta.decode_block_tables, meta.decode_mask(window)
     per_seq = kv_layer[0].numel() * kv_layer.element_size() * tables.shape[1]
     step = d if q.is_cuda else max(1, _DECODE_GATHER_BYTES // max(1, per_seq))
     out = torch.empty_like(q)
@@ -150,20 +185,23 @@ def _decode_attention_torch(
 
 
 def _chunk_kv(
-    k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values a chunk attends to, [kvh, cached + n, hd] each: the chunk's own when nothing
-    is cached before it, else the sequence's blocks (the chunk's K/V are already written there)."""
+    k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Keys and values a chunk attends to, [kvh, L, hd] each, and the position of the first: the
+    chunk's own when nothing is cached before it, else the sequence's blocks from the first one its
+    window reaches (all of them without a window) to its end (the chunk's K/V are already there)."""
     n, c = k.shape[0], span.num_cached
     if c == 0:
-        return k.transpose(0, 1), v.transpose(0, 1)
-    n_blocks = -(-(c + n) // kv_layer.shape[3])
-    kv = _gather(kv_layer, span.block_ids[:n_blocks])  # [2, kvh, n_blocks*bs, hd]
-    return kv[0, :, : c + n], kv[1, :, : c + n]
+        return k.transpose(0, 1), v.transpose(0, 1), 0
+    bs = kv_layer.shape[3]
+    first_block = 0 if window is None else max(0, c - window + 1) // bs
+    kv = _gather(kv_layer, span.block_ids[first_block : -(-(c + n) // bs)])  # [2, kvh, blocks*bs, hd]
+    first = first_block * bs
+    return kv[0, :, : c + n - first], kv[1, :, : c + n - first], first
 
 
 # Queries per block of the prefill attention: the block's fp32 scores stay cache-sized, and keys
-# beyond the block's last query (all masked) are skipped.
+# beyond the block's last query, or before its first query's window (all masked), are skipped.
 _QUERY_BLOCK = 64
 
 
@@ -175,49 +213,64 @@ def _prefill_attention(
     span: PrefillSpan,
     scale: float,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """One chunk: q [n, H, hd]; k, v of the chunk [n, kvh, hd]. Causal over cached + chunk tokens.
+    """One chunk: q [n, H, hd]; k, v of the chunk [n, kvh, hd]. Causal over cached + chunk tokens,
+    within the window when there is one.
 
     Batched GEMMs per KV head (a group's query heads stacked as rows) and an fp32 softmax, in
     blocks of queries. On this CPU it is ~5x faster than the fused SDPA kernel for bf16 GQA, and
     never materialises an n x n score matrix."""
     n, h, hd = q.shape
     c = span.num_cached
-    keys, values = _chunk_kv(k, v, kv_layer, span)
+    keys, values, first = _chunk_kv(k, v, kv_layer, span, window)
     kvh = keys.shape[0]
     group = h // kvh
     q4 = q.view(n, kvh, group, hd).permute(1, 2, 0, 3)  # [kvh, G, n, hd]
     out = torch.empty(kvh, group, n, hd, dtype=q.dtype, device=q.device)
-    kpos = torch.arange(c + n, device=q.device)
+    pos = torch.arange(c + n, device=q.device)
     for a in range(0, n, _QUERY_BLOCK):
         b = min(n, a + _QUERY_BLOCK)
-        visible = c + b
+        lo = first if window is None else max(first, c + a - window + 1)  # keys lo..c+b-1, by position
+        ks, vs = keys[:, lo - first : c + b - first], values[:, lo - first : c + b - first]
         qb = q4[:, :, a:b].reshape(kvh, group * (b - a), hd)
-        scores = _softcap_(torch.matmul(qb, keys[:, :visible].transpose(1, 2)).float().mul_(scale), softcap)
-        scores = scores.view(kvh, group, b - a, visible)
-        scores.masked_fill_(kpos[None, :visible] > kpos[a:b, None] + c, float("-inf"))  # causal
-        probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kvh, group * (b - a), visible)
-        out[:, :, a:b] = torch.matmul(probs, values[:, :visible]).view(kvh, group, b - a, hd)
+        scores = _softcap_(torch.matmul(qb, ks.transpose(1, 2)).float().mul_(scale), softcap)
+        scores = scores.view(kvh, group, b - a, c + b - lo)
+        scores.masked_fill_(_hidden_keys(pos[c + a : c + b], pos[lo : c + b], window), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kvh, group * (b - a), c + b - lo)
+        out[:, :, a:b] = torch.matmul(probs, vs).view(kvh, group, b - a, hd)
     return out.permute(2, 0, 1, 3).reshape(n, h, hd)
 
 
 def _prefill_attention_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The same as _prefill_attention through F.scaled_dot_product_attention (FlashAttention on CUDA).
 
     KV heads are repeated to the query heads (a copy of the chunk's keys: small next to the
     attention), which every SDPA backend of every torch version accepts. A chunk with cached
     tokens before it needs the causal mask aligned to the bottom right (query i sees keys
-    <= c + i), which `causal_lower_right` gives without materialising it."""
+    <= c + i), which `causal_lower_right` gives without materialising it. A window that cuts into
+    the chunk's context takes an explicit [n, L] boolean mask instead (SDPA's memory-efficient
+    kernel; FlashAttention takes none)."""
     n, h, hd = q.shape
     c = span.num_cached
-    keys, values = _chunk_kv(k, v, kv_layer, span)
+    keys, values, first = _chunk_kv(k, v, kv_layer, span, window)
     group = h // keys.shape[0]
     if group > 1:
         keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
     qh = q.transpose(0, 1)[None]  # [1, H, n, hd]
-    if c == 0:
+    if window is not None and window < c + n:
+        pos = torch.arange(c + n, device=q.device)
+        mask = ~_hidden_keys(pos[c:], pos[first:], window)
+        out = F.scaled_dot_product_attention(qh, keys[None], values[None], attn_mask=mask, scale=scale)
+    elif c == 0:
         out = F.scaled_dot_product_attention(qh, keys[None], values[None], is_causal=True, scale=scale)
     else:
         from torch.nn.attention.bias import causal_lower_right
@@ -235,18 +288,20 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Store this step's K/V in the cache, then attend. q: [T, H, hd]; k, v: [T, kvh, hd] -> [T, H, hd].
-    `softcap`: cap the scaled scores to cap * tanh(scores / cap) before the softmax (Gemma 2)."""
+    `softcap`: cap the scaled scores to cap * tanh(scores / cap) before the softmax (Gemma 2).
+    `window`: the layer's sliding window (None: full causal attention)."""
     write_kv(kv_layer, k, v, meta)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        out[:nd] = _decode_attention(q[:nd], kv_layer, meta, scale, softcap)
+        out[:nd] = _decode_attention(q[:nd], kv_layer, meta, scale, softcap, window)
     for span in meta.prefills:
         s, e = span.q_start, span.q_start + span.q_len
         if q.is_cuda and softcap is None:
-            out[s:e] = _prefill_attention_sdpa(q[s:e], k[s:e], v[s:e], kv_layer, span, scale)
+            out[s:e] = _prefill_attention_sdpa(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, window)
         else:
-            out[s:e] = _prefill_attention(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, softcap)
+            out[s:e] = _prefill_attention(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, softcap, window)
     return out

@@ -7,10 +7,11 @@ only in ModelConfig flags: Qwen3 normalizes q and k per head (`qk_norm`), Qwen2 
 (rope.py), Phi-3 stores q/k/v and gate/up fused (`fused_projections`) and may rotate part of each
 head, Gemma scales its norms by (1 + weight), its embeddings by sqrt(hidden_size) and gates with
 tanh-GELU, and Gemma 2 adds norms on the attention and MLP outputs and soft-caps attention scores
-and final logits. Module and parameter names follow the Hugging Face checkpoints exactly
-(`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `lm_head`), so loading weights is
-a name lookup. The MoE variant (qwen3_moe.py) reuses every piece here and only swaps the MLP of
-sparse layers.
+and final logits. Mistral, Phi-3, Gemma 2 and Qwen (with `use_sliding_window`) window the attention
+of some or all layers (ModelConfig.sliding_windows). Module and parameter names follow the Hugging
+Face checkpoints exactly (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `lm_head`),
+so loading weights is a name lookup. The MoE variant (qwen3_moe.py) reuses every piece here and
+only swaps the MLP of sparse layers.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def make_norm(config: ModelConfig, dim: int) -> RMSNorm:
 
 
 class SelfAttention(nn.Module):
-    """GQA self-attention with RoPE (and per-head q/k RMSNorm for Qwen3), over one layer of the paged cache."""
+    """GQA self-attention with RoPE (and per-head q/k RMSNorm for Qwen3), over one layer of the paged
+    cache; `window`: the layer's sliding window (None: full causal attention)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, window: int | None = None) -> None:
         super().__init__()
+        self.window = window
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -106,7 +109,7 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(q, k, v, kv_layer, meta, self.scale, self.softcap)
+        out = paged_attention(q, k, v, kv_layer, meta, self.scale, self.softcap, self.window)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -159,7 +162,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, mlp: nn.Module) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = SelfAttention(config)
+        self.self_attn = SelfAttention(config, config.sliding_window(layer_idx))
         self.mlp = mlp
         self.input_layernorm = make_norm(config, config.hidden_size)
         self.post_attention_layernorm = make_norm(config, config.hidden_size)
@@ -253,9 +256,7 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        layers = [
-            DecoderLayer(config, i, self.make_mlp(config, i)) for i in range(config.num_hidden_layers)
-        ]
+        layers = [DecoderLayer(config, i, self.make_mlp(config, i)) for i in range(config.num_hidden_layers)]
         self.model = DecoderModel(config, layers)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

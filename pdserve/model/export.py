@@ -17,7 +17,12 @@ import torch
 from safetensors.torch import save_file
 
 from pdserve.config import ModelConfig
-from pdserve.model.hf_config import MODEL_TYPES
+from pdserve.model.hf_config import (
+    ALWAYS_WINDOWED_ARCHITECTURES,
+    LAYER_TYPED_ARCHITECTURES,
+    MODEL_TYPES,
+    OPT_IN_WINDOW_ARCHITECTURES,
+)
 from pdserve.model.loader import load_model
 from pdserve.model.tokenizer import Tokenizer
 
@@ -46,9 +51,28 @@ def _family_fields(config: ModelConfig) -> dict[str, Any]:
             query_pre_attn_scalar=config.query_pre_attn_scalar,
             attn_logit_softcapping=config.attn_logit_softcapping,
             final_logit_softcapping=config.final_logit_softcapping,
-            # The served context is at most the window (hf_config.py): attention there is full.
-            sliding_window=config.max_position_embeddings,
         )
+    return d
+
+
+def _window_fields(config: ModelConfig) -> dict[str, Any]:
+    """The sliding windows as the architecture's config reads them (hf_config.py's rules, inverted)."""
+    arch, windows = config.architecture, config.sliding_windows
+    sizes = {w for w in windows if w is not None}
+    if not sizes:
+        # Gemma 2 always builds a windowed mask: one as long as the context hides nothing.
+        return {"sliding_window": config.max_position_embeddings} if arch == "Gemma2ForCausalLM" else {}
+    if len(sizes) > 1:
+        raise ValueError(f"sliding windows {sorted(sizes)}: a config.json holds one window size")
+    if arch not in ALWAYS_WINDOWED_ARCHITECTURES and arch not in OPT_IN_WINDOW_ARCHITECTURES:
+        raise ValueError(f"{arch} has no sliding window in transformers")
+    d: dict[str, Any] = {"sliding_window": sizes.pop()}
+    if arch in OPT_IN_WINDOW_ARCHITECTURES:
+        d.update(use_sliding_window=True, max_window_layers=next(i for i, w in enumerate(windows) if w))
+    if arch in LAYER_TYPED_ARCHITECTURES:
+        d["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]
+    elif None in windows:
+        raise ValueError(f"{arch} windows every layer or none: sliding windows {windows}")
     return d
 
 
@@ -84,6 +108,7 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "torch_dtype": _DTYPE_NAMES.get(dtype, "float32"),
     }
     d.update(_family_fields(config))
+    d.update(_window_fields(config))
     if config.is_moe:
         d.update(
             num_experts=config.num_experts,
@@ -168,9 +193,7 @@ def save_hf_dir(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        k: v for k, v in state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")
-    }
+    tensors = {k: v for k, v in state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     dtype = next(iter(tensors.values())).dtype
     _write_json(out / "config.json", hf_config_dict(config, dtype))
     _write_json(out / "generation_config.json", generation_config_dict(config))

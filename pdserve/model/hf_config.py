@@ -2,32 +2,33 @@
 
 | architecture         | q/k norm | biases              | notes                                              |
 | -------------------- | -------- | ------------------- | -------------------------------------------------- |
-| Qwen3ForCausalLM     | yes      | `attention_bias`    |                                                    |
-| Qwen3MoeForCausalLM  | yes      | `attention_bias`    | expert MLP on sparse layers                        |
-| Qwen2ForCausalLM     | no       | q/k/v always        | Qwen2 and Qwen2.5                                  |
+| Qwen3ForCausalLM     | yes      | `attention_bias`    | sliding window as Qwen2                            |
+| Qwen3MoeForCausalLM  | yes      | `attention_bias`    | expert MLP on sparse layers; with                  |
+|                      |          |                     | `use_sliding_window`, a window on every layer      |
+| Qwen2ForCausalLM     | no       | q/k/v always        | Qwen2 and Qwen2.5; with `use_sliding_window`, a    |
+|                      |          |                     | window on `layer_types`' sliding layers (default:  |
+|                      |          |                     | those from `max_window_layers` on)                 |
 | LlamaForCausalLM     | no       | `attention_bias`    | Llama 2/3.x (llama3 RoPE scaling)                  |
-| MistralForCausalLM   | no       | none                | sliding window: contexts capped to it              |
+| MistralForCausalLM   | no       | none                | sliding window on every layer                      |
 | Phi3ForCausalLM      | no       | none                | fused qkv/gate_up weights, longrope, partial RoPE, |
 |                      |          |                     | sliding window as Mistral                          |
 | GemmaForCausalLM     | no       | `attention_bias`    | (1 + w) norms, sqrt(hidden) embedding scale, GeGLU |
 | Gemma2ForCausalLM    | no       | `attention_bias`    | Gemma + output norms, soft-capping, sliding window |
-|                      |          |                     | on alternate layers: contexts capped to it         |
+|                      |          |                     | on `layer_types`' sliding layers (even by default) |
 
 RoPE scalings: linear, llama3, yarn, longrope (rope.py). Activations: silu, and for the Gemma
 families the tanh-approximated GELU (their configs' legacy "gelu" means it too, as in transformers).
-Windowed attention is not implemented: a model whose window is shorter than its context serves
-contexts up to the window (where it is exact), with a warning.
+Sliding windows follow transformers' reading of config.json, defaults included (`sliding_window`
+4096 where absent, but none for Phi-3): they become ModelConfig.sliding_windows, one entry per
+layer, kept only where the window is shorter than the context (max_position_embeddings).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import fields
 from typing import Any
 
 from pdserve.config import ModelConfig, RopeScaling
-
-log = logging.getLogger(__name__)
 
 MODEL_TYPES = {
     "Qwen3ForCausalLM": "qwen3",
@@ -41,9 +42,17 @@ MODEL_TYPES = {
 }
 QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM")
-# Families whose attention is windowed whenever config.json sets `sliding_window` (for the others,
-# only with `use_sliding_window`).
-WINDOWED_ARCHITECTURES = ("MistralForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM")
+# transformers' window where config.json has no `sliding_window`, for the families that always window
+# (those of OPT_IN_WINDOW_ARCHITECTURES window only with `use_sliding_window`).
+ALWAYS_WINDOWED_ARCHITECTURES: dict[str, int | None] = {
+    "MistralForCausalLM": 4096,
+    "Phi3ForCausalLM": None,
+    "Gemma2ForCausalLM": 4096,
+}
+OPT_IN_WINDOW_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+# Families whose config reads `layer_types` to pick the windowed layers; the others window every layer.
+LAYER_TYPED_ARCHITECTURES = ("Gemma2ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_FULL_LAYER_TYPES = ("full_attention", "attention")  # "attention": transformers' legacy name
 _ROPE_FIELDS = {f.name for f in fields(RopeScaling)} - {"rope_type"}
 
 
@@ -133,19 +142,47 @@ def _activation(cfg: dict[str, Any], arch: str) -> str:
     return act
 
 
-def _context_length(cfg: dict[str, Any], arch: str) -> int:
-    """max_position_embeddings, capped to the sliding window where one applies (see module doc)."""
-    length = int(cfg.get("max_position_embeddings", 32768))
-    windowed = arch in WINDOWED_ARCHITECTURES or bool(cfg.get("use_sliding_window"))
-    default_window = 4096 if arch == "Gemma2ForCausalLM" else None  # transformers' default
-    window = cfg.get("sliding_window", default_window) if windowed else None
-    if window and int(window) < length:
-        log.warning(
-            "sliding-window attention (window %d) is not implemented: serving contexts up to %d tokens, "
-            "where full attention equals it", window, window,
-        )
-        return int(window)
-    return length
+def _window(cfg: dict[str, Any], arch: str) -> int | None:
+    """The window of the windowed layers as transformers reads it (None: every layer attends fully)."""
+    if arch in ALWAYS_WINDOWED_ARCHITECTURES:
+        window = cfg.get("sliding_window", ALWAYS_WINDOWED_ARCHITECTURES[arch])
+    elif arch in OPT_IN_WINDOW_ARCHITECTURES and cfg.get("use_sliding_window"):
+        window = cfg.get("sliding_window", 4096)
+    else:
+        return None
+    if window is None:
+        return None
+    if int(window) < 1:
+        raise ValueError(f"sliding_window {window} must be at least 1")
+    return int(window)
+
+
+def _windowed_layers(cfg: dict[str, Any], arch: str, num_layers: int) -> list[bool]:
+    """Which layers the window applies to: `layer_types` where the family reads it, else its default
+    (Gemma 2: the even layers; Qwen2/Qwen3: from `max_window_layers` on; the others: all)."""
+    types = cfg.get("layer_types") if arch in LAYER_TYPED_ARCHITECTURES else None
+    if types is not None:
+        if len(types) != num_layers:
+            raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+        unknown = sorted(set(types) - {"sliding_attention", *_FULL_LAYER_TYPES})
+        if unknown:
+            raise ValueError(f"unsupported layer_types {unknown}: supported are sliding_attention and full_attention")
+        return [t == "sliding_attention" for t in types]
+    if arch == "Gemma2ForCausalLM":
+        return [i % 2 == 0 for i in range(num_layers)]
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        first = int(cfg.get("max_window_layers", 28))
+        return [i >= first for i in range(num_layers)]
+    return [True] * num_layers
+
+
+def _sliding_windows(cfg: dict[str, Any], arch: str, context: int) -> tuple[int | None, ...]:
+    """Per layer, its attention window (None: full); () when no layer has one shorter than `context`."""
+    layers = _windowed_layers(cfg, arch, int(cfg["num_hidden_layers"]))
+    window = _window(cfg, arch)
+    if window is None or window >= context or not any(layers):
+        return ()
+    return tuple(window if windowed else None for windowed in layers)
 
 
 def _biases(cfg: dict[str, Any], arch: str) -> tuple[bool, bool]:
@@ -195,6 +232,7 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
     theta, scaling = _rope(cfg, arch)
     qkv_bias, o_proj_bias = _biases(cfg, arch)
     gemma, gemma2 = arch in GEMMA_ARCHITECTURES, arch == "Gemma2ForCausalLM"
+    context = int(cfg.get("max_position_embeddings", 32768))
     config = ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
@@ -207,7 +245,7 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=_context_length(cfg, arch),
+        max_position_embeddings=context,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),  # transformers' defaults
         qkv_bias=qkv_bias,
         o_proj_bias=o_proj_bias,
@@ -218,17 +256,22 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
         rms_norm_unit_offset=gemma,
         scale_embeddings=gemma,
         **(_gemma2_fields(cfg) if gemma2 else {}),
+        sliding_windows=_sliding_windows(cfg, arch, context),
         eos_token_ids=tuple(eos),
         bos_token_id=(generation or {}).get("bos_token_id", cfg.get("bos_token_id")),
         **(_moe_fields(cfg) if arch == "Qwen3MoeForCausalLM" else {}),
     )
     if config.rotary_dim < 2 or config.rotary_dim % 2:
-        raise ValueError(f"partial_rotary_factor {config.partial_rotary_factor} leaves {config.rotary_dim} "
-                         f"rotary dims of {config.head_dim}: RoPE needs an even number")
+        raise ValueError(
+            f"partial_rotary_factor {config.partial_rotary_factor} leaves {config.rotary_dim} "
+            f"rotary dims of {config.head_dim}: RoPE needs an even number"
+        )
     rope = config.rope_scaling
     if rope is not None and rope.rope_type == "longrope":
         for name, factors in (("short_factor", rope.short_factor), ("long_factor", rope.long_factor)):
             if len(factors or ()) != config.rotary_dim // 2:
-                raise ValueError(f"longrope {name} has {len(factors or ())} entries; the model rotates "
-                                 f"{config.rotary_dim} dims of each head, so it needs {config.rotary_dim // 2}")
+                raise ValueError(
+                    f"longrope {name} has {len(factors or ())} entries; the model rotates "
+                    f"{config.rotary_dim} dims of each head, so it needs {config.rotary_dim // 2}"
+                )
     return config

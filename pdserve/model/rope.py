@@ -8,8 +8,8 @@ rotates only part of each head (Phi-3's partial_rotary_factor): then the other d
 LongRoPE has two sets of per-frequency factors; transformers picks one per forward call from that
 sequence's length, which would change the rotation of keys already in the cache. Here the choice
 is static, as in vLLM: the long factors when the served context (`max_positions`: the model's
-max_position_embeddings, after any sliding-window cap) exceeds original_max_position_embeddings,
-the short factors otherwise, for every position of every sequence. So it equals transformers for
+max_position_embeddings, windowed layers or not) exceeds original_max_position_embeddings, the
+short factors otherwise, for every position of every sequence. So it equals transformers for
 every sequence when the context is at most original_max_position_embeddings, and for sequences
 longer than that otherwise; a shorter sequence under a longer context gets the long factors where
 transformers would use the short ones (the attention factor, from `factor`, is the same for both).

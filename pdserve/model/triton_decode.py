@@ -18,6 +18,11 @@ the running max, the softmax denominator and the unnormalised output over its ke
 a second kernel combines the partitions. Both have static grids for a given table width, so they
 are captured by CUDA graphs as they are. It also runs on CPU tensors under TRITON_INTERPRET=1,
 which is how the unit tests check it without a GPU.
+
+A sliding window w (the layer's, a constant: still CUDA-graph safe) starts each sequence's keys
+at context_len - w: a program skips its partition's whole steps of BLOCK_N keys before that and
+masks the keys before it in the step that holds it; a partition wholly before it reads nothing and
+leaves an empty partial (max -inf, sum 0), which the combine weighs at 0.
 """
 
 from __future__ import annotations
@@ -62,11 +67,30 @@ if triton is not None:
 
     @triton.jit
     def _partial_kernel(
-        q_ptr, kv_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
-        scale, partition, num_parts,
-        stride_qd, stride_qh, stride_kb, stride_kv, stride_kt, stride_kh, stride_td,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        q_ptr,
+        kv_ptr,
+        table_ptr,
+        lens_ptr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        scale,
+        partition,
+        num_parts,
+        window,
+        stride_qd,
+        stride_qh,
+        stride_kb,
+        stride_kv,
+        stride_kt,
+        stride_kh,
+        stride_td,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -74,18 +98,22 @@ if triton is not None:
         ctx = tl.load(lens_ptr + seq)
         start = part * partition
         end = tl.minimum(start + partition, ctx)
+        first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # the first key the query sees
+        # The loop's first step is the one holding `first` (steps stay BLOCK_N-aligned, as start is).
+        lo = tl.maximum(start, first - first % BLOCK_N)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         heads = kvh * GROUP + offs_g
         g_ok = offs_g < GROUP
-        q = tl.load(q_ptr + seq * stride_qd + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None],
-                    other=0.0)
+        q = tl.load(
+            q_ptr + seq * stride_qd + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0
+        )
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for t0 in range(start, end, BLOCK_N):
+        for t0 in range(lo, end, BLOCK_N):
             offs_t = t0 + tl.arange(0, BLOCK_N)
-            t_ok = offs_t < end
+            t_ok = (offs_t < end) & (offs_t >= first)
             blk = tl.load(table_ptr + seq * stride_td + offs_t // BLOCK_SIZE, mask=t_ok, other=0)
             row = blk.to(tl.int64) * stride_kb + (offs_t % BLOCK_SIZE) * stride_kt + kvh * stride_kh
             k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
@@ -106,8 +134,17 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(
-        m_ptr, l_ptr, acc_ptr, lens_ptr, out_ptr, partition, num_parts, stride_od, stride_oh,
-        HEAD_DIM: tl.constexpr, PARTS_PAD: tl.constexpr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        lens_ptr,
+        out_ptr,
+        partition,
+        num_parts,
+        stride_od,
+        stride_oh,
+        HEAD_DIM: tl.constexpr,
+        PARTS_PAD: tl.constexpr,
     ):
         seq = tl.program_id(0)
         head = tl.program_id(1)
@@ -126,10 +163,16 @@ if triton is not None:
 
 
 def paged_decode_attention(
-    q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q [D, H, hd] against each sequence's first context_lens[d] keys (>= 1) of the blocks in
-    block_tables [D, W] (kv_layer [nb, 2, kvh, bs, hd]) -> [D, H, hd]. No host sync."""
+    block_tables [D, W] (kv_layer [nb, 2, kvh, bs, hd]) -> [D, H, hd]; with a sliding `window`,
+    only the last `window` of them. No host sync."""
     d, h, hd = q.shape
     _, _, kvh, bs, _ = kv_layer.shape
     group = h // kvh
@@ -146,14 +189,42 @@ def paged_decode_attention(
     acc = torch.empty(d, h, num_parts, hd, dtype=torch.float32, device=q.device)
     sb, skv, sh, st, _ = kv_layer.stride()
     _partial_kernel[(d, kvh, num_parts)](
-        q, kv_layer, block_tables, context_lens, m, lse, acc,
-        scale, part, num_parts,
-        q.stride(0), q.stride(1), sb, skv, st, sh, block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=hd, BLOCK_SIZE=bs, BLOCK_N=_BLOCK_N,
+        q,
+        kv_layer,
+        block_tables,
+        context_lens,
+        m,
+        lse,
+        acc,
+        scale,
+        part,
+        num_parts,
+        window or 0,
+        q.stride(0),
+        q.stride(1),
+        sb,
+        skv,
+        st,
+        sh,
+        block_tables.stride(0),
+        GROUP=group,
+        GROUP_PAD=max(16, _next_pow2(group)),
+        HEAD_DIM=hd,
+        BLOCK_SIZE=bs,
+        BLOCK_N=_BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     _combine_kernel[(d, h)](
-        m, lse, acc, context_lens, out, part, num_parts, out.stride(0), out.stride(1),
-        HEAD_DIM=hd, PARTS_PAD=max(2, _next_pow2(num_parts)),
+        m,
+        lse,
+        acc,
+        context_lens,
+        out,
+        part,
+        num_parts,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=hd,
+        PARTS_PAD=max(2, _next_pow2(num_parts)),
     )
     return out

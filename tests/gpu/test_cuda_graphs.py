@@ -66,8 +66,9 @@ def test_graph_decode_equals_eager(graph_and_eager, lens):
 
 def test_graph_decode_sampling_with_seeds(graph_and_eager):
     graph, eager = graph_and_eager
-    sps = [SamplingParams(max_tokens=12, temperature=0.8, top_k=40, top_p=0.9, seed=s, ignore_eos=True)
-           for s in range(4)]
+    sps = [
+        SamplingParams(max_tokens=12, temperature=0.8, top_k=40, top_p=0.9, seed=s, ignore_eos=True) for s in range(4)
+    ]
     ps = prompts((7, 30, 61, 12), seed=2)
     assert tokens(graph, ps, sps) == tokens(eager, ps, sps)
 
@@ -87,9 +88,13 @@ def test_bf16_graphs_run_and_mostly_agree():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize(("kvh", "group", "width"), [(8, 4, 128), (2, 2, 2560), (1, 16, 8)])
-def test_triton_decode_kernel_matches_torch(dtype, kvh, group, width):
-    """Qwen3-8B's heads (8 KV x 4), a table as wide as a 40960-token max_model_len, a wide group."""
+@pytest.mark.parametrize(
+    ("kvh", "group", "width", "window"),
+    [(8, 4, 128, None), (2, 2, 2560, None), (1, 16, 8, None), (8, 4, 128, 100), (2, 2, 2560, 4096)],
+)
+def test_triton_decode_kernel_matches_torch(dtype, kvh, group, width, window):
+    """Qwen3-8B's heads (8 KV x 4), a table as wide as a 40960-token max_model_len, a wide group;
+    sliding windows (Mistral's 4096)."""
     torch.manual_seed(0)
     bs, hd, nb = 16, 128, 4096
     kv = torch.randn(nb, 2, kvh, bs, hd, device="cuda").to(dtype)
@@ -98,15 +103,16 @@ def test_triton_decode_kernel_matches_torch(dtype, kvh, group, width):
     tables = torch.randint(0, nb, (d, width), device="cuda")
     q = torch.randn(d, kvh * group, hd, device="cuda").to(dtype)
     meta = AttentionMetadata(bs, torch.zeros(0, dtype=torch.long, device="cuda"), d, tables, lens)
-    ref = _decode_attention_torch(q.float(), kv.float(), meta, hd**-0.5)
-    got = triton_decode.paged_decode_attention(q, kv, tables, lens, hd**-0.5)
+    ref = _decode_attention_torch(q.float(), kv.float(), meta, hd**-0.5, window=window)
+    got = triton_decode.paged_decode_attention(q, kv, tables, lens, hd**-0.5, window)
     tol = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}[dtype]
     torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize(("n", "cached"), [(2000, 0), (100, 300)])
-def test_sdpa_prefill_bf16(n, cached):
-    """The CUDA prefill (SDPA) against the blocked torch prefill in fp32, at Qwen3-8B's heads."""
+@pytest.mark.parametrize(("n", "cached", "window"), [(2000, 0, None), (100, 300, None), (2000, 0, 512), (100, 300, 64)])
+def test_sdpa_prefill_bf16(n, cached, window):
+    """The CUDA prefill (SDPA) against the blocked torch prefill in fp32, at Qwen3-8B's heads; with
+    a sliding window, SDPA's explicit-mask path."""
     torch.manual_seed(1)
     bs, kvh, h, hd, nb = 16, 8, 32, 128, 200
     kv = torch.randn(nb, 2, kvh, bs, hd, device="cuda").bfloat16()
@@ -116,8 +122,8 @@ def test_sdpa_prefill_bf16(n, cached):
     empty = torch.zeros(0, dtype=torch.long, device="cuda")
     write_kv(kv, k, v, AttentionMetadata(bs, blocks[pos // bs] * bs + pos % bs, 0, empty.view(0, 0), empty))
     span = PrefillSpan(0, n, cached, blocks)
-    ref = _prefill_attention(q.float(), k.float(), v.float(), kv.float(), span, hd**-0.5)
-    got = _prefill_attention_sdpa(q, k, v, kv, span, hd**-0.5)
+    ref = _prefill_attention(q.float(), k.float(), v.float(), kv.float(), span, hd**-0.5, window=window)
+    got = _prefill_attention_sdpa(q, k, v, kv, span, hd**-0.5, window)
     torch.testing.assert_close(got.float(), ref, atol=3e-2, rtol=3e-2)
 
 
@@ -142,8 +148,7 @@ def test_triton_decode_kernel_block_ids_past_int32_offsets():
 
 def test_graph_replay_pads_into_the_scratch_block_only():
     """A replayed 3-sequence step (bucket 4) writes its rows' new KV and the scratch block, nothing else."""
-    llm = LLM("dummy:qwen3-tiny", device="cuda", dtype="float32", num_kv_blocks=128, max_num_seqs=8,
-              max_model_len=1024)
+    llm = LLM("dummy:qwen3-tiny", device="cuda", dtype="float32", num_kv_blocks=128, max_num_seqs=8, max_model_len=1024)
     try:
         eng = llm.engine
         static = eng.runner.static

@@ -8,6 +8,7 @@ Skipped without a CUDA device; run by benchmarks/gpu_check.py.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ PROMPTS = [[(3 * i + j) % 250 for j in range(n)] for i, n in enumerate((5, 40, 1
 SP = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
-def _with_random_biases(preset: str, out: Path) -> str:
+def _with_random_biases(preset: str, out: Path, **config_changes) -> str:
     """The preset as an HF directory, its biases and norms made nonzero / not one (dummy weights
     have zero biases: a lost bias would go unseen)."""
     lm = load_model(f"dummy:{preset}", torch.float32, "cpu")
@@ -34,12 +35,19 @@ def _with_random_biases(preset: str, out: Path) -> str:
         for name, p in lm.module.named_parameters():
             if "bias" in name or "norm" in name:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    return str(save_hf_dir(out, lm.config, lm.module.state_dict(), lm.tokenizer))
+    config = dataclasses.replace(lm.config, **config_changes)
+    return str(save_hf_dir(out, config, lm.module.state_dict(), lm.tokenizer))
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny"])
-def test_cuda_families_match_cpu(preset, tmp_path):
-    model = _with_random_biases(preset, tmp_path / preset)
+# qwen2-tiny with a 24-token window on layer 1: prompts and decodes past it take the Triton kernel's
+# window, SDPA's explicit mask and the CUDA graphs with the window in them.
+@pytest.mark.parametrize(
+    ("preset", "changes"),
+    [("llama-tiny", {}), ("qwen2-tiny", {}), ("qwen2-tiny", dict(sliding_windows=(None, 24)))],
+    ids=["llama-tiny", "qwen2-tiny", "qwen2-tiny-window"],
+)
+def test_cuda_families_match_cpu(preset, changes, tmp_path):
+    model = _with_random_biases(preset, tmp_path / preset, **changes)
     cpu = LLM(model, dtype="float32", num_kv_blocks=64)
     gpu = LLM(model, device="cuda", dtype="float32", num_kv_blocks=64)
     assert [o.outputs[0].token_ids for o in cpu.generate(PROMPTS, SP)] == [
@@ -49,8 +57,10 @@ def test_cuda_families_match_cpu(preset, tmp_path):
 
 def test_cuda_lora_mixed_batch_matches_cpu(tmp_path):
     config = get_preset("qwen3-tiny")
-    loras = [LoRARequest(n, i + 1, str(save_random_adapter(tmp_path / n, config, 8, seed=i, std=0.1)))
-             for i, n in enumerate("ab")]
+    loras = [
+        LoRARequest(n, i + 1, str(save_random_adapter(tmp_path / n, config, 8, seed=i, std=0.1)))
+        for i, n in enumerate("ab")
+    ]
     which = [None, loras[0], loras[1], loras[0]]
     outs = []
     for device in ("cpu", "cuda"):

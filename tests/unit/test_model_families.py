@@ -1,11 +1,10 @@
 """Checkpoints written by transformers itself (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2;
-RoPE scalings) load in pdserve and give transformers' logits over the paged cache: a prefill in two
-chunks, then decodes."""
+RoPE scalings; sliding windows) load in pdserve and give transformers' logits over the paged cache:
+a prefill in two chunks, then decodes."""
 
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from pdserve.config import LoRAConfig
 from pdserve.engine.lora import LoRAManager
 from pdserve.model.cpu_linear import can_prepack, prepack_linears_
 from pdserve.model.decoder import RMSNorm, fuse_projections_
-from pdserve.model.export import save_hf_dir
+from pdserve.model.export import hf_config_dict, save_hf_dir
 from pdserve.model.hf_config import config_from_hf
 from pdserve.model.loader import LoadedModel, build_model, init_random_, load_model
 from pdserve.model.rope import rope_inv_freq
@@ -27,41 +26,70 @@ from tests.unit.paged import PROMPT_LEN, assert_close, make_meta, new_cache, run
 transformers = pytest.importorskip("transformers")
 
 SMALL = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
 )
 # Scalings with a short original context, so that they change the 40 positions the test runs.
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
 LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
 
 
 def _longrope(n: int) -> dict:
     """LongRoPE over n frequencies, with short and long factors that differ from each other and from 1."""
-    return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(n)],
-            "long_factor": [1.5 + 0.5 * i for i in range(n)]}
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.1 * i for i in range(n)],
+        "long_factor": [1.5 + 0.5 * i for i in range(n)],
+    }
 
 
 PHI3 = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-# Gemma 2 with weights large enough that both soft-caps bend the values they cap, and a window (128)
-# longer than the test's 40 tokens but shorter than max_position_embeddings (256).
-GEMMA2 = dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=128, attn_logit_softcapping=2.0,
-              final_logit_softcapping=1.5, initializer_range=0.2, tie_word_embeddings=True)
+# Gemma 2 with weights large enough that both soft-caps bend the values they cap, and a window of 7
+# on layer 0 (transformers' default layer_types: the even layers), far shorter than the 40 tokens.
+GEMMA2 = dict(
+    head_dim=32,
+    query_pre_attn_scalar=24,
+    sliding_window=7,
+    attn_logit_softcapping=2.0,
+    final_logit_softcapping=1.5,
+    initializer_range=0.2,
+    tie_word_embeddings=True,
+)
 
 FAMILIES = {
     "llama3-bias": (transformers.LlamaConfig, dict(attention_bias=True, rope_parameters=LLAMA3)),
     "llama-linear": (transformers.LlamaConfig, dict(rope_parameters=LINEAR)),
-    "mistral": (transformers.MistralConfig, dict(sliding_window=None, head_dim=16)),
+    "mistral-window": (transformers.MistralConfig, dict(sliding_window=6, head_dim=16)),  # every layer
     "qwen2": (transformers.Qwen2Config, dict()),
+    # The window on the layers from max_window_layers on: layer 1, not layer 0.
+    "qwen2-window": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "qwen3-yarn": (transformers.Qwen3Config, dict(head_dim=16, rope_parameters=YARN)),
-    "phi3": (transformers.Phi3Config, PHI3),
+    "phi3-window": (transformers.Phi3Config, dict(PHI3, sliding_window=8)),
     # 40 positions > original 16: the long factors, in transformers and (context 256 > 16) here.
-    "phi3-longrope": (transformers.Phi3Config, dict(PHI3, rope_parameters=_longrope(8),
-                                                    original_max_position_embeddings=16)),
+    "phi3-longrope": (
+        transformers.Phi3Config,
+        dict(PHI3, rope_parameters=_longrope(8), original_max_position_embeddings=16),
+    ),
     # Half of each head rotated; context = original: the short factors, in both.
-    "phi3-partial-short": (transformers.Phi3Config, dict(PHI3, partial_rotary_factor=0.5, rope_parameters=_longrope(4),
-                                                         original_max_position_embeddings=256)),
+    "phi3-partial-short": (
+        transformers.Phi3Config,
+        dict(PHI3, partial_rotary_factor=0.5, rope_parameters=_longrope(4), original_max_position_embeddings=256),
+    ),
     "gemma": (transformers.GemmaConfig, dict(head_dim=32, tie_word_embeddings=True)),
     "gemma2": (transformers.Gemma2Config, GEMMA2),
 }
@@ -101,14 +129,15 @@ def family(request, tmp_path_factory):
 
 
 def _chunked_logits(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a prefill in two chunks (25 + 14 tokens) and one decode, over the paged cache."""
+    """Logits of a prefill in two chunks (24 + 10 tokens) and six decodes, over the paged cache. With
+    the families' windows (5 to 8 tokens) the second chunk's window starts past the first block."""
     kv = new_cache(lm)
     blocks = [5, 2, 7]
+    steps = [([], [(blocks, 0, 24)]), ([], [(blocks, 24, 10)])] + [([(blocks, p)], []) for p in range(34, PROMPT_LEN)]
     out = []
-    for decodes, prefills, rows in (([], [(blocks, 0, 25)], slice(0, 25)), ([], [(blocks, 25, 14)], slice(25, 39)),
-                                    ([(blocks, 39)], [], slice(39, 40))):
+    for decodes, prefills in steps:
         meta, pos = make_meta(decodes, prefills)
-        out.append(run(lm, ids[rows], kv, meta, pos))
+        out.append(run(lm, ids[pos], kv, meta, pos))
     return torch.cat(out)
 
 
@@ -160,21 +189,28 @@ def test_rope_frequencies_equal_transformers(scaling):
     assert got_factor == pytest.approx(factor)
 
 
-@pytest.mark.parametrize(("original", "partial", "factors"), [(16, 1.0, "long"), (256, 1.0, "short"),
-                                                              (16, 0.5, "long")])
+@pytest.mark.parametrize(
+    ("original", "partial", "factors"), [(16, 1.0, "long"), (256, 1.0, "short"), (16, 0.5, "long")]
+)
 def test_longrope_frequencies_equal_transformers(original, partial, factors):
     """The factor set is chosen once, by the served context (256) against original_max_position_embeddings:
     transformers' choice for a sequence that long."""
     n = int(16 * partial) // 2
-    cfg = transformers.Phi3Config(**SMALL, **PHI3, rope_parameters=_longrope(n), partial_rotary_factor=partial,
-                                  original_max_position_embeddings=original)
+    cfg = transformers.Phi3Config(
+        **SMALL,
+        **PHI3,
+        rope_parameters=_longrope(n),
+        partial_rotary_factor=partial,
+        original_max_position_embeddings=original,
+    )
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     expected, factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu", seq_len=SMALL["max_position_embeddings"])
     ours = config_from_hf(cfg.to_dict())
     assert ours.rotary_dim == 2 * n
-    got, got_factor = rope_inv_freq(ours.rotary_dim, ours.rope_theta, ours.rope_scaling, None,
-                                    ours.max_position_embeddings)
+    got, got_factor = rope_inv_freq(
+        ours.rotary_dim, ours.rope_theta, ours.rope_scaling, None, ours.max_position_embeddings
+    )
     torch.testing.assert_close(got, expected.float())
     assert got_factor == pytest.approx(factor) and (factor > 1) == (factors == "long")
     chosen = getattr(ours.rope_scaling, f"{factors}_factor")
@@ -202,8 +238,15 @@ def test_config_flags_per_family():
 def test_phi3_config():
     # Phi-3.5-mini's shape of config: top-level original_max_position_embeddings, "longrope" factors.
     factors = dict(short_factor=[1.0] * 8, long_factor=[2.0] * 8)
-    phi = config_from_hf(_cfg(architectures=["Phi3ForCausalLM"], attention_bias=True, rope_theta=1e4,
-                              original_max_position_embeddings=64, rope_scaling={"type": "longrope", **factors}))
+    phi = config_from_hf(
+        _cfg(
+            architectures=["Phi3ForCausalLM"],
+            attention_bias=True,
+            rope_theta=1e4,
+            original_max_position_embeddings=64,
+            rope_scaling={"type": "longrope", **factors},
+        )
+    )
     assert (phi.fused_projections, phi.qkv_bias, phi.o_proj_bias, phi.hidden_act) == (True, False, False, "silu")
     s = phi.rope_scaling
     assert (s.rope_type, s.original_max_position_embeddings, s.factor) == ("longrope", 64, 4.0)
@@ -221,39 +264,105 @@ def test_gemma_configs():
     gemma = config_from_hf(_cfg(architectures=["GemmaForCausalLM"], head_dim=32, hidden_act="gelu"))
     assert gemma.hidden_act == "gelu_pytorch_tanh"  # Gemma's legacy "gelu" means the tanh form
     assert (gemma.rms_norm_unit_offset, gemma.scale_embeddings, gemma.head_dim, gemma.sandwich_norms) == (
-        True, True, 32, False)
+        True,
+        True,
+        32,
+        False,
+    )
     untied = {k: v for k, v in _cfg(architectures=["GemmaForCausalLM"]).items() if k != "tie_word_embeddings"}
     assert config_from_hf(untied).tie_word_embeddings  # transformers' default for Gemma
     assert gemma.attn_logit_softcapping is gemma.final_logit_softcapping is gemma.query_pre_attn_scalar is None
     dummy = build_model(gemma, torch.float32, "cpu")
     init_random_(dummy)  # (1 + weight) norms start at weight 0: the identity scale
     assert all(not m.weight.any() for m in dummy.modules() if isinstance(m, RMSNorm))
-    gemma2 = config_from_hf(_cfg(architectures=["Gemma2ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
-                                 query_pre_attn_scalar=144, final_logit_softcapping=None))
+    gemma2 = config_from_hf(
+        _cfg(
+            architectures=["Gemma2ForCausalLM"],
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=144,
+            final_logit_softcapping=None,
+        )
+    )
     assert (gemma2.sandwich_norms, gemma2.query_pre_attn_scalar, gemma2.hidden_act) == (True, 144, "gelu_pytorch_tanh")
     # Absent: transformers' defaults (50); null: none.
     assert (gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping) == (50.0, None)
 
 
-def test_sliding_window_caps_the_context(caplog):
-    with caplog.at_level(logging.WARNING):
-        mistral = config_from_hf(_cfg(architectures=["MistralForCausalLM"], sliding_window=64))
-    assert mistral.max_position_embeddings == 64 and "sliding-window" in caplog.text
-    unwindowed = config_from_hf(_cfg(architectures=["MistralForCausalLM"], sliding_window=None))
-    assert unwindowed.max_position_embeddings == 256
-    # Qwen2 configs carry a window they do not use unless use_sliding_window is set.
-    qwen2 = _cfg(architectures=["Qwen2ForCausalLM"], sliding_window=32)
-    assert config_from_hf(qwen2).max_position_embeddings == 256
-    assert config_from_hf({**qwen2, "use_sliding_window": True}).max_position_embeddings == 32
-    # Phi-3-mini-4k: window 2047 of 4096 (as Mistral); the 128k models' window is past their context.
-    phi = _cfg(architectures=["Phi3ForCausalLM"], max_position_embeddings=4096, sliding_window=2047)
-    assert config_from_hf(phi).max_position_embeddings == 2047
-    assert config_from_hf({**phi, "sliding_window": 262144}).max_position_embeddings == 4096
-    # Gemma 2: every other layer is windowed (4096 by default), so the context is capped to it.
-    gemma2 = _cfg(architectures=["Gemma2ForCausalLM"], max_position_embeddings=8192)
-    assert config_from_hf(gemma2).max_position_embeddings == 4096
-    assert config_from_hf({**gemma2, "sliding_window": 1024}).max_position_embeddings == 1024
-    assert config_from_hf({**gemma2, "architectures": ["GemmaForCausalLM"]}).max_position_embeddings == 8192
+def test_sliding_windows_per_layer():
+    """transformers' rules: which layers are windowed, the defaults, and that the context stays
+    max_position_embeddings; a window no shorter than the context is dropped."""
+    four = dict(num_hidden_layers=4, max_position_embeddings=8192)
+
+    def windows(arch: str, **over) -> tuple[int | None, ...]:
+        config = config_from_hf(_cfg(architectures=[arch], **four, **over))
+        assert config.max_position_embeddings == 8192
+        return config.sliding_windows
+
+    assert windows("MistralForCausalLM", sliding_window=64) == (64,) * 4
+    assert windows("MistralForCausalLM") == (4096,) * 4  # absent: transformers' 4096
+    assert windows("MistralForCausalLM", sliding_window=None) == ()
+    assert windows("MistralForCausalLM", sliding_window=8192) == ()  # no shorter than the context
+    assert windows("Phi3ForCausalLM", sliding_window=2047) == (2047,) * 4
+    assert windows("Phi3ForCausalLM") == ()  # Phi-3 has no default window
+    assert windows("Gemma2ForCausalLM") == (4096, None) * 2  # the even layers
+    assert windows(
+        "Gemma2ForCausalLM",
+        sliding_window=16,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "attention"],
+    ) == (None, 16, 16, None)
+    # Qwen configs carry a window they do not use unless use_sliding_window is set.
+    assert windows("Qwen2ForCausalLM", sliding_window=32) == ()
+    assert windows("Qwen2ForCausalLM", sliding_window=32, use_sliding_window=True) == ()  # max_window_layers: 28
+    assert windows("Qwen2ForCausalLM", sliding_window=32, use_sliding_window=True, max_window_layers=1) == (
+        None,
+        32,
+        32,
+        32,
+    )
+    assert windows("Qwen3ForCausalLM", use_sliding_window=True, layer_types=["sliding_attention"] * 4) == (4096,) * 4
+    assert windows("Qwen3MoeForCausalLM", use_sliding_window=True, sliding_window=32, max_window_layers=2) == (32,) * 4
+    assert windows("LlamaForCausalLM", sliding_window=32, use_sliding_window=True) == ()
+    assert windows("GemmaForCausalLM", sliding_window=32) == ()
+    gemma2 = config_from_hf(_cfg(architectures=["Gemma2ForCausalLM"], **four, sliding_window=16))
+    assert [gemma2.sliding_window(i) for i in range(4)] == [16, None, 16, None]
+    assert config_from_hf(_cfg()).sliding_window(0) is None
+
+
+@pytest.mark.parametrize(
+    ("arch", "over"),
+    [
+        ("MistralForCausalLM", dict(sliding_window=6)),
+        ("Phi3ForCausalLM", dict(sliding_window=6)),
+        ("Gemma2ForCausalLM", dict(sliding_window=6, layer_types=["full_attention", "sliding_attention"])),
+        ("Gemma2ForCausalLM", dict()),  # no window shorter than the context
+        ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+        (
+            "Qwen3MoeForCausalLM",
+            dict(
+                use_sliding_window=True,
+                sliding_window=6,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+            ),
+        ),
+    ],
+)
+def test_export_keeps_sliding_windows(arch, over):
+    """config.json from a windowed ModelConfig reads back to the same windows, in pdserve and in
+    transformers' config class."""
+    config = config_from_hf(_cfg(architectures=[arch], **over))
+    d = hf_config_dict(config, torch.float32)
+    assert config_from_hf(d).sliding_windows == config.sliding_windows
+    hf = transformers.AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items() if k != "model_type"})
+    hf_windows = [
+        hf.sliding_window if t == "sliding_attention" else None
+        for t in getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
+    ]
+    if not config.sliding_windows:
+        assert all(w is None or w >= config.max_position_embeddings for w in hf_windows)
+    else:
+        assert tuple(hf_windows) == config.sliding_windows
 
 
 @pytest.mark.parametrize(
@@ -268,10 +377,21 @@ def test_sliding_window_caps_the_context(caplog):
         (dict(architectures=["GemmaForCausalLM"], hidden_act="relu"), "unsupported hidden_act 'relu'"),
         (dict(architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.0), "partial_rotary_factor 0.0"),
         (dict(architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.2), "3 rotary dims of 16.*even"),
-        (dict(architectures=["Phi3ForCausalLM"], original_max_position_embeddings=64,
-              rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 8}),
-         "short_factor has 4 entries.*needs 8"),
+        (
+            dict(
+                architectures=["Phi3ForCausalLM"],
+                original_max_position_embeddings=64,
+                rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 8},
+            ),
+            "short_factor has 4 entries.*needs 8",
+        ),
         (dict(architectures=["Gemma3ForCausalLM"]), "unsupported architecture.*Gemma3ForCausalLM"),
+        (dict(architectures=["MistralForCausalLM"], sliding_window=0), "sliding_window 0 must be at least 1"),
+        (dict(architectures=["Gemma2ForCausalLM"], layer_types=["sliding_attention"]), "layer_types has 1 entries"),
+        (
+            dict(architectures=["Gemma2ForCausalLM"], layer_types=["chunked_attention"] * 2),
+            "unsupported layer_types \\['chunked_attention'\\]",
+        ),
     ],
 )
 def test_unsupported_configs_are_named(over, message):
@@ -289,8 +409,12 @@ def test_peft_lora_over_phi3_fused_projections(tmp_path):
     lm = load_model(str(tmp_path / "base"), torch.float32, "cpu")
     manager = LoRAManager(lm.module, LoRAConfig(enable_lora=True), torch.float32, torch.device("cpu"))
     attn = lm.module.model.layers[0].self_attn
-    assert [path.rpartition(".")[2] for path, _, _ in attn.qkv_proj.slices] == ["q_proj", "k_proj", "v_proj",
-                                                                               "qkv_proj"]
+    assert [path.rpartition(".")[2] for path, _, _ in attn.qkv_proj.slices] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "qkv_proj",
+    ]
     assert attn.qkv_proj.slices[-1][1:] == (0, 16 * (4 + 2 + 2))
     assert len(manager.read("a", str(tmp_path / "a")).modules) == 2 * len(targets)
 
@@ -303,9 +427,10 @@ def test_peft_lora_over_phi3_fused_projections(tmp_path):
         if dtype == "float32":
             for prompt, out in zip(prompts, outs, strict=True):
                 with torch.no_grad():
-                    ref = peft_model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6,
-                                              do_sample=False)
-                assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+                    ref = peft_model.generate(
+                        torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False
+                    )
+                assert out.outputs[0].token_ids == ref[0, len(prompt) :].tolist()
             plain = llm.generate(prompts, sp)
             assert [o.outputs[0].token_ids for o in plain] != [o.outputs[0].token_ids for o in outs]
         else:

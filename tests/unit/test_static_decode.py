@@ -30,8 +30,14 @@ def prompts(lens: tuple[int, ...], seed: int = 0) -> list[list[int]]:
 
 
 def make(static: bool, max_num_seqs: int = 6, max_model_len: int = 512) -> LLM:
-    llm = LLM("dummy:qwen3-tiny", dtype="float32", num_kv_blocks=160, max_model_len=max_model_len,
-              max_num_seqs=max_num_seqs, max_num_batched_tokens=256)
+    llm = LLM(
+        "dummy:qwen3-tiny",
+        dtype="float32",
+        num_kv_blocks=160,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=256,
+    )
     if static:
         llm.engine.enable_static_decode(use_graphs=False)
     return llm
@@ -152,9 +158,24 @@ def test_enforce_eager_flag():
     assert engine_config_from_args(p.parse_args(["m"])).enforce_eager is False
 
 
-@pytest.mark.parametrize(("n", "cached"), [(1, 0), (70, 0), (5, 40), (64, 17), (33, 130)])
-def test_sdpa_prefill_matches_blocked_prefill(n, cached):
-    """The CUDA prefill attention (SDPA, bottom-right causal after cached tokens) on CPU tensors."""
+@pytest.mark.parametrize(
+    ("n", "cached", "window"),
+    [
+        (1, 0, None),
+        (70, 0, None),
+        (5, 40, None),
+        (64, 17, None),
+        (33, 130, None),
+        (70, 0, 9),
+        (5, 40, 3),
+        (64, 17, 50),
+        (33, 130, 40),
+        (33, 130, 200),
+    ],
+)
+def test_sdpa_prefill_matches_blocked_prefill(n, cached, window):
+    """The CUDA prefill attention (SDPA, bottom-right causal after cached tokens; an explicit mask
+    where a sliding window cuts in) on CPU tensors."""
     torch.manual_seed(n + cached)
     bs, kvh, h, hd, nb = 16, 2, 8, 32, 24
     kv = torch.randn(nb, 2, kvh, bs, hd)
@@ -166,8 +187,8 @@ def test_sdpa_prefill_matches_blocked_prefill(n, cached):
 
     meta = AttentionMetadata(bs, slots, 0, torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     write_kv(kv, k, v, meta)
-    ref = _prefill_attention(q, k, v, kv, span, hd**-0.5)
-    got = _prefill_attention_sdpa(q, k, v, kv, span, hd**-0.5)
+    ref = _prefill_attention(q, k, v, kv, span, hd**-0.5, window=window)
+    got = _prefill_attention_sdpa(q, k, v, kv, span, hd**-0.5, window)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -196,14 +217,14 @@ _TRITON_CHECK = textwrap.dedent(
         return hd**-0.5
 
 
-    def check(q, kv, tables, ctx, ref_kv, ref_tables, tol, what):
+    def check(q, kv, tables, ctx, ref_kv, ref_tables, tol, what, window=None):
         # The kernel on (kv, tables) against the torch path on (ref_kv, ref_tables), in fp32.
         hd, bs = q.shape[-1], kv.shape[3]
         meta = AttentionMetadata(bs, torch.zeros(0, dtype=torch.long), q.shape[0], ref_tables, ctx)
-        ref = _decode_attention_torch(q.float(), ref_kv.float(), meta, scale(hd))
-        got = triton_decode.paged_decode_attention(q, kv, tables, ctx, scale(hd))
+        ref = _decode_attention_torch(q.float(), ref_kv.float(), meta, scale(hd), window=window)
+        got = triton_decode.paged_decode_attention(q, kv, tables, ctx, scale(hd), window)
         err = (got.float() - ref).abs().max().item()
-        assert err < tol, (what, err)
+        assert err < tol, (what, window, err)
 
 
     # (dtype, block size, kv heads, group, head dim, context lengths, table width, tolerance).
@@ -228,6 +249,19 @@ _TRITON_CHECK = textwrap.dedent(
         # there): ids far out of range in them change nothing.
         past = torch.arange(width)[None, :] >= -(-ctx[:, None] // bs)
         check(q, kv, tables.masked_fill(past, 1 << 40), ctx, kv, tables, tol, ("stale", dtype, lens))
+
+    # Sliding windows: 1 key; inside one step of 64 keys; across steps and partitions (of 128 keys
+    # here: partitions wholly before the window read nothing); longer than every context. Columns
+    # before a row's window are never read either.
+    dtype, bs, kvh, group, hd, lens, width = torch.float32, 16, 2, 3, 16, [1, 5, 64, 65, 130, 300, 700], 48
+    kv = torch.randn(700, 2, kvh, bs, hd)
+    tables = torch.randint(0, 700, (len(lens), width))
+    q = torch.randn(len(lens), kvh * group, hd)
+    ctx = torch.tensor(lens)
+    for window in (1, 7, 64, 100, 257, 1000):
+        check(q, kv, tables, ctx, kv, tables, 1e-5, "window", window)
+        before = torch.arange(width)[None, :] < (ctx[:, None] - window).clamp(min=0) // bs
+        check(q, kv, tables.masked_fill(before, 1 << 40), ctx, kv, tables, 1e-5, "skipped blocks", window)
 
     # Block ids whose element offset is past 2**31 (a layer of an 8B model's cache on a big GPU):
     # offsets must be int64. The cache is virtual memory: only the blocks used are touched.
