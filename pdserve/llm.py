@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from pdserve.config import (
     DEFAULT_MAX_LORA_RANK,
@@ -22,6 +23,7 @@ from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
 
 Prompt = str | list[int]
+_P = TypeVar("_P", SamplingParams, PoolingParams)
 
 
 class LLM:
@@ -107,10 +109,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         priority: Sequence[int] | None = None,
+        tokenization_kwargs: Mapping[str, int | None] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. Invalid prompts raise ValueError before any runs.
         `lora_request`: an adapter for every prompt, or one (or None) per prompt (needs enable_lora).
-        `priority`: one per prompt, lower first (needs scheduling_policy="priority"), as vLLM's."""
+        `priority`: one per prompt, lower first (needs scheduling_policy="priority"), as vLLM's.
+        A prompt keeps only its last `truncate_prompt_tokens` tokens when its SamplingParams say so,
+        or `tokenization_kwargs={"truncate_prompt_tokens": k}` for all (vLLM 0.17's spelling)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -123,6 +128,7 @@ class LLM:
         )
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        params = _with_tokenization_kwargs(params, tokenization_kwargs)
         loras = (list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(prompts))
         if len(loras) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(loras)} LoRA requests")
@@ -131,16 +137,18 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
         for prio in priorities:
             self.engine.validate_priority(prio)
-        for p, sp in zip(prompts, params, strict=True):
-            self.engine.validate_prompt(self.engine.tokenize(p), sp)
+        token_ids = [self.engine.truncate_prompt(self.engine.tokenize(p), sp)
+                     for p, sp in zip(prompts, params, strict=True)]
+        for ids, sp in zip(token_ids, params, strict=True):
+            self.engine.validate_prompt(ids, sp)
             if sp.structured_outputs is not None:
                 self.engine.structured.validate(sp.structured_outputs)
         results: dict[str, RequestOutput] = {}
         choices: dict[str, tuple[RequestOutput, CompletionOutput]] = {}  # engine request id -> its choice
         order, later = [], []
-        for p, sp, lora, prio in zip(prompts, params, loras, priorities, strict=True):
+        for p, ids, sp, lora, prio in zip(prompts, token_ids, params, loras, priorities, strict=True):
             rid = str(next(self._ids))
-            req = self.engine.add_request(rid, p, dataclasses.replace(sp, n=1), lora_request=lora, priority=prio)
+            req = self.engine.add_request(rid, ids, dataclasses.replace(sp, n=1), lora_request=lora, priority=prio)
             order.append(rid)
             ro = results[rid] = RequestOutput(
                 rid, p if isinstance(p, str) else None, list(req.prompt_token_ids),
@@ -149,7 +157,8 @@ class LLM:
             choices[rid] = (ro, ro.outputs[0])
             for i in range(1, sp.n):  # choice i draws from seed + i, as the server's
                 seed = None if sp.seed is None else (sp.seed + i) % 2**64
-                later.append((f"{rid}-{i}", p, dataclasses.replace(sp, n=1, seed=seed), lora, prio, ro, ro.outputs[i]))
+                choice_params = dataclasses.replace(sp, n=1, seed=seed)
+                later.append((f"{rid}-{i}", ids, choice_params, lora, prio, ro, ro.outputs[i]))
         outs = self._first_tokens(list(choices)) if later else []
         for cid, p, sp, lora, prio, ro, comp in later:  # now the prompts are in the prefix cache
             self.engine.add_request(cid, p, sp, lora_request=lora, priority=prio)
@@ -170,15 +179,17 @@ class LLM:
                     ro.num_cached_tokens = out.num_cached_tokens
         return [results[r] for r in order]
 
-    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None
-              ) -> list[EmbeddingOutput]:
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
+              tokenization_kwargs: Mapping[str, int | None] | None = None) -> list[EmbeddingOutput]:
         """One embedding per prompt, in order (vLLM's method): each prompt is prefilled and pooled
-        (L2-normalized unless `pooling_params` says otherwise). Invalid prompts raise ValueError
-        before any runs."""
+        (L2-normalized unless `pooling_params` says otherwise), after keeping only its last
+        `truncate_prompt_tokens` tokens when `pooling_params` or `tokenization_kwargs` ask. Invalid
+        prompts raise ValueError before any runs."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        pooling = pooling_params or PoolingParams()
-        token_ids = [self.engine.tokenize(p) for p in prompts]  # type: ignore[arg-type]
+        (pooling,) = _with_tokenization_kwargs([pooling_params or PoolingParams()], tokenization_kwargs)
+        token_ids = [self.engine.truncate_prompt(self.engine.tokenize(p), pooling)  # type: ignore[arg-type]
+                     for p in prompts]
         for ids in token_ids:
             self.engine.validate_pooling(ids, pooling)
         order = [str(next(self._ids)) for _ in token_ids]
@@ -200,3 +211,14 @@ class LLM:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _with_tokenization_kwargs(params: list[_P], kwargs: Mapping[str, int | None] | None) -> list[_P]:
+    """`params` with vLLM 0.17's `tokenization_kwargs` applied: only `truncate_prompt_tokens` is
+    known (ValueError for anything else); it overrides each params' own value."""
+    if not kwargs:
+        return params
+    unknown = sorted(set(kwargs) - {"truncate_prompt_tokens"})
+    if unknown:
+        raise ValueError(f"unsupported tokenization_kwargs {unknown}; known: truncate_prompt_tokens")
+    return [dataclasses.replace(p, truncate_prompt_tokens=kwargs["truncate_prompt_tokens"]) for p in params]

@@ -29,6 +29,7 @@ from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch, Scheduler
 from pdserve.engine.structured import StructuredOutputManager
 from pdserve.engine.text import TextState
+from pdserve.engine.truncation import truncate_prompt
 from pdserve.kv.factory import make_connector, parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
 from pdserve.model.cpu_linear import can_prepack, prepack_linears_
@@ -164,6 +165,14 @@ class LLMEngine:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)
+
+    def truncate_prompt(self, token_ids: list[int], params: SamplingParams | PoolingParams) -> list[int]:
+        """The prompt cut to its last `params.truncate_prompt_tokens` ids (vLLM's; -1: as many as the
+        context leaves room for next to max_tokens, or the whole context for an embedding). A k the
+        context cannot hold is a ValueError naming the field; a prompt still too long is left to
+        `validate_prompt` / `validate_pooling`."""
+        reserved = 0 if isinstance(params, PoolingParams) else params.max_tokens or 1
+        return truncate_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len, reserved)
 
     def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError with a user-facing message if the request cannot be served. Cheap checks

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
+from pdserve.engine.truncation import check_truncate_prompt_tokens
+
 MAX_LOGPROBS = 20  # most top alternatives a request may ask for (OpenAI's top_logprobs limit)
 
 
@@ -58,6 +60,9 @@ class SamplingParams:
     # OpenAI's: added to these tokens' logits before sampling, (token id, bias in [-100, 100]).
     logit_bias: Sequence[tuple[int, float]] | Mapping[int, float] = ()
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's: keep only the prompt's last k tokens (engine/truncation.py); -1: as many as the
+    # context leaves room for next to max_tokens; None: all.
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so the object stays hashable and immutable.
@@ -96,6 +101,7 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")  # torch.Generator's range
+        check_truncate_prompt_tokens(self.truncate_prompt_tokens)
 
     @property
     def greedy(self) -> bool:

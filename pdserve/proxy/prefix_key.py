@@ -5,6 +5,11 @@ The chain starts from the request's `model` (a LoRA adapter's KV is cached apart
 model's). Completions: the prompt string (or token ids, or the first of a list). Chat: each message's role
 and text, in order — a shared system prompt and earlier turns are the shared prefix. Responses:
 the instructions, then each input item's role (or type) and text, likewise.
+
+vLLM's `truncate_prompt_tokens` does not change the key: with no tokenizer the proxy cannot tell
+where a cut prompt starts. A prompt within k tokens (a guard that did not cut) is computed as keyed;
+a cut one is keyed by a start its instance never computed, which only misplaces affinity (the
+instance's own prefix cache decides what is reused, so outputs are the same wherever it goes).
 """
 
 from __future__ import annotations

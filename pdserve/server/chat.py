@@ -18,7 +18,7 @@ from pdserve.server import sse
 from pdserve.server.body import parse_body
 from pdserve.server.context import ServerContext, get_context
 from pdserve.server.errors import APIError
-from pdserve.server.inputs import chat_prompt, sampling_params, validate_constraint
+from pdserve.server.inputs import chat_prompt, sampling_params, truncated, validate_constraint
 from pdserve.server.logprobs import chat_logprobs, prompt_logprobs
 from pdserve.server.protocol import (
     AssistantMessage,
@@ -60,10 +60,11 @@ async def chat_inputs(ctx: ServerContext, req: ChatCompletionRequest) -> ChatInp
     """The prompt (messages and tools through the chat template) and the sampling params of `req`;
     APIError 400 for anything the engine would refuse."""
     tools = template_tools(req)
-    token_ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
-                            req.add_special_tokens)
+    rendered = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
+                           req.add_special_tokens)
     params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None,
                              req.prompt_logprobs, defaults=ctx.llm.sampling_defaults)
+    token_ids = truncated(ctx.llm, rendered, params)  # vLLM's truncate_prompt_tokens: after the template
     constraint = tool_constraint(req, ctx.tool_parser)
     if constraint is not None:
         if params.structured_outputs is not None:

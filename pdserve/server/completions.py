@@ -6,6 +6,8 @@ its tokens' logprobs: the first token has none); `max_tokens: 0` then scores the
 engine still samples one token, which is not shown or counted). vLLM's `return_token_ids` puts the
 generated `token_ids` (streamed: each chunk's) and the `prompt_token_ids` (streamed: on a choice's
 first chunk) on each choice, and `prompt_logprobs: k` vLLM's `prompt_logprobs` (not streamed).
+With vLLM's `truncate_prompt_tokens` each prompt keeps its last k tokens: usage, the returned
+prompt ids, echo and its logprobs are those of what the model saw.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pdserve.server import sse
 from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
 from pdserve.server.errors import APIError
-from pdserve.server.inputs import completion_prompts, sampling_params, validate_constraint
+from pdserve.server.inputs import completion_prompts, sampling_params, truncated, validate_constraint
 from pdserve.server.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs, top_k
 from pdserve.server.protocol import (
     CompletionChoice,
@@ -102,14 +104,15 @@ async def create_completion(request: Request) -> Response:
     ctx.admission.check_open()
     req = await parse_body(request, CompletionRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
-    prompts = completion_prompts(ctx.llm, req)
-    if len(prompts) > 1 and req.kv_transfer_params is not None:
+    whole = completion_prompts(ctx.llm, req)
+    if len(whole) > 1 and req.kv_transfer_params is not None:
         raise APIError(400, "a KV transfer is for one prompt: send a batch without kv_transfer_params",
                        code="invalid_value", param="prompt")
     # The prompt's logprobs serve `prompt_logprobs` and echo with logprobs: the larger k of the two.
     prompt_ks = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
     params = sampling_params(req, 1 if req.max_tokens == 0 else req.max_tokens, req.logprobs,
                              max(prompt_ks, default=None), ctx.llm.sampling_defaults)
+    prompts = [truncated(ctx.llm, ids, params) for ids in whole]
     await validate_constraint(ctx.llm, params, req)
     tok = ctx.llm.tokenizer
     parts: list[Started] = []
@@ -122,8 +125,8 @@ async def create_completion(request: Request) -> Response:
         raise
     started = Started(tuple(g for p in parts for g in p.generations), parts[0].response_id, parts[0].model,
                       parts[0].created)
-    shapes = [_Shape(req, tok, ids, _echoed(req, tok, prompt))
-              for prompt, ids in zip(req.prompts, prompts, strict=True) for _ in range(req.n)]
+    shapes = [_Shape(req, tok, ids, _echoed(req, tok, prompt, ids, len(ids) < len(full)))
+              for prompt, full, ids in zip(req.prompts, whole, prompts, strict=True) for _ in range(req.n)]
     if req.stream:
         return sse.GenerationStream(_stream(shapes, started), started.abort, {})
     results = await wait_for_end(request, started)
@@ -139,8 +142,12 @@ async def create_completion(request: Request) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _echoed(req: CompletionRequest, tok: Tokenizer, prompt: str | list[int]) -> str:
-    return "" if not req.echo else prompt if isinstance(prompt, str) else tok.decode(prompt, False)
+def _echoed(req: CompletionRequest, tok: Tokenizer, prompt: str | list[int], ids: list[int], cut: bool) -> str:
+    """The prompt as echoed: its text, or its ids decoded (token ids given, or a text prompt that
+    `truncate_prompt_tokens` cut: what the model saw)."""
+    if not req.echo:
+        return ""
+    return prompt if isinstance(prompt, str) and not cut else tok.decode(ids, False)
 
 
 def _total_usage(shapes: list[_Shape], finals: list[StepOutput]) -> Usage:

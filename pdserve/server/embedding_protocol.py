@@ -1,4 +1,5 @@
-"""Wire models of `POST /v1/embeddings` (OpenAI's, with vLLM's `normalize` and `add_special_tokens`)."""
+"""Wire models of `POST /v1/embeddings` (OpenAI's, with vLLM's `normalize`, `add_special_tokens` and
+`truncate_prompt_tokens`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pdserve.server.protocol import MAX_BATCH_CHOICES, PromptInput
+from pdserve.server.protocol import MAX_BATCH_CHOICES, PromptInput, TruncatePromptTokens
 
 
 class _Request(BaseModel):
@@ -28,6 +29,7 @@ class EmbeddingRequest(_Request):
     user: str | None = None
     normalize: bool = True  # vLLM's: L2-normalize the vector
     add_special_tokens: bool = True  # vLLM's: a text input gets the tokenizer's special tokens
+    truncate_prompt_tokens: TruncatePromptTokens | None = None  # vLLM's: keep each input's last k tokens (-1: context)
 
     @field_validator("input")
     @classmethod

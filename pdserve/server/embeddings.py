@@ -3,7 +3,8 @@
 
 A batch of inputs becomes one engine request per input (ids `<id>`, `<id>-p1`, ...), admitted
 together: one refused, the others go too. `encoding_format: "base64"` is the vector's little-endian
-float32 bytes, as OpenAI's client decodes it (and asks for by default).
+float32 bytes, as OpenAI's client decodes it (and asks for by default). vLLM's `truncate_prompt_tokens`
+keeps each input's last k tokens (-1: as many as the context holds); usage counts what was pooled.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pdserve.server.context import ServerContext, get_context
 from pdserve.server.embedding_protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from pdserve.server.errors import APIError
 from pdserve.server.generation import Generation, GenerationInput
+from pdserve.server.inputs import truncated
 from pdserve.server.request_id import request_id_of
 from pdserve.server.serving import Started, check_model, wait_for_end
 
@@ -29,11 +31,13 @@ _UNUSED = SamplingParams(max_tokens=1, temperature=0.0)  # an embedding request 
 
 
 def _token_ids(ctx: ServerContext, req: EmbeddingRequest, pooling: PoolingParams) -> list[list[int]]:
-    """Each input's ids, checked by the engine (empty, vocabulary, context, cache, dimensions): 400s."""
+    """Each input's ids (its last `truncate_prompt_tokens`, when asked), checked by the engine (empty,
+    vocabulary, context, cache, dimensions): 400s."""
     tok = ctx.llm.tokenizer
     out = []
     for p in req.inputs:
         ids = tok.encode(p, add_special_tokens=req.add_special_tokens) if isinstance(p, str) else list(p)
+        ids = truncated(ctx.llm, ids, pooling)
         try:
             ctx.llm.validate_pooling(ids, pooling)
         except ValueError as e:
@@ -57,7 +61,8 @@ async def create_embedding(request: Request) -> Response:
     ctx.admission.check_open()
     req = await parse_body(request, EmbeddingRequest, ctx.settings.max_body_bytes)
     check_model(ctx, req.model)
-    pooling = PoolingParams(normalize=req.normalize, dimensions=req.dimensions)
+    pooling = PoolingParams(normalize=req.normalize, dimensions=req.dimensions,
+                            truncate_prompt_tokens=req.truncate_prompt_tokens)
     prompts = _token_ids(ctx, req, pooling)
     lora = ctx.loras.get(req.model) if req.model is not None else None
     request_id = request_id_of(request)

@@ -12,6 +12,7 @@ from typing import Any
 
 from pdserve.config import Role
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams, StructuredOutputs
 from pdserve.kv.factory import parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
@@ -54,6 +55,7 @@ def sampling_params(
             repetition_penalty=1.0 if d["repetition_penalty"] is None else d["repetition_penalty"],
             logit_bias=bias,
             structured_outputs=structured_outputs(req),
+            truncate_prompt_tokens=req.truncate_prompt_tokens,
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
@@ -100,10 +102,19 @@ def structured_outputs(req: SamplingFields) -> StructuredOutputs | None:
 
 
 def completion_prompts(engine: LLMEngine, req: CompletionRequest) -> list[list[int]]:
-    """Token ids of each prompt of the request."""
+    """Token ids of each prompt of the request (before `truncated`)."""
     tok = engine.tokenizer
     return [tok.encode(p, add_special_tokens=req.add_special_tokens) if isinstance(p, str) else list(p)
             for p in req.prompts]
+
+
+def truncated(engine: LLMEngine, token_ids: list[int], params: SamplingParams | PoolingParams) -> list[int]:
+    """A prompt's ids as the engine takes them: its last `truncate_prompt_tokens` when the request
+    asks (every endpoint's prompts pass here); a k the context cannot hold is a 400 naming the field."""
+    try:
+        return engine.truncate_prompt(token_ids, params)
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value", param="truncate_prompt_tokens") from None
 
 
 TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")

@@ -7,7 +7,7 @@ the generated tokens are supported (`logprobs: k` for completions; `logprobs: tr
 `top_logprobs: k` for chat), as the model's raw distribution (vLLM's default).
 vLLM's extensions (`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
 `kv_transfer_params`, `structured_outputs`, `guided_*`, `priority`, `return_token_ids`,
-`prompt_logprobs`) are accepted with vLLM's meaning, and so is
+`prompt_logprobs`, `truncate_prompt_tokens`) are accepted with vLLM's meaning, and so is
 OpenAI's `response_format` (engine/structured.py enforces them).
 """
 
@@ -16,9 +16,19 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pdserve.engine.sampling_params import MAX_LOGPROBS  # no torch: the proxy imports this module
+from pdserve.engine.truncation import check_truncate_prompt_tokens
 
 KVParamsJSON = dict[str, JsonValue]
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
@@ -29,6 +39,16 @@ MAX_BATCH_CHOICES = 256  # most prompts x n of one completions request
 
 def _none(value: object) -> bool:
     return value is None
+
+
+def _truncation(value: int) -> int:
+    check_truncate_prompt_tokens(value)  # -1 or at least 1: 0 would leave no prompt
+    return value
+
+
+# vLLM's `truncate_prompt_tokens`: k >= 1 keeps the prompt's last k tokens (after tokenization; chat:
+# after the template), -1 as many as the context leaves room for next to max_tokens (engine/truncation.py).
+TruncatePromptTokens = Annotated[int, Field(ge=-1), AfterValidator(_truncation)]
 
 
 class _Request(BaseModel):
@@ -107,6 +127,7 @@ class SamplingFields(_Request):
     priority: Annotated[int, Field(ge=-(2**63), lt=2**63)] = 0
     return_token_ids: bool | None = None  # vLLM's: the prompt's and each choice's token ids in the response
     prompt_logprobs: TopK | None = None  # vLLM's: every prompt token's logprob and its k likeliest alternatives
+    truncate_prompt_tokens: TruncatePromptTokens | None = None  # vLLM's: keep the prompt's last k tokens
 
     @field_validator("prompt_logprobs")
     @classmethod

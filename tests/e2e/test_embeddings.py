@@ -65,6 +65,22 @@ def test_dimensions(client: openai.OpenAI) -> None:
     assert _close(short, [x / norm for x in full[:8]])
 
 
+def test_truncate_prompt_tokens(client: openai.OpenAI) -> None:
+    """vLLM's truncate_prompt_tokens: every input of a batch keeps its last k tokens (usage counts
+    them) and is pooled as those k token ids would be; -1 keeps the whole context (256 here)."""
+    k = 5
+    ids = [list(t.encode()) for t in TEXTS]  # the dummy tokenizer is byte-level
+    cut = client.embeddings.create(model=TINY_MODEL, input=TEXTS, extra_body={"truncate_prompt_tokens": k})
+    want = client.embeddings.create(model=TINY_MODEL, input=[i[-k:] for i in ids])
+    assert cut.usage.prompt_tokens == 2 * k
+    assert all(_close(c.embedding, w.embedding) for c, w in zip(cut.data, want.data, strict=True))
+    long = "x" * 300
+    whole = client.embeddings.create(model=TINY_MODEL, input=long, extra_body={"truncate_prompt_tokens": -1})
+    assert whole.usage.prompt_tokens == 256
+    last = client.embeddings.create(model=TINY_MODEL, input=list(long.encode())[-256:])
+    assert _close(whole.data[0].embedding, last.data[0].embedding)
+
+
 @pytest.mark.parametrize(("body", "param", "code"), [
     ({"input": ""}, "input", "invalid_value"),
     ({"input": []}, "input", "invalid_value"),
@@ -75,6 +91,8 @@ def test_dimensions(client: openai.OpenAI) -> None:
     ({"input": "hi", "dimensions": 0}, "dimensions", "invalid_value"),
     ({"input": "hi", "encoding_format": "hex"}, "encoding_format", "invalid_value"),
     ({"input": 5}, "input", "invalid_value"),
+    ({"input": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "invalid_value"),
+    ({"input": "hi", "truncate_prompt_tokens": 257}, "truncate_prompt_tokens", "invalid_value"),
     ({}, "input", "missing_field"),
 ])
 def test_bad_requests_are_400(server: ServerProcess, body: dict, param: str, code: str) -> None:

@@ -1,5 +1,5 @@
-"""vLLM's request fields `return_token_ids`, `prompt_logprobs` and `priority` with the official
-`openai` client (extra_body in, model_extra out) against real `pdserve serve` processes."""
+"""vLLM's request fields `return_token_ids`, `prompt_logprobs`, `priority` and `truncate_prompt_tokens`
+with the official `openai` client (extra_body in, model_extra out) against real `pdserve serve` processes."""
 
 from __future__ import annotations
 
@@ -137,6 +137,10 @@ def test_prompt_logprobs(client: openai.OpenAI, http: httpx.Client) -> None:
     ("/v1/chat/completions", {"messages": MESSAGES, "prompt_logprobs": 2, "stream": True}, "prompt_logprobs"),
     ("/v1/completions", {"prompt": PROMPT, "priority": 1}, "priority"),  # this instance schedules fcfs
     ("/v1/chat/completions", {"messages": MESSAGES, "priority": -1}, "priority"),
+    ("/v1/completions", {"prompt": PROMPT, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    # max_model_len 4096 less max_tokens 2 leaves room for 4094 prompt tokens (vLLM's check).
+    ("/v1/completions", {"prompt": PROMPT, "truncate_prompt_tokens": 4095}, "truncate_prompt_tokens"),
 ])
 def test_refused(http: httpx.Client, path: str, body: dict, param: str) -> None:
     r = http.post(path, json={"model": TINY_MODEL, "max_tokens": 2, **body})
@@ -144,6 +148,41 @@ def test_refused(http: httpx.Client, path: str, body: dict, param: str) -> None:
     assert r.json()["error"]["param"] == param
     ok = {k: v for k, v in body.items() if k != param}
     assert http.post(path, json={"model": TINY_MODEL, "max_tokens": 2, **ok}).status_code == 200
+
+
+def test_truncate_prompt_tokens(client: openai.OpenAI, http: httpx.Client) -> None:
+    """vLLM's truncate_prompt_tokens: each prompt keeps its last k tokens (chat: of the rendered
+    template), which usage counts, the returned prompt ids and echo show, and the output follows
+    (greedy: as for those k token ids sent as the prompt)."""
+    k = 6
+    kw = {"model": TINY_MODEL, "max_tokens": 4, "temperature": 0.0}
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    cut = client.completions.create(prompt=PROMPT, **kw, extra_body={  # type: ignore[call-overload]
+        "truncate_prompt_tokens": k, "return_token_ids": True, "ignore_eos": True})
+    want = client.completions.create(prompt=ids[-k:], **kw, extra_body={  # type: ignore[call-overload]
+        "return_token_ids": True, "ignore_eos": True})
+    assert cut.usage is not None and cut.usage.prompt_tokens == k
+    assert _extra(cut.choices[0])["prompt_token_ids"] == ids[-k:]
+    assert _extra(cut.choices[0])["token_ids"] == _extra(want.choices[0])["token_ids"]
+    assert cut.choices[0].text == want.choices[0].text
+
+    # Token ids, and a batch: every prompt cut; echo shows what the model saw.
+    batch = client.completions.create(prompt=[ids, ids[1:]], echo=True, **kw,  # type: ignore[call-overload]
+                                      extra_body={"truncate_prompt_tokens": k, "ignore_eos": True})
+    texts = client.completions.create(prompt=[PROMPT, PROMPT], echo=True, **kw,  # type: ignore[call-overload]
+                                      extra_body={"truncate_prompt_tokens": k, "ignore_eos": True})
+    tail = http.post("/detokenize", json={"tokens": ids[-k:]}).json()["prompt"]
+    assert batch.usage is not None and texts.usage is not None and batch.usage.prompt_tokens == 2 * k
+    assert [c.text for c in batch.choices + texts.choices] == [tail + want.choices[0].text] * 4
+
+    chat_ids = http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    chat = client.chat.completions.create(messages=MESSAGES, **kw, extra_body={  # type: ignore[call-overload]
+        "truncate_prompt_tokens": k, "return_token_ids": True, "ignore_eos": True})
+    same = client.completions.create(prompt=chat_ids[-k:], **kw, extra_body={  # type: ignore[call-overload]
+        "return_token_ids": True, "ignore_eos": True})
+    assert chat.usage is not None and chat.usage.prompt_tokens == k
+    assert _extra(chat)["prompt_token_ids"] == chat_ids[-k:]
+    assert _extra(chat.choices[0])["token_ids"] == _extra(same.choices[0])["token_ids"]
 
 
 def test_high_priority_request_finishes_before_the_queue(module_tmp: Path) -> None:
