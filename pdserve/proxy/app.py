@@ -6,7 +6,8 @@ GET /instances  every known instance, its state and load (JSON list)
 GET /metrics    Prometheus text
 GET /v1/models  from a healthy instance
 POST /v1/embeddings  to an instance (disagg: a prefill, else a decode), orchestrate.py
-GET /v1/responses/{id}  a stored response, from the decode (standalone) instance that has it (responses.py)
+GET, DELETE /v1/responses/{id}, POST .../cancel, GET .../input_items  from the decode (standalone)
+                instance that holds the response (response_routes.py)
 GET /openapi.json  the OpenAPI schema (openapi.py), the generation paths' request bodies included
 """
 
@@ -34,7 +35,8 @@ from pdserve.proxy.openapi import LORA_BODIES, TOKENIZER_BODIES, install_openapi
 from pdserve.proxy.orchestrate import CHAT_PATH, EMBEDDINGS_PATH, Orchestrator
 from pdserve.proxy.registry import RegistryServer, sweep_forever
 from pdserve.proxy.relay import ClientGone, ProxyEndpoint, check_api_key, read_body
-from pdserve.proxy.responses import RESPONSES_PATH, find_stored
+from pdserve.proxy.response_routes import install_response_routes
+from pdserve.proxy.responses import RESPONSES_PATH
 from pdserve.proxy.routing import make_picker
 from pdserve.proxy.settings import ProxySettings
 from pdserve.proxy.upstream import Buffered, Upstream, UpstreamFailure
@@ -65,8 +67,19 @@ class InstanceView(msgspec.Struct):
     @classmethod
     def of(cls, i: Instance, now: float) -> InstanceView:
         return cls(
-            i.address, i.url, ROLE_NAMES[i.role], "static" if i.static else "registered", i.healthy, i.in_flight,
-            i.requests, i.failures, i.engine_id, i.kv_host, i.handshake_port, i.notify_port, i.transfer_mode,
+            i.address,
+            i.url,
+            ROLE_NAMES[i.role],
+            "static" if i.static else "registered",
+            i.healthy,
+            i.in_flight,
+            i.requests,
+            i.failures,
+            i.engine_id,
+            i.kv_host,
+            i.handshake_port,
+            i.notify_port,
+            i.transfer_mode,
             round(now - i.last_seen, 3) if i.last_seen else None,
         )
 
@@ -148,8 +161,12 @@ def build_app(settings: ProxySettings) -> ProxyApp:
         if state.table.static():
             await health.check_all()
             state.tasks.append(asyncio.create_task(health.run_forever()))
-        log.info("proxy ready: mode %s%s, routing %s", settings.mode,
-                 f" ({settings.kv_mode})" if settings.mode == "disagg" else "", settings.routing)
+        log.info(
+            "proxy ready: mode %s%s, routing %s",
+            settings.mode,
+            f" ({settings.kv_mode})" if settings.mode == "disagg" else "",
+            settings.routing,
+        )
         try:
             yield
         finally:
@@ -164,8 +181,10 @@ def build_app(settings: ProxySettings) -> ProxyApp:
     app = FastAPI(title="pdserve proxy", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     install_openapi(app)  # GET /openapi.json, the generation paths' request bodies included
     app.state.proxy = state
-    hot = {path: ProxyEndpoint(path, state.orchestrator, state.metrics, settings.api_key)
-           for path in ("/v1/completions", CHAT_PATH, RESPONSES_PATH, EMBEDDINGS_PATH)}
+    hot = {
+        path: ProxyEndpoint(path, state.orchestrator, state.metrics, settings.api_key)
+        for path in ("/v1/completions", CHAT_PATH, RESPONSES_PATH, EMBEDDINGS_PATH)
+    }
     for path, endpoint in hot.items():
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
 
@@ -209,21 +228,7 @@ def build_app(settings: ProxySettings) -> ProxyApp:
     async def models_route(request: Request) -> Response:
         return await any_instance(request)
 
-    @app.get(RESPONSES_PATH + "/{response_id}")
-    async def stored_response_route(request: Request, response_id: str) -> Response:
-        """A stored response: every decode (standalone) instance is asked; the one that has it answers."""
-        try:
-            check_api_key(request.headers.raw, settings.api_key)
-        except ProxyError as e:
-            return _error(e)
-        role: RoleCode = "S" if settings.mode == "standard" else "D"
-        headers = state.upstream.auth_headers(request.headers.get("authorization"))
-        found = await find_stored(state.upstream, state.table.candidates(role), response_id, headers)
-        if found is None:
-            return _error(ProxyError(404, f"no response '{response_id}' is stored on any {ROLE_NAMES[role]} instance",
-                                     code="response_not_found", param="response_id"))
-        got = found[1]
-        return Response(got.body, status_code=got.status, media_type=got.content_type or "application/json")
+    install_response_routes(app, settings, state.upstream, state.table)  # GET, DELETE, cancel, input_items
 
     async def tokenizer_route(request: Request) -> Response:
         """vLLM's /tokenize and /detokenize: every instance serves the same model and tokenizer."""

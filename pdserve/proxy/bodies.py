@@ -41,6 +41,14 @@ def is_batch(body: JSONObject) -> bool:
     return isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str | list)
 
 
+def truncates_by_output(body: JSONObject) -> bool:
+    """vLLM's `truncate_prompt_tokens: -1`: the prompt keeps as many tokens as the context leaves
+    room for next to max_tokens, which a prefill half (max_tokens 1) would count otherwise than its
+    decode half. A positive k keeps the same last k tokens in both halves."""
+    value = body.get("truncate_prompt_tokens")
+    return type(value) is int and value == -1
+
+
 def params_json(params: KVTransferParams) -> JSONObject:
     """Params as JSON, both direction flags always present (as vLLM's proxies send them)."""
     out: JSONObject = msgspec.to_builtins(params)
@@ -55,9 +63,13 @@ def prefill_params(mode: TransferMode, decode: Instance | None = None) -> KVTran
         return KVTransferParams(do_remote_decode=True, do_remote_prefill=False, transfer_mode="READ")
     assert decode is not None, "WRITE mode pairs the prefill with a decode instance"
     return KVTransferParams(
-        do_remote_decode=True, do_remote_prefill=False, transfer_mode="WRITE",
-        remote_engine_id=decode.engine_id, remote_host=decode.kv_host,
-        remote_handshake_port=decode.handshake_port, remote_notify_port=decode.notify_port,
+        do_remote_decode=True,
+        do_remote_prefill=False,
+        transfer_mode="WRITE",
+        remote_engine_id=decode.engine_id,
+        remote_host=decode.kv_host,
+        remote_handshake_port=decode.handshake_port,
+        remote_notify_port=decode.notify_port,
     )
 
 
@@ -65,15 +77,23 @@ def write_decode_params(prefill: Instance) -> KVTransferParams:
     """What the decode half carries in WRITE mode: the prefill instance's coordinates."""
     host, _, port = prefill.address.rpartition(":")
     return KVTransferParams(
-        do_remote_prefill=True, do_remote_decode=False, transfer_mode="WRITE",
-        remote_engine_id=prefill.engine_id, remote_host=prefill.kv_host or host, remote_port=int(port),
-        remote_handshake_port=prefill.handshake_port, remote_notify_port=prefill.notify_port,
+        do_remote_prefill=True,
+        do_remote_decode=False,
+        transfer_mode="WRITE",
+        remote_engine_id=prefill.engine_id,
+        remote_host=prefill.kv_host or host,
+        remote_port=int(port),
+        remote_handshake_port=prefill.handshake_port,
+        remote_notify_port=prefill.notify_port,
     )
 
 
 # the fields that limit a path's output, all set to 1 in a prefill half
-_OUTPUT_LIMITS = {"/v1/completions": ("max_tokens",), "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
-                  "/v1/responses": ("max_output_tokens",)}
+_OUTPUT_LIMITS = {
+    "/v1/completions": ("max_tokens",),
+    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+    "/v1/responses": ("max_output_tokens",),
+}
 
 
 def prefill_body(body: JSONObject, path: str, params: KVTransferParams) -> bytes:
@@ -82,8 +102,9 @@ def prefill_body(body: JSONObject, path: str, params: KVTransferParams) -> bytes
     `min_tokens` is dropped (a client's min_tokens > 1 would make max_tokens=1 invalid), and so are
     the logprobs fields (the decode half samples, and reports, every token the client sees) and `n`
     (one choice computes the prompt; the decode half makes the others). A response is not stored
-    (`store: false`): the client sees the decode half's."""
-    drop = ("stream_options", "min_tokens", "logprobs", "top_logprobs", "n")
+    (`store: false`) nor run in the background (`background` dropped): the client sees the decode
+    half's."""
+    drop = ("stream_options", "min_tokens", "logprobs", "top_logprobs", "n", "background")
     half = {k: v for k, v in body.items() if k not in drop}
     for field in _OUTPUT_LIMITS.get(path, ("max_tokens",)):
         half[field] = 1

@@ -16,13 +16,20 @@ would hold its KV blocks until the lease ends (30 s).
 Failures before anything reached the client are retried once on another instance of the same
 role (`max_attempts`); a prefill half that still fails falls back per `--fallback`: the plain
 request to the decode instance (`local-prefill`) or a 503 (`fail`). A 4xx is the client's fault:
-returned as is, never retried. A completion with `echo: true`, a request with `prompt_logprobs` or a
-batch of prompts goes as a plain request to a decode instance by design (prompt logprobs are
-computed where the prompt is; a KV transfer is for one prompt). A request with `n > 1` is
+returned as is, never retried. A completion with `echo: true`, a request with `prompt_logprobs`, a
+batch of prompts or one with `truncate_prompt_tokens: -1` goes as a plain request to a decode
+instance by design (prompt logprobs are computed where the prompt is; a KV transfer is for one
+prompt; -1 keeps as many prompt tokens as max_tokens leaves room for, and the prefill half's
+max_tokens is 1). A positive `truncate_prompt_tokens` is disaggregated: both halves get it and
+keep the same last k tokens. A request with `n > 1` is
 disaggregated like any other: the prefill half computes one choice (`n` dropped), and the decode
 feeds its other choices from the first one's KV (its prefix cache). A `/v1/responses` request is
 disaggregated like chat (its prefill half: `max_output_tokens=1`, `store: false`); one that continues a
-stored response (`previous_response_id`) goes whole to the instance that stores it (responses.py).
+stored response (`previous_response_id`) goes whole to the instance that stores it (responses.py). A
+background one (`background: true`) is orchestrated as the rest; its decode half answers at once (the
+generation goes on there), and in WRITE mode the pair is committed once the prefill half has answered
+(not after a grace second: the decode needs all its KV); a decode half of a pair that fails then is
+deleted there.
 `/v1/embeddings` is prefill-only work: whole to a prefill instance (a decode one if no prefill is up).
 """
 
@@ -44,7 +51,7 @@ from pdserve.proxy.errors import ProxyError, no_instance
 from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
 from pdserve.proxy.metrics import ProxyMetrics
 from pdserve.proxy.prefix_key import prompt_key
-from pdserve.proxy.responses import RESPONSES_PATH, find_stored, not_stored
+from pdserve.proxy.responses import RESPONSES_PATH, background_id, delete_stored, find_stored, not_stored
 from pdserve.proxy.routing import Picker
 from pdserve.proxy.settings import ProxySettings
 from pdserve.proxy.upstream import Buffered, Stream, Upstream, UpstreamFailure
@@ -76,7 +83,11 @@ class _PrefillFailed(Exception):
 
 class Orchestrator:
     def __init__(
-        self, settings: ProxySettings, table: InstanceTable, upstream: Upstream, picker: Picker,
+        self,
+        settings: ProxySettings,
+        table: InstanceTable,
+        upstream: Upstream,
+        picker: Picker,
         metrics: ProxyMetrics,
     ) -> None:
         self.settings = settings
@@ -86,6 +97,7 @@ class Orchestrator:
         self.metrics = metrics
         self._zmq: zmq.Context | None = None  # created on first use (aborts to prefill instances)
         self._notify: NotifySender | None = None
+        self._deletes: set[asyncio.Task[None]] = set()  # background responses of failed pairs being deleted
 
     async def serve(self, req: ClientRequest) -> Reply:
         """The reply to `req`; ProxyError when it cannot be served."""
@@ -109,11 +121,22 @@ class Orchestrator:
             raise no_instance("decode")
         if _continues(req, body):
             return await self._continuation(req, body, "D")
-        alone = ("echo" if body.get("echo") is True else "prompt_logprobs" if body.get("prompt_logprobs") is not None
-                 else "batch" if bodies.is_batch(body) else None)
+        alone = (
+            "echo"
+            if body.get("echo") is True
+            else "prompt_logprobs"
+            if body.get("prompt_logprobs") is not None
+            else "batch"
+            if bodies.is_batch(body)
+            else "truncate_prompt_tokens"
+            if bodies.truncates_by_output(body)
+            else None
+        )
         if alone is not None:
             # echo, prompt_logprobs: the prompt's logprobs are computed where the prompt is; a batch
-            # of prompts: one KV transfer is for one prompt. Either way the decode prefills them itself.
+            # of prompts: one KV transfer is for one prompt; truncation to what max_tokens leaves
+            # room for: the prefill half's max_tokens is 1, so it would keep a longer prompt. Either
+            # way the decode prefills them itself.
             self.metrics.fallbacks.inc(labels=(alone,))
             return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
         if self.settings.kv_mode == "READ":
@@ -182,8 +205,9 @@ class Orchestrator:
         try:
             return await self._call(found[0], req, bodies.decode_body(body, None), req.request_id)
         except UpstreamFailure as e:
-            raise ProxyError(502, f"the instance that stores the previous response failed: {e}",
-                             code="upstream_error") from None
+            raise ProxyError(
+                502, f"the instance that stores the previous response failed: {e}", code="upstream_error"
+            ) from None
 
     def _fallback(self, reason: str, failure: UpstreamFailure | None) -> None:
         """Check that a local prefill is allowed (else a 503), and count it."""
@@ -279,6 +303,18 @@ class Orchestrator:
             }
             self._release_prefill(request_id, params, reason)
 
+    def _forget_background(self, decode: Instance, reply: Reply | None, req: ClientRequest) -> None:
+        """The decode half of a failed pair accepted a background response: delete it there (it would
+        wait for KV that never comes), in a task of its own (this request may be being cancelled)."""
+        response_id = background_id(reply) if reply is not None else None
+        if response_id is None:
+            return
+        task = asyncio.ensure_future(
+            delete_stored(self.upstream, decode, response_id, self.upstream.auth_headers(req.auth))
+        )
+        self._deletes.add(task)
+        task.add_done_callback(self._deletes.discard)
+
     def close(self) -> None:
         """Close the notify sockets (at shutdown)."""
         if self._notify is not None:
@@ -328,6 +364,7 @@ class Orchestrator:
         and raises _PrefillFailed or UpstreamFailure (decode), which the caller may retry."""
         p_half = bodies.prefill_body(body, req.path, bodies.prefill_params("WRITE", decode))
         d_half = bodies.decode_body(body, bodies.write_decode_params(prefill))
+        background = _background(req, body)  # the decode answers at once: only the prefill's answer commits
         p_task = asyncio.ensure_future(self._call(prefill, req, p_half, request_id, self.settings.prefill_timeout_s))
         decode_scope = anyio.CancelScope()
         p_task.add_done_callback(lambda t: None if t.cancelled() or _prefill_ok(t) else decode_scope.cancel())
@@ -339,11 +376,13 @@ class Orchestrator:
                 await asyncio.wait((p_task,))
                 reply.first_byte_at = time.perf_counter()  # the hold is protocol, not proxy overhead
             elif reply is not None and reply.status == 200 and not decode_scope.cancel_called:
-                await asyncio.wait((p_task,), timeout=1.0)  # a complete answer: the prefill's is due
+                await asyncio.wait((p_task,), timeout=None if background else 1.0)  # a complete answer: it is due
         except BaseException as e:  # the decode half failed, or this request was cancelled (client gone)
             p_task.cancel()
             if isinstance(reply, Stream):
                 reply.close()
+            if background:
+                self._forget_background(decode, reply, req)
             if _prefill_may_hold(p_task):
                 why = "the decode half failed" if isinstance(e, UpstreamFailure) else "the request was cancelled"
                 self._drop_prefill(prefill, request_id, why)
@@ -351,6 +390,8 @@ class Orchestrator:
         if decode_scope.cancel_called:  # the prefill half failed
             if isinstance(reply, Stream):
                 reply.close()
+            if background:
+                self._forget_background(decode, reply, req)
             if _prefill_may_hold(p_task):  # e.g. timed out: a stalled instance may compute it later
                 self._drop_prefill(prefill, request_id, "the prefill half failed")
             return self._prefill_outcome(prefill, p_task)
@@ -374,6 +415,11 @@ class Orchestrator:
         if isinstance(reply, Stream):
             reply.close()
         raise _PrefillFailed(UpstreamFailure(prefill, "status", "the prefill half did not answer 200 with JSON"))
+
+
+def _background(req: ClientRequest, body: bodies.JSONObject) -> bool:
+    """A /v1/responses request that runs in the background."""
+    return req.path == RESPONSES_PATH and body.get("background") is True
 
 
 def _continues(req: ClientRequest, body: bodies.JSONObject) -> bool:

@@ -111,9 +111,16 @@ class Upstream:
         return {"Content-Type": "application/json", "X-Request-Id": request_id, **self.auth_headers(client_auth)}
 
     async def call(
-        self, inst: Instance, path: str, body: bytes, headers: dict[str, str], timeout_s: float | None = None
+        self,
+        inst: Instance,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        timeout_s: float | None = None,
+        method: str = "POST",
     ) -> Buffered | Stream:
-        """POST `body` to `inst`; a `Stream` (first chunk in hand) or a `Buffered` 2xx/4xx response."""
+        """POST `body` to `inst` (or `method`, e.g. a GET that may stream); a `Stream` (first chunk in
+        hand) or a `Buffered` 2xx/4xx response."""
         assert self.session is not None, "start() first"
         lease = self.table.acquire(inst)
         resp: aiohttp.ClientResponse | None = None
@@ -122,7 +129,7 @@ class Upstream:
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
                 lease.scope = scope
-                resp = await self.session.post(inst.url + path, data=body, headers=headers)
+                resp = await self.session.request(method, inst.url + path, data=body, headers=headers)
                 if resp.status >= 500:
                     detail = (await resp.read())[:300].decode("utf-8", "replace")
                     raise UpstreamFailure(inst, "status", f"HTTP {resp.status}: {detail}", resp.status)
@@ -175,8 +182,9 @@ class Upstream:
     async def _probe(self, inst: Instance) -> None:
         assert self.session is not None
         try:
-            async with self.session.get(inst.url + "/health", headers=self.auth_headers(None),
-                                        timeout=aiohttp.ClientTimeout(total=2)) as r:
+            async with self.session.get(
+                inst.url + "/health", headers=self.auth_headers(None), timeout=aiohttp.ClientTimeout(total=2)
+            ) as r:
                 await r.read()
                 reason = None if r.status == 200 else f"GET /health -> HTTP {r.status}"
         except asyncio.TimeoutError:
@@ -198,8 +206,9 @@ class Upstream:
         when unreachable or 5xx."""
         assert self.session is not None, "start() first"
         try:
-            async with self.session.request(method, inst.url + path, headers=headers, data=body,
-                                            timeout=aiohttp.ClientTimeout(total=10)) as r:
+            async with self.session.request(
+                method, inst.url + path, headers=headers, data=body, timeout=aiohttp.ClientTimeout(total=10)
+            ) as r:
                 body = await r.read()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise UpstreamFailure(inst, "unreachable", f"{type(e).__name__}: {e}") from None

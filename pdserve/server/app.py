@@ -32,7 +32,9 @@ from pdserve.server.protocol import (
     openapi_body,
 )
 from pdserve.server.request_id import RequestIdMiddleware
-from pdserve.server.responses.endpoint import create_response, retrieve_response
+from pdserve.server.responses.endpoint import create_response
+from pdserve.server.responses.input_items import list_input_items
+from pdserve.server.responses.manage import cancel_response, delete_response, retrieve_response
 from pdserve.server.responses.request import ResponsesRequest
 from pdserve.server.tokenize import detokenize, tokenize
 
@@ -55,8 +57,9 @@ async def list_models(request: Request) -> Response:
         ModelCard(id=name, root=ctx.llm.config.model, max_model_len=ctx.llm.max_model_len)
         for name in ctx.settings.served_model_names
     ] + [
-        ModelCard(id=name, root=lora.lora_path, parent=ctx.settings.served_model_names[0],
-                  max_model_len=ctx.llm.max_model_len)
+        ModelCard(
+            id=name, root=lora.lora_path, parent=ctx.settings.served_model_names[0], max_model_len=ctx.llm.max_model_len
+        )
         for name, lora in ctx.loras.items()
     ]
     return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
@@ -68,11 +71,16 @@ async def kv_info(request: Request) -> Response:
     conn = ctx.llm.connector
     if conn is None:
         raise APIError(404, "this instance runs --role standalone: it has no KV ports", code="not_found")
-    return JSONResponse({
-        "engine_id": conn.engine_id, "role": conn.role, "host": conn.host,
-        "handshake_port": conn.handshake_port, "notify_port": conn.notify_port,
-        "transfer_mode": conn.transfer_mode,
-    })
+    return JSONResponse(
+        {
+            "engine_id": conn.engine_id,
+            "role": conn.role,
+            "host": conn.host,
+            "handshake_port": conn.handshake_port,
+            "notify_port": conn.notify_port,
+            "transfer_mode": conn.transfer_mode,
+        }
+    )
 
 
 async def reset_prefix_cache(request: Request) -> Response:
@@ -108,16 +116,25 @@ def build_app(ctx: ServerContext) -> FastAPI:
     app.add_api_route("/kv_info", kv_info, methods=["GET"])
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.add_api_route("/models", list_models, methods=["GET"])
-    v1.add_api_route("/load_lora_adapter", load_lora_adapter, methods=["POST"],
-                     openapi_extra=openapi_body(LoadLoRAAdapterRequest))
-    v1.add_api_route("/unload_lora_adapter", unload_lora_adapter, methods=["POST"],
-                     openapi_extra=openapi_body(UnloadLoRAAdapterRequest))
+    v1.add_api_route(
+        "/load_lora_adapter", load_lora_adapter, methods=["POST"], openapi_extra=openapi_body(LoadLoRAAdapterRequest)
+    )
+    v1.add_api_route(
+        "/unload_lora_adapter",
+        unload_lora_adapter,
+        methods=["POST"],
+        openapi_extra=openapi_body(UnloadLoRAAdapterRequest),
+    )
     v1.add_api_route("/completions", create_completion, methods=["POST"], openapi_extra=openapi_body(CompletionRequest))
-    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"],
-                     openapi_extra=openapi_body(ChatCompletionRequest))
+    v1.add_api_route(
+        "/chat/completions", create_chat_completion, methods=["POST"], openapi_extra=openapi_body(ChatCompletionRequest)
+    )
     v1.add_api_route("/embeddings", create_embedding, methods=["POST"], openapi_extra=openapi_body(EmbeddingRequest))
     v1.add_api_route("/responses", create_response, methods=["POST"], openapi_extra=openapi_body(ResponsesRequest))
     v1.add_api_route("/responses/{response_id}", retrieve_response, methods=["GET"])
+    v1.add_api_route("/responses/{response_id}", delete_response, methods=["DELETE"])
+    v1.add_api_route("/responses/{response_id}/cancel", cancel_response, methods=["POST"])
+    v1.add_api_route("/responses/{response_id}/input_items", list_input_items, methods=["GET"])
     app.include_router(v1)
     tok = APIRouter(dependencies=[Depends(require_api_key)])  # vLLM's paths: no /v1
     tok.add_api_route("/tokenize", tokenize, methods=["POST"], openapi_extra=openapi_body(TokenizeRequest))

@@ -13,6 +13,7 @@ from pdserve.engine.lora_request import LoRARequest
 from pdserve.server.admission import Admission
 from pdserve.server.generation import Generation, GenerationInput
 from pdserve.server.metrics import ServerMetrics
+from pdserve.server.responses.background import BackgroundRuns
 from pdserve.server.responses.store import ResponseStore
 from pdserve.server.settings import ServerSettings
 from pdserve.server.tool_parsers import ToolParser, make_tool_parser
@@ -26,6 +27,7 @@ class ServerContext:
     admission: Admission = field(init=False)
     tool_parser: ToolParser = field(init=False)  # --tool-call-parser
     responses: ResponseStore = field(init=False)  # stored /v1/responses (--max-stored-responses)
+    background: BackgroundRuns = field(init=False)  # running background /v1/responses (stored when they end)
     generations: dict[str, Generation] = field(init=False, default_factory=dict)  # also keeps tasks alive
     # Loaded LoRA adapters by name (a request names one in `model`); changed on the event loop only,
     # from what the engine thread reports after each load or unload.
@@ -34,6 +36,7 @@ class ServerContext:
     def __post_init__(self) -> None:
         self.tool_parser = make_tool_parser(self.settings.tool_call_parser)
         self.responses = ResponseStore(self.settings.max_stored_responses)
+        self.background = BackgroundRuns(self.responses)
         self.loras = {lo.lora_name: lo for lo in self.llm.list_loras()}
         self.admission = Admission(self.llm.config.scheduler.max_num_seqs, self.settings.max_queued_requests)
         self.metrics = ServerMetrics(lambda: self.engine.stats, lambda: self.admission.num_in_flight)

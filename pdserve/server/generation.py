@@ -57,10 +57,15 @@ class Generation:
 
     With `after`, the engine request is sent only once `after` is set (the `first_output` of
     another generation of the same prompt: that prompt's KV is then in the prefix cache, so this
-    one computes only its last block). Aborted before that, it never reaches the engine."""
+    one computes only its last block). Aborted before it is sent (before `after`, or before its task
+    first runs), it never reaches the engine."""
 
     def __init__(
-        self, engine: AsyncEngine, metrics: ServerMetrics, inp: GenerationInput, on_done: Callable[[str], None],
+        self,
+        engine: AsyncEngine,
+        metrics: ServerMetrics,
+        inp: GenerationInput,
+        on_done: Callable[[str], None],
         after: asyncio.Event | None = None,
     ) -> None:
         self.engine = engine
@@ -71,7 +76,9 @@ class Generation:
         self._outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._after = after
         self._aborted = asyncio.Event()  # abort() before the engine request was sent
-        self._sent = after is None  # the engine request was sent (or is about to be, with no await between)
+        # The engine request was sent (set by the task, with no await before it is): an abort() before
+        # then, even before the task first runs, is kept in `_aborted` and the request never starts.
+        self._sent = False
         self.first_output = asyncio.Event()  # set at the first output (or the end, whatever it was)
         self.finished = False
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"generation-{inp.request_id}")
@@ -82,13 +89,15 @@ class Generation:
             if not await self._wait_turn():
                 self._put(StepOutput(inp.request_id, [], "", True, "abort", num_prompt_tokens=len(inp.token_ids)))
                 return
-            async for out in self.engine.generate(inp.request_id, inp.token_ids, inp.params, inp.kv_transfer_params,
-                                                  inp.lora, inp.priority, inp.pooling):
+            async for out in self.engine.generate(
+                inp.request_id, inp.token_ids, inp.params, inp.kv_transfer_params, inp.lora, inp.priority, inp.pooling
+            ):
                 self._put(out)
         except Exception as e:  # validation raced with a drain, or the engine is gone
             log.warning("request %s failed to start: %s", inp.request_id, e)
-            self._put(StepOutput(inp.request_id, [], "", True, "error", num_prompt_tokens=len(inp.token_ids),
-                                 error=str(e)))
+            self._put(
+                StepOutput(inp.request_id, [], "", True, "error", num_prompt_tokens=len(inp.token_ids), error=str(e))
+            )
         finally:
             self.finished = True
             self.first_output.set()

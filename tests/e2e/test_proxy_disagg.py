@@ -334,6 +334,38 @@ def test_batch_of_prompts_is_served_by_a_decode_alone(topo: Topology, reference:
     _blocks_all_free(topo.prefills + topo.decodes)
 
 
+def test_truncate_prompt_tokens_through_both_halves(topo: Topology, reference: ServerProcess) -> None:
+    """vLLM's truncate_prompt_tokens k: both halves keep the same last k tokens (the prefills compute
+    k tokens, the transfer matches the decode's prompt), with the standalone's answer; -1, which
+    depends on max_tokens (1 in a prefill half), goes to a decode alone (fallback "truncate_prompt_tokens")."""
+    def run(server: ServerProcess, k: int) -> list[tuple[str, int]]:
+        client, extra = _client(server), {"truncate_prompt_tokens": k}
+        c = client.completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=5, extra_body=extra, **GREEDY)
+        chat = client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": PROMPTS[1]}],
+                                              max_tokens=5, extra_body=extra, **GREEDY)
+        assert c.usage is not None and chat.usage is not None
+        return [(c.choices[0].text, c.usage.prompt_tokens), (chat.choices[0].message.content or "",
+                                                              chat.usage.prompt_tokens)]
+
+    def prefilled(expected: float | None = None) -> float:
+        """Prompt tokens the prefills finished, polled until `expected` (a half is counted as it ends)."""
+        deadline = time.monotonic() + 10
+        while True:
+            n = sum(p.metrics().get("pdserve_prompt_tokens_total", 0.0) for p in topo.prefills)
+            if expected is None or n == expected or time.monotonic() > deadline:
+                return n
+            time.sleep(0.1)
+
+    metric = 'pdserve_proxy_fallbacks_total{reason="truncate_prompt_tokens"}'
+    before, tokens = topo.proxy_metric(metric), prefilled()
+    got = run(topo.proxy, 40)
+    assert got == run(reference, 40) and [n for _, n in got] == [40, 40]
+    assert prefilled(tokens + 80) == tokens + 80 and topo.proxy_metric(metric) == before
+    assert run(topo.proxy, -1) == run(reference, -1)
+    assert prefilled() == tokens + 80 and topo.proxy_metric(metric) == before + 2
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
 def test_n_choices_share_one_kv_transfer(topo: Topology, reference: ServerProcess) -> None:
     """n > 1 is disaggregated: the prefill half computes one choice, one KV transfer feeds the decode,
     whose other choices start from its prefix cache once the first has its first token. The choices

@@ -33,8 +33,16 @@ GENERATION = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/e
 TOKENIZER = ("/tokenize", "/detokenize")  # forwarded to an instance as they are
 LORA = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # fanned out to every instance
 POSTS = GENERATION + TOKENIZER + LORA
-GETS = ("/health", "/instances", "/metrics", "/v1/models", "/v1/responses/{response_id}")
+GETS = (
+    "/health",
+    "/instances",
+    "/metrics",
+    "/v1/models",
+    "/v1/responses/{response_id}",
+    "/v1/responses/{response_id}/input_items",
+)
 ADMIN_POSTS = ("/reset_prefix_cache",)  # no body
+RESPONSE_CALLS = (("DELETE", "/v1/responses/{response_id}"), ("POST", "/v1/responses/{response_id}/cancel"))
 HIDDEN_5XX = (  # proxy metrics that count a 5xx the client may not have seen (retried, fallen back, in-band)
     "pdserve_proxy_upstream_failures_total",
     "pdserve_proxy_fallbacks_total",
@@ -90,10 +98,10 @@ def _cap(body: object) -> None:
 def test_schema_documents_every_route_and_body(topo: Topology) -> None:
     """Every documented route is fuzzed below; the generation paths declare their request bodies."""
     spec = httpx.get(f"{topo.proxy.base_url}/openapi.json").json()
-    assert {p: set(ops) for p, ops in spec["paths"].items()} == {
-        **{p: {"post"} for p in POSTS + ADMIN_POSTS},
-        **{p: {"get"} for p in GETS},
-    }
+    expected = {**{p: {"post"} for p in POSTS + ADMIN_POSTS}, **{p: {"get"} for p in GETS}}
+    for method, path in RESPONSE_CALLS:
+        expected.setdefault(path, set()).add(method.lower())
+    assert {p: set(ops) for p, ops in spec["paths"].items()} == expected
     fields = {
         p: set(spec["paths"][p]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"])
         for p in POSTS
@@ -105,13 +113,16 @@ def test_schema_documents_every_route_and_body(topo: Topology) -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "mode"),
-    [(p, m) for p in POSTS for m in GenerationMode] + [(p, GenerationMode.POSITIVE) for p in GETS + ADMIN_POSTS],
+    ("method", "path", "mode"),
+    [("POST", p, m) for p in POSTS for m in GenerationMode]
+    + [("GET" if p in GETS else "POST", p, GenerationMode.POSITIVE) for p in GETS + ADMIN_POSTS]
+    + [(m, p, GenerationMode.POSITIVE) for m, p in RESPONSE_CALLS],
 )
-def test_no_server_errors(topo: Topology, path: str, mode: GenerationMode, request: pytest.FixtureRequest) -> None:
+def test_no_server_errors(
+    topo: Topology, method: str, path: str, mode: GenerationMode, request: pytest.FixtureRequest
+) -> None:
     proxy = topo.proxy
     schema = schemathesis.openapi.from_url(f"{proxy.base_url}/openapi.json")
-    method = "POST" if path in POSTS + ADMIN_POSTS else "GET"
     op = schema[path][method]
     client = httpx.Client(base_url=proxy.base_url, timeout=60)
     request.addfinalizer(client.close)
@@ -128,9 +139,12 @@ def test_no_server_errors(topo: Topology, path: str, mode: GenerationMode, reque
     run()
     assert httpx.get(f"{proxy.base_url}/health").status_code == 200
     metrics = parse_metrics(httpx.get(f"{proxy.base_url}/metrics").text)
-    by_design = ('pdserve_proxy_fallbacks_total{reason="echo"}', 'pdserve_proxy_fallbacks_total{reason="batch"}',
-                 'pdserve_proxy_fallbacks_total{reason="previous_response"}',
-                 'pdserve_proxy_fallbacks_total{reason="prompt_logprobs"}')
+    by_design = (
+        'pdserve_proxy_fallbacks_total{reason="echo"}',
+        'pdserve_proxy_fallbacks_total{reason="batch"}',
+        'pdserve_proxy_fallbacks_total{reason="previous_response"}',
+        'pdserve_proxy_fallbacks_total{reason="prompt_logprobs"}',
+    )
     hidden = {k: v for k, v in metrics.items() if v and k.startswith(HIDDEN_5XX) and k not in by_design}
     assert not hidden, f"5xx behind the proxy's back: {hidden}"
     for inst in topo.instances:

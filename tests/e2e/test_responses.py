@@ -2,12 +2,14 @@
 `pdserve serve` (with `--reasoning-parser qwen3`), then through `pdserve proxy` in standard mode and
 in disagg mode (READ: a prefill and a decode instance). Every streamed event is validated strictly
 against the client's own types; tool calls are made deterministic by tool_choice "required" (a
-grammar) and a fixed seed."""
+grammar) and a fixed seed. Background responses: polled to their end, cancelled (their KV blocks
+freed), streamed and picked up again from a cursor, deleted; input_items paged by the client."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,12 +24,38 @@ from tests.e2e.conftest import TINY_MODEL, ServerProcess, free_port, launch, pds
 EVENTS = TypeAdapter(ResponseStreamEvent)
 SERVE = ("--reasoning-parser", "qwen3")
 ASK = {"model": TINY_MODEL, "instructions": "Be brief.", "input": "Hello there", "temperature": 0.0}
-CITY = {"type": "object", "additionalProperties": False, "required": ["city"],
-        "properties": {"city": {"type": "string", "maxLength": 8}}}
-TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": CITY,
-          "strict": True}]
-CALL = {"model": TINY_MODEL, "input": "What is the weather in Paris?", "tools": TOOLS, "tool_choice": "required",
-        "parallel_tool_calls": False, "max_output_tokens": 120, "temperature": 1.0, "extra_body": {"seed": 2}}
+CITY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["city"],
+    "properties": {"city": {"type": "string", "maxLength": 8}},
+}
+TOOLS = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": CITY,
+        "strict": True,
+    }
+]
+LONG = {
+    "model": TINY_MODEL,
+    "input": "Go on",
+    "max_output_tokens": 3000,
+    "temperature": 0.0,  # cancelled early
+    "extra_body": {"ignore_eos": True},
+}
+CALL = {
+    "model": TINY_MODEL,
+    "input": "What is the weather in Paris?",
+    "tools": TOOLS,
+    "tool_choice": "required",
+    "parallel_tool_calls": False,
+    "max_output_tokens": 120,
+    "temperature": 1.0,
+    "extra_body": {"seed": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +113,7 @@ def test_stop_completes_and_max_output_tokens_cuts(client: openai.OpenAI) -> Non
     text = client.responses.create(max_output_tokens=12, **ASK).output_text  # type: ignore[arg-type]
     stopped = client.responses.create(max_output_tokens=12, extra_body={"stop": [text[4:6]]}, **ASK)  # type: ignore[arg-type]
     assert stopped.status == "completed" and stopped.incomplete_details is None
-    assert stopped.output_text == text[:text.index(text[4:6])]
+    assert stopped.output_text == text[: text.index(text[4:6])]
     assert stopped.output[0].status == "completed"  # type: ignore[union-attr]
 
 
@@ -105,10 +133,18 @@ def test_function_call_round_trip(client: openai.OpenAI) -> None:
     assert "response.function_call_arguments.delta" in types and "response.function_call_arguments.done" in types
     named = client.responses.create(**{**CALL, "tool_choice": {"type": "function", "name": "get_weather"}})  # type: ignore[call-overload]
     assert _call(named)[0] == "get_weather"
-    back = [{"role": "user", "content": CALL["input"]}, *[o.model_dump(mode="json") for o in first.output],
-            {"type": "function_call_output", "call_id": call_id, "output": '{"temperature": 21}'}]
-    answer = client.responses.create(model=TINY_MODEL, input=back, tools=TOOLS, max_output_tokens=4,  # type: ignore[arg-type]
-                                     temperature=0.0)
+    back = [
+        {"role": "user", "content": CALL["input"]},
+        *[o.model_dump(mode="json") for o in first.output],
+        {"type": "function_call_output", "call_id": call_id, "output": '{"temperature": 21}'},
+    ]
+    answer = client.responses.create(
+        model=TINY_MODEL,
+        input=back,
+        tools=TOOLS,
+        max_output_tokens=4,  # type: ignore[arg-type]
+        temperature=0.0,
+    )
     assert answer.output_text and not [o for o in answer.output if o.type == "function_call"]
     assert answer.usage is not None and first.usage is not None
     assert answer.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
@@ -121,8 +157,11 @@ def test_previous_response_id_continues_and_get_returns_it(client: openai.OpenAI
     first = client.responses.create(max_output_tokens=6, **ASK)  # type: ignore[arg-type]
     more = {"model": TINY_MODEL, "input": "Tell me more.", "max_output_tokens": 6, "temperature": 0.0}
     cont = client.responses.create(previous_response_id=first.id, **more)  # type: ignore[arg-type]
-    whole = [{"role": "user", "content": ASK["input"]}, *[o.model_dump(mode="json") for o in first.output],
-             {"role": "user", "content": "Tell me more."}]
+    whole = [
+        {"role": "user", "content": ASK["input"]},
+        *[o.model_dump(mode="json") for o in first.output],
+        {"role": "user", "content": "Tell me more."},
+    ]
     again = client.responses.create(**{**more, "input": whole})  # type: ignore[arg-type]
     alone = client.responses.create(**more)  # type: ignore[arg-type]
     assert cont.previous_response_id == first.id and cont.output_text == again.output_text
@@ -157,16 +196,22 @@ def test_reasoning_and_json_format(client: openai.OpenAI) -> None:
     assert j.text is not None and j.text.format is not None and j.text.format.type == "json_schema"
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"tools": [{"type": "web_search_preview"}]}, "tools"),
-    ({"background": True}, "background"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x"}]}]}, "input.0.content"),
-    ({"tool_choice": "required"}, None),
-    ({"max_output_tokens": 0}, "max_output_tokens"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}}, "text.format"),
-    ({"input": "x" * 5000}, "input"),
-    ({"model": "nope"}, "model"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [{"type": "web_search_preview"}]}, "tools"),
+        ({"background": True, "store": False}, "background"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x"}]}]},
+            "input.0.content",
+        ),
+        ({"tool_choice": "required"}, None),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}}, "text.format"),
+        ({"input": "x" * 5000}, "input"),
+        ({"model": "nope"}, "model"),
+    ],
+)
 def test_bad_requests_are_400(server: ServerProcess, body: dict, param: str | None) -> None:
     r = httpx.post(f"{server.v1_url}/responses", json={"input": "hi", **body}, timeout=30)
     assert r.status_code == (404 if param == "model" else 400), r.text
@@ -182,8 +227,9 @@ def _proxy(tmp: Path, *args: str) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="module", params=["standard", "disagg"])
-def proxied(request: pytest.FixtureRequest, module_tmp: Path, server: ServerProcess
-            ) -> Iterator[tuple[ServerProcess, list[ServerProcess]]]:
+def proxied(
+    request: pytest.FixtureRequest, module_tmp: Path, server: ServerProcess
+) -> Iterator[tuple[ServerProcess, list[ServerProcess]]]:
     """A proxy and the instances that store responses behind it (standard: the module's server;
     disagg READ: a new prefill and decode pair)."""
     if request.param == "standard":
@@ -191,9 +237,11 @@ def proxied(request: pytest.FixtureRequest, module_tmp: Path, server: ServerProc
             yield p, [server]
         return
     halves = ("--kv-mode", "read", *SERVE)
-    with pdserve_server(module_tmp, "--role", "prefill", *halves) as pre, \
-            pdserve_server(module_tmp, "--role", "decode", *halves) as dec, \
-            _proxy(module_tmp, "--kv-mode", "read", "--prefill", pre.base_url, "--decode", dec.base_url) as p:
+    with (
+        pdserve_server(module_tmp, "--role", "prefill", *halves) as pre,
+        pdserve_server(module_tmp, "--role", "decode", *halves) as dec,
+        _proxy(module_tmp, "--kv-mode", "read", "--prefill", pre.base_url, "--decode", dec.base_url) as p,
+    ):
         yield p, [dec, pre]
 
 
@@ -221,3 +269,111 @@ def test_through_the_proxy(proxied: tuple[ServerProcess, list[ServerProcess]], c
     assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
     r = httpx.get(f"{proxy.v1_url}/responses/resp_unknown", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
+
+
+def _until(client: openai.OpenAI, response_id: str, statuses: tuple[str, ...], timeout: float = 60) -> Response:
+    """Poll GET until the response's status is one of `statuses`."""
+    deadline = time.monotonic() + timeout
+    while (got := client.responses.retrieve(response_id)).status not in statuses:
+        assert time.monotonic() < deadline, f"{response_id} still {got.status}"
+        time.sleep(0.02)
+    return got
+
+
+ENDED = ("completed", "incomplete", "failed", "cancelled")
+
+
+def _blocks_free(*servers: ServerProcess) -> None:
+    for s in servers:
+        total = s.metrics()["pdserve_kv_blocks_total"]
+        s.wait_metrics({"pdserve_kv_blocks_free": total, "pdserve_num_requests_running": 0})
+
+
+def _background_round(via: openai.OpenAI, client: openai.OpenAI, holders: list[ServerProcess]) -> None:
+    """What a client of background responses does, through `via`; `holders`: the instances whose
+    blocks must all be free again after a cancel."""
+    want = client.responses.create(max_output_tokens=10, **ASK)  # type: ignore[arg-type]
+    bg = via.responses.create(background=True, max_output_tokens=10, **ASK)  # type: ignore[arg-type]
+    assert bg.status in ("queued", "in_progress") and bg.background is True and not bg.output
+    done = _until(via, bg.id, ENDED)
+    assert done.status == "incomplete" and done.output_text == want.output_text and done.background is True
+    assert via.responses.cancel(bg.id).model_dump() == done.model_dump()  # ended: answered as it is
+    (item,) = list(via.responses.input_items.list(bg.id))
+    assert item.type == "message" and item.role == "user" and item.content[0].text == ASK["input"]  # type: ignore[union-attr]
+    long = via.responses.create(background=True, **LONG)  # type: ignore[call-overload]
+    _until(via, long.id, ("in_progress",))
+    cancelled = via.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and cancelled.usage is not None and cancelled.usage.output_tokens < 3000
+    _blocks_free(*holders)
+    assert via.responses.retrieve(long.id).status == "cancelled"
+    assert via.responses.delete(long.id) is None
+    for gone in (
+        lambda: via.responses.retrieve(long.id),
+        lambda: via.responses.delete(long.id),
+        lambda: via.responses.cancel(long.id),
+        lambda: list(via.responses.input_items.list(long.id)),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            gone()
+    foreground = via.responses.create(max_output_tokens=2, **ASK)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError):
+        via.responses.cancel(foreground.id)  # not a background response
+
+
+def test_background_poll_cancel_delete(client: openai.OpenAI, server: ServerProcess) -> None:
+    _background_round(client, client, [server])
+
+
+def test_input_items_are_paged_by_the_client(client: openai.OpenAI) -> None:
+    """The conversation of a continuation, last item first by default; the client follows `after`."""
+    first = client.responses.create(max_output_tokens=4, **ASK)  # type: ignore[arg-type]
+    more = {"model": TINY_MODEL, "input": "Tell me more.", "max_output_tokens": 4, "temperature": 0.0}
+    cont = client.responses.create(previous_response_id=first.id, **more)  # type: ignore[arg-type]
+    items = list(client.responses.input_items.list(cont.id, limit=1))  # one page per item
+    assert [(i.type, i.role) for i in items] == [("message", "user"), ("message", "assistant"), ("message", "user")]  # type: ignore[union-attr]
+    assert items[1].id == first.output[0].id and items[0].content[0].text == "Tell me more."  # type: ignore[union-attr]
+    asc = client.responses.input_items.list(cont.id, order="asc")
+    assert [i.id for i in asc.data] == [i.id for i in items][::-1] and asc.has_more is False
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_items.list(cont.id, limit=101)
+
+
+def _follow(stream: Iterator[object], stop_after: int | None = None) -> list[dict]:
+    out: list[dict] = []
+    for e in stream:
+        out.append(e.model_dump(mode="json"))  # type: ignore[attr-defined]
+        EVENTS.validate_python(out[-1])
+        if stop_after is not None and len(out) > stop_after:
+            break
+    return out
+
+
+def _streamed_background(via: openai.OpenAI) -> None:
+    """A streamed background response: the client leaves after a few events, the response runs on,
+    GET ?stream=true&starting_after=n gives the rest (OpenAI's cursor)."""
+    stream = via.responses.create(stream=True, background=True, max_output_tokens=12, **ASK)  # type: ignore[call-overload]
+    first = _follow(stream, stop_after=3)
+    stream.close()
+    assert [e["type"] for e in first[:2]] == ["response.created", "response.queued"]
+    response_id = first[0]["response"]["id"]
+    done = _until(via, response_id, ENDED)
+    rest = _follow(via.responses.retrieve(response_id, stream=True, starting_after=3))
+    assert [e["sequence_number"] for e in first + rest] == list(range(len(first) + len(rest)))
+    assert rest[-1]["type"] == "response.completed" and rest[-1]["response"]["output"][0]["content"][0]["text"] == (
+        done.output_text
+    )
+
+
+def test_streamed_background_picked_up_again(client: openai.OpenAI) -> None:
+    _streamed_background(client)
+
+
+def test_background_through_the_proxy(
+    proxied: tuple[ServerProcess, list[ServerProcess]], client: openai.OpenAI
+) -> None:
+    """The same through the proxy: the create call returns at once, every later call finds the
+    instance that holds the response (disagg: the decode; the prefill's blocks are free too)."""
+    proxy, instances = proxied
+    via = _client(proxy)
+    _background_round(via, client, instances)
+    _streamed_background(via)

@@ -49,9 +49,16 @@ class KVBus:
 
 class FakeInstance:
     def __init__(
-        self, role: Literal["P", "D", "S"], bus: KVBus | None = None, behavior: Behavior = "ok",
-        tokens: int = 4, delay_s: float = 0.0, drop_after: int = 2, engine_id: str | None = None,
-        early_chunk: bool = False, notify: bool = False,
+        self,
+        role: Literal["P", "D", "S"],
+        bus: KVBus | None = None,
+        behavior: Behavior = "ok",
+        tokens: int = 4,
+        delay_s: float = 0.0,
+        drop_after: int = 2,
+        engine_id: str | None = None,
+        early_chunk: bool = False,
+        notify: bool = False,
     ) -> None:
         self.role = role
         self.bus = bus or KVBus()
@@ -62,6 +69,7 @@ class FakeInstance:
         self.engine_id = engine_id or f"engine-{role}-{id(self) % 10000}"
         self.early_chunk = early_chunk  # a streamed decode half sends a first chunk before it has the KV
         self.seen: list[Seen] = []
+        self.deleted: list[str] = []  # DELETE /v1/responses/{id} received
         self.cancelled = 0  # requests whose connection the proxy closed before they ended
         self.healthy = True  # what GET /health says
         self.port = 0
@@ -94,6 +102,8 @@ class FakeInstance:
         app = web.Application()
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_post("/v1/responses", self._generate)
+        app.router.add_delete("/v1/responses/{response_id}", self._delete)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/kv_info", self._kv_info)
@@ -120,6 +130,11 @@ class FakeInstance:
             self._zmq.term()
             self._zmq = None
 
+    async def _delete(self, request: web.Request) -> web.Response:
+        response_id = request.match_info["response_id"]
+        self.deleted.append(response_id)
+        return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
     async def _health(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok" if self.healthy else "draining"}, status=200 if self.healthy else 503)
 
@@ -128,14 +143,31 @@ class FakeInstance:
 
     async def _kv_info(self, _: web.Request) -> web.Response:
         role = {"P": "prefill", "D": "decode", "S": "standalone"}[self.role]
-        return web.json_response({"engine_id": self.engine_id, "host": "127.0.0.1", "handshake_port": self.port + 1,
-                                  "notify_port": self.notify_port, "role": role, "transfer_mode": self.bus.mode})
+        return web.json_response(
+            {
+                "engine_id": self.engine_id,
+                "host": "127.0.0.1",
+                "handshake_port": self.port + 1,
+                "notify_port": self.notify_port,
+                "role": role,
+                "transfer_mode": self.bus.mode,
+            }
+        )
 
     def params(self, request_id: str) -> dict[str, Any]:
-        return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
-                "remote_block_ids": [3, 1, 4], "remote_host": "127.0.0.1", "remote_port": self.port,
-                "remote_handshake_port": self.port + 1, "remote_notify_port": self.notify_port,
-                "transfer_mode": "READ", "lease_seconds": 30.0, "extra_field": request_id}
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": self.engine_id,
+            "remote_block_ids": [3, 1, 4],
+            "remote_host": "127.0.0.1",
+            "remote_port": self.port,
+            "remote_handshake_port": self.port + 1,
+            "remote_notify_port": self.notify_port,
+            "transfer_mode": "READ",
+            "lease_seconds": 30.0,
+            "extra_field": request_id,
+        }
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -153,8 +185,14 @@ class FakeInstance:
                 await asyncio.sleep(self.delay_s)
             return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
         if self.behavior == "400":
-            err = {"error": {"message": "max_tokens: bad", "type": "invalid_request_error", "param": "max_tokens",
-                             "code": "invalid_value"}}
+            err = {
+                "error": {
+                    "message": "max_tokens: bad",
+                    "type": "invalid_request_error",
+                    "param": "max_tokens",
+                    "code": "invalid_value",
+                }
+            }
             return web.json_response(err, status=400)
         if self.behavior == "hang":
             await asyncio.sleep(3600)
@@ -165,8 +203,15 @@ class FakeInstance:
             if kv.get("transfer_mode") == "WRITE":
                 self.bus.event(rid).set()
             params = None if self.behavior == "no_params" else self.params(rid)
-            return web.json_response({"id": rid, "choices": [{"index": 0, "text": "w0", "finish_reason": "length"}],
-                                      "kv_transfer_params": params})
+            return web.json_response(
+                {
+                    "id": rid,
+                    "choices": [{"index": 0, "text": "w0", "finish_reason": "length"}],
+                    "kv_transfer_params": params,
+                }
+            )
+        if body.get("background"):  # a background response: answered at once, generated later
+            return web.json_response({"id": f"resp_{rid}", "object": "response", "status": "queued"})
         words = [f"w{i}" for i in range(self.tokens)]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         if body.get("stream") and self.early_chunk:
@@ -175,8 +220,13 @@ class FakeInstance:
         if kv.get("do_remote_prefill") and kv.get("transfer_mode") == "WRITE":
             await self.bus.event(rid).wait()
         if not body.get("stream"):
-            return web.json_response({"id": rid, "object": "text_completion",
-                                      "choices": [{"index": 0, "text": " ".join(words), "finish_reason": "length"}]})
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "choices": [{"index": 0, "text": " ".join(words), "finish_reason": "length"}],
+                }
+            )
         if not resp.prepared:
             await resp.prepare(request)
         for i, w in enumerate(words):
@@ -236,8 +286,13 @@ async def until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-               headers: dict[str, str] | None = None, timeout: float | None = None) -> tuple[int, bytes, str]:
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> tuple[int, bytes, str]:
     """(status, body, X-Request-Id) of a POST; `timeout`: give up (and disconnect) after that long."""
     limit = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
     async with session.post(url, json=body, headers=headers or {}, **limit) as r:

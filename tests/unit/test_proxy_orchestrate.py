@@ -20,8 +20,14 @@ from pdserve.proxy.instances import Instance
 from pdserve.proxy.settings import ProxySettings
 from tests.unit.test_proxy_fakes import FakeInstance, KVBus, RunningProxy, post, running_proxy, sse_events, until
 
-BODY = {"model": "fake", "prompt": "hi", "max_tokens": 4, "min_tokens": 4, "stream": True,
-        "stream_options": {"include_usage": True}}
+BODY = {
+    "model": "fake",
+    "prompt": "hi",
+    "max_tokens": 4,
+    "min_tokens": 4,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4}
 Session = aiohttp.ClientSession
 Fakes = list[FakeInstance]
@@ -56,9 +62,13 @@ def _texts(raw: bytes) -> list[str]:
 
 def test_prefill_body_read() -> None:
     half = msgspec.json.decode(bodies.prefill_body(BODY, "/v1/completions", bodies.prefill_params("READ")))
-    assert half == {"model": "fake", "prompt": "hi", "max_tokens": 1, "stream": False,
-                    "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False,
-                                           "transfer_mode": "READ"}}
+    assert half == {
+        "model": "fake",
+        "prompt": "hi",
+        "max_tokens": 1,
+        "stream": False,
+        "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False, "transfer_mode": "READ"},
+    }
     chat = msgspec.json.decode(bodies.prefill_body(CHAT, "/v1/chat/completions", bodies.prefill_params("READ")))
     assert chat["max_completion_tokens"] == 1 and chat["max_tokens"] == 1
 
@@ -67,12 +77,25 @@ def test_write_params_carry_the_peer() -> None:
     d = Instance("127.0.0.1:9002", "D", False, engine_id="dec", kv_host="10.0.0.2", handshake_port=5, notify_port=6)
     p = Instance("127.0.0.1:9001", "P", False, engine_id="pre", kv_host="10.0.0.1", handshake_port=7, notify_port=8)
     assert bodies.params_json(bodies.prefill_params("WRITE", d)) == {
-        "do_remote_decode": True, "do_remote_prefill": False, "transfer_mode": "WRITE", "remote_engine_id": "dec",
-        "remote_host": "10.0.0.2", "remote_handshake_port": 5, "remote_notify_port": 6}
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "transfer_mode": "WRITE",
+        "remote_engine_id": "dec",
+        "remote_host": "10.0.0.2",
+        "remote_handshake_port": 5,
+        "remote_notify_port": 6,
+    }
     half = msgspec.json.decode(bodies.decode_body(BODY, bodies.write_decode_params(p)))
     assert half["kv_transfer_params"] == {
-        "do_remote_prefill": True, "do_remote_decode": False, "transfer_mode": "WRITE", "remote_engine_id": "pre",
-        "remote_host": "10.0.0.1", "remote_port": 9001, "remote_handshake_port": 7, "remote_notify_port": 8}
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "transfer_mode": "WRITE",
+        "remote_engine_id": "pre",
+        "remote_host": "10.0.0.1",
+        "remote_port": 9001,
+        "remote_handshake_port": 7,
+        "remote_notify_port": 8,
+    }
     assert {k: v for k, v in half.items() if k != "kv_transfer_params"} == BODY
 
 
@@ -80,8 +103,13 @@ def test_params_from_prefill() -> None:
     good = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_block_ids": [1], "vendor_extra": 1}
     assert bodies.params_from_prefill(msgspec.json.encode({"kv_transfer_params": good})) == good
     assert bodies.params_from_prefill(b'{"kv_transfer_params": null}') is None
-    for bad in (b"nope", b"[]", b'{"kv_transfer_params": 3}', b'{"kv_transfer_params": {"remote_block_ids": "x"}}',
-                b'{"kv_transfer_params": {"do_remote_prefill": false}}'):
+    for bad in (
+        b"nope",
+        b"[]",
+        b'{"kv_transfer_params": 3}',
+        b'{"kv_transfer_params": {"remote_block_ids": "x"}}',
+        b'{"kv_transfer_params": {"do_remote_prefill": false}}',
+    ):
         try:
             bodies.params_from_prefill(bad)
         except bodies.BadParams:
@@ -100,8 +128,11 @@ def test_read_mode_serial_halves() -> None:
         assert pre.request_id == dec.request_id == rid
         assert pre.body["max_tokens"] == 1 and pre.body["stream"] is False
         assert "stream_options" not in pre.body and "min_tokens" not in pre.body
-        assert pre.body["kv_transfer_params"] == {"do_remote_decode": True, "do_remote_prefill": False,
-                                                  "transfer_mode": "READ"}
+        assert pre.body["kv_transfer_params"] == {
+            "do_remote_decode": True,
+            "do_remote_prefill": False,
+            "transfer_mode": "READ",
+        }
         assert dec.body == {**BODY, "kv_transfer_params": ps[0].params(rid)}  # forwarded as the prefill sent them
         status, raw, _ = await post(s, proxy.url + "/v1/chat/completions", CHAT)
         assert status == 200 and ps[0].seen[1].body["max_completion_tokens"] == 1
@@ -185,6 +216,7 @@ def test_read_no_params_means_local_prefill() -> None:
 
 def test_read_priority_and_return_token_ids_reach_both_halves() -> None:
     """vLLM's `priority` orders the request on both instances; `return_token_ids` rides along."""
+
     async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
         extra = {"priority": -2, "return_token_ids": True}
         for path, req in (("/v1/completions", BODY), ("/v1/chat/completions", CHAT)):
@@ -199,14 +231,40 @@ def test_read_priority_and_return_token_ids_reach_both_halves() -> None:
 
 def test_prompt_logprobs_are_served_by_a_decode_alone() -> None:
     """Like echo: the prompt's logprobs are computed where the prompt is, so no prefill half."""
+
     async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
         for path, req in (("/v1/completions", BODY), ("/v1/chat/completions", CHAT)):
             status, _, _ = await post(s, proxy.url + path, {**req, "prompt_logprobs": 0})
             assert status == 200
-        assert not ps[0].seen and [x.body for x in ds[0].seen] == [{**BODY, "prompt_logprobs": 0},
-                                                                   {**CHAT, "prompt_logprobs": 0}]
+        assert not ps[0].seen and [x.body for x in ds[0].seen] == [
+            {**BODY, "prompt_logprobs": 0},
+            {**CHAT, "prompt_logprobs": 0},
+        ]
         status, _, _ = await post(s, proxy.url + "/v1/completions", {**BODY, "prompt_logprobs": None})
         assert status == 200 and len(ps[0].seen) == 1  # null: not asked, disaggregated as usual
+
+    _run([FakeInstance("P")], [FakeInstance("D")], body)
+
+
+def test_truncate_prompt_tokens_k_reaches_both_halves_and_minus_one_goes_to_a_decode_alone() -> None:
+    """vLLM's truncate_prompt_tokens: a positive k keeps the same last k tokens in both halves; -1
+    depends on max_tokens, which the prefill half sets to 1, so the decode prefills such a prompt itself."""
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        for path, req in (("/v1/completions", BODY), ("/v1/chat/completions", CHAT)):
+            status, _, _ = await post(s, proxy.url + path, {**req, "truncate_prompt_tokens": 3})
+            assert status == 200
+        assert len(ps[0].seen) == len(ds[0].seen) == 2
+        assert all(half.body["truncate_prompt_tokens"] == 3 for half in ps[0].seen + ds[0].seen)
+        for path, req in (("/v1/completions", BODY), ("/v1/chat/completions", CHAT)):
+            status, _, _ = await post(s, proxy.url + path, {**req, "truncate_prompt_tokens": -1})
+            assert status == 200
+        assert len(ps[0].seen) == 2 and [x.body for x in ds[0].seen[2:]] == [
+            {**BODY, "truncate_prompt_tokens": -1},
+            {**CHAT, "truncate_prompt_tokens": -1},
+        ]
+        metrics = await (await s.get(proxy.url + "/metrics")).text()
+        assert 'pdserve_proxy_fallbacks_total{reason="truncate_prompt_tokens"} 2' in metrics
 
     _run([FakeInstance("P")], [FakeInstance("D")], body)
 
@@ -240,13 +298,24 @@ def test_write_mode_concurrent_halves() -> None:
         (pre,), (dec,) = ps[0].seen, ds[0].seen
         assert pre.request_id == dec.request_id == rid
         assert pre.body["kv_transfer_params"] == {
-            "do_remote_decode": True, "do_remote_prefill": False, "transfer_mode": "WRITE",
-            "remote_engine_id": ds[0].engine_id, "remote_host": "127.0.0.1",
-            "remote_handshake_port": ds[0].port + 1, "remote_notify_port": ds[0].port + 2}
+            "do_remote_decode": True,
+            "do_remote_prefill": False,
+            "transfer_mode": "WRITE",
+            "remote_engine_id": ds[0].engine_id,
+            "remote_host": "127.0.0.1",
+            "remote_handshake_port": ds[0].port + 1,
+            "remote_notify_port": ds[0].port + 2,
+        }
         assert dec.body["kv_transfer_params"] == {
-            "do_remote_prefill": True, "do_remote_decode": False, "transfer_mode": "WRITE",
-            "remote_engine_id": ps[0].engine_id, "remote_host": "127.0.0.1", "remote_port": ps[0].port,
-            "remote_handshake_port": ps[0].port + 1, "remote_notify_port": ps[0].port + 2}
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "transfer_mode": "WRITE",
+            "remote_engine_id": ps[0].engine_id,
+            "remote_host": "127.0.0.1",
+            "remote_port": ps[0].port,
+            "remote_handshake_port": ps[0].port + 1,
+            "remote_notify_port": ps[0].port + 2,
+        }
         status, raw, _ = await post(s, proxy.url + "/v1/completions", {**BODY, "stream": False})
         assert status == 200 and msgspec.json.decode(raw)["choices"][0]["text"] == "w0 w1 w2 w3"
 
@@ -269,8 +338,12 @@ def test_write_prefill_failure_aborts_decode_then_retries() -> None:
         assert len(rids) == 2 + len(bad.seen) and len(set(rids)) == len(rids)  # a retried pair: a fresh id
         assert all(i.in_flight == 0 for i in proxy.state.table.all())
 
-    _run([FakeInstance("P", bus, behavior="500"), FakeInstance("P", bus)], [FakeInstance("D", bus)], body,
-         kv_mode="WRITE")
+    _run(
+        [FakeInstance("P", bus, behavior="500"), FakeInstance("P", bus)],
+        [FakeInstance("D", bus)],
+        body,
+        kv_mode="WRITE",
+    )
 
 
 def test_write_commits_only_after_the_prefill_answered() -> None:
@@ -313,6 +386,41 @@ def test_write_prefill_4xx_passes_through() -> None:
         await until(lambda: ds[0].cancelled == 1)
 
     _run([FakeInstance("P", bus, behavior="400")], [FakeInstance("D", bus)], body, kv_mode="WRITE")
+
+
+BACKGROUND = {"model": "fake", "input": "hi", "max_output_tokens": 4, "background": True}
+
+
+def test_write_background_response_commits_after_the_prefill_answered() -> None:
+    """A background decode half answers at once; the proxy answers the client only once the prefill
+    half has too (past the grace second a complete answer gets: the decode still needs the KV), and
+    the prefill half is neither cut off nor sent `background`."""
+    bus = KVBus("WRITE")
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        await until(lambda: all(i.healthy and i.kv_ready for i in proxy.state.table.all()))
+        start = asyncio.get_running_loop().time()
+        status, raw, rid = await post(s, proxy.url + "/v1/responses", BACKGROUND)
+        assert status == 200 and msgspec.json.decode(raw)["id"] == f"resp_{rid}"
+        assert asyncio.get_running_loop().time() - start >= 1.3
+        assert ps[0].cancelled == 0 and "background" not in ps[0].seen[0].body
+        assert ds[0].seen[0].body["background"] is True and not ds[0].deleted
+
+    _run([FakeInstance("P", bus, delay_s=1.3)], [FakeInstance("D", bus)], body, kv_mode="WRITE")
+
+
+def test_write_background_response_of_a_failed_pair_is_deleted() -> None:
+    bus = KVBus("WRITE")
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        await until(lambda: all(i.healthy and i.kv_ready for i in proxy.state.table.all()))
+        min(ps, key=lambda f: f"127.0.0.1:{f.port}").behavior = "500"  # round-robin's first pick fails
+        status, raw, rid = await post(s, proxy.url + "/v1/responses", BACKGROUND)
+        assert status == 200 and msgspec.json.decode(raw)["id"] == f"resp_{rid}-1"  # the retried pair's
+        await until(lambda: ds[0].deleted == [f"resp_{rid}"])
+
+    prefills = [FakeInstance("P", bus, delay_s=0.1), FakeInstance("P", bus, delay_s=0.1)]
+    _run(prefills, [FakeInstance("D", bus)], body, kv_mode="WRITE")
 
 
 def _aborts(f: FakeInstance) -> list[str]:
@@ -409,9 +517,18 @@ def test_write_mode_with_registered_instances_and_eviction() -> None:
 
                 def beat(*fakes: FakeInstance) -> None:
                     for f in fakes:
-                        dealer.send(encode(Register(
-                            role=f.role, request_address=f"127.0.0.1:{f.port}", handshake_port=f.port + 1,  # type: ignore[arg-type]
-                            notify_port=f.port + 2, transfer_mode="WRITE", engine_id=f.engine_id)))
+                        dealer.send(
+                            encode(
+                                Register(
+                                    role=f.role,
+                                    request_address=f"127.0.0.1:{f.port}",
+                                    handshake_port=f.port + 1,  # type: ignore[arg-type]
+                                    notify_port=f.port + 2,
+                                    transfer_mode="WRITE",
+                                    engine_id=f.engine_id,
+                                )
+                            )
+                        )
 
                 beat(p, d1)
                 await until(lambda: len(proxy.state.table.candidates("D")) == 1)

@@ -25,7 +25,8 @@ from pdserve.server.protocol import (
     Tool,
     ToolCallIn,
 )
-from pdserve.server.responses.objects import FunctionCall, OutputItem, OutputMessage
+from pdserve.server.responses.items import FunctionCallOutput, InputMessage, ListedItem
+from pdserve.server.responses.objects import FunctionCall, OutputMessage
 from pdserve.server.responses.request import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -42,18 +43,31 @@ def chat_request(req: ResponsesRequest, items: Sequence[InputItem]) -> ChatCompl
     """The chat request of `req` whose conversation is `items` (an earlier one's, then req's input)."""
     system = [ChatMessage(role="system", content=req.instructions)] if req.instructions is not None else []
     choice = req.effective_tool_choice
-    tools = [Tool(type="function", function=FunctionDef.model_validate(t.model_dump(exclude={"type"})))
-             for t in req.tools or ()]
+    tools = [
+        Tool(type="function", function=FunctionDef.model_validate(t.model_dump(exclude={"type"})))
+        for t in req.tools or ()
+    ]
     try:
         return ChatCompletionRequest(
-            model=req.model, messages=system + messages(items), max_completion_tokens=req.max_output_tokens,
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
-            repetition_penalty=req.repetition_penalty, stop=req.stop, ignore_eos=req.ignore_eos,
-            tools=tools or None, parallel_tool_calls=req.parallel_tool_calls,
+            model=req.model,
+            messages=system + messages(items),
+            max_completion_tokens=req.max_output_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed,
+            repetition_penalty=req.repetition_penalty,
+            stop=req.stop,
+            ignore_eos=req.ignore_eos,
+            tools=tools or None,
+            parallel_tool_calls=req.parallel_tool_calls,
             tool_choice=NamedToolChoice(type="function", function=NamedFunction(name=choice.name))
-            if isinstance(choice, FunctionChoice) else choice,
+            if isinstance(choice, FunctionChoice)
+            else choice,
             response_format=req.text.format.response_format if req.text is not None else None,
-            structured_outputs=req.structured_outputs, chat_template_kwargs=_template_kwargs(req),
+            structured_outputs=req.structured_outputs,
+            chat_template_kwargs=_template_kwargs(req),
             kv_transfer_params=req.kv_transfer_params,
         )
     except ValidationError as e:
@@ -78,8 +92,11 @@ def messages(items: Iterable[InputItem]) -> list[ChatMessage]:
 
     def flush() -> None:
         if texts or calls:
-            out.append(ChatMessage(role="assistant", content="\n".join(texts) if texts else None,
-                                   tool_calls=list(calls) or None))
+            out.append(
+                ChatMessage(
+                    role="assistant", content="\n".join(texts) if texts else None, tool_calls=list(calls) or None
+                )
+            )
             texts.clear()
             calls.clear()
 
@@ -100,16 +117,25 @@ def messages(items: Iterable[InputItem]) -> list[ChatMessage]:
     return out
 
 
-def as_input(output: Iterable[OutputItem]) -> list[InputItem]:
-    """A response's output items as the input items a client would send back."""
+def as_input(listed: Iterable[ListedItem]) -> list[InputItem]:
+    """Listed items (a stored conversation, a response's output) as the input items a client would
+    send: the same chat messages, hence the same prompt."""
     items: list[InputItem] = []
-    for o in output:
+    for o in listed:
         if isinstance(o, OutputMessage):
             parts = [TextPart(type="output_text", text=p.text) for p in o.content]
-            items.append(MessageItem(role="assistant", content=parts))
+            items.append(MessageItem(role="assistant", content=parts, id=o.id))
+        elif isinstance(o, InputMessage):
+            parts = [TextPart(type="input_text", text=p.text) for p in o.content]
+            items.append(MessageItem(role=o.role, content=parts, id=o.id))
         elif isinstance(o, FunctionCall):
-            items.append(FunctionCallItem(type="function_call", call_id=o.call_id, name=o.name,
-                                          arguments=o.arguments, id=o.id))
+            items.append(
+                FunctionCallItem(type="function_call", call_id=o.call_id, name=o.name, arguments=o.arguments, id=o.id)
+            )
+        elif isinstance(o, FunctionCallOutput):
+            items.append(
+                FunctionCallOutputItem(type="function_call_output", call_id=o.call_id, output=o.output, id=o.id)
+            )
         else:
-            items.append(ReasoningItem(type="reasoning"))
+            items.append(ReasoningItem(type="reasoning", id=o.id))
     return items

@@ -1,12 +1,14 @@
 """The server-sent events of a streamed response, in the shapes of the `openai` package's
 `types/responses/*_event.py`; each is framed `event: <type>` / `data: <json>` as OpenAI's are.
 
-A stream is: `response.created`, `response.in_progress`; per output item `response.output_item.added`,
+A stream is: `response.created`, `response.in_progress` (in the background: `response.queued`, then
+`response.in_progress` at the engine's first output); per output item `response.output_item.added`,
 then for a message `response.content_part.added`, `response.output_text.delta`...,
 `response.output_text.done`, `response.content_part.done` (a reasoning item the same with
 `response.reasoning_text.*`), for a function call `response.function_call_arguments.delta` and
 `.done`; then `response.output_item.done`; last `response.completed` (its response's status says
-"incomplete" when max_output_tokens cut it, as vLLM sends it), or `error` and `response.failed`.
+"incomplete" when max_output_tokens cut it, as vLLM sends it, "cancelled" when a background one was
+cancelled), or `error` and `response.failed`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ class Event(WireModel):
 
 
 class LifecycleEvent(Event):
-    type: Literal["response.created", "response.in_progress", "response.completed", "response.failed"]
+    type: Literal[
+        "response.created", "response.queued", "response.in_progress", "response.completed", "response.failed"
+    ]
     response: ResponseObject
 
 
@@ -97,8 +101,18 @@ class ErrorEvent(Event):
     param: str | None = None
 
 
-AnyEvent = (LifecycleEvent | OutputItemEvent | ContentPartEvent | TextDeltaEvent | TextDoneEvent | ReasoningDeltaEvent
-            | ReasoningDoneEvent | ArgumentsDeltaEvent | ArgumentsDoneEvent | ErrorEvent)
+AnyEvent = (
+    LifecycleEvent
+    | OutputItemEvent
+    | ContentPartEvent
+    | TextDeltaEvent
+    | TextDoneEvent
+    | ReasoningDeltaEvent
+    | ReasoningDoneEvent
+    | ArgumentsDeltaEvent
+    | ArgumentsDoneEvent
+    | ErrorEvent
+)
 
 
 def frame(event: AnyEvent) -> bytes:

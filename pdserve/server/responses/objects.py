@@ -11,7 +11,8 @@ from pdserve.server.protocol import KVParamsJSON
 from pdserve.server.responses.request import FunctionTool, ReasoningConfig, TextConfig, ToolChoice
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
-ResponseStatus = Literal["in_progress", "completed", "incomplete", "cancelled", "failed"]
+ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "cancelled", "failed"]
+FINAL: tuple[ResponseStatus, ...] = ("completed", "incomplete", "cancelled", "failed")  # a status no longer changes
 
 
 def _none(value: object) -> bool:
@@ -83,9 +84,13 @@ class ResponseUsage(WireModel):
 
     @classmethod
     def of(cls, input_tokens: int, output_tokens: int, cached_tokens: int, reasoning_tokens: int) -> ResponseUsage:
-        return cls(input_tokens=input_tokens, input_tokens_details=InputTokensDetails(cached_tokens=cached_tokens),
-                   output_tokens=output_tokens, output_tokens_details=OutputTokensDetails(
-                       reasoning_tokens=reasoning_tokens), total_tokens=input_tokens + output_tokens)
+        return cls(
+            input_tokens=input_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=cached_tokens),
+            output_tokens=output_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning_tokens),
+            total_tokens=input_tokens + output_tokens,
+        )
 
 
 class IncompleteDetails(WireModel):
@@ -98,7 +103,8 @@ class ResponseError(WireModel):
 
 
 class ResponseObject(WireModel):
-    """The Response (`object: "response"`); `status` "in_progress" while it streams."""
+    """The Response (`object: "response"`); `status` "in_progress" while it streams ("queued" first,
+    in the background, until the engine's first output)."""
 
     id: str
     object: Literal["response"] = "response"
@@ -127,3 +133,11 @@ class ResponseObject(WireModel):
 
     def json_bytes(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
+
+
+class DeletedResponse(WireModel):
+    """What `DELETE /v1/responses/{id}` answers."""
+
+    id: str
+    object: Literal["response"] = "response"
+    deleted: Literal[True] = True

@@ -5,12 +5,13 @@ Used: `input` (a string, or items: messages whose content is a string or `input_
 `output_text` parts, `function_call` and `function_call_output` items; `reasoning` items are
 accepted and left out of the prompt), `instructions`, `max_output_tokens`, `temperature`, `top_p`,
 `tools` (functions), `tool_choice`, `parallel_tool_calls`, `text.format`, `stream`, `store`,
-`previous_response_id`, `reasoning.effort` (to the chat template as `reasoning_effort`, as vLLM
-does; templates that do not read it ignore it), and vLLM's `seed`, `top_k`, `min_p`,
-`repetition_penalty`, `stop`, `ignore_eos`, `structured_outputs`, `chat_template_kwargs`,
-`kv_transfer_params`. Echoed, not used: `metadata`, `user`, `reasoning.summary`. Unknown fields are
-ignored; fields we know but cannot honour are a 400 that names them: built-in tools, `background`,
-`conversation`, `prompt`, `truncation: "auto"`, logprobs (`top_logprobs`, `include`), non-text parts.
+`previous_response_id`, `background` (with `store` left true), `reasoning.effort` (to the chat
+template as `reasoning_effort`, as vLLM does; templates that do not read it ignore it), and vLLM's
+`seed`, `top_k`, `min_p`, `repetition_penalty`, `stop`, `ignore_eos`, `structured_outputs`,
+`chat_template_kwargs`, `kv_transfer_params`. Echoed, not used: `metadata`, `user`,
+`reasoning.summary`. An item's `id` is kept (input_items lists it). Unknown fields are ignored;
+fields we know but cannot honour are a 400 that names them: built-in tools, `conversation`,
+`prompt`, `truncation: "auto"`, logprobs (`top_logprobs`, `include`), non-text parts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydantic import (
     Field,
     JsonValue,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -61,8 +63,10 @@ def _text_parts_only(value: object) -> object:
         for part in value:
             kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
             if kind not in ("input_text", "output_text"):
-                raise ValueError(f"content parts of type {kind!r} are not supported: this server takes text only "
-                                 "(input_text, output_text)")
+                raise ValueError(
+                    f"content parts of type {kind!r} are not supported: this server takes text only "
+                    "(input_text, output_text)"
+                )
     return value
 
 
@@ -77,6 +81,7 @@ class MessageItem(_Request):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: Text
+    id: str | None = None
 
     @property
     def text(self) -> str:
@@ -99,6 +104,7 @@ class FunctionCallOutputItem(_Request):
     type: Literal["function_call_output"]
     call_id: str
     output: Text
+    id: str | None = None
 
     @property
     def text(self) -> str:
@@ -110,6 +116,7 @@ class ReasoningItem(_Request):
     templates drop an earlier turn's thinking)."""
 
     type: Literal["reasoning"]
+    id: str | None = None
 
 
 def _item_type(value: object) -> str | None:
@@ -124,8 +131,11 @@ InputItem = Annotated[
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")],
-    Discriminator(_item_type, custom_error_type="invalid_item",
-                  custom_error_message="input items are messages, function_call, function_call_output or reasoning"),
+    Discriminator(
+        _item_type,
+        custom_error_type="invalid_item",
+        custom_error_message="input items are messages, function_call, function_call_output or reasoning",
+    ),
 ]
 ITEM_TAGS = ("message", "function_call", "function_call_output", "reasoning")
 
@@ -166,8 +176,9 @@ class TextFormat(_Request):
             return None
         if self.type == "json_object":
             return ResponseFormat(type="json_object")
-        schema = JsonSchemaFormat.model_validate({"name": self.name, "description": self.description,
-                                                  "schema": self.schema_, "strict": self.strict})
+        schema = JsonSchemaFormat.model_validate(
+            {"name": self.name, "description": self.description, "schema": self.schema_, "strict": self.strict}
+        )
         return ResponseFormat(type="json_schema", json_schema=schema)
 
 
@@ -181,8 +192,9 @@ class ReasoningConfig(_Request):
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
-                     Field(max_length=16)]
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)
+]
 
 
 class ResponsesRequest(_Request):
@@ -204,8 +216,8 @@ class ResponsesRequest(_Request):
     reasoning: ReasoningConfig | None = None
     metadata: Metadata | None = None
     user: str | None = None
+    background: bool | None = None  # run on after the answer (`queued`); GET shows it, cancel stops it
     # Known and refused unless left at their default.
-    background: bool | None = None
     conversation: JsonValue = None
     prompt: JsonValue = None
     truncation: Literal["auto", "disabled"] | None = None
@@ -228,23 +240,27 @@ class ResponsesRequest(_Request):
         for i, tool in enumerate(value if isinstance(value, list) else ()):
             kind = tool.get("type") if isinstance(tool, dict) else None
             if kind != "function":
-                raise ValueError(f"tools[{i}] is of type {kind!r}: built-in tools are not supported, only functions "
-                                 "(type 'function')")
+                raise ValueError(
+                    f"tools[{i}] is of type {kind!r}: built-in tools are not supported, only functions "
+                    "(type 'function')"
+                )
         return value
 
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _function_choice_only(cls, value: object) -> object:
         if isinstance(value, dict) and value.get("type") != "function":
-            raise ValueError(f"tool_choice of type {value.get('type')!r} is not supported: give 'none', 'auto', "
-                             "'required' or {'type': 'function', 'name': ...}")
+            raise ValueError(
+                f"tool_choice of type {value.get('type')!r} is not supported: give 'none', 'auto', "
+                "'required' or {'type': 'function', 'name': ...}"
+            )
         return value
 
     @field_validator("background")
     @classmethod
-    def _no_background(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("background responses are not supported")
+    def _background_is_stored(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value and info.data.get("store") is False:
+            raise ValueError("a background response is stored (GET shows it): send store true or leave it out")
         return value
 
     @field_validator("conversation", "prompt")
@@ -300,11 +316,15 @@ def client_errors(errors: list[ErrorDetails]) -> list[ErrorDetails]:
     """The validation errors that concern what the client sent: without those of a string form it did
     not send (`input`, `content`: a list came) and without the item tags in their locations, so that
     `param` reads `input.0.content`."""
+
     def member(e: ErrorDetails) -> bool:  # "not a string" when a list was sent
         return e["type"] == "string_type" and e["loc"][-1:] == ("str",) and not isinstance(e["input"], str)
 
-    kept = [e for e in errors if not member(e)
-            or not any(o is not e and o["loc"][:len(e["loc"]) - 1] == e["loc"][:-1] for o in errors)]
+    kept = [
+        e
+        for e in errors
+        if not member(e) or not any(o is not e and o["loc"][: len(e["loc"]) - 1] == e["loc"][:-1] for o in errors)
+    ]
     out: list[ErrorDetails] = []
     for e in kept:
         loc = e["loc"]
