@@ -366,6 +366,25 @@ def test_truncate_prompt_tokens_through_both_halves(topo: Topology, reference: S
     _blocks_all_free(topo.prefills + topo.decodes)
 
 
+def test_background_response_through_both_halves(topo: Topology, reference: ServerProcess) -> None:
+    """A background /v1/responses request, disaggregated: the create call answers at once, the
+    prefill half computes the prompt (in WRITE mode the proxy commits the pair on the prefill's
+    answer, not after a grace second), and the response the decode stores equals the standalone's."""
+    ask = {"model": TINY_MODEL, "input": PROMPTS[1], "max_output_tokens": 8, "temperature": 0.0}
+    want = _client(reference).responses.create(**ask)  # type: ignore[call-overload]
+    client = _client(topo.proxy)
+    before = sum(s.metrics()["pdserve_kv_transfers_total"] for s in topo.prefills + topo.decodes)
+    bg = client.responses.create(background=True, **ask)  # type: ignore[call-overload]
+    assert bg.status in ("queued", "in_progress")
+    deadline = time.monotonic() + 30
+    while (got := client.responses.retrieve(bg.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, "the background response did not end"
+        time.sleep(0.1)
+    assert got.status == want.status and got.output_text == want.output_text and got.output_text
+    assert sum(s.metrics()["pdserve_kv_transfers_total"] for s in topo.prefills + topo.decodes) > before
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
 def test_n_choices_share_one_kv_transfer(topo: Topology, reference: ServerProcess) -> None:
     """n > 1 is disaggregated: the prefill half computes one choice, one KV transfer feeds the decode,
     whose other choices start from its prefix cache once the first has its first token. The choices
