@@ -6,7 +6,8 @@ objects that own them, not here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from pdserve.engine.sampling_params import SamplingDefaults
@@ -30,6 +31,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # HTTP request bodies, server and prox
 DEFAULT_MAX_STORED_RESPONSES = 256  # /v1/responses kept for GET and previous_response_id (LRU), per server
 DEFAULT_MAX_LORAS = 4
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's
+DEFAULT_PROMPT_LOOKUP = 5  # vLLM's prompt_lookup_min and _max when neither is given
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,13 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a dense decoder (Qwen3, Qwen2, Llama, Mistral, Phi-3, Gemma, Gemma 2) or
-    Qwen3-MoE model, named as in Hugging Face's config.json. The dense families differ only in the
-    flags below: per-head q/k RMSNorm (Qwen3), biases on q/k/v (Qwen2) or on all four projections
-    (`attention_bias`), RoPE scaling and partial rotation, fused projection weights (Phi-3),
-    Gemma's norm, activation, embedding scale and (Gemma 2) soft-capping and extra norms, and
-    per-layer sliding windows (Mistral, Phi-3, Gemma 2, and Qwen with `use_sliding_window`).
+    """Hyper-parameters of a dense decoder (Qwen3, Qwen2, Llama, Mistral, Phi-3, Gemma, Gemma 2,
+    Gemma 3) or Qwen3-MoE model, named as in Hugging Face's config.json. The dense families differ
+    only in the flags below: per-head q/k RMSNorm (Qwen3, Gemma 3), biases on q/k/v (Qwen2) or on all
+    four projections (`attention_bias`), RoPE scaling and partial rotation, fused projection weights
+    (Phi-3), Gemma's norm, activation, embedding scale and (Gemma 2) soft-capping and extra norms,
+    per-layer sliding windows (Mistral, Phi-3, Gemma 2 and 3, and Qwen with `use_sliding_window`),
+    and a second RoPE for some layers (Gemma 3's local layers).
     """
 
     architecture: str = "Qwen3ForCausalLM"
@@ -84,7 +87,7 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     qkv_bias: bool = False
     o_proj_bias: bool = False
-    qk_norm: bool = True
+    qk_norm: bool = True  # per-head RMSNorm of q and k (Qwen3; Gemma 3, as its other norms)
     hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"  # of the gated MLP
     partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * this dims (Phi-3)
     # The checkpoint stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3).
@@ -92,10 +95,10 @@ class ModelConfig:
     # Gemma: RMSNorm scales by (1 + weight), in float32; embeddings are scaled by sqrt(hidden_size).
     rms_norm_unit_offset: bool = False
     scale_embeddings: bool = False
-    # Gemma 2: norms on the attention and MLP outputs too (`post_attention_layernorm` then normalizes
-    # the attention output; `pre_feedforward_layernorm` is the MLP's input norm), attention scale
-    # query_pre_attn_scalar ** -0.5 (head_dim ** -0.5 when None), and tanh soft-capping
-    # (cap * tanh(x / cap)) of the attention scores and of the final logits.
+    # Gemma 2 and 3: norms on the attention and MLP outputs too (`post_attention_layernorm` then
+    # normalizes the attention output; `pre_feedforward_layernorm` is the MLP's input norm), attention
+    # scale query_pre_attn_scalar ** -0.5 (head_dim ** -0.5 when None), and tanh soft-capping
+    # (cap * tanh(x / cap)) of the attention scores (Gemma 2) and of the final logits.
     sandwich_norms: bool = False
     query_pre_attn_scalar: int | None = None
     attn_logit_softcapping: float | None = None
@@ -103,6 +106,12 @@ class ModelConfig:
     # Per layer, its attention window w (the query at position i sees the keys at i - w < j <= i,
     # as in transformers) or None for full causal attention; () when no layer is windowed.
     sliding_windows: tuple[int | None, ...] = ()
+    # Gemma 3: the layers marked True (its sliding-attention layer type, whether or not the window is
+    # shorter than the context) rotate by base local_rope_theta and scaling local_rope_scaling, the
+    # others by rope_theta and rope_scaling; () when every layer uses the latter.
+    local_rope_layers: tuple[bool, ...] = ()
+    local_rope_theta: float = 10_000.0
+    local_rope_scaling: RopeScaling | None = None
     # Qwen3-MoE only.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -122,6 +131,10 @@ class ModelConfig:
     def sliding_window(self, layer: int) -> int | None:
         """The attention window of `layer` (None: full causal attention)."""
         return self.sliding_windows[layer] if self.sliding_windows else None
+
+    def local_rope(self, layer: int) -> bool:
+        """True when `layer` rotates by the local RoPE (local_rope_theta, local_rope_scaling)."""
+        return bool(self.local_rope_layers) and self.local_rope_layers[layer]
 
     @property
     def is_moe(self) -> bool:
@@ -194,6 +207,48 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `--speculative-config` for n-gram prompt lookup (`{"method": "ngram", ...}`).
+
+    Each step, a decoding request drafts up to `num_speculative_tokens` tokens: those that followed
+    the most recent earlier occurrence, in its prompt + output, of its context's longest suffix
+    n-gram with prompt_lookup_min <= n <= prompt_lookup_max; one forward pass verifies them all
+    (engine/spec/). As in vLLM, one bound given alone sets the other, neither gives both 5.
+    """
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP
+    prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP
+    method: Literal["ngram"] = "ngram"
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"method must be 'ngram' (the one speculative method served), got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} must be <= "
+                             f"prompt_lookup_max={self.prompt_lookup_max}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object]) -> SpeculativeConfig:
+        """vLLM's JSON keys -> a config; ValueError naming an unknown key, a missing one or a bad value."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unsupported keys {unknown}; known: {sorted(known)}")
+        for key in ("method", "num_speculative_tokens"):
+            if key not in values:
+                raise ValueError(f"{key!r} is required")
+        lo, hi = values.get("prompt_lookup_min"), values.get("prompt_lookup_max")
+        lo, hi = (lo if lo is not None else hi), (hi if hi is not None else lo)
+        bounds = {} if lo is None else {"prompt_lookup_min": lo, "prompt_lookup_max": hi}
+        return cls(**{**values, **bounds})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str = DEFAULT_MODEL
     device: str = "cpu"
@@ -212,3 +267,4 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None: off

@@ -1,14 +1,16 @@
-"""Dense decoder-only causal LM over the paged KV cache: Qwen3, Qwen2, Llama, Mistral, Phi-3, Gemma
-and Gemma 2.
+"""Dense decoder-only causal LM over the paged KV cache: Qwen3, Qwen2, Llama, Mistral, Phi-3, Gemma,
+Gemma 2 and Gemma 3.
 
 The families share one block (pre-norm GQA attention with RoPE, gated MLP, RMSNorm) and differ
 only in ModelConfig flags: Qwen3 normalizes q and k per head (`qk_norm`), Qwen2 has biases on q/k/v
 (`qkv_bias`), Llama may have them on all four projections, long-context checkpoints scale RoPE
 (rope.py), Phi-3 stores q/k/v and gate/up fused (`fused_projections`) and may rotate part of each
 head, Gemma scales its norms by (1 + weight), its embeddings by sqrt(hidden_size) and gates with
-tanh-GELU, and Gemma 2 adds norms on the attention and MLP outputs and soft-caps attention scores
-and final logits. Mistral, Phi-3, Gemma 2 and Qwen (with `use_sliding_window`) window the attention
-of some or all layers (ModelConfig.sliding_windows). Module and parameter names follow the Hugging
+tanh-GELU, Gemma 2 adds norms on the attention and MLP outputs and soft-caps attention scores
+and final logits, and Gemma 3 is Gemma 2 with Gemma-style q/k norms, no attention soft-capping and
+a second RoPE table (other base, other scaling) for its local layers. Mistral, Phi-3, Gemma 2 and 3
+and Qwen (with `use_sliding_window`) window the attention of some or all layers
+(ModelConfig.sliding_windows). Module and parameter names follow the Hugging
 Face checkpoints exactly (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `lm_head`),
 so loading weights is a name lookup. The MoE variant (qwen3_moe.py) reuses every piece here and
 only swaps the MLP of sparse layers.
@@ -55,8 +57,8 @@ def make_norm(config: ModelConfig, dim: int) -> RMSNorm:
 
 
 class SelfAttention(nn.Module):
-    """GQA self-attention with RoPE (and per-head q/k RMSNorm for Qwen3), over one layer of the paged
-    cache; `window`: the layer's sliding window (None: full causal attention)."""
+    """GQA self-attention with RoPE (and per-head q/k RMSNorm for Qwen3 and Gemma 3), over one layer of
+    the paged cache; `window`: the layer's sliding window (None: full causal attention)."""
 
     def __init__(self, config: ModelConfig, window: int | None = None) -> None:
         super().__init__()
@@ -78,8 +80,8 @@ class SelfAttention(nn.Module):
             self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
             self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, h, bias=config.o_proj_bias)
-        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = make_norm(config, hd) if config.qk_norm else None
+        self.k_norm = make_norm(config, hd) if config.qk_norm else None
 
     def fuse_projections(self, make: MakeLinear) -> None:
         """Replace q/k/v_proj by one layer over their concatenated weights (one GEMM, not three)."""
@@ -156,12 +158,13 @@ class GatedMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); calls meta.layer_hook after attention.
 
-    With sandwich_norms (Gemma 2) each block's output is normalized too:
+    With sandwich_norms (Gemma 2 and 3) each block's output is normalized too:
     x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, mlp: nn.Module) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.local_rope = config.local_rope(layer_idx)  # rotates by DecoderModel.local_rotary's table
         self.self_attn = SelfAttention(config, config.sliding_window(layer_idx))
         self.mlp = mlp
         self.input_layernorm = make_norm(config, config.hidden_size)
@@ -204,6 +207,11 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(
             config.rotary_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
+        self.local_rotary: RotaryEmbedding | None = None
+        if config.local_rope_layers:
+            self.local_rotary = RotaryEmbedding(
+                config.rotary_dim, config.max_position_embeddings, config.local_rope_theta, config.local_rope_scaling
+            )
         self.embed_scale = config.hidden_size**0.5 if config.scale_embeddings else None
 
     def forward(
@@ -216,15 +224,19 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             x = x * _in_dtype(self.embed_scale, x.dtype)
-        cos, sin = self.rotary(positions, x.dtype)
+        rope = self.rotary(positions, x.dtype)
+        local_rope = rope if self.local_rotary is None else self.local_rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
+            cos, sin = local_rope if layer.local_rope else rope
             x = layer(x, cos, sin, kv_cache[i], meta)
         return self.norm(x)
 
 
 @cache
 def _in_dtype(value: float, dtype: torch.dtype) -> float:
-    """`value` rounded to `dtype` (Gemma scales its embeddings by sqrt(hidden_size) in the model's dtype)."""
+    """`value` rounded to `dtype` (Gemma 1-3 scale their embeddings by sqrt(hidden_size) in the model's
+    dtype; rounding through float32 first, as Gemma 3's reference does, gives the same value for every
+    hidden size below 40000 in bf16 and fp16)."""
     return torch.tensor(value, dtype=dtype).item()
 
 
@@ -282,7 +294,8 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_cache, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in float32 (soft-capped for Gemma 2)."""
+        """hidden [N, hidden] -> logits [N, vocab] in float32 (soft-capped for Gemma 2, and Gemma 3 if its
+        config says so)."""
         logits = self.lm_head(hidden).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)

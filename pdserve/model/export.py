@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pdserve.config import ModelConfig
+from pdserve.config import ModelConfig, RopeScaling
 from pdserve.model.hf_config import (
     ALWAYS_WINDOWED_ARCHITECTURES,
     LAYER_TYPED_ARCHITECTURES,
     MODEL_TYPES,
     OPT_IN_WINDOW_ARCHITECTURES,
+    SANDWICH_NORM_ARCHITECTURES,
 )
 from pdserve.model.loader import load_model
 from pdserve.model.tokenizer import Tokenizer
@@ -31,10 +32,27 @@ DEFAULT_MAX_SHARD_SIZE = 4 * 1000**3  # bytes ("4GB", as transformers counts)
 _UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
 
 
-def _rope_scaling_dict(config: ModelConfig) -> dict[str, Any] | None:
-    if config.rope_scaling is None:
+def _rope_scaling_dict(scaling: RopeScaling | None) -> dict[str, Any] | None:
+    if scaling is None:
         return None
-    return {k: v for k, v in asdict(config.rope_scaling).items() if v is not None}
+    return {k: v for k, v in asdict(scaling).items() if v is not None}
+
+
+def _gemma3_rope_fields(config: ModelConfig) -> dict[str, Any]:
+    """The local RoPE as the released checkpoints write it (`rope_local_base_freq`; the global one is
+    the common rope_theta + rope_scaling) and, when it is scaled, which only transformers 5's form can
+    say, both RoPEs as `rope_parameters` per layer type too."""
+    d: dict[str, Any] = {"rope_local_base_freq": config.local_rope_theta}
+    if config.local_rope_scaling is not None:
+        ropes = {
+            "full_attention": (config.rope_theta, config.rope_scaling),
+            "sliding_attention": (config.local_rope_theta, config.local_rope_scaling),
+        }
+        d["rope_parameters"] = {
+            layer_type: {"rope_type": "default", **(_rope_scaling_dict(scaling) or {}), "rope_theta": theta}
+            for layer_type, (theta, scaling) in ropes.items()
+        }
+    return d
 
 
 def _family_fields(config: ModelConfig) -> dict[str, Any]:
@@ -45,19 +63,42 @@ def _family_fields(config: ModelConfig) -> dict[str, Any]:
         d["pad_token_id"] = None  # Phi3Config's default, 32000, lies outside smaller vocabularies
         if config.rope_scaling is not None and config.rope_scaling.original_max_position_embeddings:
             d["original_max_position_embeddings"] = config.rope_scaling.original_max_position_embeddings
-    if config.architecture == "Gemma2ForCausalLM":
+    if config.architecture in SANDWICH_NORM_ARCHITECTURES:
         d.update(
             hidden_activation=config.hidden_act,
             query_pre_attn_scalar=config.query_pre_attn_scalar,
             attn_logit_softcapping=config.attn_logit_softcapping,
             final_logit_softcapping=config.final_logit_softcapping,
         )
+    if config.architecture == "Gemma3ForCausalLM":
+        d.update(_gemma3_rope_fields(config))
     return d
+
+
+def _gemma3_window_fields(config: ModelConfig) -> dict[str, Any]:
+    """Gemma 3's `layer_types`, always written (its default pattern would apply otherwise): the
+    local-RoPE layers are its sliding ones, and so the windowed ones when a window is shorter than
+    the context; `sliding_window` is the context otherwise."""
+    local = [config.local_rope(i) for i in range(config.num_hidden_layers)]
+    windows = config.sliding_windows
+    sizes = {w for w in windows if w is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"sliding windows {sorted(sizes)}: a config.json holds one window size")
+    if windows and [w is not None for w in windows] != local:
+        raise ValueError(
+            f"Gemma 3 windows exactly its local-RoPE layers: sliding windows {windows}, local RoPE layers {local}"
+        )
+    return {
+        "sliding_window": sizes.pop() if sizes else config.max_position_embeddings,
+        "layer_types": ["sliding_attention" if is_local else "full_attention" for is_local in local],
+    }
 
 
 def _window_fields(config: ModelConfig) -> dict[str, Any]:
     """The sliding windows as the architecture's config reads them (hf_config.py's rules, inverted)."""
     arch, windows = config.architecture, config.sliding_windows
+    if arch == "Gemma3ForCausalLM":
+        return _gemma3_window_fields(config)
     sizes = {w for w in windows if w is not None}
     if not sizes:
         # Gemma 2 always builds a windowed mask: one as long as the context hides nothing.
@@ -96,7 +137,7 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "use_cache": True,
         "tie_word_embeddings": config.tie_word_embeddings,
         "rope_theta": config.rope_theta,
-        "rope_scaling": _rope_scaling_dict(config),
+        "rope_scaling": _rope_scaling_dict(config.rope_scaling),
         "attention_bias": config.qkv_bias,
         "mlp_bias": False,
         "attention_dropout": 0.0,

@@ -15,12 +15,22 @@
 | GemmaForCausalLM     | no       | `attention_bias`    | (1 + w) norms, sqrt(hidden) embedding scale, GeGLU |
 | Gemma2ForCausalLM    | no       | `attention_bias`    | Gemma + output norms, soft-capping, sliding window |
 |                      |          |                     | on `layer_types`' sliding layers (even by default) |
+| Gemma3ForCausalLM    | (1 + w)  | `attention_bias`    | Gemma 2 without attention soft-capping; sliding    |
+|                      |          |                     | layers (`layer_types`, default: 5 of each 6 by     |
+|                      |          |                     | `sliding_window_pattern`) window and use the local |
+|                      |          |                     | RoPE, the others the global one (scaled)           |
 
 RoPE scalings: linear, llama3, yarn, longrope (rope.py). Activations: silu, and for the Gemma
 families the tanh-approximated GELU (their configs' legacy "gelu" means it too, as in transformers).
 Sliding windows follow transformers' reading of config.json, defaults included (`sliding_window`
 4096 where absent, but none for Phi-3): they become ModelConfig.sliding_windows, one entry per
 layer, kept only where the window is shorter than the context (max_position_embeddings).
+
+Gemma 3's two RoPEs are read as transformers' Gemma3TextConfig reads them: `rope_parameters` keyed
+by layer type (`full_attention`, `sliding_attention`; what transformers 5 writes), or the released
+checkpoints' `rope_theta` + `rope_scaling` for the global layers and `rope_local_base_freq`,
+unscaled, for the local ones. Its `attn_logit_softcapping` is ignored, as transformers' Gemma 3
+attention (and vLLM's) ignores it. The multimodal Gemma3ForConditionalGeneration is refused.
 """
 
 from __future__ import annotations
@@ -39,21 +49,33 @@ MODEL_TYPES = {
     "Phi3ForCausalLM": "phi3",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
-QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
-GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM")
+# Known architectures that are not served, and why.
+REFUSED_ARCHITECTURES = {
+    "Gemma3ForConditionalGeneration": (
+        "Gemma 3 with its vision tower (model_type gemma3) is not supported; pdserve serves the "
+        "text-only Gemma3ForCausalLM checkpoints (model_type gemma3_text, e.g. google/gemma-3-1b-it)"
+    ),
+}
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
+GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+SANDWICH_NORM_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # transformers' window where config.json has no `sliding_window`, for the families that always window
 # (those of OPT_IN_WINDOW_ARCHITECTURES window only with `use_sliding_window`).
 ALWAYS_WINDOWED_ARCHITECTURES: dict[str, int | None] = {
     "MistralForCausalLM": 4096,
     "Phi3ForCausalLM": None,
     "Gemma2ForCausalLM": 4096,
+    "Gemma3ForCausalLM": 4096,
 }
 OPT_IN_WINDOW_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 # Families whose config reads `layer_types` to pick the windowed layers; the others window every layer.
-LAYER_TYPED_ARCHITECTURES = ("Gemma2ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+LAYER_TYPED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _FULL_LAYER_TYPES = ("full_attention", "attention")  # "attention": transformers' legacy name
 _ROPE_FIELDS = {f.name for f in fields(RopeScaling)} - {"rope_type"}
+_GEMMA3_LAYER_TYPES = ("full_attention", "sliding_attention")
+Rope = tuple[float, RopeScaling | None]  # (theta, scaling)
 
 
 def _id_list(value: Any) -> list[int]:
@@ -70,6 +92,9 @@ def architecture_of(cfg: dict[str, Any]) -> str:
     for arch in archs:
         if arch in MODEL_TYPES:
             return arch
+    for arch in archs:
+        if arch in REFUSED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}: {REFUSED_ARCHITECTURES[arch]}")
     by_type = {t: a for a, t in MODEL_TYPES.items()}
     if not archs and cfg.get("model_type") in by_type:
         return by_type[cfg["model_type"]]
@@ -80,16 +105,42 @@ def architecture_of(cfg: dict[str, Any]) -> str:
     )
 
 
-def _rope(cfg: dict[str, Any], arch: str) -> tuple[float, RopeScaling | None]:
+def _rope(cfg: dict[str, Any], arch: str) -> Rope:
     """(theta, scaling) from `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or params
     theta = float(cfg.get("rope_theta") or params.get("rope_theta") or scaling.get("rope_theta") or 10_000.0)
+    return theta, _rope_scaling(scaling, cfg, arch)
+
+
+def _gemma3_rope(cfg: dict[str, Any]) -> tuple[Rope, Rope]:
+    """Gemma 3's (global, local) RoPE, as Gemma3TextConfig reads them (module doc): a `rope_scaling`
+    updates the full-attention parameters; the thetas default to 1e6 and 1e4."""
+    params = cfg.get("rope_parameters") or {}
+    unknown = sorted(set(params) - set(_GEMMA3_LAYER_TYPES))
+    if unknown:
+        raise ValueError(
+            f"Gemma 3 rope_parameters are keyed by layer type ({', '.join(_GEMMA3_LAYER_TYPES)}); "
+            f"unsupported keys {unknown}"
+        )
+    full = {**(params.get("full_attention") or {}), **(cfg.get("rope_scaling") or {})}
+    full.setdefault("rope_theta", cfg.get("rope_theta") or 1_000_000.0)
+    local = dict(params.get("sliding_attention") or {})
+    local.setdefault("rope_theta", cfg.get("rope_local_base_freq") or 10_000.0)
+    arch = "Gemma3ForCausalLM"
+    return (
+        (float(full["rope_theta"]), _rope_scaling(full, cfg, arch)),
+        (float(local["rope_theta"]), _rope_scaling(local, cfg, arch)),
+    )
+
+
+def _rope_scaling(scaling: dict[str, Any], cfg: dict[str, Any], arch: str) -> RopeScaling | None:
+    """The RopeScaling of one `rope_scaling` / `rope_parameters` dict (None: unscaled)."""
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if arch == "Phi3ForCausalLM" and rope_type in ("su", "yarn"):
         rope_type = "longrope"  # early Phi-3 configs' names for it (transformers maps them too)
     if rope_type in (None, "default"):
-        return theta, None
+        return None
     if rope_type not in ("linear", "llama3", "yarn", "longrope"):
         raise ValueError(
             f"unsupported rope scaling {rope_type!r}: supported are default, linear, llama3, yarn and longrope"
@@ -110,7 +161,7 @@ def _rope(cfg: dict[str, Any], arch: str) -> tuple[float, RopeScaling | None]:
         original = values["original_max_position_embeddings"]
         extends = rope_type in ("yarn", "longrope") and context and original
         values["factor"] = context / original if extends else 1.0
-    return theta, RopeScaling(rope_type=rope_type, **values)
+    return RopeScaling(rope_type=rope_type, **values)
 
 
 def _partial_rotary_factor(cfg: dict[str, Any], arch: str) -> float:
@@ -130,7 +181,7 @@ def _partial_rotary_factor(cfg: dict[str, Any], arch: str) -> float:
 def _activation(cfg: dict[str, Any], arch: str) -> str:
     """The gated MLP's activation: silu, or for Gemma the tanh-approximated GELU."""
     if arch in GEMMA_ARCHITECTURES:
-        # Gemma 2 reads `hidden_activation`; Gemma 1 configs say "gelu" and mean the tanh form.
+        # Gemma 2 and 3 read `hidden_activation`; Gemma 1 configs say "gelu" and mean the tanh form.
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
         act = "gelu_pytorch_tanh" if act == "gelu" else act
         if act not in ("gelu_pytorch_tanh", "silu"):
@@ -159,7 +210,8 @@ def _window(cfg: dict[str, Any], arch: str) -> int | None:
 
 def _windowed_layers(cfg: dict[str, Any], arch: str, num_layers: int) -> list[bool]:
     """Which layers the window applies to: `layer_types` where the family reads it, else its default
-    (Gemma 2: the even layers; Qwen2/Qwen3: from `max_window_layers` on; the others: all)."""
+    (Gemma 2: the even layers; Gemma 3: all but every `sliding_window_pattern`-th; Qwen2/Qwen3: from
+    `max_window_layers` on; the others: all)."""
     types = cfg.get("layer_types") if arch in LAYER_TYPED_ARCHITECTURES else None
     if types is not None:
         if len(types) != num_layers:
@@ -170,6 +222,12 @@ def _windowed_layers(cfg: dict[str, Any], arch: str, num_layers: int) -> list[bo
         return [t == "sliding_attention" for t in types]
     if arch == "Gemma2ForCausalLM":
         return [i % 2 == 0 for i in range(num_layers)]
+    if arch == "Gemma3ForCausalLM":
+        pattern = cfg.get("sliding_window_pattern")
+        pattern = 6 if pattern is None else int(pattern)  # transformers' default: 5 local, then 1 global
+        if pattern < 1:
+            raise ValueError(f"sliding_window_pattern {pattern} must be at least 1")
+        return [(i + 1) % pattern != 0 for i in range(num_layers)]
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         first = int(cfg.get("max_window_layers", 28))
         return [i >= first for i in range(num_layers)]
@@ -178,6 +236,8 @@ def _windowed_layers(cfg: dict[str, Any], arch: str, num_layers: int) -> list[bo
 
 def _sliding_windows(cfg: dict[str, Any], arch: str, context: int) -> tuple[int | None, ...]:
     """Per layer, its attention window (None: full); () when no layer has one shorter than `context`."""
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention is not supported: pdserve's attention is causal")
     layers = _windowed_layers(cfg, arch, int(cfg["num_hidden_layers"]))
     window = _window(cfg, arch)
     if window is None or window >= context or not any(layers):
@@ -208,17 +268,55 @@ def _moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _gemma2_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    def optional(key: str, default: float) -> float | None:  # absent: transformers' default; null: none
+def _sandwich_fields(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Gemma 2 and 3: output norms, attention scale and soft-caps (absent: transformers' default,
+    which Gemma 3 has none of; null: none). Gemma 3 never soft-caps attention (module doc)."""
+
+    def optional(key: str, default: float | None) -> float | None:
         value = cfg.get(key, default)
         return None if value is None else float(value)
 
+    gemma2 = arch == "Gemma2ForCausalLM"
     return dict(
         sandwich_norms=True,
         query_pre_attn_scalar=int(cfg.get("query_pre_attn_scalar") or 256),
-        attn_logit_softcapping=optional("attn_logit_softcapping", 50.0),
-        final_logit_softcapping=optional("final_logit_softcapping", 30.0),
+        attn_logit_softcapping=optional("attn_logit_softcapping", 50.0) if gemma2 else None,
+        final_logit_softcapping=optional("final_logit_softcapping", 30.0 if gemma2 else None),
     )
+
+
+def _rope_fields(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    """ModelConfig's RoPE: rope_theta and rope_scaling, and for Gemma 3 the local RoPE of its
+    sliding-attention layers too."""
+    if arch != "Gemma3ForCausalLM":
+        theta, scaling = _rope(cfg, arch)
+        return dict(rope_theta=theta, rope_scaling=scaling)
+    (theta, scaling), (local_theta, local_scaling) = _gemma3_rope(cfg)
+    local_layers = _windowed_layers(cfg, arch, int(cfg["num_hidden_layers"]))
+    return dict(
+        rope_theta=theta,
+        rope_scaling=scaling,
+        local_rope_layers=tuple(local_layers) if any(local_layers) else (),
+        local_rope_theta=local_theta,
+        local_rope_scaling=local_scaling,
+    )
+
+
+def _check_rotary(config: ModelConfig) -> None:
+    """ValueError unless RoPE rotates an even number of dims, with a LongRoPE factor for each pair."""
+    if config.rotary_dim < 2 or config.rotary_dim % 2:
+        raise ValueError(
+            f"partial_rotary_factor {config.partial_rotary_factor} leaves {config.rotary_dim} "
+            f"rotary dims of {config.head_dim}: RoPE needs an even number"
+        )
+    for rope in (config.rope_scaling, config.local_rope_scaling):
+        if rope is not None and rope.rope_type == "longrope":
+            for name, factors in (("short_factor", rope.short_factor), ("long_factor", rope.long_factor)):
+                if len(factors or ()) != config.rotary_dim // 2:
+                    raise ValueError(
+                        f"longrope {name} has {len(factors or ())} entries; the model rotates "
+                        f"{config.rotary_dim} dims of each head, so it needs {config.rotary_dim // 2}"
+                    )
 
 
 def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
@@ -229,9 +327,8 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
     for i in _id_list((generation or {}).get("eos_token_id")) + _id_list(cfg.get("eos_token_id")):
         if i not in eos:
             eos.append(i)
-    theta, scaling = _rope(cfg, arch)
     qkv_bias, o_proj_bias = _biases(cfg, arch)
-    gemma, gemma2 = arch in GEMMA_ARCHITECTURES, arch == "Gemma2ForCausalLM"
+    gemma = arch in GEMMA_ARCHITECTURES
     context = int(cfg.get("max_position_embeddings", 32768))
     config = ModelConfig(
         architecture=arch,
@@ -243,8 +340,7 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
         num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
+        **_rope_fields(cfg, arch),
         max_position_embeddings=context,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),  # transformers' defaults
         qkv_bias=qkv_bias,
@@ -255,23 +351,11 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
         fused_projections=arch == "Phi3ForCausalLM",
         rms_norm_unit_offset=gemma,
         scale_embeddings=gemma,
-        **(_gemma2_fields(cfg) if gemma2 else {}),
+        **(_sandwich_fields(cfg, arch) if arch in SANDWICH_NORM_ARCHITECTURES else {}),
         sliding_windows=_sliding_windows(cfg, arch, context),
         eos_token_ids=tuple(eos),
         bos_token_id=(generation or {}).get("bos_token_id", cfg.get("bos_token_id")),
         **(_moe_fields(cfg) if arch == "Qwen3MoeForCausalLM" else {}),
     )
-    if config.rotary_dim < 2 or config.rotary_dim % 2:
-        raise ValueError(
-            f"partial_rotary_factor {config.partial_rotary_factor} leaves {config.rotary_dim} "
-            f"rotary dims of {config.head_dim}: RoPE needs an even number"
-        )
-    rope = config.rope_scaling
-    if rope is not None and rope.rope_type == "longrope":
-        for name, factors in (("short_factor", rope.short_factor), ("long_factor", rope.long_factor)):
-            if len(factors or ()) != config.rotary_dim // 2:
-                raise ValueError(
-                    f"longrope {name} has {len(factors or ())} entries; the model rotates "
-                    f"{config.rotary_dim} dims of each head, so it needs {config.rotary_dim // 2}"
-                )
+    _check_rotary(config)
     return config

@@ -77,6 +77,31 @@ PRESETS: dict[str, ModelConfig] = {
         qk_norm=False,
         eos_token_ids=BYTE_EOS_IDS,
     ),
+    # Gemma 3 at test size: local layers (16-token window, RoPE base 1e4 unscaled) around a global
+    # one (base 1e6, linear scaling as in the 4B-27B checkpoints), (1 + w) norms on q and k too.
+    "gemma3-tiny": ModelConfig(
+        architecture="Gemma3ForCausalLM",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        rope_theta=1_000_000.0,
+        rope_scaling=RopeScaling("linear", factor=8.0, original_max_position_embeddings=4096),
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        hidden_act="gelu_pytorch_tanh",
+        rms_norm_unit_offset=True,
+        scale_embeddings=True,
+        sandwich_norms=True,
+        query_pre_attn_scalar=32,
+        sliding_windows=(16, None, 16),
+        local_rope_layers=(True, False, True),
+        local_rope_theta=10_000.0,
+        eos_token_ids=BYTE_EOS_IDS,
+    ),
     # CPU benchmark: compute-heavy enough that prefill and decode differ, small vocab.
     "qwen3-cpu-bench": ModelConfig(
         vocab_size=1024,

@@ -4,6 +4,8 @@ The table is float32 `[max_positions, 2, rotary_dim // 2]` (cos, sin), built onc
 frequency of pair i is `inv_freq[i]`, and scalings only change `inv_freq` (and, for YaRN and
 LongRoPE, multiply cos/sin by an attention factor). `rotary_dim` is head_dim unless the model
 rotates only part of each head (Phi-3's partial_rotary_factor): then the other dims pass through.
+Gemma 3 has two tables, one RotaryEmbedding each (decoder.py): its local layers' (their own base,
+unscaled in the released checkpoints) and its global layers'; each step looks both up once.
 
 LongRoPE has two sets of per-frequency factors; transformers picks one per forward call from that
 sequence's length, which would change the rotation of keys already in the cache. Here the choice

@@ -40,11 +40,17 @@ def _with_random_biases(preset: str, out: Path, **config_changes) -> str:
 
 
 # qwen2-tiny with a 24-token window on layer 1: prompts and decodes past it take the Triton kernel's
-# window, SDPA's explicit mask and the CUDA graphs with the window in them.
+# window, SDPA's explicit mask and the CUDA graphs with the window in them. gemma3-tiny: the same
+# with its 16-token windows, two RoPE tables and (1 + w) q/k norms.
 @pytest.mark.parametrize(
     ("preset", "changes"),
-    [("llama-tiny", {}), ("qwen2-tiny", {}), ("qwen2-tiny", dict(sliding_windows=(None, 24)))],
-    ids=["llama-tiny", "qwen2-tiny", "qwen2-tiny-window"],
+    [
+        ("llama-tiny", {}),
+        ("qwen2-tiny", {}),
+        ("qwen2-tiny", dict(sliding_windows=(None, 24))),
+        ("gemma3-tiny", {}),
+    ],
+    ids=["llama-tiny", "qwen2-tiny", "qwen2-tiny-window", "gemma3-tiny"],
 )
 def test_cuda_families_match_cpu(preset, changes, tmp_path):
     model = _with_random_biases(preset, tmp_path / preset, **changes)

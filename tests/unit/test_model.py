@@ -1,5 +1,5 @@
-"""Model, loader, export and tokenizer: pdserve's presets (Qwen3, Qwen3-MoE, Llama, Qwen2) exported and
-run against transformers, on CPU."""
+"""Model, loader, export and tokenizer: pdserve's presets (Qwen3, Qwen3-MoE, Llama, Qwen2, Gemma 3)
+exported and run against transformers, on CPU."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.unit.paged import PROMPT_LEN, assert_close, make_meta, new_cache, run
 
 transformers = pytest.importorskip("transformers")
 
-PRESETS = ["qwen3-tiny", "qwen3-moe-tiny", "llama-tiny", "qwen2-tiny"]
+PRESETS = ["qwen3-tiny", "qwen3-moe-tiny", "llama-tiny", "qwen2-tiny", "gemma3-tiny"]
 
 
 @pytest.fixture(scope="module", params=PRESETS)

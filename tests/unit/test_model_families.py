@@ -1,5 +1,5 @@
-"""Checkpoints written by transformers itself (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2;
-RoPE scalings; sliding windows) load in pdserve and give transformers' logits over the paged cache:
+"""Checkpoints written by transformers itself (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2,
+Gemma 3; RoPE scalings; sliding windows) load in pdserve and give transformers' logits over the paged cache:
 a prefill in two chunks, then decodes."""
 
 from __future__ import annotations
@@ -71,6 +71,24 @@ GEMMA2 = dict(
     tie_word_embeddings=True,
 )
 
+# Gemma 3: layers sliding (window 7), full, sliding (sliding_window_pattern 2), so a local layer comes
+# after the global one; the global RoPE linear-scaled on another base than the local one; an
+# attn_logit_softcapping that transformers' Gemma 3 ignores (and so must pdserve).
+GEMMA3 = dict(
+    num_hidden_layers=3,
+    head_dim=32,
+    query_pre_attn_scalar=24,
+    sliding_window=7,
+    sliding_window_pattern=2,
+    rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0},
+    },
+    attn_logit_softcapping=2.0,
+    initializer_range=0.2,
+    tie_word_embeddings=True,
+)
+
 FAMILIES = {
     "llama3-bias": (transformers.LlamaConfig, dict(attention_bias=True, rope_parameters=LLAMA3)),
     "llama-linear": (transformers.LlamaConfig, dict(rope_parameters=LINEAR)),
@@ -92,6 +110,7 @@ FAMILIES = {
     ),
     "gemma": (transformers.GemmaConfig, dict(head_dim=32, tie_word_embeddings=True)),
     "gemma2": (transformers.Gemma2Config, GEMMA2),
+    "gemma3": (transformers.Gemma3TextConfig, GEMMA3),
 }
 
 
@@ -288,6 +307,137 @@ def test_gemma_configs():
     assert (gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping) == (50.0, None)
 
 
+# google/gemma-3-1b-it's config.json as released (written by transformers 4.50).
+GEMMA3_1B_IT = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": None,
+    "bos_token_id": 2,
+    "cache_implementation": "hybrid",
+    "eos_token_id": [1, 106],
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "initializer_range": 0.02,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 32768,
+    "model_type": "gemma3_text",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0",
+    "use_cache": True,
+    "vocab_size": 262144,
+}
+
+
+def _gemma3_layers_as_transformers(hf_cfg) -> tuple[tuple[int | None, ...], tuple[bool, ...]]:
+    """(windows, local-RoPE layers) as transformers' Gemma3TextConfig reads a config."""
+    local = tuple(t == "sliding_attention" for t in hf_cfg.layer_types)
+    return tuple(hf_cfg.sliding_window if is_local else None for is_local in local), local
+
+
+def test_gemma3_1b_it_config():
+    """The released config.json: q/k norms, Gemma's norms, embedding scale and GeGLU, sandwich norms,
+    no soft-capping, a 512 window and the local RoPE on 5 layers of each 6, as transformers reads it."""
+    c = config_from_hf(GEMMA3_1B_IT, {"bos_token_id": 2, "eos_token_id": [1, 106]})
+    assert (c.architecture, c.qk_norm, c.rms_norm_unit_offset, c.scale_embeddings, c.sandwich_norms) == (
+        "Gemma3ForCausalLM",
+        True,
+        True,
+        True,
+        True,
+    )
+    assert (c.hidden_act, c.query_pre_attn_scalar, c.head_dim, c.num_key_value_heads) == (
+        "gelu_pytorch_tanh",
+        256,
+        256,
+        1,
+    )
+    assert c.attn_logit_softcapping is c.final_logit_softcapping is None
+    assert (c.tie_word_embeddings, c.qkv_bias, c.o_proj_bias, c.max_position_embeddings) == (True, False, False, 32768)
+    assert (c.eos_token_ids, c.bos_token_id) == ((1, 106), 2)
+    assert (c.rope_theta, c.rope_scaling, c.local_rope_theta, c.local_rope_scaling) == (1e6, None, 1e4, None)
+    assert c.sliding_windows == tuple(None if i % 6 == 5 else 512 for i in range(26))
+    assert c.local_rope_layers == tuple(w is not None for w in c.sliding_windows)
+    hf = transformers.Gemma3TextConfig.from_dict(GEMMA3_1B_IT)
+    assert (c.sliding_windows, c.local_rope_layers) == _gemma3_layers_as_transformers(hf)
+    # The same model as transformers 5 writes it: layer_types and rope_parameters per layer type.
+    assert config_from_hf(hf.to_dict(), {"eos_token_id": [1, 106]}) == c
+
+
+@pytest.mark.parametrize("form", ["released", "transformers5"])
+def test_gemma3_rope_per_layer_type_equals_transformers(form):
+    """4B-27B style: `rope_scaling` (linear, factor 8) scales the global layers only; the local ones
+    rotate unscaled on rope_local_base_freq. Both tables' frequencies equal transformers'."""
+    cfg = {**GEMMA3_1B_IT, "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "num_hidden_layers": 8}
+    hf = transformers.Gemma3TextConfig.from_dict(cfg)
+    if form == "transformers5":
+        cfg = hf.to_dict()
+    c = config_from_hf(cfg)
+    assert (c.rope_theta, c.rope_scaling.rope_type, c.rope_scaling.factor) == (1e6, "linear", 8.0)
+    assert (c.local_rope_theta, c.local_rope_scaling) == (1e4, None)
+    assert (c.sliding_windows, c.local_rope_layers) == _gemma3_layers_as_transformers(hf)
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    rotary = Gemma3RotaryEmbedding(hf)
+    for layer_type, theta, scaling in (
+        ("full_attention", c.rope_theta, c.rope_scaling),
+        ("sliding_attention", c.local_rope_theta, c.local_rope_scaling),
+    ):
+        got, factor = rope_inv_freq(c.rotary_dim, theta, scaling)
+        torch.testing.assert_close(got, getattr(rotary, f"{layer_type}_inv_freq"))
+        assert factor == getattr(rotary, f"{layer_type}_attention_scaling")
+
+
+def test_gemma3_config_defaults_and_export():
+    """transformers' defaults where config.json is silent (window 4096 on 5 of 6 layers, thetas 1e6
+    and 1e4, no soft-caps: Gemma 2's defaults do not carry over), and a scaled local RoPE, which only
+    `rope_parameters` can say, exported so that transformers and pdserve read it back."""
+    bare = config_from_hf(_cfg(architectures=["Gemma3ForCausalLM"], num_hidden_layers=7, max_position_embeddings=8192))
+    assert bare.sliding_windows == (4096,) * 5 + (None, 4096)
+    assert bare.local_rope_layers == (True,) * 5 + (False, True)
+    assert (bare.rope_theta, bare.local_rope_theta, bare.query_pre_attn_scalar) == (1e6, 1e4, 256)
+    assert bare.attn_logit_softcapping is bare.final_logit_softcapping is None
+    # A window no shorter than the context: no windows, but the local layers keep their RoPE.
+    long = config_from_hf(_cfg(architectures=["Gemma3ForCausalLM"], sliding_window=512, sliding_window_pattern=2))
+    assert (long.sliding_windows, long.local_rope_layers) == ((), (True, False))
+    all_global = config_from_hf(_cfg(architectures=["Gemma3ForCausalLM"], sliding_window_pattern=1))
+    assert (all_global.sliding_windows, all_global.local_rope_layers) == ((), ())
+    ropes = {
+        "full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+    }
+    scaled = config_from_hf(_cfg(architectures=["Gemma3ForCausalLM"], sliding_window=6, rope_parameters=ropes))
+    assert scaled.rope_theta == 1e6 and scaled.rope_scaling.rope_type == "yarn"
+    assert scaled.local_rope_theta == 500.0 and scaled.local_rope_scaling.factor == 2.0
+    for config in (bare, long, all_global, scaled):
+        d = hf_config_dict(config, torch.float32)
+        assert config_from_hf(d) == config
+        hf = transformers.Gemma3TextConfig(**{k: v for k, v in d.items() if k != "model_type"})
+        windows, local = _gemma3_layers_as_transformers(hf)
+        assert local == (config.local_rope_layers or (False,) * config.num_hidden_layers)
+        if config.sliding_windows:
+            assert windows == config.sliding_windows
+        else:
+            assert all(w is None or w >= config.max_position_embeddings for w in windows)
+        assert hf.rope_parameters["sliding_attention"]["rope_theta"] == config.local_rope_theta
+        assert hf.rope_parameters["full_attention"]["rope_type"] == getattr(config.rope_scaling, "rope_type", "default")
+    local_rope = hf.rope_parameters["sliding_attention"]
+    assert (local_rope["rope_type"], local_rope["factor"], local_rope["rope_theta"]) == ("linear", 2.0, 500.0)
+
+
 def test_sliding_windows_per_layer():
     """transformers' rules: which layers are windowed, the defaults, and that the context stays
     max_position_embeddings; a window no shorter than the context is dropped."""
@@ -323,6 +473,7 @@ def test_sliding_windows_per_layer():
     assert windows("Qwen3MoeForCausalLM", use_sliding_window=True, sliding_window=32, max_window_layers=2) == (32,) * 4
     assert windows("LlamaForCausalLM", sliding_window=32, use_sliding_window=True) == ()
     assert windows("GemmaForCausalLM", sliding_window=32) == ()
+    assert windows("Gemma3ForCausalLM", sliding_window=16, sliding_window_pattern=2) == (16, None) * 2
     gemma2 = config_from_hf(_cfg(architectures=["Gemma2ForCausalLM"], **four, sliding_window=16))
     assert [gemma2.sliding_window(i) for i in range(4)] == [16, None, 16, None]
     assert config_from_hf(_cfg()).sliding_window(0) is None
@@ -335,6 +486,7 @@ def test_sliding_windows_per_layer():
         ("Phi3ForCausalLM", dict(sliding_window=6)),
         ("Gemma2ForCausalLM", dict(sliding_window=6, layer_types=["full_attention", "sliding_attention"])),
         ("Gemma2ForCausalLM", dict()),  # no window shorter than the context
+        ("Gemma3ForCausalLM", dict(sliding_window=6, sliding_window_pattern=2)),
         ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
         (
             "Qwen3MoeForCausalLM",
@@ -385,7 +537,21 @@ def test_export_keeps_sliding_windows(arch, over):
             ),
             "short_factor has 4 entries.*needs 8",
         ),
-        (dict(architectures=["Gemma3ForCausalLM"]), "unsupported architecture.*Gemma3ForCausalLM"),
+        (dict(architectures=["Gemma4ForCausalLM"]), "unsupported architecture.*Gemma4ForCausalLM"),
+        (
+            dict(architectures=["Gemma3ForConditionalGeneration"]),
+            "'Gemma3ForConditionalGeneration': Gemma 3 with its vision tower .* text-only Gemma3ForCausalLM",
+        ),
+        (
+            dict(architectures=["Gemma3ForCausalLM"], rope_parameters={"rope_type": "linear", "factor": 8.0}),
+            "Gemma 3 rope_parameters are keyed by layer type .* unsupported keys \\['factor', 'rope_type'\\]",
+        ),
+        (
+            dict(architectures=["Gemma3ForCausalLM"], rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+            "unsupported rope scaling 'dynamic'",
+        ),
+        (dict(architectures=["Gemma3ForCausalLM"], use_bidirectional_attention=True), "use_bidirectional_attention"),
+        (dict(architectures=["Gemma3ForCausalLM"], sliding_window_pattern=0), "sliding_window_pattern 0 must be"),
         (dict(architectures=["MistralForCausalLM"], sliding_window=0), "sliding_window 0 must be at least 1"),
         (dict(architectures=["Gemma2ForCausalLM"], layer_types=["sliding_attention"]), "layer_types has 1 entries"),
         (
