@@ -274,6 +274,13 @@ class DecoderForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.tie_weights()
 
+    def serve_context(self, max_model_len: int) -> None:
+        """Size the RoPE tables for contexts of up to `max_model_len` tokens, which also picks
+        LongRoPE's factor set as vLLM does (rope.py)."""
+        for rotary in (self.model.rotary, self.model.local_rotary):
+            if rotary is not None:
+                rotary.serve(max_model_len)
+
     @staticmethod
     def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
         """The feed-forward block of layer `layer_idx` (overridden by the MoE variant)."""

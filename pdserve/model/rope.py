@@ -9,8 +9,9 @@ unscaled in the released checkpoints) and its global layers'; each step looks bo
 
 LongRoPE has two sets of per-frequency factors; transformers picks one per forward call from that
 sequence's length, which would change the rotation of keys already in the cache. Here the choice
-is static, as in vLLM: the long factors when the served context (`max_positions`: the model's
-max_position_embeddings, windowed layers or not) exceeds original_max_position_embeddings, the
+is static, as in vLLM: the long factors when the served context (`max_positions`: the engine's
+max_model_len, `--max-model-len` or else max_position_embeddings; `serve`) exceeds
+original_max_position_embeddings, the
 short factors otherwise, for every position of every sequence. So it equals transformers for
 every sequence when the context is at most original_max_position_embeddings, and for sequences
 longer than that otherwise; a shorter sequence under a longer context gets the long factors where
@@ -125,6 +126,13 @@ class RotaryEmbedding:
         self.theta = theta
         self.scaling = scaling
         self._table: torch.Tensor | None = None  # [max_positions, 2, head_dim // 2] float32
+
+    def serve(self, max_positions: int) -> None:
+        """Serve contexts of up to `max_positions` tokens (the engine's max_model_len): the table's
+        length, and what picks LongRoPE's factor set (module doc)."""
+        if max_positions != self.max_positions:
+            self.max_positions = max_positions
+            self._table = None
 
     def _build(self, device: torch.device) -> torch.Tensor:
         inv_freq, attention_factor = rope_inv_freq(

@@ -236,6 +236,27 @@ def test_longrope_frequencies_equal_transformers(original, partial, factors):
     torch.testing.assert_close(got, 1.0 / (torch.tensor(chosen) * 1e4 ** (torch.arange(0, 2 * n, 2) / (2 * n))))
 
 
+def test_longrope_factor_set_follows_the_served_context():
+    """As vLLM: the long factors when max_model_len exceeds original_max_position_embeddings, the
+    short ones when `--max-model-len` keeps the context within it (here 16 of the model's 256)."""
+    cfg = transformers.Phi3Config(**SMALL, **PHI3, rope_parameters=_longrope(8), original_max_position_embeddings=16)
+    ours = config_from_hf(cfg.to_dict())
+    model = build_model(ours, torch.float32, "cpu")
+    rotary, pos = model.model.rotary, torch.tensor([1])
+    for served, factors in ((256, ours.rope_scaling.long_factor), (16, ours.rope_scaling.short_factor)):
+        model.serve_context(served)
+        cos, _ = rotary(pos, torch.float32)
+        inv_freq = 1.0 / (torch.tensor(factors) * 1e4 ** (torch.arange(0, 16, 2) / 16))
+        _, attention = rope_inv_freq(ours.rotary_dim, ours.rope_theta, ours.rope_scaling, None, served)
+        torch.testing.assert_close(cos.flatten(), torch.cos(inv_freq) * attention)
+        assert rotary.max_positions == served
+
+
+def test_max_model_len_past_the_models_positions_is_refused():
+    with pytest.raises(ValueError, match="--max-model-len 4097 exceeds the model's max_position_embeddings"):
+        LLM(model="dummy:qwen3-tiny", max_model_len=4097)
+
+
 def _cfg(**over) -> dict:
     return {"architectures": ["LlamaForCausalLM"], **SMALL, **over}
 
