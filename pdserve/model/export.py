@@ -2,6 +2,11 @@
 
 Layout: config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n.safetensors
 + model.safetensors.index.json past `max_shard_size`), tokenizer.json, tokenizer_config.json.
+
+Optionally FP8-quantized, in the forms real checkpoints take (fp8.py, quantization.py): "fp8", block-wise
+128 x 128 `weight_scale_inv` as Qwen3-*-FP8; "fp8-dynamic", compressed-tensors per-channel
+`weight_scale` with dynamic activations as the *-FP8-dynamic checkpoints. Every linear layer is
+quantized but lm_head and the MoE routers (`mlp.gate`), which stay in the export dtype, as there.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from pdserve.config import ModelConfig, RopeScaling
+from pdserve.model.fp8 import quantize_fp8
 from pdserve.model.hf_config import (
     ALWAYS_WINDOWED_ARCHITECTURES,
     LAYER_TYPED_ARCHITECTURES,
@@ -25,10 +32,13 @@ from pdserve.model.hf_config import (
     SANDWICH_NORM_ARCHITECTURES,
 )
 from pdserve.model.loader import load_model
+from pdserve.model.quantization import compressed_tensors_config_dict, fp8_block_config_dict
 from pdserve.model.tokenizer import Tokenizer
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DEFAULT_MAX_SHARD_SIZE = 4 * 1000**3  # bytes ("4GB", as transformers counts)
+QUANTIZATIONS = ("fp8", "fp8-dynamic")
+FP8_BLOCK_SIZE = (128, 128)
 _UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
 
 
@@ -117,7 +127,9 @@ def _window_fields(config: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config_dict(
+    config: ModelConfig, dtype: torch.dtype, quantization_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """config.json content that transformers' config class of the architecture (and vLLM) accept."""
     eos = list(config.eos_token_ids)
     d: dict[str, Any] = {
@@ -161,6 +173,8 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
             output_router_logits=False,
             router_aux_loss_coef=0.001,
         )
+    if quantization_config is not None:
+        d["quantization_config"] = quantization_config
     return d
 
 
@@ -226,17 +240,19 @@ def save_hf_dir(
     state_dict: Mapping[str, torch.Tensor],
     tokenizer: Tokenizer | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    quantization_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write config, generation config, weights (`state_dict` with HF names) and tokenizer to out_dir.
 
     With tie_word_embeddings, lm_head.weight is left out (as transformers does). The tokenizer
-    defaults to the byte-level one sized to the vocabulary.
+    defaults to the byte-level one sized to the vocabulary. A quantized state dict (FP8 weights and
+    their scales) comes with its `quantization_config`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v for k, v in state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    dtype = next(iter(tensors.values())).dtype
-    _write_json(out / "config.json", hf_config_dict(config, dtype))
+    dtype = next(v.dtype for v in tensors.values() if v.element_size() > 1)  # not the FP8 weights'
+    _write_json(out / "config.json", hf_config_dict(config, dtype, quantization_config))
     _write_json(out / "generation_config.json", generation_config_dict(config))
     save_weights(tensors, out, max_shard_size)
     if tokenizer is None:
@@ -245,13 +261,53 @@ def save_hf_dir(
     return out
 
 
+def _unquantized_linears(module: nn.Module) -> list[str]:
+    """The linear layers FP8 checkpoints keep in bf16: lm_head and the MoE routers."""
+    return [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and (name == "lm_head" or name.endswith(".mlp.gate"))
+    ]
+
+
+def quantize_fp8_state_dict(
+    module: nn.Module, quantization: str, block: tuple[int, int] = FP8_BLOCK_SIZE
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(`module`'s state dict with its linear weights FP8-quantized, next to their scales; the
+    `quantization_config` that describes them). `quantization`: one of QUANTIZATIONS (module doc)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
+    keep = _unquantized_linears(module)
+    quantized = {
+        f"{name}.weight" for name, m in module.named_modules() if isinstance(m, nn.Linear) and name not in keep
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, t in module.state_dict().items():
+        if key not in quantized:
+            out[key] = t
+        elif quantization == "fp8":
+            out[key], out[key.removesuffix("weight") + "weight_scale_inv"] = quantize_fp8(t, block)
+        else:  # per output channel, scales in the weights' dtype
+            out[key], out[key.removesuffix("weight") + "weight_scale"] = quantize_fp8(t, (1, t.shape[1]), t.dtype)
+    if quantization == "fp8":
+        return out, fp8_block_config_dict(block, keep)
+    return out, compressed_tensors_config_dict("channel", keep)
+
+
 def export_model(
     model: str,
     out_dir: str | os.PathLike,
     dtype: torch.dtype | str = "bfloat16",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     seed: int = 0,
+    quantization: str | None = None,
+    weight_block_size: tuple[int, int] = FP8_BLOCK_SIZE,
 ) -> Path:
-    """Load `model` (HF dir or dummy:<preset>) on CPU and write it as an HF directory at out_dir."""
+    """Load `model` (HF dir or dummy:<preset>) on CPU and write it as an HF directory at out_dir,
+    FP8-quantized with `quantization` (QUANTIZATIONS; `weight_block_size` for "fp8"), the other
+    tensors in `dtype`."""
     loaded = load_model(model, dtype, "cpu", seed=seed)
-    return save_hf_dir(out_dir, loaded.config, loaded.module.state_dict(), loaded.tokenizer, max_shard_size)
+    if quantization is None:
+        return save_hf_dir(out_dir, loaded.config, loaded.module.state_dict(), loaded.tokenizer, max_shard_size)
+    tensors, qconfig = quantize_fp8_state_dict(loaded.module, quantization, weight_block_size)
+    return save_hf_dir(out_dir, loaded.config, tensors, loaded.tokenizer, max_shard_size, qconfig)

@@ -12,12 +12,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-shard-size", default="4GB")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quantization",
+        choices=["fp8", "fp8-dynamic"],
+        default=None,
+        help="write FP8 weights, as pdserve, vLLM and transformers load them: fp8 = block-wise 128x128 "
+        "weight_scale_inv (quant_method fp8, as Qwen3-*-FP8); fp8-dynamic = per-channel weight_scale, "
+        "dynamic per-token activations (compressed-tensors, as *-FP8-dynamic). lm_head and MoE routers "
+        "stay in --dtype, as do embeddings and norms",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pdserve.model.export import export_model
 
-    out = export_model(args.model, args.out_dir, args.dtype, args.max_shard_size, seed=args.seed)
-    print(f"wrote {args.model} to {out}")
+    out = export_model(
+        args.model, args.out_dir, args.dtype, args.max_shard_size, seed=args.seed, quantization=args.quantization
+    )
+    print(f"wrote {args.model} to {out}" + (f" ({args.quantization})" if args.quantization else ""))
     return 0

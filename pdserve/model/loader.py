@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from torch import nn
 from pdserve.config import ModelConfig
 from pdserve.engine.sampling_params import GENERATION_CONFIG_KEYS, SamplingDefaults
 from pdserve.model.decoder import DecoderForCausalLM, RMSNorm
+from pdserve.model.fp8 import FP8_DTYPE, dequantize_fp8_into_
 from pdserve.model.hf_config import MODEL_TYPES, config_from_hf
 from pdserve.model.presets import PRESETS, get_preset
+from pdserve.model.quantization import QuantizationConfig, parse_quantization_config
 from pdserve.model.qwen3_moe import Qwen3MoeForCausalLM
 from pdserve.model.tokenizer import Tokenizer
 
@@ -54,6 +57,8 @@ class LoadedModel:
     device: torch.device = torch.device("cpu")
     # The sampling values generation_config.json recommends (none for dummy models).
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # How the checkpoint was quantized (its weights are dequantized to `dtype` at load); None: it was not.
+    quantization: QuantizationConfig | None = None
 
 
 def cpu_supports_bf16() -> bool:
@@ -174,31 +179,100 @@ def weight_files(path: Path) -> list[Path]:
 # ---- weights ---------------------------------------------------------------------------------
 
 
+class _Checkpoint:
+    """A checkpoint's tensors by name over its safetensors files, each tensor read when asked for
+    (the files stay open, memory-mapped, while the context lasts)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._files = files
+        self._stack = ExitStack()
+        self._where: dict[str, tuple[Any, str]] = {}
+
+    def __enter__(self) -> _Checkpoint:
+        for f in self._files:
+            sf = self._stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            for key in sf.keys():
+                self._where[key] = (sf, f.name)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def file_of(self, key: str) -> str:
+        return self._where[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._where[key][0].get_tensor(key)
+
+
+def _is_fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _copy_fp8_(p: torch.Tensor, key: str, t: torch.Tensor, ckpt: _Checkpoint, quant: QuantizationConfig | None) -> None:
+    """Dequantize the FP8 checkpoint tensor `t` (named `key`) with its scale tensor into `p`."""
+    where = ckpt.file_of(key)
+    if quant is None:
+        raise ValueError(f"{key} in {where} is {t.dtype}, but config.json has no quantization_config")
+    if t.dtype != FP8_DTYPE:
+        raise ValueError(f"{key} in {where} is {t.dtype}: FP8 weights must be {FP8_DTYPE}")
+    names = quant.scale_names(key)
+    scale_key = next((n for n in names if n in ckpt), None)
+    if scale_key is None:
+        raise ValueError(
+            f"FP8 weight {key} ({where}) has no scale tensor: the checkpoint lacks {' or '.join(names)}"
+        )
+    try:
+        dequantize_fp8_into_(p, t, ckpt.get(scale_key), quant.weight_block_size)
+    except ValueError as e:
+        raise ValueError(f"{scale_key} in {ckpt.file_of(scale_key)}: {e}") from None
+
+
 @torch.no_grad()
-def load_weights_(module: DecoderForCausalLM, files: list[Path]) -> None:
-    """Copy checkpoint tensors into `module` by name; ValueError on shape mismatch or missing weights."""
+def load_weights_(
+    module: DecoderForCausalLM, files: list[Path], quantization: QuantizationConfig | None = None
+) -> None:
+    """Copy checkpoint tensors into `module` by name; ValueError on shape mismatch or missing weights.
+
+    FP8 tensors are dequantized into the module's dtype with their scales (`quantization`, from
+    config.json), one tensor at a time, so loading needs about one tensor of memory beyond the model.
+    """
     params = dict(module.named_parameters())
     tied = module.config.tie_word_embeddings
     loaded: set[str] = set()
-    device = next(module.parameters()).device
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
-                if key == "lm_head.weight" and tied:
-                    continue  # tied to the embedding (as transformers does)
-                p = params.get(key)
-                if p is None:
-                    if not key.endswith(_IGNORED_KEY_SUFFIXES):
-                        log.warning("ignoring unexpected checkpoint tensor %s (%s)", key, f.name)
-                    continue
-                t = sf.get_tensor(key)
-                if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"shape mismatch for {key} in {f.name}: checkpoint {tuple(t.shape)}, "
-                        f"model {tuple(p.shape)}"
-                    )
-                p.copy_(t.to(device=device, dtype=p.dtype))
-                loaded.add(key)
+    dequantized = 0
+    with _Checkpoint(files) as ckpt:
+        for key in ckpt.keys():
+            if key == "lm_head.weight" and tied:
+                continue  # tied to the embedding (as transformers does)
+            p = params.get(key)
+            if p is None:
+                if quantization is not None and quantization.is_auxiliary(key):
+                    continue  # scales: consumed with their weights, or activation / KV-cache ones
+                if not key.endswith(_IGNORED_KEY_SUFFIXES):
+                    log.warning("ignoring unexpected checkpoint tensor %s (%s)", key, ckpt.file_of(key))
+                continue
+            t = ckpt.get(key)
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"shape mismatch for {key} in {ckpt.file_of(key)}: checkpoint {tuple(t.shape)}, "
+                    f"model {tuple(p.shape)}"
+                )
+            if _is_fp8(t.dtype):
+                _copy_fp8_(p, key, t, ckpt, quantization)
+                dequantized += 1
+            else:
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
+            loaded.add(key)
+    if quantization is not None:
+        dtype = next(iter(params.values())).dtype
+        log.info("dequantized %d FP8 weights (%s) to %s", dequantized, quantization.quant_method, dtype)
     missing = [n for n in params if n not in loaded]
     if missing == ["lm_head.weight"]:
         log.warning("checkpoint has no lm_head.weight: tying it to model.embed_tokens.weight")
@@ -223,14 +297,19 @@ def _sampling_defaults(generation: dict[str, Any], path: Path) -> SamplingDefaul
 
 def _load_dir(
     path: Path, dtype: torch.dtype, device: torch.device
-) -> tuple[DecoderForCausalLM, Tokenizer, SamplingDefaults]:
+) -> tuple[DecoderForCausalLM, Tokenizer, SamplingDefaults, QuantizationConfig | None]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in model directory {path}")
     generation = _read_json(path / "generation_config.json")
+    hf_config = _read_json(path / "config.json")
     try:
-        config = config_from_hf(_read_json(path / "config.json"), generation)
+        config = config_from_hf(hf_config, generation)
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'} lacks required field {e}") from None
+    try:
+        quantization = parse_quantization_config(hf_config.get("quantization_config"))
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
     defaults = _sampling_defaults(generation, path)
     files = weight_files(path)
     if (path / "tokenizer.json").is_file():
@@ -239,8 +318,8 @@ def _load_dir(
         log.warning("no tokenizer.json in %s: using the byte-level tokenizer", path)
         tokenizer = Tokenizer.byte_level(config.vocab_size, config.max_position_embeddings)
     module = build_model(config, dtype, device)
-    load_weights_(module, files)
-    return module, tokenizer, defaults
+    load_weights_(module, files, quantization)
+    return module, tokenizer, defaults, quantization
 
 
 def load_model(
@@ -259,6 +338,7 @@ def load_model(
         module = build_model(config, dtype, device)
         init_random_(module, seed)
         defaults = SamplingDefaults()
+        quantization = None
     else:
         path = Path(model).expanduser()
         if not path.is_dir():
@@ -266,9 +346,9 @@ def load_model(
                 f"model {model!r} is not a local directory; pass an HF model directory or "
                 f"{DUMMY_PREFIX}<preset> (presets: {', '.join(PRESETS)})"
             )
-        module, tokenizer, defaults = _load_dir(path, dtype, device)
+        module, tokenizer, defaults, quantization = _load_dir(path, dtype, device)
         config = module.config
     eos = tuple(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids))
     config = replace(config, eos_token_ids=eos)
     module.config = config
-    return LoadedModel(module, config, tokenizer, eos, dtype, device, defaults)
+    return LoadedModel(module, config, tokenizer, eos, dtype, device, defaults, quantization)
