@@ -1,4 +1,4 @@
-"""Async streaming client for an OpenAI-compatible /v1/completions endpoint.
+"""Async streaming client for an OpenAI-compatible /v1/completions or /v1/chat/completions endpoint.
 
 Every token-bearing SSE chunk is timestamped with time.perf_counter() on arrival. As in vLLM's
 `vllm bench serve`, a chunk that carries several tokens yields one inter-token gap (the time since
@@ -11,11 +11,18 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import aiohttp
 
 from pdserve.bench.sse import SSEDecoder, StreamDone, StreamError, TokenChunk, UsageChunk, interpret
 from pdserve.bench.workload import BenchRequest
+
+EndpointType = Literal["completions", "chat"]
+ENDPOINT_TYPES: tuple[EndpointType, ...] = ("completions", "chat")
+DEFAULT_PATHS: dict[EndpointType, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+# vLLM's names of the two (its --backend, and "backend" / "endpoint_type" in its result JSON).
+VLLM_BACKENDS: dict[EndpointType, str] = {"completions": "openai", "chat": "openai-chat"}
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class Endpoint:
     model: str
     api_key: str | None = None
     timeout_s: float | None = None  # whole request, send to last byte
+    kind: EndpointType = "completions"  # the request body and stream format
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -69,16 +77,23 @@ class RequestRecord:
 
 
 def completion_payload(model: str, req: BenchRequest) -> dict[str, object]:
-    return {
-        "model": req.model or model,
-        "prompt": list(req.prompt_token_ids),
-        "max_tokens": req.output_len,
-        "min_tokens": req.output_len,
-        "ignore_eos": True,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    """A streamed /v1/completions body: the prompt as text when the request has one, else its ids."""
+    prompt: str | list[int] = req.prompt_text if req.prompt_text is not None else list(req.prompt_token_ids)
+    return {"model": req.model or model, "prompt": prompt, "max_tokens": req.output_len, **_common(req)}
+
+
+def chat_payload(model: str, req: BenchRequest) -> dict[str, object]:
+    """A streamed /v1/chat/completions body: the prompt as one user message (vLLM's openai-chat)."""
+    if req.prompt_text is None:
+        raise ValueError("a chat request needs a text prompt")
+    messages = [{"role": "user", "content": req.prompt_text}]
+    return {"model": req.model or model, "messages": messages, "max_completion_tokens": req.output_len,
+            **_common(req)}
+
+
+def _common(req: BenchRequest) -> dict[str, object]:
+    exact = {"min_tokens": req.output_len, "ignore_eos": True} if req.ignore_eos else {}
+    return {**exact, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
 
 
 async def send_request(
@@ -94,11 +109,13 @@ async def send_request(
     error = ""
     ctype = ""
     timeout = aiohttp.ClientTimeout(total=endpoint.timeout_s)
+    chat = endpoint.kind == "chat"
+    payload = chat_payload(endpoint.model, req) if chat else completion_payload(endpoint.model, req)
     send_time = time.perf_counter()
     try:
         async with session.post(
             endpoint.url,
-            json=completion_payload(endpoint.model, req),
+            json=payload,
             headers=endpoint.headers(),
             timeout=timeout,
         ) as resp:
@@ -111,7 +128,7 @@ async def send_request(
                 async for data in resp.content.iter_any():
                     now = time.perf_counter()
                     for ev in decoder.feed(data):
-                        for item in interpret(ev):
+                        for item in interpret(ev, chat):
                             if isinstance(item, StreamError):
                                 error = error or f"stream error: {item.message}"
                             elif done or error:
@@ -126,7 +143,7 @@ async def send_request(
                     if error:
                         break
                 for ev in decoder.close():
-                    for item in interpret(ev):
+                    for item in interpret(ev, chat):
                         done = done or isinstance(item, StreamDone)
                         if isinstance(item, StreamError):
                             error = error or f"stream error: {item.message}"

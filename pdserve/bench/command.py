@@ -12,10 +12,31 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from pdserve.bench.client import DEFAULT_PATHS, ENDPOINT_TYPES, VLLM_BACKENDS, EndpointType
+from pdserve.bench.datasets import DATASET_NAMES, DatasetError, load_dataset
 from pdserve.bench.metrics import SLO_NAMES_HELP, parse_slo
 from pdserve.bench.report import format_summary, save_result
 from pdserve.bench.runner import BenchConfig, BenchResult, run_benchmark
+from pdserve.bench.tokenizer import LocalTokenizer
 from pdserve.bench.workload import WorkloadConfig
+
+DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, DEFAULT_CUSTOM_OUTPUT_LEN = 1024, 128, 256
+_FILES = ("sharegpt", "custom")
+# Dataset-specific flags (flag, dest, default, the datasets it is for): given for another dataset,
+# an error rather than silently ignored.
+_DATASET_FLAGS = (
+    ("--input-len", "input_len", None, ("random",)),
+    ("--range-ratio", "range_ratio", 0.0, ("random",)),
+    ("--random-prefix-len", "random_prefix_len", 0, ("random",)),
+    ("--num-prefixes", "num_prefixes", 1, ("random",)),
+    ("--vocab-range", "vocab_range", (0, 256), ("random",)),
+    ("--exclude-token-ids", "exclude_token_ids", frozenset(), ("random",)),
+    ("--sharegpt-output-len", "sharegpt_output_len", None, ("sharegpt",)),
+    ("--custom-output-len", "custom_output_len", None, ("custom",)),
+    ("--skip-chat-template", "skip_chat_template", False, ("custom",)),
+    ("--disable-shuffle", "disable_shuffle", False, _FILES),
+    ("--ignore-eos", "ignore_eos", False, _FILES),
+)
 
 
 def _number(kind: Callable[[str], float], lo: float, hi: float = math.inf, hi_open: bool = False):
@@ -72,6 +93,14 @@ def _token_ids(text: str) -> frozenset[int]:
     return ids
 
 
+def _endpoint_type(text: str) -> EndpointType:
+    """completions | chat, or vLLM's --backend names openai | openai-chat."""
+    names: dict[str, EndpointType] = {**{t: t for t in ENDPOINT_TYPES}, **{v: k for k, v in VLLM_BACKENDS.items()}}
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(map(repr, names))})")
+    return names[text]
+
+
 def _slo(text: str) -> str:
     try:
         parse_slo(text)
@@ -84,14 +113,42 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Every `pdserve bench` flag except --base-url (for reuse by `pdserve sweep`)."""
     nonneg_int = _number(int, 0)
     pos_int = _number(int, 1)
-    p.add_argument("--endpoint", default="/v1/completions", help="completions path (default: %(default)s)")
+    p.add_argument("--endpoint-type", "--backend", dest="endpoint_type", type=_endpoint_type, default="completions",
+                   metavar="{completions,chat}",
+                   help="completions: streamed /v1/completions; chat: streamed /v1/chat/completions, the prompt as "
+                        "one user message. vLLM's spellings are accepted: --backend openai | openai-chat "
+                        "(default: completions)")
+    p.add_argument("--endpoint", default=None,
+                   help=f"request path (default: {DEFAULT_PATHS['completions']}, or {DEFAULT_PATHS['chat']} "
+                        "with --endpoint-type chat)")
     p.add_argument("--model", default=None, help="model name (default: first of GET /v1/models)")
     p.add_argument("--api-key", default=None, help="sent as a Bearer token (default: $OPENAI_API_KEY)")
     p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME",
                    help="LoRA adapters the server serves; each request names one, drawn at random (vLLM's)")
     p.add_argument("--num-prompts", type=pos_int, default=100, help="requests measured (default: %(default)s)")
-    p.add_argument("--input-len", type=pos_int, default=1024, help="prompt tokens (default: %(default)s)")
-    p.add_argument("--output-len", type=pos_int, default=128, help="output tokens (default: %(default)s)")
+    p.add_argument("--dataset-name", choices=DATASET_NAMES, default="random",
+                   help="random: random token ids of --input-len tokens; sharegpt: a ShareGPT JSON file's first "
+                        "turns, with their replies' lengths; custom: a JSONL file of {\"prompt\": ...} lines "
+                        "(default: %(default)s)")
+    p.add_argument("--dataset-path", default=None, metavar="FILE", help="the sharegpt or custom dataset file")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a local Hugging Face tokenizer directory (tokenizer.json) of the served model, to count "
+                        "a dataset's tokens (default: the server's own /tokenize and /detokenize)")
+    p.add_argument("--sharegpt-output-len", type=pos_int, default=None,
+                   help="output tokens of every ShareGPT request (default: the reply's token count)")
+    p.add_argument("--custom-output-len", type=pos_int, default=None,
+                   help=f"output tokens of every custom-dataset request (default: {DEFAULT_CUSTOM_OUTPUT_LEN})")
+    p.add_argument("--skip-chat-template", action="store_true",
+                   help="custom dataset with completions: send the bare prompt, not its chat-template rendering")
+    p.add_argument("--disable-shuffle", action="store_true",
+                   help="take a dataset's entries in file order instead of shuffled by --seed")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="dataset requests ask for exactly their output length (random requests always do)")
+    p.add_argument("--input-len", type=pos_int, default=None,
+                   help=f"prompt tokens of the random dataset (default: {DEFAULT_INPUT_LEN})")
+    p.add_argument("--output-len", type=pos_int, default=None,
+                   help=f"output tokens (default: {DEFAULT_OUTPUT_LEN}; with a dataset, as vLLM, it sets "
+                        "--sharegpt-output-len / --custom-output-len)")
     p.add_argument("--random-prefix-len", type=nonneg_int, default=0,
                    help="tokens of one random prefix shared by every prompt, before its --input-len tokens "
                         "(a system prompt: what prefix caching reuses) (default: %(default)s)")
@@ -130,7 +187,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier (default: 1)",
     )
     p.add_argument("--max-concurrency", type=pos_int, default=None, help="cap on requests in flight")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the prompts (random ids; a dataset's shuffle) and arrivals (default: 0)")
     p.add_argument("--warmup", type=nonneg_int, default=0, help="warm-up requests sent first, not measured")
     p.add_argument(
         "--slo",
@@ -156,7 +214,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "bench",
         help="benchmark an OpenAI-compatible server (TTFT, ITL, SLO attainment, goodput)",
-        description="Random token-id prompts at a Poisson/gamma rate against /v1/completions, streamed.",
+        description="Prompts (random token ids, or a ShareGPT / custom dataset's) at a Poisson/gamma rate "
+                    "against /v1/completions or /v1/chat/completions, streamed; vLLM's `vllm bench serve` flags.",
     )
     p.add_argument("--base-url", required=True, help="server URL, e.g. http://127.0.0.1:8000")
     add_bench_arguments(p)
@@ -171,10 +230,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     lo, hi = args.vocab_range
     if not set(range(lo, hi)) - args.exclude_token_ids:
         _error(args, "argument --exclude-token-ids: excludes every id in --vocab-range")
+    _check_dataset_flags(args)
+    _check_endpoint(args)
+    out_len = args.output_len  # vLLM: --output-len sets every dataset's output length
     workload = WorkloadConfig(
         num_prompts=args.num_prompts,
-        input_len=args.input_len,
-        output_len=args.output_len,
+        input_len=args.input_len or DEFAULT_INPUT_LEN,
+        output_len=out_len or DEFAULT_OUTPUT_LEN,
         range_ratio=args.range_ratio,
         prefix_len=args.random_prefix_len,
         num_prefixes=args.num_prefixes,
@@ -182,10 +244,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         exclude_token_ids=args.exclude_token_ids,
         seed=args.seed,
         lora_modules=tuple(args.lora_modules),
+        dataset_name=args.dataset_name,
+        dataset_path=args.dataset_path,
+        sharegpt_output_len=out_len or args.sharegpt_output_len,
+        custom_output_len=out_len or args.custom_output_len or DEFAULT_CUSTOM_OUTPUT_LEN,
+        skip_chat_template=args.skip_chat_template,
+        disable_shuffle=args.disable_shuffle,
+        ignore_eos=args.ignore_eos,
     )
     return BenchConfig(
         base_url=args.base_url,
         endpoint=args.endpoint,
+        endpoint_type=args.endpoint_type,
+        tokenizer=args.tokenizer,
         model=args.model,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None,
         workload=workload,
@@ -197,6 +268,41 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         percentiles=args.percentiles,
         timeout_s=args.timeout,
     )
+
+
+def _check_dataset_flags(args: argparse.Namespace) -> None:
+    """--dataset-path goes with sharegpt / custom (and is read now: a bad file is this flag's error),
+    random-only flags do not; --tokenizer must be a readable tokenizer directory."""
+    name, path = args.dataset_name, args.dataset_path
+    for flag, dest, default, names in _DATASET_FLAGS:
+        if name not in names and getattr(args, dest) != default:
+            _error(args, f"argument {flag}: only for --dataset-name {' or '.join(names)}, not {name}")
+    if name == "random":
+        if path is not None:
+            _error(args, "argument --dataset-path: the random dataset takes no file; pick --dataset-name "
+                         "sharegpt or custom")
+    else:
+        if path is None:
+            _error(args, f"argument --dataset-path: --dataset-name {name} needs a file")
+        try:
+            load_dataset(name, path)
+        except DatasetError as e:
+            _error(args, str(e))
+    if args.tokenizer is not None:
+        try:
+            LocalTokenizer(args.tokenizer)
+        except (OSError, ValueError) as e:
+            _error(args, f"argument --tokenizer: {e}")
+
+
+def _check_endpoint(args: argparse.Namespace) -> None:
+    """A chat body to a completions path (or the reverse) is a 4xx for every request: refuse it here."""
+    if args.endpoint is None:
+        return
+    chat_path = args.endpoint.rstrip("/").endswith("chat/completions")
+    if chat_path != (args.endpoint_type == "chat"):
+        _error(args, f"argument --endpoint: {args.endpoint} does not take --endpoint-type {args.endpoint_type} "
+                     f"requests (default path: {DEFAULT_PATHS[args.endpoint_type]})")
 
 
 def _error(args: argparse.Namespace, msg: str) -> None:
@@ -219,6 +325,9 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=cfg.workload.num_prompts, disable=args.no_progress, desc="bench", unit="req")
     try:
         result = asyncio.run(run_benchmark(cfg, on_done=lambda _rec: bar.update(1)))
+    except DatasetError as exc:  # e.g. no ShareGPT conversation passes the length filters
+        print(f"pdserve bench: error: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         print(f"pdserve bench: {exc}", file=sys.stderr)
         return 1

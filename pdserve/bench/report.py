@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from pdserve.bench.client import VLLM_BACKENDS
 from pdserve.bench.goodput import FailureMode, primary_failure_mode
 from pdserve.bench.metrics import Distribution, violations
 from pdserve.bench.runner import BenchResult
@@ -46,13 +47,14 @@ def result_json(result: BenchResult) -> dict[str, JsonValue]:
     cfg, m, recs = result.config, result.metrics, result.records
     w = cfg.workload
     failure = primary_failure_mode(recs, cfg.slos) if cfg.slos else None
+    backend = VLLM_BACKENDS[cfg.endpoint_type]
     out: dict[str, JsonValue] = {
         "date": result.date,
-        "endpoint_type": "openai",
-        "backend": "openai",
+        "endpoint_type": backend,  # vLLM's names: "openai" (completions) or "openai-chat"
+        "backend": backend,
         "label": None,
         "model_id": result.model_id,
-        "tokenizer_id": None,  # prompts are sent as token ids; no tokenizer is used
+        "tokenizer_id": result.tokenizer_id,  # --tokenizer's path, the server's /tokenize URL, or None
         "num_prompts": w.num_prompts,
         "request_rate": _num(cfg.request_rate),
         "burstiness": _num(cfg.burstiness),
@@ -82,9 +84,12 @@ def result_json(result: BenchResult) -> dict[str, JsonValue]:
     out.update(
         {
             "base_url": cfg.base_url,
-            "endpoint": cfg.endpoint,
-            "input_len": w.input_len,
-            "output_len": w.output_len,
+            "endpoint": cfg.path,
+            "dataset_name": w.dataset_name,
+            "dataset_path": w.dataset_path,
+            "ignore_eos": w.is_random or w.ignore_eos,
+            "input_len": w.input_len if w.is_random else None,
+            "output_len": w.fixed_output_len,  # None: each ShareGPT reply's length
             "range_ratio": w.range_ratio,
             "random_prefix_len": w.prefix_len,
             "num_prefixes": w.num_prefixes,
@@ -103,6 +108,7 @@ def result_json(result: BenchResult) -> dict[str, JsonValue]:
                     "queue_time": r.send_time - r.scheduled_time,
                     "prompt_len": r.prompt_len,
                     "cached_tokens": r.cached_tokens,
+                    "expected_output_len": r.expected_output_len,
                     "output_tokens": r.output_tokens,
                     "ttft": r.ttft,
                     "itl": list(r.itl),
@@ -135,8 +141,11 @@ def save_result(result: BenchResult, path: str | Path) -> Path:
 
 def format_summary(result: BenchResult) -> str:
     cfg, m = result.config, result.metrics
+    w = cfg.workload
     lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")]
     row = lambda label, value, fmt="": lines.append(f"{label:<40} {value:<10{fmt}}")
+    row("Endpoint type:", f"{cfg.endpoint_type} ({cfg.path})")
+    row("Dataset:", w.dataset_name if w.is_random else f"{w.dataset_name} ({w.dataset_path})")
     row("Successful requests:", m.completed)
     row("Failed requests:", m.failed)
     if cfg.max_concurrency is not None:

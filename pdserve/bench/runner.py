@@ -7,14 +7,16 @@ import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import aiohttp
 
-from pdserve.bench.client import Endpoint, RequestRecord, fetch_first_model, send_request
+from pdserve.bench.client import DEFAULT_PATHS, Endpoint, EndpointType, RequestRecord, fetch_first_model, send_request
 from pdserve.bench.metrics import SLO, BenchMetrics, compute_metrics
-from pdserve.bench.workload import BenchRequest, WorkloadConfig, arrival_offsets, make_requests
+from pdserve.bench.prompts import build_requests, needs_tokenizer
+from pdserve.bench.tokenizer import BenchTokenizer, LocalTokenizer, ServerTokenizer
+from pdserve.bench.workload import BenchRequest, WorkloadConfig, arrival_offsets
 
 ProgressHook = Callable[[RequestRecord], None]
 
@@ -22,7 +24,8 @@ ProgressHook = Callable[[RequestRecord], None]
 @dataclass(frozen=True)
 class BenchConfig:
     base_url: str  # e.g. http://127.0.0.1:8000
-    endpoint: str = "/v1/completions"
+    endpoint: str | None = None  # None: endpoint_type's usual path (/v1/completions, /v1/chat/completions)
+    endpoint_type: EndpointType = "completions"
     model: str | None = None  # None: the first model of GET /v1/models
     api_key: str | None = None
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
@@ -36,10 +39,15 @@ class BenchConfig:
     # Which independent sequence of prompts (workload.make_requests; 1 is the warm-up's). A sweep
     # gives each rate its own, so no rate finds its prompts in a prefix cache an earlier one filled.
     prompt_stream: int = 0
+    tokenizer: str | None = None  # a local HF tokenizer directory; None: the server's /tokenize (when needed)
+
+    @property
+    def path(self) -> str:
+        return self.endpoint or DEFAULT_PATHS[self.endpoint_type]
 
     @property
     def url(self) -> str:
-        return self.base_url.rstrip("/") + "/" + self.endpoint.lstrip("/")
+        return self.base_url.rstrip("/") + "/" + self.path.lstrip("/")
 
 
 @dataclass(frozen=True)
@@ -52,17 +60,27 @@ class BenchResult:
     records: tuple[RequestRecord, ...]  # in request order; raw timestamps kept
     metrics: BenchMetrics
     warmup_failed: int = 0
+    tokenizer_id: str | None = None  # the tokenizer that counted the prompts (None: none was needed)
 
 
 async def run_benchmark(cfg: BenchConfig, on_done: ProgressHook | None = None) -> BenchResult:
-    """Run `cfg` against the server. Request failures are recorded; setup failures raise RuntimeError."""
-    requests = make_requests(cfg.workload, stream=cfg.prompt_stream)
-    offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.burstiness, cfg.workload.seed)
+    """Run `cfg` against the server. Request failures are recorded; setup failures raise RuntimeError
+    (no model listed, a tokenizer that fails), an unusable dataset file DatasetError (a ValueError)."""
     limit = cfg.max_concurrency or 0
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
         model = cfg.model or await fetch_first_model(session, cfg.base_url, cfg.api_key)
-        endpoint = Endpoint(url=cfg.url, model=model, api_key=cfg.api_key, timeout_s=cfg.timeout_s)
+        chat = cfg.endpoint_type == "chat"
+        tok: BenchTokenizer | None = None
+        if needs_tokenizer(cfg.workload, chat):
+            tok = LocalTokenizer(cfg.tokenizer) if cfg.tokenizer else ServerTokenizer(session, cfg.base_url, model,
+                                                                                     cfg.api_key)
+        # Prompts are made (and tokenized) before any request is timed.
+        requests = await build_requests(cfg.workload, tok, chat, stream=cfg.prompt_stream)
+        warm = await build_requests(cfg.workload, tok, chat, stream=1, count=cfg.warmup)
+        offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.burstiness, cfg.workload.seed)
+        endpoint = Endpoint(url=cfg.url, model=model, api_key=cfg.api_key, timeout_s=cfg.timeout_s,
+                            kind=cfg.endpoint_type)
         gate = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
 
         async def one(req: BenchRequest, hook: ProgressHook | None) -> RequestRecord:
@@ -73,7 +91,6 @@ async def run_benchmark(cfg: BenchConfig, on_done: ProgressHook | None = None) -
                 hook(rec)
             return rec
 
-        warm = make_requests(replace(cfg.workload, num_prompts=cfg.warmup), stream=1) if cfg.warmup else []
         warm_records = await asyncio.gather(*(one(r, None) for r in warm))
         date = datetime.now().strftime("%Y%m%d-%H%M%S")
         start = time.perf_counter()
@@ -94,4 +111,5 @@ async def run_benchmark(cfg: BenchConfig, on_done: ProgressHook | None = None) -
         records=records,
         metrics=compute_metrics(records, duration, cfg.slos, cfg.percentiles),
         warmup_failed=sum(not r.success for r in warm_records),
+        tokenizer_id=tok.tokenizer_id if tok is not None else None,
     )

@@ -1,6 +1,13 @@
-"""Server-sent events: bytes -> events -> typed items of an OpenAI completions stream.
+"""Server-sent events: bytes -> events -> typed items of an OpenAI completions or chat stream.
 
 Pure functions and a tiny incremental decoder, so a recorded byte stream can be replayed in tests.
+
+A completions chunk with a choice is a token chunk, its text possibly empty (a special token), as
+vLLM's client counts it. A chat chunk's choice carries a `delta`: it is a token chunk unless it only
+announces the role (`{"role": "assistant", "content": ""}`, which pdserve sends before the prompt is
+prefilled, as OpenAI does: counting it would make TTFT the time to the announcement). Generated
+text is `content`; `reasoning_content` (vLLM's older name, pdserve's) or `reasoning` (vLLM's newer)
+and `tool_calls` are generated tokens too.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class TokenChunk:
 
     text: str
     finish_reason: str | None = None
+    reasoning: str = ""  # chat: the delta's reasoning text (not part of the generated text)
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,8 @@ class StreamDone:
 StreamItem = TokenChunk | UsageChunk | StreamError | StreamDone
 
 
-def interpret(ev: SSEEvent) -> list[StreamItem]:
-    """What one SSE event of a /v1/completions stream means."""
+def interpret(ev: SSEEvent, chat: bool = False) -> list[StreamItem]:
+    """What one SSE event of a /v1/completions stream (of /v1/chat/completions with `chat`) means."""
     if ev.data.strip() == "[DONE]":
         return [StreamDone()]
     try:
@@ -107,13 +115,32 @@ def interpret(ev: SSEEvent) -> list[StreamItem]:
     choices = obj.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         first = choices[0]
-        items.append(TokenChunk(text=str(first.get("text") or ""), finish_reason=first.get("finish_reason")))
+        token = _chat_token(first) if chat else TokenChunk(str(first.get("text") or ""), first.get("finish_reason"))
+        if token is not None:
+            items.append(token)
     usage = obj.get("usage")
     if isinstance(usage, dict):
         details = usage.get("prompt_tokens_details")
         cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
         items.append(UsageChunk(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), cached))
     return items
+
+
+def _chat_token(choice: dict[str, object]) -> TokenChunk | None:
+    """The token chunk of a chat choice, or None for a role announcement (or a delta-less choice)."""
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return None
+    content = _str(delta.get("content"))
+    reasoning = _str(delta.get("reasoning_content")) or _str(delta.get("reasoning"))
+    if "role" in delta and not (content or reasoning or delta.get("tool_calls")):
+        return None
+    finish = choice.get("finish_reason")
+    return TokenChunk(content, finish if isinstance(finish, str) else None, reasoning)
+
+
+def _str(v: object) -> str:
+    return v if isinstance(v, str) else ""
 
 
 def _error_message(obj: dict[str, object]) -> str:

@@ -3,6 +3,9 @@
     pdserve sweep dummy:qwen3-cpu-bench --topologies standard:2,disagg-write --rates 0.5,1,2,4 \\
         --input-len 112 --output-len 100 --num-prompts 100 --out runs/sweep
 
+Every `pdserve bench` workload flag applies to each run, e.g. `--dataset-name sharegpt --dataset-path
+FILE --endpoint-type chat`; each rate (and the warm-up) sends its own prompts of the file.
+
 Writes to --out: results.json (every run, vLLM field names), summary.md (the headline table),
 fig3_per_request.png and fig4_attainment*.png; logs of every process under logs/.
 """
@@ -167,9 +170,9 @@ def rerender(args: argparse.Namespace) -> int:
     """--from-results: the report of earlier sweeps under this command line's SLOs and headline."""
     files = [load_results(path) for path in args.from_results]
     data = files[0]
+    keys = ("input_len", "output_len", "prefix_len", "num_prefixes", "dataset_name", "dataset_path", "endpoint_type")
     for other in files[1:]:
-        if {k: other["workload"].get(k, 0) for k in ("input_len", "output_len", "prefix_len", "num_prefixes")} != {
-                k: data["workload"].get(k, 0) for k in ("input_len", "output_len", "prefix_len", "num_prefixes")}:
+        if {k: other["workload"].get(k, 0) for k in keys} != {k: data["workload"].get(k, 0) for k in keys}:
             raise ValueError("--from-results: the files were measured with different workloads")
     merged: dict[str, Series] = {}
     for f in files:
@@ -181,9 +184,13 @@ def rerender(args: argparse.Namespace) -> int:
     w = data["workload"]
     workload = WorkloadConfig(num_prompts=w["num_prompts"], input_len=w["input_len"], output_len=w["output_len"],
                               range_ratio=w.get("range_ratio", 0.0), prefix_len=w.get("prefix_len", 0),
-                              num_prefixes=w.get("num_prefixes", 1), seed=w.get("seed", 0))
+                              num_prefixes=w.get("num_prefixes", 1), seed=w.get("seed", 0),
+                              dataset_name=w.get("dataset_name", "random"), dataset_path=w.get("dataset_path"),
+                              sharegpt_output_len=w.get("sharegpt_output_len"),
+                              custom_output_len=w.get("custom_output_len", 256))
     cfg = SweepConfig(
-        model=data["model"], bench=BenchConfig(base_url="", workload=workload),
+        model=data["model"],
+        bench=BenchConfig(base_url="", workload=workload, endpoint_type=w.get("endpoint_type", "completions")),
         rates=tuple(sorted({float(r) for f in files for r in f["rates"]})),
         topologies=tuple(s.name for s in series if s.kind == "topology"),
         external=tuple((s.name, s.base_url) for s in series if s.kind != "topology"), slo_sets=_slo_sets(args),

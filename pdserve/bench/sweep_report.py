@@ -21,7 +21,6 @@ from pdserve.bench.goodput import primary_failure_mode as _primary
 from pdserve.bench.metrics import SLO
 from pdserve.bench.report import JsonValue, result_json
 from pdserve.bench.sweep import RatePoint, Series, SLOSet, SweepConfig
-from pdserve.bench.workload import WorkloadConfig
 
 
 def good_count(point: RatePoint, slos: Sequence[SLO]) -> int:
@@ -143,7 +142,7 @@ def markdown_summary(cfg: SweepConfig, summaries: Sequence[SeriesSummary]) -> st
     cols = [s.name for s in summaries]
     lines = [
         f"Headline: {rate:g} req/s; SLOs {head.describe()}; {w.num_prompts} requests per rate, "
-        f"{_prefix(w)}{w.input_len} input / {w.output_len} output tokens; baseline {cfg.baseline}.",
+        f"{w.describe()}{_endpoint(cfg)}; baseline {cfg.baseline}.",
         "",
         "| Metric | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -223,7 +222,9 @@ def sweep_json(cfg: SweepConfig, series: Sequence[Series], summaries: Sequence[S
         "slo_sets": {s.name: [{"name": x.name, "threshold_ms": x.threshold_ms} for x in s.slos] for s in cfg.slo_sets},
         "workload": {"num_prompts": w.num_prompts, "input_len": w.input_len, "output_len": w.output_len,
                      "range_ratio": w.range_ratio, "prefix_len": w.prefix_len,
-                     "num_prefixes": w.num_prefixes, "seed": w.seed},
+                     "num_prefixes": w.num_prefixes, "seed": w.seed, "dataset_name": w.dataset_name,
+                     "dataset_path": w.dataset_path, "sharegpt_output_len": w.sharegpt_output_len,
+                     "custom_output_len": w.custom_output_len, "endpoint_type": cfg.bench.endpoint_type},
         "warmup": cfg.warmup,
         "engine_args": list(cfg.engine_args),
         "series": [
@@ -260,7 +261,8 @@ def _record(req: dict, output_len: int) -> RequestRecord:
         for gap in req["itl"]:
             chunks.append(chunks[-1] + gap)
     return RequestRecord(
-        index=req["index"], prompt_len=req["prompt_len"], expected_output_len=output_len,
+        index=req["index"], prompt_len=req["prompt_len"],
+        expected_output_len=req.get("expected_output_len") or output_len,
         scheduled_time=send - float(req.get("queue_time") or 0.0), send_time=send,
         end_time=chunks[-1] if chunks else send, chunk_times=tuple(chunks), output_tokens=req["output_tokens"],
         success=bool(req["success"]), error=req.get("error") or "", cached_tokens=int(req.get("cached_tokens") or 0),
@@ -280,8 +282,5 @@ def series_from_json(data: dict) -> tuple[Series, ...]:
     )
 
 
-def _prefix(w: WorkloadConfig) -> str:
-    if not w.prefix_len:
-        return ""
-    which = "one shared" if w.num_prefixes == 1 else f"one of {w.num_prefixes} shared"
-    return f"{which} {w.prefix_len}-token prefix + "
+def _endpoint(cfg: SweepConfig) -> str:
+    return "" if cfg.bench.endpoint_type == "completions" else f", {cfg.bench.endpoint_type} endpoint"

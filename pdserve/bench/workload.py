@@ -6,6 +6,9 @@ gamma(shape=burstiness, scale=1/(rate*burstiness)) (burstiness 1 = Poisson), res
 last request arrives at num_prompts/rate. `prefix_len` (vLLM's `--random-prefix-len`) puts a
 random prefix before each prompt, one of `num_prefixes` drawn per request (the same set for every
 stream of a seed): shared system prompts, what a prefix cache (and cache-aware routing) is for.
+
+`WorkloadConfig` also says which prompts a run sends instead (`dataset_name` "sharegpt" or "custom",
+a file: datasets.py reads it, prompts.py samples and tokenizes it).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from pdserve.bench.datasets import DATASET_NAMES, DatasetName
 
 DEFAULT_VOCAB_RANGE = (0, 256)
 PREFIX_STREAM = 1 << 20  # the rng stream of the shared prefix, apart from every prompt stream
@@ -32,6 +37,14 @@ class WorkloadConfig:
     exclude_token_ids: frozenset[int] = frozenset()  # e.g. special ids inside the range
     seed: int = 0
     lora_modules: tuple[str, ...] = ()  # adapter names; each request names one, drawn uniformly (vLLM's)
+    # Prompts from a file instead of random ids (vLLM's --dataset-name / --dataset-path).
+    dataset_name: DatasetName = "random"
+    dataset_path: str | None = None
+    sharegpt_output_len: int | None = None  # None: each ShareGPT reply's own token count
+    custom_output_len: int = 256  # every request of a custom file (vLLM's default)
+    skip_chat_template: bool = False  # custom + completions: send the bare prompt, not its chat rendering
+    disable_shuffle: bool = False  # a file's entries in file order instead of shuffled by the seed
+    ignore_eos: bool = False  # datasets: ask for exactly the output length (random prompts always do)
 
     def __post_init__(self) -> None:
         if self.num_prompts < 0:
@@ -49,6 +62,35 @@ class WorkloadConfig:
             raise ValueError(f"vocab_range must satisfy 0 <= lo < hi, got {self.vocab_range}")
         if not set(range(lo, hi)) - self.exclude_token_ids:
             raise ValueError("exclude_token_ids leaves no token id in vocab_range")
+        if self.dataset_name not in DATASET_NAMES:
+            raise ValueError(f"dataset_name must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
+        if (self.dataset_name == "random") != (self.dataset_path is None):
+            raise ValueError("dataset_path is required by a sharegpt or custom dataset, and refused by random")
+        if (self.sharegpt_output_len is not None and self.sharegpt_output_len < 1) or self.custom_output_len < 1:
+            raise ValueError("sharegpt_output_len and custom_output_len must be >= 1")
+
+    @property
+    def is_random(self) -> bool:
+        return self.dataset_name == "random"
+
+    @property
+    def fixed_output_len(self) -> int | None:
+        """The output length every request asks for; None when a ShareGPT reply sets each one."""
+        if self.dataset_name == "sharegpt":
+            return self.sharegpt_output_len
+        return self.custom_output_len if self.dataset_name == "custom" else self.output_len
+
+    def describe(self) -> str:
+        """One phrase for reports, e.g. "512 input / 64 output tokens" or "ShareGPT file x.json"."""
+        if self.is_random:
+            prefix = ""
+            if self.prefix_len:
+                which = "one shared" if self.num_prefixes == 1 else f"one of {self.num_prefixes} shared"
+                prefix = f"{which} {self.prefix_len}-token prefix + "
+            return f"{prefix}{self.input_len} input / {self.output_len} output tokens"
+        kind = "ShareGPT" if self.dataset_name == "sharegpt" else "custom"
+        out = self.fixed_output_len
+        return f"{kind} file {self.dataset_path}, " + (f"{out} output tokens" if out else "the replies' output lengths")
 
 
 @dataclass(frozen=True)
@@ -57,6 +99,10 @@ class BenchRequest:
     prompt_token_ids: tuple[int, ...]
     output_len: int
     model: str | None = None  # a LoRA adapter to name instead of the benchmark's model
+    # Sent instead of the ids when set (a dataset's prompt; random ids as text for a chat endpoint);
+    # prompt_token_ids are then its tokens as counted by the benchmark's tokenizer.
+    prompt_text: str | None = None
+    ignore_eos: bool = True  # ask for exactly output_len tokens (ignore_eos, min_tokens)
 
     @property
     def prompt_len(self) -> int:
@@ -77,23 +123,36 @@ def make_requests(cfg: WorkloadConfig, stream: int = 0) -> list[BenchRequest]:
     out_lo, out_hi = length_bounds(cfg.output_len, cfg.range_ratio)
     input_lens = rng.integers(in_lo, in_hi + 1, size=cfg.num_prompts)
     output_lens = rng.integers(out_lo, out_hi + 1, size=cfg.num_prompts)
-    lo, hi = cfg.vocab_range
-    allowed = np.array([t for t in range(lo, hi) if t not in cfg.exclude_token_ids], dtype=np.int64)
+    allowed = allowed_token_ids(cfg)
     prefix_rng = np.random.default_rng([cfg.seed, PREFIX_STREAM])
     prefixes = [tuple(int(t) for t in prefix_rng.choice(allowed, cfg.prefix_len)) for _ in range(cfg.num_prefixes)]
     # Its own stream, so prompts of a seed stay what they were before prefixes existed.
     which = np.random.default_rng([cfg.seed, stream, PREFIX_STREAM]).integers(0, cfg.num_prefixes, cfg.num_prompts)
-    adapters = np.random.default_rng([cfg.seed, stream, LORA_STREAM]).integers(0, max(len(cfg.lora_modules), 1),
-                                                                                 cfg.num_prompts)
     return [
         BenchRequest(
             index=i,
             prompt_token_ids=prefixes[k] + tuple(int(t) for t in rng.choice(allowed, size=int(n_in))),
             output_len=int(n_out),
-            model=cfg.lora_modules[a] if cfg.lora_modules else None,
+            model=adapter,
         )
-        for i, (n_in, n_out, k, a) in enumerate(zip(input_lens, output_lens, which, adapters, strict=True))
+        for i, (n_in, n_out, k, adapter) in enumerate(
+            zip(input_lens, output_lens, which, draw_adapters(cfg, stream, cfg.num_prompts), strict=True))
     ]
+
+
+def allowed_token_ids(cfg: WorkloadConfig) -> np.ndarray:
+    """The ids random prompts are drawn from: --vocab-range less --exclude-token-ids."""
+    lo, hi = cfg.vocab_range
+    return np.array([t for t in range(lo, hi) if t not in cfg.exclude_token_ids], dtype=np.int64)
+
+
+def draw_adapters(cfg: WorkloadConfig, stream: int, n: int) -> list[str | None]:
+    """The LoRA adapter each of `n` requests names (None: the benchmark's model), drawn uniformly
+    from its own rng stream so that the prompts of a seed do not depend on it."""
+    if not cfg.lora_modules:
+        return [None] * n
+    picks = np.random.default_rng([cfg.seed, stream, LORA_STREAM]).integers(0, len(cfg.lora_modules), n)
+    return [cfg.lora_modules[int(a)] for a in picks]
 
 
 def arrival_offsets(n: int, request_rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:

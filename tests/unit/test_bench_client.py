@@ -2,7 +2,9 @@
 
 The fake server picks its behaviour from the request's model name: "ok", "multi" (two tokens per
 chunk), "http500", "error_event" (error after the first token), "no_done" (stream ends without
-[DONE]), "hang" (never answers).
+[DONE]), "hang" (never answers). It serves /v1/completions and /v1/chat/completions (which
+announces the role at once, as pdserve does), and vLLM's /tokenize and /detokenize with a byte
+tokenizer (`fake_encode`, `fake_render`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,27 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
 
-from pdserve.bench.client import Endpoint, fetch_first_model, send_request
+from pdserve.bench.client import Endpoint, chat_payload, completion_payload, fetch_first_model, send_request
 from pdserve.bench.metrics import parse_slos
 from pdserve.bench.runner import BenchConfig, run_benchmark
 from pdserve.bench.workload import BenchRequest, WorkloadConfig
+
+
+def fake_encode(text: str) -> list[int]:
+    """The fake server's tokenizer: UTF-8 bytes (no special tokens)."""
+    return list(text.encode())
+
+
+def fake_render(content: str) -> str:
+    """The fake server's chat template for one user message, with its generation prompt."""
+    return f"<u>{content}</u><a>"
 
 
 class FakeServer:
@@ -31,7 +44,7 @@ class FakeServer:
         self.gap_s, self.api_key, self.models = gap_s, api_key, models
         self.payloads: list[dict[str, object]] = []
         self.auth_headers: list[str | None] = []
-        self.in_flight = self.peak_in_flight = 0
+        self.in_flight = self.peak_in_flight = self.tokenize_calls = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -57,6 +70,9 @@ class FakeServer:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         self._runner = web.AppRunner(app, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -72,11 +88,25 @@ class FakeServer:
             return web.json_response({"error": {"message": "bad key"}}, status=401)
         return web.json_response({"object": "list", "data": [{"id": m, "root": m} for m in self.models]})
 
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": {"message": "bad key"}}, status=401)
+        body = await request.json()
+        self.tokenize_calls += 1
+        text = fake_render(body["messages"][0]["content"]) if "messages" in body else body["prompt"]
+        ids = fake_encode(text)
+        return web.json_response({"count": len(ids), "max_model_len": 4096, "tokens": ids})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"prompt": bytes(body["tokens"]).decode(errors="replace")})
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
             return web.json_response({"error": {"message": "bad key"}}, status=401)
         body = await request.json()
         self.payloads.append(body)
+        chat = "messages" in body
         mode = body["model"]
         if mode == "http500":
             return web.json_response({"error": {"message": "engine dead"}}, status=500)
@@ -86,7 +116,11 @@ class FakeServer:
         await resp.prepare(request)
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        n, per_chunk, sent = int(body["max_tokens"]), 2 if mode == "multi" else 1, 0
+        n = int(body["max_completion_tokens" if chat else "max_tokens"])
+        per_chunk, sent = 2 if mode == "multi" else 1, 0
+        if chat:  # the role first, before any token (pdserve's order)
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            await resp.write(f"data: {json.dumps({'choices': [role]})}\n\n".encode())
         try:
             while sent < n:
                 await asyncio.sleep(self.gap_s)
@@ -95,9 +129,12 @@ class FakeServer:
                 if mode == "error_event" and sent > 1:
                     await resp.write(b'data: {"error": {"message": "KV transfer failed", "code": 500}}\n\n')
                     return resp
-                choice = {"index": 0, "text": "ab"[:k], "finish_reason": "length" if sent == n else None}
+                piece = {"delta": {"content": "ab"[:k]}} if chat else {"text": "ab"[:k]}
+                choice = {"index": 0, **piece, "finish_reason": "length" if sent == n else None}
                 await resp.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
-            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n, "total_tokens": 0}
+            prompt = body["prompt"] if not chat else fake_encode(fake_render(body["messages"][0]["content"]))
+            usage = {"prompt_tokens": len(prompt if not isinstance(prompt, str) else fake_encode(prompt)),
+                     "completion_tokens": n, "total_tokens": 0}
             await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
             if mode != "no_done":
                 await resp.write(b"data: [DONE]\n\n")
@@ -141,6 +178,37 @@ def test_streaming_request_timestamps_every_chunk(server: FakeServer) -> None:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def test_chat_request_payload_and_the_role_chunk_is_not_the_first_token() -> None:
+    with FakeServer(gap_s=0.05) as server:
+        req = BenchRequest(index=1, prompt_token_ids=(104, 105), output_len=3, prompt_text="hi", ignore_eos=False)
+        endpoint = Endpoint(url=server.base_url + "/v1/chat/completions", model="ok", kind="chat")
+
+        async def go():
+            async with aiohttp.ClientSession() as session:
+                return await send_request(session, endpoint, req)
+
+        r = asyncio.run(go())
+    assert r.success and r.output_tokens == 3 and len(r.chunk_times) == 3 and r.generated_text == "aaa"
+    assert r.prompt_len == len(fake_encode(fake_render("hi")))  # usage: the rendered prompt
+    assert r.ttft is not None and r.ttft >= 0.04  # the first token, not the role sent at once
+    assert server.payloads[0] == {
+        "model": "ok",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 3,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # no ignore_eos / min_tokens: a dataset request without --ignore-eos
+
+
+def test_text_prompt_to_completions_and_chat_needs_text(server: FakeServer) -> None:
+    req = BenchRequest(index=0, prompt_token_ids=(1, 2), output_len=2, prompt_text="hello")
+    assert completion_payload("m", req)["prompt"] == "hello"
+    assert completion_payload("m", replace(req, prompt_text=None))["prompt"] == [1, 2]
+    with pytest.raises(ValueError, match="text prompt"):
+        chat_payload("m", replace(req, prompt_text=None))
 
 
 def test_a_request_with_an_adapter_names_it_as_the_model(server: FakeServer) -> None:

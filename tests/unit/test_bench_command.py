@@ -27,7 +27,10 @@ def test_defaults() -> None:
     args = _parse()
     cfg = config_from_args(args)
     assert args.func.__name__ == "run"
-    assert cfg.endpoint == "/v1/completions" and cfg.url == "http://h:1/v1/completions"
+    assert cfg.endpoint is None and cfg.path == "/v1/completions" and cfg.url == "http://h:1/v1/completions"
+    assert cfg.endpoint_type == "completions" and cfg.tokenizer is None
+    w = cfg.workload
+    assert (w.dataset_name, w.dataset_path, w.input_len, w.output_len) == ("random", None, 1024, 128)
     assert cfg.request_rate == math.inf and cfg.burstiness == 1.0 and cfg.max_concurrency is None
     assert cfg.percentiles == (50.0, 90.0, 99.0) and cfg.slos == () and cfg.warmup == 0
     assert cfg.workload.vocab_range == (0, 256) and cfg.timeout_s is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,26 @@ def test_result_json_has_vllm_fields_and_detail(tmp_path: Path) -> None:
     assert detail[1]["missed_slos"] == ["itl_p99"] and detail[2]["missed_slos"] == ["ttft"]
     assert detail[3]["ttft"] is None and detail[3]["success"] is False
     assert detail[0]["itl"] == pytest.approx([0.02, 0.02]) and detail[0]["start_time"] == 0.0
+
+
+def test_result_records_dataset_and_endpoint_type() -> None:
+    data = result_json(_result())
+    assert (data["endpoint_type"], data["endpoint"], data["dataset_name"], data["dataset_path"]) == (
+        "openai", "/v1/completions", "random", None)
+    assert (data["input_len"], data["output_len"], data["ignore_eos"], data["tokenizer_id"]) == (8, 3, True, None)
+    res = _result()
+    w = WorkloadConfig(num_prompts=4, dataset_name="sharegpt", dataset_path="/d/sg.json")
+    chat = replace(res, config=replace(res.config, endpoint_type="chat", workload=w), tokenizer_id="http://x:1/tokenize")
+    data = result_json(chat)
+    assert (data["endpoint_type"], data["backend"], data["endpoint"]) == ("openai-chat", "openai-chat",
+                                                                         "/v1/chat/completions")
+    assert (data["dataset_name"], data["dataset_path"], data["input_len"], data["output_len"]) == (
+        "sharegpt", "/d/sg.json", None, None)  # output lengths from the replies
+    assert data["ignore_eos"] is False and data["tokenizer_id"] == "http://x:1/tokenize"
+    assert [d["expected_output_len"] for d in data["requests"]] == [3, 3, 2, 0]
+    text = format_summary(chat)
+    assert "Endpoint type:                           chat (/v1/chat/completions)" in text
+    assert "Dataset:                                 sharegpt (/d/sg.json)" in text
 
 
 def test_no_slo_means_null_goodput() -> None:

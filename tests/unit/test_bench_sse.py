@@ -1,4 +1,4 @@
-"""SSE framing and interpretation of a recorded /v1/completions byte stream."""
+"""SSE framing and interpretation of recorded /v1/completions and /v1/chat/completions byte streams."""
 
 from __future__ import annotations
 
@@ -128,3 +128,84 @@ def test_usage_with_cached_prompt_tokens() -> None:
 
 def test_usage_without_counts() -> None:
     assert interpret(SSEEvent(data='{"choices": [], "usage": {}}')) == [UsageChunk(None, None)]
+
+
+# --- chat completions ------------------------------------------------------------------------
+
+
+def _chat(delta: dict[str, object], finish: str | None = None) -> str:
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+# As pdserve's /v1/chat/completions streams it with --reasoning-parser: the role announcement (sent
+# before the prompt is prefilled), two reasoning chunks, an empty-content chunk (the parser holding
+# "</think>" back), content, the last token with finish_reason, the usage chunk, [DONE].
+RECORDED_CHAT = (
+    _chat({"role": "assistant", "content": ""})
+    + _chat({"content": "", "reasoning_content": "Hm"})
+    + _chat({"content": "", "reasoning_content": "m."})
+    + _chat({"content": ""})
+    + ": ping\n\n"
+    + _chat({"content": "Sí"})
+    + _chat({"content": "!"}, "length")
+    + 'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],'
+    '"usage":{"prompt_tokens":12,"completion_tokens":6,"total_tokens":18}}\n\n' + "data: [DONE]\n\n"
+).encode()
+
+EXPECTED_CHAT: list[StreamItem] = [
+    TokenChunk("", reasoning="Hm"),
+    TokenChunk("", reasoning="m."),
+    TokenChunk(""),
+    TokenChunk("Sí"),
+    TokenChunk("!", "length"),
+    UsageChunk(prompt_tokens=12, completion_tokens=6),
+    StreamDone(),
+]
+
+
+def _chat_items(pieces: list[bytes]) -> list[StreamItem]:
+    dec = SSEDecoder()
+    events = [ev for p in pieces for ev in dec.feed(p)] + dec.close()
+    return [item for ev in events for item in interpret(ev, chat=True)]
+
+
+def test_recorded_chat_stream_role_chunk_is_not_a_token() -> None:
+    assert _chat_items([RECORDED_CHAT]) == EXPECTED_CHAT
+
+
+@pytest.mark.parametrize("cut", range(1, len(RECORDED_CHAT), 23))
+def test_recorded_chat_stream_any_split(cut: int) -> None:
+    assert _chat_items([RECORDED_CHAT[:cut], RECORDED_CHAT[cut:]]) == EXPECTED_CHAT
+
+
+def test_recorded_chat_stream_byte_by_byte() -> None:
+    assert _chat_items([RECORDED_CHAT[i : i + 1] for i in range(len(RECORDED_CHAT))]) == EXPECTED_CHAT
+
+
+@pytest.mark.parametrize(
+    ("delta", "expected"),
+    [
+        ({"role": "assistant"}, []),  # announcement without content
+        ({"role": "assistant", "content": None}, []),
+        ({"role": "assistant", "content": "Hi"}, [TokenChunk("Hi")]),  # a server that sends the first token with it
+        ({"reasoning": "so"}, [TokenChunk("", reasoning="so")]),  # vLLM's newer field name
+        ({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}, [TokenChunk("")]),
+        ({"role": "assistant", "content": "", "tool_calls": [{"index": 0}]}, [TokenChunk("")]),
+        ({}, [TokenChunk("")]),  # e.g. a finish-only chunk: a chunk like any other (vLLM's client too)
+    ],
+)
+def test_chat_deltas(delta: dict[str, object], expected: list[StreamItem]) -> None:
+    assert interpret(SSEEvent(data=_chat(delta)[6:-2]), chat=True) == expected
+
+
+def test_chat_chunk_without_delta_and_errors() -> None:
+    assert interpret(SSEEvent(data='{"choices": [{"index": 0, "text": "x"}]}'), chat=True) == []
+    data = '{"object": "error", "message": "engine died", "code": 500}'
+    assert interpret(SSEEvent(data=data), chat=True) == [StreamError("engine died (500)")]
+
+
+def test_a_completions_chunk_read_as_chat_is_no_token_and_vice_versa() -> None:
+    assert interpret(SSEEvent(data=_chunk("x")[6:-2]), chat=True) == []
+    assert interpret(SSEEvent(data=_chat({"content": "x"})[6:-2])) == [TokenChunk("")]

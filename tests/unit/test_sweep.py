@@ -273,6 +273,21 @@ def test_results_json_round_trips_for_rerendering(tmp_path: Path) -> None:
     assert not (tmp_path / "loose" / "results.json").exists()
 
 
+def test_a_dataset_sweep_names_its_file_and_endpoint_and_rerenders(tmp_path: Path) -> None:
+    w = WorkloadConfig(num_prompts=10, dataset_name="sharegpt", dataset_path="/data/sg.json")
+    c = replace(cfg(tmp_path), bench=BenchConfig(base_url="", endpoint_type="chat", workload=w))
+    full = tuple(with_results(s, c) for s in SERIES)
+    md = markdown_summary(c, summarize(c, full))
+    assert "10 requests per rate, ShareGPT file /data/sg.json, the replies' output lengths, chat endpoint;" in md
+    data = sweep_json(c, full, summarize(c, full))
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    assert {k: data["workload"][k] for k in ("dataset_name", "dataset_path", "endpoint_type")} == {
+        "dataset_name": "sharegpt", "dataset_path": "/data/sg.json", "endpoint_type": "chat"}
+    assert data["series"][0]["runs"][0]["dataset_name"] == "sharegpt"  # type: ignore[index]
+    assert rerender(parse("--from-results", str(tmp_path / "results.json"), "--out", str(tmp_path / "again"))) == 0
+    assert (tmp_path / "again" / "summary.md").read_text() == md
+
+
 def test_distserve_ratio_keeps_the_bounds() -> None:
     from pdserve.bench.goodput import DistServeGoodput
     from pdserve.bench.sweep_report import _goodput_ratio
