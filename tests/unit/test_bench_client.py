@@ -161,8 +161,9 @@ def _send(server: FakeServer, model: str, output_len: int = 4, timeout_s: float 
     return asyncio.run(go())
 
 
-def test_streaming_request_timestamps_every_chunk(server: FakeServer) -> None:
-    r = _send(server, "ok", output_len=5)
+def test_streaming_request_timestamps_every_chunk() -> None:
+    with FakeServer(gap_s=0.03) as server:  # chunks apart enough never to share one read on a busy machine
+        r = _send(server, "ok", output_len=5)
     assert r.success and r.error == "" and r.index == 3
     assert len(r.chunk_times) == 5 and r.output_tokens == 5 and r.prompt_len == 3
     assert r.send_time < r.chunk_times[0] <= r.chunk_times[-1] <= r.end_time
