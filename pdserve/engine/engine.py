@@ -73,7 +73,12 @@ class LLMEngine:
         if self.sampling_defaults.as_dict():
             log.info("default sampling parameters (from the model's generation config and overrides): %s",
                      self.sampling_defaults.as_dict())
-        self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
+        longest = self.model_config.max_position_embeddings
+        if (config.scheduler.max_model_len or 0) > longest:
+            raise ValueError(f"--max-model-len {config.scheduler.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({longest})")
+        self.max_model_len = config.scheduler.max_model_len or longest
+        self.loaded.module.serve_context(self.max_model_len)  # RoPE tables; LongRoPE's factor set
         self.layout = plan_layout(self.model_config, config.cache, self.dtype)
         role = config.kv_transfer.role
         # Instances that exchange KV keep the cache in shared memory (the shm transport maps it).
