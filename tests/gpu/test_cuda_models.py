@@ -1,4 +1,4 @@
-"""GPU-only: the other model families and LoRA on CUDA match CPU.
+"""GPU-only: the other model families, LoRA and FP8 checkpoints on CUDA match CPU.
 
 On CUDA the engine fuses q/k/v (with Qwen2's biases) and gate/up into one linear each and replays
 decode-only steps from CUDA graphs; LoRA rows take the eager path and their deltas cover every
@@ -76,3 +76,18 @@ def test_cuda_lora_mixed_batch_matches_cpu(tmp_path):
         outs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], SP)])
     assert outs[0] == outs[2] and outs[1] == outs[3]
     assert outs[0][1] != outs[1][1]  # prompt 1 with adapter a differs from prompt 1 without
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "fp8-dynamic"])
+def test_cuda_fp8_checkpoint_matches_cpu(quantization, tmp_path):
+    """An FP8 checkpoint (block-wise, and compressed-tensors per-channel) dequantized on the GPU as
+    on the CPU: the same greedy tokens."""
+    from pdserve.model.export import export_model
+
+    model = str(export_model("dummy:qwen3-moe-tiny", tmp_path / "fp8", "float32", quantization=quantization,
+                             weight_block_size=(16, 32)))
+    cpu = LLM(model, dtype="float32", num_kv_blocks=64)
+    gpu = LLM(model, device="cuda", dtype="float32", num_kv_blocks=64)
+    assert [o.outputs[0].token_ids for o in cpu.generate(PROMPTS, SP)] == [
+        o.outputs[0].token_ids for o in gpu.generate(PROMPTS, SP)
+    ]
