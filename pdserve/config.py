@@ -214,12 +214,15 @@ class SpeculativeConfig:
     the most recent earlier occurrence, in its prompt + output, of its context's longest suffix
     n-gram with prompt_lookup_min <= n <= prompt_lookup_max; one forward pass verifies them all
     (engine/spec/). As in vLLM, one bound given alone sets the other, neither gives both 5.
+    `disable_by_batch_size` (vLLM's): no drafts while that many requests or more are running, where
+    the extra query tokens of rejected drafts cost more than accepted ones save.
     """
 
     num_speculative_tokens: int
     prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP
     prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP
     method: Literal["ngram"] = "ngram"
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method != "ngram":
@@ -228,6 +231,9 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        limit = self.disable_by_batch_size
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 2):
+            raise ValueError(f"disable_by_batch_size must be an integer >= 2, got {limit!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} must be <= "
                              f"prompt_lookup_max={self.prompt_lookup_max}")

@@ -15,12 +15,14 @@ from pdserve.config import (
     LoRAConfig,
     PoolingType,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import CompletionOutput, EmbeddingOutput, RequestOutput, StepOutput
 from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
+from pdserve.engine.spec.stats import SpecDecodeStats
 
 Prompt = str | list[int]
 _P = TypeVar("_P", SamplingParams, PoolingParams)
@@ -39,6 +41,8 @@ class LLM:
     `max_loras` on the device, of rank up to `max_lora_rank`). `scheduling_policy="priority"` serves
     requests by the `priority` that `generate` takes (lower first), "fcfs" (the default) by arrival.
     `embed` pools prompts into vectors, by `pooling_type` ("last", the default, or "mean").
+    `speculative_config={"method": "ngram", "num_speculative_tokens": k, ...}` (vLLM's keys) turns
+    on n-gram speculative decoding; `spec_decode_stats()` reports its acceptance.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class LLM:
         max_loras: int = DEFAULT_MAX_LORAS,
         max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
         pooling_type: PoolingType = "last",
+        speculative_config: Mapping[str, object] | SpeculativeConfig | None = None,
     ) -> None:
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
@@ -79,6 +84,8 @@ class LLM:
             generation_config=generation_config,  # type: ignore[arg-type]
             override_generation_config=SamplingDefaults.from_generation_config(override_generation_config or {}),
             pooling_type=pooling_type,
+            speculative=SpeculativeConfig.from_dict(speculative_config)
+            if isinstance(speculative_config, Mapping) else speculative_config,
             lora=LoRAConfig(enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank),
             cache=CacheConfig(
                 block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_gib=kv_cache_gib,
@@ -98,6 +105,11 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding's lifetime counters (drafts, draft tokens, accepted tokens; their
+        acceptance rate), or None when it is off."""
+        return self.engine.stats().spec_decode
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's recommended values (see the class doc), vLLM's method."""

@@ -61,6 +61,10 @@ def run_generate(args: argparse.Namespace) -> int:
         f"{n_out} generated tokens in {dt:.2f} s -> {n_out / dt:.1f} output tokens/s, "
         f"{(n_in + n_out) / dt:.1f} total tokens/s; first token after {((first or t0) - t0) * 1000:.0f} ms"
     )
+    spec = engine.stats().spec_decode
+    if spec is not None:
+        print(f"speculative decoding: {spec.num_accepted_tokens} of {spec.num_draft_tokens} draft tokens accepted "
+              f"({spec.acceptance_rate:.0%}), {spec.mean_acceptance_length:.2f} tokens per verified row")
     engine.close()
     return 0
 

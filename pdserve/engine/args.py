@@ -18,6 +18,7 @@ from pdserve.config import (
     LoRAConfig,
     LoRAModule,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from pdserve.engine.sampling_params import SamplingDefaults
 
@@ -90,6 +91,20 @@ def lora_module(text: str) -> LoRAModule:
     return LoRAModule(name, path)
 
 
+def speculative_config(text: str) -> SpeculativeConfig:
+    """vLLM's --speculative-config JSON, '{"method": "ngram", "num_speculative_tokens": 4, ...}'."""
+    try:
+        values = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
+    if not isinstance(values, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    try:
+        return SpeculativeConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
         p.add_argument("model", help="a local Hugging Face directory or dummy:<preset>")
@@ -125,6 +140,11 @@ def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None
     g.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                    help="auto: requests default to the sampling values of the model's generation_config.json "
                         "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); vllm: ignore them")
+    g.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help="n-gram speculative decoding, vLLM's JSON, e.g. '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}': "
+                        "a decoding request drafts the tokens that followed an earlier occurrence of its last "
+                        "n tokens, and one forward pass verifies them")
     g.add_argument("--override-generation-config", type=generation_overrides, default=SamplingDefaults(),
                    metavar="JSON", help='sampling defaults over the model\'s, e.g. \'{"temperature": 0.5}\'')
 
@@ -160,4 +180,5 @@ def engine_config_from_args(
         kv_transfer=kv_transfer or KVTransferConfig(),
         lora=LoRAConfig(enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         lora_modules=tuple(args.lora_modules)),
+        speculative=args.speculative_config,
     )

@@ -27,6 +27,8 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch, Scheduler
+from pdserve.engine.spec.ngram import NgramProposer
+from pdserve.engine.spec.stats import SpecDecodeStats
 from pdserve.engine.structured import StructuredOutputManager
 from pdserve.engine.text import TextState
 from pdserve.engine.truncation import truncate_prompt
@@ -50,6 +52,7 @@ class EngineStats:
     num_cached_blocks: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up, lifetime
     prefix_cache_hits: int = 0  # of which found computed
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding on
 
 
 class LLMEngine:
@@ -108,6 +111,11 @@ class LLMEngine:
         self._eos = frozenset(self.loaded.eos_token_ids)
         self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
                                                   tuple(self.loaded.eos_token_ids))
+        # Speculative decoding drafts on instances that decode (a prefill instance emits one token).
+        self.proposer: NgramProposer | None = None
+        self.spec_stats = SpecDecodeStats()
+        if config.speculative is not None and role != "prefill":
+            self.proposer = NgramProposer(config.speculative)
         self._pending: list[StepOutput] = []
         self.step_count = 0
         self.idle = True  # the last step had nothing to compute
@@ -316,13 +324,15 @@ class LLMEngine:
         return EngineStats(
             len(s.running), len(s.waiting), pool.num_free, pool.num_usable, pool.num_cached,
             s.prefix_cache_queries, s.prefix_cache_hits,
+            self.spec_stats if self.proposer is not None else None,
         )
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """One scheduling step. Returns the new tokens (and finishes) of every affected request."""
         outputs, self._pending = self._pending, []
-        batch = self.scheduler.schedule()
+        drafts = self.proposer.propose(self.scheduler.running) if self.proposer is not None else None
+        batch = self.scheduler.schedule(drafts)
         self.idle = batch.is_empty
         outputs.extend(self._drain_errors())
         if batch.is_empty:
@@ -337,7 +347,9 @@ class LLMEngine:
         self.step_count += 1
         for req, _ in batch.prefills:
             req.prompt_logprobs.extend(result.prompt_logprobs.get(req.request_id, ()))
-        advanced = self.scheduler.update_after_step(batch, result.tokens)
+        for rid, drafts in batch.spec.items():
+            self.spec_stats = self.spec_stats.add(len(drafts), len(result.accepted[rid]))
+        advanced = self.scheduler.update_after_step(batch, result.tokens, result.accepted)
         outputs.extend(self._process(advanced, result.logprobs, result.pooled))
         return outputs
 
@@ -346,7 +358,11 @@ class LLMEngine:
         if not self.structured.active:
             return None
         rows: list[str | None] = [r.request_id for r in batch.decodes]
-        rows += [r.request_id if r.num_computed_tokens + n >= r.num_tokens else None for r, n in batch.prefills]
+        for r, n in batch.prefills:
+            if r.request_id in batch.spec:  # never constrained (no drafts with a grammar): a row per position
+                rows += [None] * n
+            else:
+                rows.append(r.request_id if r.num_computed_tokens + n >= r.num_tokens else None)
         return self.structured.bitmask(rows, self.device)
 
     def tick(self) -> list[StepOutput]:
@@ -361,37 +377,53 @@ class LLMEngine:
         return [self._final_output(r, [], "") for r in ended]
 
     def _process(
-        self, advanced: list[Request], logprobs: dict[str, TokenLogprob], pooled: dict[str, list[float]]
+        self, advanced: list[tuple[Request, int]], logprobs: dict[str, list[TokenLogprob]],
+        pooled: dict[str, list[float]],
     ) -> list[StepOutput]:
         outs = []
-        for req in advanced:
+        for req, count in advanced:
             if req.pooling is not None:  # finished with its prompt (scheduler), pooled (runner)
                 outs.append(self._final_output(req, [], "", embedding=pooled[req.request_id]))
                 continue
-            text = self._texts[req.request_id]
-            new_id = req.output_token_ids[-1]
-            lp = logprobs.get(req.request_id)
-            lps = [lp] if lp is not None else None
+            new_ids, delta, hit_stop = self._push_text(req, count)
+            lps = logprobs.get(req.request_id)
+            lps = lps[: len(new_ids)] if lps is not None else None
             # The prompt's logprobs go out once, with the first token.
             plps = req.prompt_logprobs if req.sampling_params.prompt_logprobs is not None \
-                and len(req.output_token_ids) == 1 else None
-            delta, hit_stop = text.push(new_id)
-            if self.structured.accept(req.request_id, new_id):  # the output is complete
-                hit_stop = True
+                and len(req.output_token_ids) == len(new_ids) else None
             if hit_stop and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+            elif hit_stop and len(new_ids) < count:  # it stopped before the token that ended it
+                req.status = RequestStatus.FINISHED_STOPPED
             if req.is_finished:
-                outs.append(self._final_output(req, [new_id], delta, lps, plps))
+                outs.append(self._final_output(req, new_ids, delta, lps, plps))
             else:
                 outs.append(
                     StepOutput(
-                        req.request_id, [new_id], delta, False,
+                        req.request_id, new_ids, delta, False,
                         num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
                         num_cached_tokens=req.num_cached_tokens,
                         logprobs=lps, prompt_logprobs=plps,
                     )
                 )
         return outs
+
+    def _push_text(self, req: Request, count: int) -> tuple[list[int], str, bool]:
+        """Detokenize the request's `count` newest tokens, up to the first that completes a stop
+        string or its grammar; tokens after that one are dropped from its output. Returns the
+        tokens kept, their text, and whether the request stops here."""
+        text = self._texts[req.request_id]
+        new_ids = req.output_token_ids[len(req.output_token_ids) - count:]
+        delta = ""
+        for i, token in enumerate(new_ids):
+            piece, hit_stop = text.push(token)
+            delta += piece
+            if self.structured.accept(req.request_id, token):  # the output is complete
+                hit_stop = True
+            if hit_stop:
+                del req.output_token_ids[len(req.output_token_ids) - (count - i - 1):]
+                return new_ids[: i + 1], delta, True
+        return new_ids, delta, False
 
     def _final_output(
         self, req: Request, new_ids: list[int], delta: str, logprobs: list[TokenLogprob] | None = None,
@@ -401,6 +433,8 @@ class LLMEngine:
         if text is not None:
             delta += text.flush()
         self.runner.sampler.forget(req.request_id)
+        if self.proposer is not None:
+            self.proposer.forget(req.request_id)
         self.structured.forget(req.request_id)
         self.runner.pooler.forget(req.request_id)
         return StepOutput(

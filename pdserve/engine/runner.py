@@ -1,7 +1,9 @@
 """Builds the flat batch for a scheduled step, runs the model over the paged KV cache, samples.
 
 Decode-only steps go to the StaticDecoder when one is set (CUDA graphs; see cuda_graphs.py), every
-other step runs eagerly on the flat batch. Per-step inputs reach the device by asynchronous copies
+other step runs eagerly on the flat batch. A speculative row (scheduler.py) is a prefill span of its
+last token and its drafts: its logits are taken at every position, each sampled as a plain decode
+at that position would be, and verified (spec/rejection.py). Per-step inputs reach the device by asynchronous copies
 (staging.py); the sampled ids' `.tolist()` is the step's one host sync.
 """
 
@@ -18,8 +20,9 @@ from pdserve.engine.logprobs import BatchLogprobs, TokenLogprob
 from pdserve.engine.lora import LoRAManager
 from pdserve.engine.pooler import Pooler
 from pdserve.engine.request import Request
-from pdserve.engine.sampler import Sampler
+from pdserve.engine.sampler import Sampler, SamplingBatch
 from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.engine.spec.rejection import verify
 from pdserve.engine.staging import to_device
 from pdserve.engine.structured import apply_bitmask_
 from pdserve.model.attention import AttentionMetadata, PrefillSpan
@@ -32,9 +35,13 @@ class StepResult:
     """What one step produced, by request id."""
 
     tokens: dict[str, int]  # every request in the batch (a partial prefill's is discarded)
-    logprobs: dict[str, TokenLogprob]  # requests with SamplingParams.logprobs
+    # Requests with SamplingParams.logprobs: one per emitted token (a speculative row's accepted
+    # drafts, then its sampled token), each from its own position's distribution.
+    logprobs: dict[str, list[TokenLogprob]]
     prompt_logprobs: dict[str, list[TokenLogprob]]  # new prompt entries, SamplingParams.prompt_logprobs
     pooled: dict[str, list[float]] = field(default_factory=dict)  # pooling requests whose prompt completed
+    # Speculative rows: the drafts they accepted (`tokens` holds the token sampled after them).
+    accepted: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -83,7 +90,9 @@ class ModelRunner:
                     block_ids=to_device(req.block_ids, torch.long, self.device),
                 )
             )
-            tokens.extend(req.token_ids(p, p + n))
+            drafts = batch.spec.get(req.request_id, ())
+            tokens.extend(req.token_ids(p, p + n - len(drafts)))
+            tokens.extend(drafts)
             positions.extend(range(p, p + n))
             slots.extend(self._slots(req, p, p + n))
             last_rows.append(len(tokens) - 1)
@@ -104,9 +113,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, bitmask: torch.Tensor | None = None) -> StepResult:
         """Run one step: the sampled tokens, and the logprobs of requests that ask. `bitmask`
-        (structured.py; one row per request, decodes then prefills) limits what each row may sample."""
-        reqs = batch.decodes + [r for r, _ in batch.prefills]
-        sampling = self.sampler.prepare(reqs)  # first: its copies queue ahead of the forward pass
+        (structured.py; one row per sampled row: decodes, then prefills, a speculative row's
+        positions each) limits what each row may sample."""
+        rows = _sample_rows(batch)
+        # First: its copies queue ahead of the forward pass.
+        sampling = self.sampler.prepare([r.request for r in rows],
+                                        [r.preceding for r in rows] if batch.spec else None, [r.kept for r in rows])
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
         pooled: dict[str, list[float]] = {}
         adapted = self.lora is not None and self.lora.prepare(_rows(batch))
@@ -115,21 +127,47 @@ class ModelRunner:
         else:
             ids, pos, meta, last_rows = self.build(batch)
             hidden = self.model(ids, pos, self.kv_cache, meta)
-            rows = to_device(last_rows, torch.long, self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, rows))
+            logit_rows = to_device(_logit_rows(batch, last_rows), torch.long, self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, logit_rows))
             prompt_logprobs = self._prompt_logprobs(batch, hidden, last_rows[len(batch.decodes):])
             pooled = self.pooler.pool(batch.prefills, hidden, last_rows[len(batch.decodes):])
         if bitmask is not None:
             apply_bitmask_(logits, bitmask)
-        logprobs = BatchLogprobs.of(logits[:, : self.sampler.vocab_size], [r.sampling_params.logprobs for r in reqs])
+        logprobs = BatchLogprobs.of(logits[:, : self.sampler.vocab_size],
+                                    [r.request.sampling_params.logprobs for r in rows])
         ids = self.sampler(logits, sampling)
-        sampled = ids.tolist()
-        tokens = {r.request_id: t for r, t in zip(reqs, sampled, strict=True)}
+        tokens, accepted, emitted_rows = self._verify(batch, ids.tolist(), sampling)
         if logprobs is None:
-            return StepResult(tokens, {}, prompt_logprobs, pooled)
-        rows = logprobs.resolve(ids)
-        chosen = {r.request_id: lp for r, lp in zip(reqs, rows, strict=True) if lp is not None}
-        return StepResult(tokens, chosen, prompt_logprobs, pooled)
+            return StepResult(tokens, {}, prompt_logprobs, pooled, accepted)
+        per_row = logprobs.resolve(ids)
+        chosen: dict[str, list[TokenLogprob]] = {}
+        for row in emitted_rows:
+            lp = per_row[row]
+            if lp is not None:
+                chosen.setdefault(rows[row].request.request_id, []).append(lp)
+        return StepResult(tokens, chosen, prompt_logprobs, pooled, accepted)
+
+    def _verify(
+        self, batch: ScheduledBatch, sampled: list[int], sampling: SamplingBatch,
+    ) -> tuple[dict[str, int], dict[str, list[int]], list[int]]:
+        """Each request's token (a speculative row's: after its accepted drafts), the accepted drafts
+        of speculative rows, and the rows whose tokens are emitted. A seeded generator is rewound
+        past the rows a rejection discards."""
+        tokens: dict[str, int] = {}
+        accepted: dict[str, list[int]] = {}
+        emitted_rows: list[int] = []
+        row = 0
+        for req in batch.decodes + [r for r, _ in batch.prefills]:
+            drafts = batch.spec.get(req.request_id, [])
+            emitted = verify(drafts, sampled[row : row + len(drafts) + 1])
+            tokens[req.request_id] = emitted[-1]
+            if drafts:
+                accepted[req.request_id] = emitted[:-1]
+                if len(emitted) <= len(drafts):
+                    self.sampler.rewind(sampling, row + len(emitted))
+            emitted_rows.extend(range(row, row + len(emitted)))
+            row += len(drafts) + 1
+        return tokens, accepted, emitted_rows
 
     def _prompt_logprobs(
         self, batch: ScheduledBatch, hidden: torch.Tensor, last_rows: list[int]
@@ -155,6 +193,36 @@ class ModelRunner:
                 entries += [lp for lp in rows_lp.resolve(targets) if lp is not None]
             out[req.request_id] = entries
         return out
+
+
+@dataclass(frozen=True)
+class _SampleRow:
+    """One row of a step's logits: its request, the drafts before its position (a speculative
+    row's later positions), and whether its sample is kept (not for a partial prefill chunk)."""
+
+    request: Request
+    preceding: list[int]
+    kept: bool
+
+
+def _sample_rows(batch: ScheduledBatch) -> list[_SampleRow]:
+    """The step's sampled rows, in logits order."""
+    rows = [_SampleRow(r, [], True) for r in batch.decodes]
+    for req, n in batch.prefills:
+        drafts = batch.spec.get(req.request_id, [])
+        kept = req.num_computed_tokens + n >= req.num_tokens
+        rows += [_SampleRow(req, drafts[:i], kept) for i in range(len(drafts) + 1)]
+    return rows
+
+
+def _logit_rows(batch: ScheduledBatch, last_rows: list[int]) -> list[int]:
+    """The flat-batch rows whose logits are sampled: each request's last token, and every token of
+    a speculative row (its last token's and each draft's)."""
+    out = last_rows[: len(batch.decodes)]
+    for (req, _), last in zip(batch.prefills, last_rows[len(batch.decodes):], strict=True):
+        d = len(batch.spec.get(req.request_id, ()))
+        out.extend(range(last - d, last + 1))
+    return out
 
 
 def _rows(batch: ScheduledBatch) -> list[tuple[Request, int, int]]:

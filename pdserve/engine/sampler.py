@@ -1,6 +1,12 @@
 """Token sampling for a batch: penalties, greedy, temperature, top-k, top-p, min-p, per-request
 seeds, min_tokens.
 
+Speculative rows: one request may fill several consecutive rows, one per position it verifies;
+`prepare` then takes, for each row, the drafts that precede its position (counted as output by
+penalties and min_tokens), and a seeded request's generator draws for its rows in order, its state
+saved before each so that the runner can rewind it past the rows whose sample is discarded
+(`rewind`): its stream then advances by exactly the tokens it emitted, as without speculation.
+
 No host sync: `prepare` builds the per-row tensors on the host and copies them asynchronously
 (pinned memory on CUDA; call it before the forward pass so the copies queue behind nothing), and
 `__call__` returns the sampled ids on the logits' device: the runner's one `.tolist()` per step is
@@ -9,7 +15,8 @@ the only point where the host waits for the GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +42,10 @@ class SamplingBatch:
     # (rows, token ids, biases) of SamplingParams.logit_bias, or None when no row has one.
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     min_p: torch.Tensor | None = None  # [N, 1] float32, None when no row uses it
+    # Seeded rows of speculative requests whose generator state is kept before the row's draw
+    # (filled by Sampler.__call__, read by Sampler.rewind).
+    rewindable: frozenset[int] = frozenset()
+    saved_states: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -49,13 +60,16 @@ class Penalties:
     seen: torch.Tensor  # [N, V] bool: in the row's prompt or output
 
     @classmethod
-    def of(cls, requests: list[Request], vocab_size: int, device: torch.device) -> Penalties:
+    def of(cls, requests: list[Request], vocab_size: int, device: torch.device,
+           preceding: Sequence[Sequence[int]] | None = None) -> Penalties:
+        """`preceding[i]`: tokens after row i's output (a speculative row's earlier drafts)."""
         rows, ids, prompt_rows, prompt_ids = [], [], [], []
         for i, r in enumerate(requests):
             if not r.sampling_params.uses_penalties:
                 continue
-            rows += [i] * len(r.output_token_ids)
-            ids += r.output_token_ids
+            out = r.output_token_ids if preceding is None else [*r.output_token_ids, *preceding[i]]
+            rows += [i] * len(out)
+            ids += out
             if r.sampling_params.repetition_penalty != 1.0:
                 prompt_rows += [i] * len(r.prompt_token_ids)
                 prompt_ids += r.prompt_token_ids
@@ -98,8 +112,18 @@ class Sampler:
             self._generators[req.request_id] = gen
         return gen
 
-    def prepare(self, requests: list[Request]) -> SamplingBatch:
+    def prepare(
+        self, requests: list[Request], preceding: Sequence[Sequence[int]] | None = None,
+        kept: Sequence[bool] | None = None,
+    ) -> SamplingBatch:
+        """Per-row tensors; row i samples for `requests[i]`. `preceding[i]` (speculative steps):
+        the drafts between the request's output and row i's position. `kept[i]` False: row i's
+        sample is discarded (a partial prefill chunk), so it takes nothing from a seeded request's
+        generator, whose stream then depends on the request's tokens alone, not on the chunking."""
         sps = [r.sampling_params for r in requests]
+        n_before = [len(r.output_token_ids) for r in requests]
+        if preceding is not None:
+            n_before = [n + len(p) for n, p in zip(n_before, preceding, strict=True)]
         temps = [0.0 if sp.greedy else sp.temperature for sp in sps]
         use_k = any(sp.uses_top_k for sp in sps)
         use_p = any(sp.uses_top_p for sp in sps)
@@ -107,12 +131,14 @@ class Sampler:
         ban_ids: list[int] = []
         for i, r in enumerate(requests):
             sp = r.sampling_params
-            if len(r.output_token_ids) < sp.min_tokens:
+            if n_before[i] < sp.min_tokens:
                 ban = list(sp.stop_token_ids) + ([] if sp.ignore_eos else sorted(r.eos_token_ids))
                 ban = [t for t in ban if 0 <= t < self.vocab_size]  # others are never sampled anyway
                 ban_rows.extend([i] * len(ban))
                 ban_ids.extend(ban)
         dev = self.device
+        seeded = [(i, self._generator(r)) for i, r in enumerate(requests)
+                  if r.sampling_params.seed is not None and not r.sampling_params.greedy and (kept is None or kept[i])]
         return SamplingBatch(
             temperature=to_device(temps, torch.float32, dev),
             top_k=to_device([min(sp.top_k, self.vocab_size) if sp.uses_top_k else self.vocab_size for sp in sps],
@@ -122,16 +148,21 @@ class Sampler:
             top_p=to_device([sp.top_p for sp in sps], torch.float32, dev) if use_p else None,
             all_greedy=all(t == 0.0 for t in temps),
             banned=(to_device(ban_rows, torch.long, dev), to_device(ban_ids, torch.long, dev)) if ban_rows else None,
-            seeded=[
-                (i, self._generator(r))
-                for i, r in enumerate(requests)
-                if r.sampling_params.seed is not None and not r.sampling_params.greedy
-            ],
-            penalties=Penalties.of(requests, self.vocab_size, dev) if any(sp.uses_penalties for sp in sps) else None,
+            seeded=seeded,
+            penalties=Penalties.of(requests, self.vocab_size, dev, preceding)
+            if any(sp.uses_penalties for sp in sps) else None,
             bias=self._bias(sps),
             min_p=to_device([[sp.min_p] for sp in sps], torch.float32, dev) if any(sp.uses_min_p for sp in sps)
             else None,
+            rewindable=frozenset(i for i, _ in seeded) if preceding is not None else frozenset(),
         )
+
+    def rewind(self, batch: SamplingBatch, row: int) -> None:
+        """Put the generator of seeded row `row` back to its state before that row's draw (the row
+        and the later rows of its request are discarded). No-op for rows without a saved state."""
+        state = batch.saved_states.get(row)
+        if state is not None:
+            dict(batch.seeded)[row].set_state(state)
 
     def _bias(self, sps: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         rows = [i for i, sp in enumerate(sps) for _ in sp.logit_bias]
@@ -165,6 +196,8 @@ class Sampler:
         # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; seeded rows draw their own E.
         noise = torch.empty_like(probs).exponential_()
         for row, gen in batch.seeded:
+            if row in batch.rewindable:
+                batch.saved_states[row] = gen.get_state()
             noise[row].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(batch.temperature == 0.0, greedy_ids, sampled)

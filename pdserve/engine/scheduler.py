@@ -18,6 +18,14 @@ The policy (SchedulerConfig.policy, vLLM's --scheduling-policy) decides the orde
 With prefix caching, a request admitted without blocks first takes the cached blocks of its longest
 computed prefix (whole blocks, at most all tokens but the last: that one's logits are needed) and
 computes from there; every block a step completes is registered for later requests.
+
+Speculative decoding: `schedule(drafts)` turns a running request's decode into a speculative row
+of 1 + d query tokens (its last token and d drafts) when the token budget and free blocks allow
+(never by preempting: without room it decodes one token as usual). The row rides in `prefills`
+(a chunk with cached context, which is what it is to attention) and its drafts in `spec`. The
+blocks for all 1 + d slots stay with the request whatever it accepts: slots of rejected drafts
+are past `num_computed_tokens`, so the next steps overwrite them before anything reads them, and
+no block is registered in the prefix cache before its every slot holds verified KV.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import itertools
 from bisect import insort
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,11 +57,13 @@ class SchedulerConnector(Protocol):
 
 @dataclass
 class ScheduledBatch:
-    """What one step computes: `decodes` get one token each; `prefills` (request, num_tokens)."""
+    """What one step computes: `decodes` get one token each; `prefills` (request, num_tokens);
+    `spec`: request id -> the drafts of a speculative row (in `prefills` with 1 + len(drafts) tokens)."""
 
     decodes: list[Request] = field(default_factory=list)
     prefills: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    spec: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -239,6 +250,7 @@ class Scheduler:
     @staticmethod
     def _unschedule(batch: ScheduledBatch, req: Request) -> int:
         """Take `req` out of this step's batch; the number of tokens it had there."""
+        batch.spec.pop(req.request_id, None)
         if req in batch.decodes:
             batch.decodes.remove(req)
             return 1
@@ -273,9 +285,12 @@ class Scheduler:
         ended, self._ended = self._ended, []
         return ended
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, drafts: Mapping[str, Sequence[int]] | None = None) -> ScheduledBatch:
+        """The next step's batch. `drafts`: proposed draft tokens of running requests that are
+        decoding (by id); each is scheduled as a speculative row when budget and blocks allow."""
         self.poll_connector()
         batch = ScheduledBatch()
+        drafts = drafts or {}
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
 
@@ -285,6 +300,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new == 1 and req.request_id in drafts and self._schedule_speculative(
+                    batch, req, drafts[req.request_id], budget):
+                budget -= batch.prefills[-1][1]
+                i += 1
+                continue
             if -(-(req.num_computed_tokens + num_new) // self.block_size) > self.pool.num_usable:
                 # Its context outgrew the whole cache: it would only preempt itself for ever.
                 self.running.remove(req)
@@ -310,6 +330,16 @@ class Scheduler:
         if not batch.preempted or self.by_priority:
             self._schedule_waiting(batch, budget)
         return batch
+
+    def _schedule_speculative(self, batch: ScheduledBatch, req: Request, drafts: Sequence[int], budget: int) -> bool:
+        """Schedule decoding `req` with as many of `drafts` as the budget leaves room for, if the
+        blocks for their slots are free; False (nothing scheduled) otherwise."""
+        d = min(len(drafts), budget - 1)
+        if d < 1 or req.num_tokens - req.num_computed_tokens != 1 or not self._try_allocate(req, 1 + d):
+            return False
+        batch.prefills.append((req, 1 + d))
+        batch.spec[req.request_id] = list(drafts[:d])
+        return True
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         """Step 2: admit waiting requests into `batch` with what is left of the token `budget`."""
@@ -366,14 +396,23 @@ class Scheduler:
         else:
             batch.prefills.append((req, num_new))
 
-    def update_after_step(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Request]:
+    def update_after_step(
+        self, batch: ScheduledBatch, sampled: dict[str, int], accepted: Mapping[str, Sequence[int]] | None = None,
+    ) -> list[tuple[Request, int]]:
         """Advance computed counts, append sampled tokens of caught-up requests, finish those that
-        stopped. `sampled` maps request id -> token for every request in the batch. Returns the
-        requests that received a new token this step, and the pooling requests that finished (their
-        prompt computed: the runner pooled it; their sample is discarded)."""
-        advanced: list[Request] = []
+        stopped. `sampled` maps request id -> token for every request in the batch (a speculative
+        row's: the token after its accepted drafts); `accepted`: a speculative row's accepted
+        drafts. Returns each request that received tokens this step with how many (several for a
+        speculative row: cut at the first that stops it), and the pooling requests that finished
+        (their prompt computed: the runner pooled it; their sample is discarded), with 0."""
+        advanced: list[tuple[Request, int]] = []
+        accepted = accepted or {}
         for req, n in [(r, 1) for r in batch.decodes] + batch.prefills:
             if req.is_finished or req.status != RequestStatus.RUNNING:
+                continue
+            if req.request_id in batch.spec:
+                emitted = [*accepted.get(req.request_id, ()), sampled[req.request_id]]
+                advanced.append((req, self._advance_speculative(req, emitted)))
                 continue
             req.num_computed_tokens += n
             if self.prefix_caching:
@@ -383,15 +422,35 @@ class Scheduler:
             if req.pooling is not None:
                 self.running.remove(req)
                 self._finalize(req, RequestStatus.FINISHED_STOPPED)
-                advanced.append(req)
+                advanced.append((req, 0))
                 continue
             req.output_token_ids.append(sampled[req.request_id])
-            advanced.append(req)
+            advanced.append((req, 1))
             stop = req.check_stop()
             if stop is not None:
                 self.running.remove(req)
                 self._finalize(req, stop)
         return advanced
+
+    def _advance_speculative(self, req: Request, emitted: list[int]) -> int:
+        """Append a speculative row's `emitted` tokens up to the first that stops the request; the
+        positions they follow (the row's first token and the kept drafts) now hold verified KV.
+        Returns how many were appended."""
+        stop = None
+        kept = 0
+        for token in emitted:
+            req.output_token_ids.append(token)
+            kept += 1
+            stop = req.check_stop()
+            if stop is not None:
+                break
+        req.num_computed_tokens += kept
+        if self.prefix_caching:
+            self._register_computed(req, (req.num_computed_tokens - kept) // self.block_size)
+        if stop is not None:
+            self.running.remove(req)
+            self._finalize(req, stop)
+        return kept
 
     def check_integrity(self) -> None:
         """Blocks held by live requests plus free blocks account for the whole pool; only cached

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from pdserve.engine.engine import EngineStats
 from pdserve.engine.outputs import StepOutput
+from pdserve.engine.spec.stats import SpecDecodeStats
 from pdserve.kv.connector import KVTransferStats
 from pdserve.server.prometheus import Counter, Gauge, Histogram, Registry
 
@@ -40,6 +41,8 @@ class ServerMetrics:
         }
         for name, (help_text, read) in prefix.items():
             r.register(Gauge(name, help_text, read, kind="counter"))
+        if stats().spec_decode is not None:
+            self._attach_spec_decode(stats)
         self.prompt_tokens = r.register(Counter("pdserve_prompt_tokens_total", "Prompt tokens of finished requests."))
         self.generation_tokens = r.register(Counter("pdserve_generation_tokens_total", "Tokens generated."))
         self.requests = r.register(
@@ -54,6 +57,22 @@ class ServerMetrics:
         self.e2e = r.register(Histogram(
             "pdserve_e2e_request_latency_seconds", "Arrival to the request's end.", _E2E_BUCKETS
         ))  # fmt: skip
+
+    def _attach_spec_decode(self, stats: Callable[[], EngineStats]) -> None:
+        """vLLM's speculative decoding counters (acceptance rate = accepted / draft tokens)."""
+        def spec() -> SpecDecodeStats:
+            return stats().spec_decode or SpecDecodeStats()
+
+        counters = {
+            "pdserve_spec_decode_num_drafts_total": ("Speculative rows verified (a request's drafts in one step).",
+                                                     lambda: spec().num_drafts),
+            "pdserve_spec_decode_num_draft_tokens_total": ("Draft tokens proposed and verified.",
+                                                           lambda: spec().num_draft_tokens),
+            "pdserve_spec_decode_num_accepted_tokens_total": ("Draft tokens the target model accepted.",
+                                                              lambda: spec().num_accepted_tokens),
+        }
+        for name, (help_text, read) in counters.items():
+            self.registry.register(Gauge(name, help_text, read, kind="counter"))
 
     def attach_kv(self, stats: Callable[[], KVTransferStats]) -> None:
         """KV-transfer metrics of a prefill or decode instance (read from the connector's counters)."""

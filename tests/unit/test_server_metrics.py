@@ -6,6 +6,7 @@ import pytest
 
 from pdserve.engine.engine import EngineStats
 from pdserve.engine.outputs import StepOutput
+from pdserve.engine.spec.stats import SpecDecodeStats
 from pdserve.server.metrics import RequestTimer, ServerMetrics
 from pdserve.server.prometheus import Counter, Gauge, Histogram, Registry
 
@@ -64,3 +65,16 @@ def test_request_timer() -> None:
     assert m.ttft.count == 1 and m.itl.count == 3 and m.e2e.count == 1
     assert m.generation_tokens.value() == 4 and m.prompt_tokens.value() == 7
     assert m.requests.value(("length",)) == 1
+
+
+def test_spec_decode_counters_only_with_speculative_decoding() -> None:
+    names = ("pdserve_spec_decode_num_drafts_total", "pdserve_spec_decode_num_draft_tokens_total",
+             "pdserve_spec_decode_num_accepted_tokens_total")
+    off = samples(ServerMetrics(lambda: EngineStats(0, 0, 8, 8), lambda: 0).render())
+    assert not set(names) & set(off)
+    stats = EngineStats(0, 0, 8, 8, spec_decode=SpecDecodeStats(3, 10, 7))
+    text = ServerMetrics(lambda: stats, lambda: 0).render()
+    assert "# TYPE pdserve_spec_decode_num_drafts_total counter" in text
+    assert [samples(text)[n] for n in names] == ["3", "10", "7"]
+    spec = stats.spec_decode
+    assert spec.acceptance_rate == 0.7 and spec.mean_acceptance_length == pytest.approx(10 / 3)

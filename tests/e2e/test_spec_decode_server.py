@@ -1,0 +1,52 @@
+"""`pdserve serve --speculative-config` through the `openai` client: the same replies as a server
+without speculation (greedy), streamed or not, and vLLM's spec_decode counters on /metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.e2e.conftest import TINY_MODEL, ServerProcess, pdserve_server
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+PROMPTS = ["the cat sat on the mat; the cat sat on the mat; the cat sat on", "Zq8#kLp0 vR@2"]
+GREEDY = {"temperature": 0.0, "max_tokens": 48, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def servers(module_tmp: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    common = ("--dtype", "float32")
+    with pdserve_server(module_tmp, *common) as plain, \
+            pdserve_server(module_tmp, *common, "--speculative-config", json.dumps(SPEC)) as spec:
+        yield plain, spec
+
+
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1_url, api_key="unused", max_retries=0)
+
+
+def test_replies_equal_a_server_without_speculation(servers: tuple[ServerProcess, ServerProcess]) -> None:
+    plain, spec = servers
+    for prompt in PROMPTS:
+        want = client(plain).completions.create(model=TINY_MODEL, prompt=prompt, logprobs=2, **GREEDY)
+        got = client(spec).completions.create(model=TINY_MODEL, prompt=prompt, logprobs=2, **GREEDY)
+        assert got.choices[0].text == want.choices[0].text and got.usage == want.usage
+        assert got.choices[0].logprobs.tokens == want.choices[0].logprobs.tokens
+        lps, want_lps = got.choices[0].logprobs.token_logprobs, want.choices[0].logprobs.token_logprobs
+        assert lps == pytest.approx(want_lps, abs=1e-4)
+        stream = client(spec).completions.create(model=TINY_MODEL, prompt=prompt, stream=True, **GREEDY)
+        chunks = [c.choices[0] for c in stream if c.choices]
+        assert "".join(c.text for c in chunks) == want.choices[0].text
+        assert chunks[-1].finish_reason == "length"
+        messages = [{"role": "user", "content": prompt}]
+        chat = [client(s).chat.completions.create(model=TINY_MODEL, messages=messages, **GREEDY) for s in servers]
+        assert chat[0].choices[0].message.content == chat[1].choices[0].message.content
+    metrics = spec.metrics()
+    drafts = metrics["pdserve_spec_decode_num_draft_tokens_total"]
+    assert metrics["pdserve_spec_decode_num_drafts_total"] > 0 and drafts > 0
+    assert 0 < metrics["pdserve_spec_decode_num_accepted_tokens_total"] <= drafts
+    assert "pdserve_spec_decode_num_drafts_total" not in plain.metrics()
