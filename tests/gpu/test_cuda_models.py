@@ -91,3 +91,26 @@ def test_cuda_fp8_checkpoint_matches_cpu(quantization, tmp_path):
     assert [o.outputs[0].token_ids for o in cpu.generate(PROMPTS, SP)] == [
         o.outputs[0].token_ids for o in gpu.generate(PROMPTS, SP)
     ]
+
+
+def test_cuda_speculative_decoding_matches_cpu():
+    """N-gram speculative rows on CUDA (SDPA over the row's cached context, the seeded generator
+    rewound on the device, CUDA graphs kept for the plain decode steps between): CPU's greedy tokens,
+    and on CUDA the greedy and seeded tokens of plain decoding; drafts were accepted."""
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    passage = [(7 * j) % 250 for j in range(24)]
+    prompts = [passage * 3, PROMPTS[1], passage[:5] * 6, PROMPTS[3]]
+    sps = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+           SamplingParams(max_tokens=40, temperature=0.8, seed=11, ignore_eos=True)]
+
+    def run(device: str, **kw) -> list[list[list[int]]]:
+        llm = LLM("dummy:qwen3-tiny", device=device, dtype="float32", num_kv_blocks=96, **kw)
+        out = [[o.outputs[0].token_ids for o in llm.generate(prompts, sp)] for sp in sps]
+        if kw:
+            stats = llm.spec_decode_stats()
+            assert stats is not None and stats.num_accepted_tokens > 0
+        return out
+
+    cpu, cuda = run("cpu", speculative_config=spec), run("cuda", speculative_config=spec)
+    assert cuda[0] == cpu[0]
+    assert run("cuda") == cuda
