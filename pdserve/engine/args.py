@@ -63,16 +63,21 @@ def cpu_list(text: str) -> tuple[int, ...]:
     return tuple(cpus)
 
 
-def generation_overrides(text: str) -> SamplingDefaults:
-    """'{"temperature": 0.5, "max_new_tokens": 128}' -> SamplingDefaults."""
+def _json_object(text: str) -> dict:
+    """A flag's JSON object value; ArgumentTypeError (argparse names the flag) otherwise."""
     try:
         values = json.loads(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
     if not isinstance(values, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return values
+
+
+def generation_overrides(text: str) -> SamplingDefaults:
+    """'{"temperature": 0.5, "max_new_tokens": 128}' -> SamplingDefaults."""
     try:
-        return SamplingDefaults.from_generation_config(values)
+        return SamplingDefaults.from_generation_config(_json_object(text))
     except (TypeError, ValueError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -94,13 +99,7 @@ def lora_module(text: str) -> LoRAModule:
 def speculative_config(text: str) -> SpeculativeConfig:
     """vLLM's --speculative-config JSON, '{"method": "ngram", "num_speculative_tokens": 4, ...}'."""
     try:
-        values = json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
-    if not isinstance(values, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    try:
-        return SpeculativeConfig.from_dict(values)
+        return SpeculativeConfig.from_dict(_json_object(text))
     except (TypeError, ValueError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
