@@ -331,8 +331,7 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """One scheduling step. Returns the new tokens (and finishes) of every affected request."""
         outputs, self._pending = self._pending, []
-        drafts = self.proposer.propose(self.scheduler.running) if self.proposer is not None else None
-        batch = self.scheduler.schedule(drafts)
+        batch = self.scheduler.schedule(self._drafts())
         self.idle = batch.is_empty
         outputs.extend(self._drain_errors())
         if batch.is_empty:
@@ -353,17 +352,28 @@ class LLMEngine:
         outputs.extend(self._process(advanced, result.logprobs, result.pooled))
         return outputs
 
+    def _drafts(self) -> dict[str, list[int]] | None:
+        """This step's drafts by request id; a constrained request's only as far as its grammar
+        allows them (structured.valid_drafts)."""
+        if self.proposer is None:
+            return None
+        drafts = self.proposer.propose(self.scheduler.running)
+        if self.structured.active:
+            drafts = {rid: kept for rid, d in drafts.items() if (kept := self.structured.valid_drafts(rid, d))}
+        return drafts
+
     def _bitmask(self, batch: ScheduledBatch) -> torch.Tensor | None:
-        """Structured outputs: what each row of the step may sample (rows whose sample is kept)."""
+        """Structured outputs: what each row of the step may sample (rows whose sample is kept; a
+        speculative row's every position, each after the drafts before it)."""
         if not self.structured.active:
             return None
         rows: list[str | None] = [r.request_id for r in batch.decodes]
         for r, n in batch.prefills:
-            if r.request_id in batch.spec:  # never constrained (no drafts with a grammar): a row per position
-                rows += [None] * n
+            if r.request_id in batch.spec:
+                rows += [r.request_id] * n
             else:
                 rows.append(r.request_id if r.num_computed_tokens + n >= r.num_tokens else None)
-        return self.structured.bitmask(rows, self.device)
+        return self.structured.bitmask(rows, self.device, batch.spec)
 
     def tick(self) -> list[StepOutput]:
         """Housekeeping while idle: KV connector events (frees, lease expiries, landed transfers)."""

@@ -7,6 +7,12 @@
 Masks are filled on the host before the forward pass (they depend only on the tokens accepted so
 far) and copied to the device with the step's other inputs. JSON is compact (no free whitespace
 between tokens): a model with flexible whitespace can otherwise pad forever.
+
+Speculative decoding: a constrained request's drafts are cut at the first the grammar rejects and
+after the first that completes it (`valid_drafts`), and its speculative row gets one mask row per
+position, row j filled with the matcher advanced by drafts 1..j and rolled back after (`bitmask`);
+the matcher itself only ever advances by emitted tokens (`accept`), so it stays where plain
+decoding would have it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import importlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -116,20 +123,64 @@ class StructuredOutputManager:
         """Some request in flight is constrained."""
         return bool(self._matchers)
 
-    def bitmask(self, rows: list[str | None], device: torch.device) -> torch.Tensor | None:
+    def valid_drafts(self, request_id: str, drafts: list[int]) -> list[int]:
+        """The leading `drafts` that the request's grammar accepts in order, up to and including the
+        first that completes it (output stops there: later drafts could never be emitted); all of
+        them for an unconstrained request. Leaves the matcher as it was."""
+        matcher = self._matchers.get(request_id)
+        if matcher is None:
+            return drafts
+        valid = matcher.validate_tokens(drafts)
+        kept = 0
+        while kept < valid:
+            matcher.consume_token(drafts[kept])
+            kept += 1
+            if matcher.is_stopped():
+                break
+        matcher.rollback(kept)
+        return drafts[:kept]
+
+    def bitmask(self, rows: Sequence[str | None], device: torch.device,
+                drafts: Mapping[str, Sequence[int]] | None = None) -> torch.Tensor | None:
         """[len(rows), ceil(vocab / 32)] int32 on `device`: row i allows what the matcher of
-        request `rows[i]` allows (every id where rows[i] is None or unconstrained). None when no
-        row is constrained."""
-        targets = [(self._matchers[rid], i) for i, rid in enumerate(rows) if rid is not None and rid in self._matchers]
-        if not targets:
+        request `rows[i]` allows (every id where rows[i] is None or unconstrained). A request with
+        `drafts` (a speculative row, drafts from `valid_drafts`) fills 1 + len(drafts[id])
+        consecutive rows from its entry, one per position: the j-th allows what its matcher allows
+        after drafts[id][:j] (the entries of its later positions are skipped). None when no row is
+        constrained."""
+        plain, speculative = self._targets(rows, drafts or {})
+        if not plain and not speculative:
             return None
         llg_np = importlib.import_module("llguidance.numpy")
         mask = llg_np.allocate_token_bitmask(len(rows), self.vocab_size)  # all ones
         if self._executor is None:
             self._executor = _llg().LLExecutor()
-        llg_np.fill_next_token_bitmask_par(self._executor, targets, mask)
+        if plain:
+            llg_np.fill_next_token_bitmask_par(self._executor, plain, mask)
+        if speculative:
+            # Per matcher: fill, consume a draft, fill the next row, ..., then roll every draft back.
+            # A position past a draft the grammar rejects would stay all ones: drafts are valid_drafts'.
+            llg_np.fill_next_token_bitmask_par_with_draft_tokens(self._executor, speculative, mask)
         out = torch.from_numpy(mask)
         return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out
+
+    def _targets(self, rows: Sequence[str | None], drafts: Mapping[str, Sequence[int]]) -> tuple[
+            list[tuple[llg.LLMatcher, int]], list[tuple[llg.LLMatcher, int, list[int]]]]:
+        """The constrained entries of `rows` (see `bitmask`): (matcher, row) of those without
+        drafts, (matcher, first row, drafts) of speculative ones."""
+        plain: list[tuple[llg.LLMatcher, int]] = []
+        speculative: list[tuple[llg.LLMatcher, int, list[int]]] = []
+        i = 0
+        while i < len(rows):
+            rid = rows[i]
+            row_drafts = list(drafts.get(rid, ())) if rid is not None else []
+            matcher = self._matchers.get(rid) if rid is not None else None
+            if matcher is not None and row_drafts:
+                speculative.append((matcher, i, row_drafts))
+            elif matcher is not None:
+                plain.append((matcher, i))
+            i += 1 + len(row_drafts)
+        return plain, speculative
 
     def accept(self, request_id: str, token: int) -> bool:
         """Advance the request's matcher by `token`. True when the output is complete (the matcher

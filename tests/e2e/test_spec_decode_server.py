@@ -1,5 +1,6 @@
 """`pdserve serve --speculative-config` through the `openai` client: the same replies as a server
-without speculation (greedy), streamed or not, and vLLM's spec_decode counters on /metrics."""
+without speculation (greedy), streamed or not, constrained (response_format, tool_choice) or not,
+and vLLM's spec_decode counters on /metrics."""
 
 from __future__ import annotations
 
@@ -50,3 +51,33 @@ def test_replies_equal_a_server_without_speculation(servers: tuple[ServerProcess
     assert metrics["pdserve_spec_decode_num_drafts_total"] > 0 and drafts > 0
     assert 0 < metrics["pdserve_spec_decode_num_accepted_tokens_total"] <= drafts
     assert "pdserve_spec_decode_num_drafts_total" not in plain.metrics()
+
+
+def test_constrained_replies_speculate_and_equal_a_server_without_speculation(
+        servers: tuple[ServerProcess, ServerProcess]) -> None:
+    """response_format json_schema (an array whose items repeat) and tool_choice "required": drafts
+    are accepted under the grammar, and the replies are those of a server without speculation."""
+    plain, spec = servers
+    schema = {"type": "array", "items": {"enum": ["ab", "cd", "xyz"]}, "minItems": 12, "maxItems": 12}
+    fmt = {"type": "json_schema", "json_schema": {"name": "list", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    greedy = {"temperature": 0.0, "max_tokens": 200}
+    accepted = spec.metrics()["pdserve_spec_decode_num_accepted_tokens_total"]
+    replies = [client(s).chat.completions.create(model=TINY_MODEL, messages=messages, response_format=fmt,  # type: ignore[arg-type]
+                                                 **greedy) for s in servers]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    content = replies[1].choices[0].message.content or ""
+    assert replies[1].choices[0].finish_reason == "stop" and len(json.loads(content)) == 12
+    assert replies[0].usage == replies[1].usage
+    accepted, before = spec.metrics()["pdserve_spec_decode_num_accepted_tokens_total"], accepted
+    assert accepted > before
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "required": ["items"], "additionalProperties": False,
+        "properties": {"items": schema}}}}]
+    calls = [client(s).chat.completions.create(model=TINY_MODEL, messages=messages, tools=tools,  # type: ignore[arg-type]
+                                               tool_choice="required", parallel_tool_calls=False, **greedy)
+             for s in servers]
+    assert calls[1].choices[0].finish_reason == "tool_calls", calls[1].choices[0].message
+    functions = [[t.function for t in c.choices[0].message.tool_calls or []] for c in calls]  # type: ignore[union-attr]
+    assert functions[0] == functions[1] and functions[1][0].name == "pick" and calls[0].usage == calls[1].usage
+    assert spec.metrics()["pdserve_spec_decode_num_accepted_tokens_total"] > accepted

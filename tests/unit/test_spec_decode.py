@@ -7,6 +7,7 @@ taken from its own output are accepted; random prompts give drafts that are most
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import pytest
@@ -19,6 +20,9 @@ from pdserve.engine.engine import LLMEngine
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import StructuredOutputs
 from pdserve.engine.spec.stats import SpecDecodeStats
+from pdserve.engine.structured import StructuredOutputManager
+from pdserve.server.protocol import FunctionDef
+from pdserve.server.tool_parsers import make_tool_parser
 from tests.unit.test_kv_transfer import close, disagg, run, wait_blocks_free
 
 MODEL = "dummy:qwen3-tiny"
@@ -182,19 +186,84 @@ def test_a_seeded_chunked_prompt_samples_the_same_alone_or_in_a_busy_batch():
         llm.close()
 
 
-def test_grammar_requests_do_not_speculate_and_others_beside_them_do(spec, plain):
-    constrained = SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=StructuredOutputs(regex="(ab)+c"))
+def constraints() -> list[StructuredOutputs]:
+    """Constraints under which the tiny model's output repeats (drafts get accepted): a regex loop,
+    a JSON array of enums, a choice, and a tool_choice "required" grammar (hermes calls)."""
+    array = {"type": "array", "items": {"enum": ["ab", "cd", "xyz"]}, "minItems": 24}
+    weather = FunctionDef(name="get_weather", parameters={
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]})
+    return [StructuredOutputs(regex="(ab|cd)+"), StructuredOutputs(json=json.dumps(array)),
+            StructuredOutputs(choice=("abcabcabcabc", "abcabcxyz")),
+            StructuredOutputs(grammar=make_tool_parser("hermes").grammar([weather], parallel=True))]
+
+
+@pytest.mark.parametrize("so", constraints(), ids=["regex", "json", "choice", "tool_calls"])
+def test_grammar_requests_speculate_with_the_plain_output(spec, plain, so):
+    """Greedy and seeded constrained output is the plain output token for token (an unconstrained
+    request in the same batch too), drafts are accepted, and the output obeys the grammar."""
+    greedy = SamplingParams(max_tokens=60, temperature=0.0, structured_outputs=so)
+    seeded = SamplingParams(max_tokens=60, temperature=0.8, seed=5, structured_outputs=so)
     free = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    ps = [prompts()[0], prompts()[0]]
+    ps = prompts()[:3]
     before = spec.spec_decode_stats()
-    got = spec.generate(ps, [constrained, free])
-    want = plain.generate(ps, [constrained, free])
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-    assert all(c in "abc" for c in got[0].outputs[0].text)
-    assert delta(spec, before).num_drafts > 0
-    alone = spec.spec_decode_stats()
-    spec.generate([ps[0]], constrained)
-    assert delta(spec, alone).num_drafts == 0
+    for sps in ([greedy] * 3, [seeded] * 3, [greedy, free, seeded]):
+        want, got = plain.generate(ps, sps), spec.generate(ps, sps)
+        assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in got] == \
+            [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in want]
+        texts = [o.outputs[0].text for o, sp in zip(got, sps, strict=True) if sp is not free]
+        assert so.regex is None or all(set(t) <= set("abcd") for t in texts)
+    assert delta(spec, before).num_accepted_tokens > 0
+    assert not spec.engine.structured.active  # every matcher forgotten
+    assert_idle(spec)
+
+
+@pytest.mark.parametrize("wrong_at", [None, 1])
+def test_a_grammar_that_completes_inside_a_row_ends_the_output_there(plain, spec, monkeypatch, wrong_at):
+    """Drafts of the true output run on past its end (and, with `wrong_at`, one per row the grammar
+    rejects): they are cut after the draft that completes the grammar (or at the rejected one),
+    the row's later positions are dropped, and the output ends there with "stop"."""
+    so = StructuredOutputs(choice=("abcabcabcabcab", "abcabcxyz"))
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=1, structured_outputs=so)
+    (want,) = plain.generate(prompts()[:1], sp)
+    ref = want.outputs[0].token_ids
+    assert want.outputs[0].text == "abcabcabcabcab" and want.outputs[0].finish_reason == "stop"
+    past_end = {sp: ref + [ord("a")] * 8}  # the grammar is complete after ref: these never fit
+    monkeypatch.setattr(spec.engine.proposer, "propose", oracle(spec, past_end, wrong_at))
+    before = spec.spec_decode_stats()
+    (got,) = spec.generate(prompts()[:1], sp)
+    a, b = want.outputs[0], got.outputs[0]
+    assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+    assert [lp.logprob for lp in b.logprobs] == pytest.approx([lp.logprob for lp in a.logprobs], abs=1e-4)
+    d = delta(spec, before)
+    assert d.num_accepted_tokens == d.num_draft_tokens > 0  # cut drafts are never scheduled
+    if wrong_at is None:  # 1 token from the prefill, rows of 4 + 1, 4 + 1, then 3 (the last completes)
+        assert (len(ref), d.num_drafts, d.num_accepted_tokens) == (14, 3, 11)
+    else:
+        assert d.num_draft_tokens == d.num_drafts
+    assert_idle(spec)
+
+
+def test_the_matcher_is_where_plain_decoding_would_have_it_after_each_step(spec):
+    """Step by step: the engine's matcher of a speculating constrained request allows, next, what
+    a matcher that consumed only the emitted tokens allows."""
+    eng = spec.engine
+    so = constraints()[1]
+    ref = StructuredOutputManager(eng.tokenizer, eng.model_config.vocab_size, tuple(eng.loaded.eos_token_ids))
+    req = eng.add_request("m", prompts()[0], SamplingParams(max_tokens=60, temperature=0.0, structured_outputs=so))
+    ref.add("m", so)
+    before = spec.spec_decode_stats()
+    consumed = 0
+    while not req.is_finished:
+        eng.step()
+        eng.scheduler.check_integrity()
+        for token in req.output_token_ids[consumed:]:
+            ref.accept("m", token)
+        consumed = len(req.output_token_ids)
+        if not req.is_finished:
+            cpu = torch.device("cpu")
+            assert torch.equal(eng.structured.bitmask(["m"], cpu), ref.bitmask(["m"], cpu))
+    assert delta(spec, before).num_accepted_tokens > 10
+    assert_idle(spec)
 
 
 def test_preemption_and_aborts_keep_the_pool_consistent(plain):

@@ -80,3 +80,52 @@ def test_engine_samples_under_the_constraint(so: StructuredOutputs, check) -> No
     assert not llm.engine.structured._matchers  # every matcher forgotten
     llm.engine.scheduler.check_integrity()
     llm.close()
+
+
+def _mask_of(manager: StructuredOutputManager, rid: str) -> list[int]:
+    mask = manager.bitmask([rid], torch.device("cpu"))
+    assert mask is not None
+    return mask[0].tolist()
+
+
+@pytest.mark.parametrize("so", [
+    StructuredOutputs(regex="(ab|cd)+e"),
+    StructuredOutputs(json=json.dumps({"type": "array", "items": {"enum": ["ab", "cd"]}, "maxItems": 6})),
+])
+def test_speculative_masks_follow_the_drafts_and_leave_the_matcher_as_it_was(
+        manager: StructuredOutputManager, so: StructuredOutputs) -> None:
+    """At every point of a valid output: drafts are cut where the grammar rejects one and after the
+    one that completes it; the j-th mask row of a speculative row is the mask of a matcher that
+    consumed the drafts before it; and afterwards the matcher is token for token where one that
+    consumed only the emitted tokens is (same mask, same completion when they are accepted)."""
+    text = "abcdabe" if so.regex is not None else '["ab","cd","ab","cd","ab","cd"]'
+    out = [ord(c) for c in text]
+    junk = [ord("z")] * 3
+    manager.add("spec", so)
+    for p in range(len(out)):
+        rest = out[p:]
+        assert manager.valid_drafts("spec", rest + junk) == rest  # complete at the end: junk cut
+        assert manager.valid_drafts("spec", [ord("z"), *rest]) == []
+        drafts = rest[:4]
+        rows = [None, *["spec"] * (1 + len(drafts)), None]
+        mask = manager.bitmask(rows, torch.device("cpu"), {"spec": drafts})
+        assert mask is not None
+        assert mask[0].tolist() == mask[-1].tolist() == [-1] * mask.shape[1]  # the unconstrained rows
+        for j in range(len(drafts) + 1):
+            manager.add("ref", so)
+            for t in out[:p] + drafts[:j]:
+                manager.accept("ref", t)
+            assert mask[1 + j].tolist() == _mask_of(manager, "ref"), (p, j)
+            manager.forget("ref")
+        manager.add("ref", so)
+        for t in out[:p]:
+            manager.accept("ref", t)
+        assert _mask_of(manager, "spec") == _mask_of(manager, "ref")
+        assert manager.accept("spec", out[p]) == manager.accept("ref", out[p]) == (p == len(out) - 1)
+        manager.forget("ref")
+    manager.forget("spec")
+
+
+def test_unconstrained_drafts_are_kept(manager: StructuredOutputManager) -> None:
+    assert manager.valid_drafts("nobody", [1, 2, 3]) == [1, 2, 3]
+    assert manager.bitmask([None, "nobody", "nobody"], torch.device("cpu"), {"nobody": [1, 2]}) is None

@@ -73,12 +73,12 @@ class NgramProposer:
 
     def max_drafts(self, req: Request) -> int:
         """How many drafts `req` may take this step: 0 unless it is decoding (every token but its
-        last computed) without a grammar or pooling; at most num_speculative_tokens, and one fewer
-        than the tokens it may still emit (max_tokens, the context limit), since a verified step
-        emits the drafts it accepts plus one."""
-        sp = req.sampling_params
+        last computed) and not pooling; at most num_speculative_tokens, and one fewer than the
+        tokens it may still emit (max_tokens, the context limit), since a verified step emits the
+        drafts it accepts plus one. (A constrained request's drafts are cut further, where its
+        grammar rejects one: the engine's structured outputs do that.)"""
         if (req.status != RequestStatus.RUNNING or req.num_computed_tokens != req.num_tokens - 1
-                or req.pooling is not None or sp.structured_outputs is not None):
+                or req.pooling is not None):
             return 0
         room = req.max_output_tokens - len(req.output_token_ids) - 1
         return max(0, min(self.config.num_speculative_tokens, room))
