@@ -114,3 +114,36 @@ def test_cuda_speculative_decoding_matches_cpu():
     cpu, cuda = run("cpu", speculative_config=spec), run("cuda", speculative_config=spec)
     assert cuda[0] == cpu[0]
     assert run("cuda") == cuda
+
+
+def test_cuda_gemma2_softcap_and_windows_match_cpu(tmp_path):
+    """Gemma 2 on CUDA: soft-capped attention takes the torch code (not the Triton kernel or SDPA),
+    windowed on alternate layers, with the final-logit cap; CPU's greedy tokens."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Gemma2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, head_dim=32, query_pre_attn_scalar=24,
+        sliding_window=24, attn_logit_softcapping=2.0, final_logit_softcapping=1.5, initializer_range=0.2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "gemma2")
+    from pdserve.model.tokenizer import Tokenizer
+
+    Tokenizer.byte_level(320, 256).save(tmp_path / "gemma2")
+    model = str(tmp_path / "gemma2")
+    cpu = LLM(model, dtype="float32", num_kv_blocks=64)
+    gpu = LLM(model, device="cuda", dtype="float32", num_kv_blocks=64)
+    assert [o.outputs[0].token_ids for o in cpu.generate(PROMPTS, SP)] == [
+        o.outputs[0].token_ids for o in gpu.generate(PROMPTS, SP)
+    ]
+
+
+@pytest.mark.parametrize("pooling_type", ["last", "mean"])
+def test_cuda_embeddings_match_cpu(pooling_type):
+    """`LLM.embed` on CUDA: CPU's vectors (float32), a batch of prompts of several lengths."""
+    vecs = []
+    for device in ("cpu", "cuda"):
+        llm = LLM("dummy:qwen3-tiny", device=device, dtype="float32", num_kv_blocks=64, pooling_type=pooling_type)
+        vecs.append(torch.tensor([o.embedding for o in llm.embed(PROMPTS)]))
+    torch.testing.assert_close(vecs[1], vecs[0], atol=1e-4, rtol=1e-4)
