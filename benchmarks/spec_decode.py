@@ -24,6 +24,11 @@ evenly over its tokens (what /metrics' histogram records). These are wall-clock 
 shared machine include the time the pinned thread waits for its core; decode CPU ms per token (the
 engine thread's CPU time, torch running on that one thread, from the step after every request has
 its first token to the end, over the tokens emitted then) is the contention-proof cost.
+
+`--per-span-baseline` adds a third engine, "spec_per_span": speculation with every speculative row
+attended as its own prefill span (what CUDA does, and what the CPU did before a step's speculative
+rows and decodes were attended together as multi-query rows: attention.MultiQueryRows), in the
+same rotation, for a same-run comparison of the two attention paths.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from pdserve.engine import runner
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -133,6 +141,18 @@ def summary(runs: list[Run]) -> dict[str, float]:
     return out
 
 
+@contextmanager
+def attention_path(name: str) -> Iterator[None]:
+    """While measuring "spec_per_span": no multi-query rows, each speculative row its own span."""
+    supported = runner.multi_query_supported
+    if name == "spec_per_span":
+        runner.multi_query_supported = lambda device: False
+    try:
+        yield
+    finally:
+        runner.multi_query_supported = supported
+
+
 def first_difference(a: list[list[int]], b: list[list[int]]) -> int | None:
     """The first output position where any request's tokens differ between two runs; None if none."""
     parts = [next((i for i, (x, y) in enumerate(zip(p, q, strict=True)) if x != y), None)
@@ -152,22 +172,28 @@ def main() -> None:
     p.add_argument("--prompt-lookup-min", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cpu", type=int, default=0)
+    p.add_argument("--per-span-baseline", action="store_true",
+                   help="also measure speculation with per-span attention of speculative rows")
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args()
     os.sched_setaffinity(0, {a.cpu})
     torch.set_num_threads(1)
     spec_cfg = SpeculativeConfig(a.num_speculative_tokens, a.prompt_lookup_max, a.prompt_lookup_min)
     engines = {"plain": make_engine(a, None), "spec": make_engine(a, spec_cfg)}
+    if a.per_span_baseline:
+        engines["spec_per_span"] = make_engine(a, spec_cfg)
     vocab = engines["plain"].model_config.vocab_size
     cases = [(w, b) for b in a.batch for w in ("repeat", "random")]
     workloads = {c: prompts(c[0], c[1], a.input_len, vocab, seed=i) for i, c in enumerate(cases)}
-    measure(engines["plain"], workloads[cases[0]], 8)  # warm-up
-    measure(engines["spec"], workloads[cases[0]], 8)
+    for name, engine in engines.items():  # warm-up
+        with attention_path(name):
+            measure(engine, workloads[cases[0]], 8)
     pairs = [(c, e) for c in cases for e in engines]
     runs: dict[tuple, list[Run]] = {pair: [] for pair in pairs}
     for r in range(a.rounds):
         for case, name in pairs[r % len(pairs):] + pairs[: r % len(pairs)]:
-            runs[(case, name)].append(measure(engines[name], workloads[case], a.output_len))
+            with attention_path(name):
+                runs[(case, name)].append(measure(engines[name], workloads[case], a.output_len))
             print(f"round {r} {case} {name}: {runs[(case, name)][-1].tpot_ms:.1f} ms TPOT", flush=True)
     results = []
     for case in cases:
@@ -180,8 +206,16 @@ def main() -> None:
             "first_difference": min((d for d in parted if d is not None), default=None),
             "spec_vs_plain": {k: spec[k] / plain[k] for k in plain},
         })
-    flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                     for k, v in vars(a).items() if k != "json")
+        if a.per_span_baseline:
+            per_span = summary(runs[(case, "spec_per_span")])
+            results[-1].update({
+                "spec_per_span": per_span,
+                "spec_per_span_vs_plain": {k: per_span[k] / plain[k] for k in plain},
+                "spec_vs_spec_per_span": {k: spec[k] / per_span[k] for k in plain},
+            })
+    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else
+                                                   f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+                     for k, v in vars(a).items() if k != "json" and v is not False)
     res = {
         "command": f".venv/bin/python benchmarks/spec_decode.py {flags}",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, pinned to core {a.cpu}",

@@ -7,9 +7,12 @@ the whole batch only when a row asks; the host reads them after the sampled ids'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from pdserve.engine.staging import to_device
 
 
 @dataclass(frozen=True)
@@ -37,17 +40,23 @@ class BatchLogprobs:
             return None
         return cls(torch.log_softmax(logits.float(), dim=-1), rows)
 
-    def resolve(self, sampled: torch.Tensor) -> list[TokenLogprob | None]:
-        """`sampled` [N] ids on the device -> one TokenLogprob per row that asked (host values)."""
-        chosen = self.logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
-        ranks = (self.logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
-        k = max((k for k in self.rows if k is not None), default=0)
-        top_v, top_i = self.logprobs.topk(k, dim=-1) if k else (None, None)
+    def resolve(self, sampled: torch.Tensor, only: Sequence[int] | None = None) -> list[TokenLogprob | None]:
+        """`sampled` [N] ids on the device -> one TokenLogprob per row that asked (host values).
+        `only`: resolve just these rows, in this order (the list follows it): a speculative step
+        emits few of its rows, and each row's rank and top-k cost O(vocab)."""
+        logprobs, wanted = self.logprobs, self.rows
+        if only is not None:
+            index = to_device(list(only), torch.long, logprobs.device)
+            logprobs, sampled, wanted = logprobs[index], sampled[index], [self.rows[i] for i in only]
+        chosen = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
+        ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+        k = max((k for k in wanted if k is not None), default=0)
+        top_v, top_i = logprobs.topk(k, dim=-1) if k else (None, None)
         ids, lps, rks = sampled.tolist(), chosen.tolist(), ranks.tolist()
         tv = top_v.tolist() if top_v is not None else None
         ti = top_i.tolist() if top_i is not None else None
         out: list[TokenLogprob | None] = []
-        for i, want in enumerate(self.rows):
+        for i, want in enumerate(wanted):
             if want is None:
                 out.append(None)
                 continue

@@ -3,8 +3,10 @@
 Decode-only steps go to the StaticDecoder when one is set (CUDA graphs; see cuda_graphs.py), every
 other step runs eagerly on the flat batch. A speculative row (scheduler.py) is a prefill span of its
 last token and its drafts: its logits are taken at every position, each sampled as a plain decode
-at that position would be, and verified (spec/rejection.py). Per-step inputs reach the device by asynchronous copies
-(staging.py); the sampled ids' `.tolist()` is the step's one host sync.
+at that position would be, and verified (spec/rejection.py). Where attention supports it
+(attention.multi_query_supported: not CUDA) a step's speculative rows and decodes are attended
+together, as decodes of several queries each (attention.MultiQueryRows). Per-step inputs reach the
+device by asynchronous copies (staging.py); the sampled ids' `.tolist()` is the step's one host sync.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from pdserve.engine.scheduler import ScheduledBatch
 from pdserve.engine.spec.rejection import verify
 from pdserve.engine.staging import to_device
 from pdserve.engine.structured import apply_bitmask_
-from pdserve.model.attention import AttentionMetadata, PrefillSpan
+from pdserve.model.attention import (
+    AttentionMetadata,
+    MultiQueryRows,
+    PrefillSpan,
+    QueryRow,
+    multi_query_supported,
+)
 
 PROMPT_LOGPROB_ROWS = 256  # prompt positions per logits matrix (rows x vocab, float32)
 
@@ -104,11 +112,24 @@ class ModelRunner:
             decode_block_tables=to_device(tables, torch.long, dev).view(len(tables), max_blocks),
             decode_context_lens=to_device([r.num_computed_tokens + 1 for r in batch.decodes], torch.long, dev),
             prefills=spans,
+            multi_query=self._multi_query(batch, spans),
             layer_hook=self.layer_hook,
         )
         ids = to_device(tokens, torch.long, dev)
         pos = to_device(positions, torch.long, dev)
         return ids, pos, meta, last_rows
+
+    def _multi_query(self, batch: ScheduledBatch, spans: list[PrefillSpan]) -> MultiQueryRows | None:
+        """The step's decodes and speculative rows as one multi-query group, on devices whose
+        attention takes one and in steps with speculative rows; None otherwise."""
+        if not batch.spec or not multi_query_supported(self.device):
+            return None
+        rows = [QueryRow(i, 1, r.num_computed_tokens + 1, r.block_ids) for i, r in enumerate(batch.decodes)]
+        spec_spans = [i for i, (r, _) in enumerate(batch.prefills) if r.request_id in batch.spec]
+        for i in spec_spans:
+            span, req = spans[i], batch.prefills[i][0]
+            rows.append(QueryRow(span.q_start, span.q_len, span.num_cached + span.q_len, req.block_ids))
+        return MultiQueryRows.of(rows, spec_spans, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, bitmask: torch.Tensor | None = None) -> StepResult:
@@ -139,10 +160,9 @@ class ModelRunner:
         tokens, accepted, emitted_rows = self._verify(batch, ids.tolist(), sampling)
         if logprobs is None:
             return StepResult(tokens, {}, prompt_logprobs, pooled, accepted)
-        per_row = logprobs.resolve(ids)
+        asked = [row for row in emitted_rows if logprobs.rows[row] is not None]
         chosen: dict[str, list[TokenLogprob]] = {}
-        for row in emitted_rows:
-            lp = per_row[row]
+        for row, lp in zip(asked, logprobs.resolve(ids, asked), strict=True):
             if lp is not None:
                 chosen.setdefault(rows[row].request.request_id, []).append(lp)
         return StepResult(tokens, chosen, prompt_logprobs, pooled, accepted)

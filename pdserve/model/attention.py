@@ -32,16 +32,25 @@ a prefill chunk the window cuts into goes through SDPA with an explicit boolean 
 efficient kernel, not FlashAttention, which takes no mask). Both prefill paths gather only the
 cached blocks from the first one the chunk's window reaches. The window is a per-layer constant,
 so CUDA graphs captured with it stay valid.
+
+Speculative rows (a decoding sequence's last token and its drafts, engine/runner.py) are prefill
+spans of 1 + d tokens. On CUDA each goes through the prefill path (SDPA) like any chunk; elsewhere
+(`multi_query_supported`) the runner adds a MultiQueryRows to the metadata, and the step's decode
+rows and speculative rows are attended together by the decode path's one gather + batched matmul,
+with up to Q = 1 + d queries per sequence and a per-query causal mask: one set of small ops per
+layer instead of one per speculative row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine.staging import to_device
 from pdserve.model import triton_decode
 
 
@@ -55,6 +64,95 @@ class PrefillSpan:
     block_ids: torch.Tensor  # [num_blocks_of_seq] long: the sequence's block table
 
 
+def multi_query_supported(device: torch.device) -> bool:
+    """Whether attention on `device` takes decode and speculative rows together (MultiQueryRows):
+    the torch path everywhere but CUDA, which keeps its paged Triton decode kernel and SDPA per span."""
+    return device.type != "cuda"
+
+
+class QueryRow(NamedTuple):
+    """One sequence's queries in the flat batch, for MultiQueryRows.of: the last q_len tokens of its
+    context, at flat rows q_start .. q_start + q_len - 1."""
+
+    q_start: int
+    q_len: int  # 1 for a decode, 1 + d for a speculative row with d drafts
+    context_len: int  # the sequence's tokens through its last query (all in the cache by then)
+    block_ids: list[int]
+
+
+@dataclass
+class MultiQueryRows:
+    """Decode rows and speculative rows of one step, attended together: the decode path's gather +
+    batched matmul with up to Q queries per sequence instead of one (see `_multi_query_attention`).
+
+    Row s's q_s queries are right-aligned in Q = max(q_s) slots. Slot j holds position
+    ctx_s - q_s + max(0, j - (Q - q_s)): the slots before a row's first query repeat that query
+    (computed, never written back), so every slot sees at least one key and no row is all -inf.
+    Each slot sees the keys at positions <= its own (and, with a window w, > its own - w):
+
+        Q = 5            slot:  0    1    2    3    4
+        decode row (q = 1):     t    t    t    t    t      the pads repeat t (position ctx - 1)
+        4 drafts (q = 5):       t    d1   d2   d3   d4     positions ctx - 5 .. ctx - 1
+        2 drafts (q = 3):       t    t    t    d1   d2
+
+        keys of the 4-draft row:  0 .. ctx-6 | ctx-5 ctx-4 ctx-3 ctx-2 ctx-1 | table padding
+        slot 0 (t)                x  ..  x   |   x     .     .     .     .   |   .
+        slot 1 (d1)               x  ..  x   |   x     x     .     .     .   |   .
+        slot 4 (d4)               x  ..  x   |   x     x     x     x     x   |   .
+
+    Invariant (what paged_attention relies on): when AttentionMetadata.multi_query is set it covers
+    every decode row of the step and the entries of `prefills` listed in `span_indices`.
+    """
+
+    q_index: torch.Tensor  # [S * Q] long: the flat-batch row of each slot's query
+    q_positions: torch.Tensor  # [S, Q] long: each slot's position
+    block_tables: torch.Tensor  # [S, max_blocks] long, padded with block 0
+    out_slots: torch.Tensor  # [N] long: the slots that hold real queries (N = sum of q_s) ...
+    out_rows: torch.Tensor  # [N] long: ... and their flat-batch rows
+    span_indices: frozenset[int]  # the AttentionMetadata.prefills entries these rows attend
+    _biases: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by window
+
+    @classmethod
+    def of(cls, rows: Sequence[QueryRow], span_indices: Iterable[int], device: torch.device) -> MultiQueryRows:
+        """The slots of `rows` (at least one), covering the prefill spans `span_indices`."""
+        nq = max(r.q_len for r in rows)
+        width = max(len(r.block_ids) for r in rows)
+        q_index: list[int] = []
+        q_pos: list[list[int]] = []
+        out_slots: list[int] = []
+        out_rows: list[int] = []
+        for s, r in enumerate(rows):
+            pad = nq - r.q_len
+            queries = [max(0, j - pad) for j in range(nq)]  # the row's query in each slot
+            q_index += [r.q_start + i for i in queries]
+            q_pos.append([r.context_len - r.q_len + i for i in queries])
+            out_slots += range(s * nq + pad, (s + 1) * nq)
+            out_rows += range(r.q_start, r.q_start + r.q_len)
+        tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r in rows]
+        return cls(
+            q_index=to_device(q_index, torch.long, device),
+            q_positions=to_device(q_pos, torch.long, device),
+            block_tables=to_device(tables, torch.long, device),
+            out_slots=to_device(out_slots, torch.long, device),
+            out_rows=to_device(out_rows, torch.long, device),
+            span_indices=frozenset(span_indices),
+        )
+
+    @property
+    def num_slots(self) -> int:
+        """Q, the slots per row."""
+        return self.q_positions.shape[1]
+
+    def bias(self, block_size: int, window: int | None = None) -> torch.Tensor:
+        """[S, 1, Q, L] float32 (L = max_blocks * block_size): -inf where a slot does not see a key,
+        else 0 (the 1: a KV head's group of query heads, broadcast)."""
+        bias = self._biases.get(window)
+        if bias is None:
+            keys = torch.arange(self.block_tables.shape[1] * block_size, device=self.q_positions.device)
+            bias = self._biases[window] = _mask_bias(~_hidden_keys(self.q_positions, keys, window)[:, None])
+        return bias
+
+
 @dataclass
 class AttentionMetadata:
     """Per-step facts every attention layer needs; built once per step by the runner."""
@@ -65,12 +163,16 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [D, max_blocks] long, padded with block 0
     decode_context_lens: torch.Tensor  # [D] long, context length including the new token
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # Decode and speculative rows attended together (multi_query_supported devices, steps with
+    # speculative rows); None: decodes by the decode path, every span by the prefill path.
+    multi_query: MultiQueryRows | None = None
     # Called with the layer index once that layer's KV for this step is in the cache (write-mode seam).
     layer_hook: Callable[[int], None] | None = None
     # Derived once per step, shared by every layer.
     _k_index: torch.Tensor | None = None
     _v_index: torch.Tensor | None = None
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by window
+    _decode_biases: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by window
 
     def kv_write_indices(self, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices ([T * kvh]) of this step's K and V rows in a layer's cache viewed as
@@ -100,6 +202,20 @@ class AttentionMetadata:
             self._decode_masks[window] = mask
         return mask
 
+    def decode_bias(self, window: int | None = None) -> torch.Tensor:
+        """decode_mask as an additive float32 bias: 0 where a key is seen, -inf elsewhere."""
+        bias = self._decode_biases.get(window)
+        if bias is None:
+            bias = self._decode_biases[window] = _mask_bias(self.decode_mask(window))
+        return bias
+
+
+def _mask_bias(visible: torch.Tensor) -> torch.Tensor:
+    """0 where `visible`, -inf elsewhere (float32). Adding it to finite scores gives exactly what
+    masked_fill(~visible, -inf) does, and on CPU a broadcast add is ~5x faster than a broadcast
+    masked_fill over [kvh, n, G, Q, L] scores."""
+    return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill_(~visible, float("-inf"))
+
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
     """Scatter this step's k, v ([T, kvh, hd]) into one layer's cache ([nb, 2, kvh, bs, hd])."""
@@ -128,11 +244,12 @@ def _softcap_(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 
 def _hidden_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[q, k] bool, True where the key at k_pos[k] is hidden from the query at q_pos[q]: after it, or
-    (with a window) window or more positions before it."""
-    hidden = k_pos[None, :] > q_pos[:, None]
+    """[*q_pos.shape, k] bool, True where the key at k_pos[k] is hidden from the query at q_pos[...]:
+    after it, or (with a window) window or more positions before it."""
+    q = q_pos[..., None]
+    hidden = k_pos > q
     if window is not None:
-        hidden |= k_pos[None, :] <= q_pos[:, None] - window
+        hidden |= k_pos <= q - window
     return hidden
 
 
@@ -167,21 +284,61 @@ def _decode_attention_torch(
 ):
     """The gather + matmul form: every block of the (padded) table is read, masked by length (and
     window); in groups of sequences of about _DECODE_GATHER_BYTES of KV each."""
-    d, h, hd = q.shape
-    tables, mask = meta.decode_block_tables, meta.decode_mask(window)
+    bias = meta.decode_bias(window)  # [D, 1, 1, L]: one query per sequence
+    return _gathered_attention(q[:, None], kv_layer, meta.decode_block_tables, bias, scale, softcap)[:, 0]
+
+
+def _gathered_attention(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    tables: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q [n, Q, H, hd], Q queries of each of n sequences, against the blocks of the sequence's row
+    of `tables` ([n, max_blocks]); `bias` [n, 1, Q, L] float32 (L = max_blocks * block_size): -inf
+    where a query does not see a key, else 0. -> [n, Q, H, hd].
+
+    Per group of sequences (about _DECODE_GATHER_BYTES of KV, so the gathered copy is still in
+    cache for the matmuls; one group on CUDA): one gather of their blocks, and per KV head one
+    batched GEMM with the group's query heads and slots stacked as rows ([G * Q, hd] x [hd, L]),
+    an fp32 softmax, and one GEMM with the values."""
+    n, nq, h, hd = q.shape
     per_seq = kv_layer[0].numel() * kv_layer.element_size() * tables.shape[1]
-    step = d if q.is_cuda else max(1, _DECODE_GATHER_BYTES // max(1, per_seq))
+    step = n if q.is_cuda else max(1, _DECODE_GATHER_BYTES // max(1, per_seq))
     out = torch.empty_like(q)
-    for a in range(0, d, step):
-        b = min(d, a + step)
-        kv = _gather(kv_layer, tables[a:b])  # [2, kvh, n, L, hd]
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        m = b - a
+        kv = _gather(kv_layer, tables[a:b])  # [2, kvh, m, L, hd]
         kvh = kv.shape[1]
-        qg = q[a:b].view(b - a, kvh, h // kvh, hd).transpose(0, 1)  # [kvh, n, G, hd]
-        scores = _softcap_(torch.matmul(qg, kv[0].transpose(-1, -2)).float().mul_(scale), softcap)  # [kvh, n, G, L]
-        scores.masked_fill_(~mask[a:b].transpose(0, 1), float("-inf"))
+        g = h // kvh
+        # [kvh, m, G * Q, hd] (a view when Q = 1): head-major in the group, then slot.
+        qg = q[a:b].view(m, nq, kvh, g, hd).permute(2, 0, 3, 1, 4).reshape(kvh, m, g * nq, hd)
+        scores = _softcap_(torch.matmul(qg, kv[0].transpose(-1, -2)).float().mul_(scale), softcap)
+        scores.view(kvh, m, g, nq, -1).add_(bias[a:b])
         probs = torch.softmax(scores, dim=-1).to(kv.dtype)
-        out[a:b] = torch.matmul(probs, kv[1]).transpose(0, 1).reshape(b - a, h, hd)  # [n, H, hd]
+        ctx = torch.matmul(probs, kv[1]).view(kvh, m, g, nq, hd)
+        out[a:b].view(m, nq, kvh, g, hd).copy_(ctx.permute(1, 3, 0, 2, 4))
     return out
+
+
+def _multi_query_attention(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    rows: MultiQueryRows,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """The attention of the real queries of `rows` ([N, H, hd], in the order of rows.out_rows): q
+    [T, H, hd] is the step's flat batch, whose K/V are already in the cache."""
+    s, nq = rows.q_positions.shape
+    qs = q.index_select(0, rows.q_index).view(s, nq, *q.shape[1:])
+    bias = rows.bias(kv_layer.shape[3], window)
+    out = _gathered_attention(qs, kv_layer, rows.block_tables, bias, scale, softcap)
+    return out.view(s * nq, *q.shape[1:]).index_select(0, rows.out_slots)
 
 
 def _chunk_kv(
@@ -296,9 +453,14 @@ def paged_attention(
     write_kv(kv_layer, k, v, meta)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    if nd:
+    mq = meta.multi_query
+    if mq is not None:  # every decode row and the speculative spans (MultiQueryRows' invariant)
+        out.index_copy_(0, mq.out_rows, _multi_query_attention(q, kv_layer, mq, scale, softcap, window))
+    elif nd:
         out[:nd] = _decode_attention(q[:nd], kv_layer, meta, scale, softcap, window)
-    for span in meta.prefills:
+    for i, span in enumerate(meta.prefills):
+        if mq is not None and i in mq.span_indices:
+            continue
         s, e = span.q_start, span.q_start + span.q_len
         if q.is_cuda and softcap is None:
             out[s:e] = _prefill_attention_sdpa(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, window)

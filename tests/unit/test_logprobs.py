@@ -80,6 +80,19 @@ def test_only_requests_that_ask_get_logprobs(llm):
     assert plain.logprobs is None and plain.cumulative_logprob is None
 
 
+def test_resolving_some_rows_gives_what_resolving_all_gives_for_them():
+    """The runner resolves only the rows it emits that asked (a speculative step discards most)."""
+    from pdserve.engine.logprobs import BatchLogprobs
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    batch = BatchLogprobs.of(logits, [2, None, 0, 4, 1])
+    assert batch is not None
+    sampled = torch.tensor([3, 1, 4, 1, 5])
+    full = batch.resolve(sampled)
+    assert batch.resolve(sampled, [3, 0, 2]) == [full[3], full[0], full[2]]
+    assert batch.resolve(sampled, []) == []
+
+
 @pytest.mark.parametrize("value", [-1, 21])
 def test_bad_logprobs(value):
     with pytest.raises(ValueError, match="logprobs must be in"):

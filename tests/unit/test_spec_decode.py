@@ -83,6 +83,32 @@ def test_greedy_output_and_logprobs_equal_plain_decoding(plain, spec):
     assert_idle(spec)
 
 
+@pytest.mark.parametrize("multi_query", [True, False], ids=["multi-query", "per-span"])
+def test_speculative_rows_attended_with_the_decodes_or_per_span_give_the_plain_output(
+        plain, spec, monkeypatch, multi_query):
+    """On CPU a step's speculative rows and decodes are attended in one multi-query call
+    (attention.MultiQueryRows); on CUDA each speculative row is a prefill span (SDPA): here the
+    per-span path is forced on CPU (the blocked prefill attention). Both give the plain output."""
+    from pdserve.engine import runner
+    from pdserve.model import attention
+
+    calls = {"multi_query": 0}
+    multi = attention._multi_query_attention
+
+    def counted(*args, **kwargs):
+        calls["multi_query"] += 1
+        return multi(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_multi_query_attention", counted)
+    monkeypatch.setattr(runner, "multi_query_supported", lambda device: multi_query)
+    sp = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    before = spec.spec_decode_stats()
+    assert tokens(spec, sp) == tokens(plain, sp)
+    assert delta(spec, before).num_accepted_tokens > 0
+    assert (calls["multi_query"] > 0) == multi_query
+    assert_idle(spec)
+
+
 def oracle(llm: LLM, refs: dict[SamplingParams, list[int]], wrong_at: int | None) -> Callable[[list[Request]], dict]:
     """A proposer that drafts each request's true next tokens (its plain output, by its sampling
     params), as many as the n-gram proposer may, so that speculative rows are long and stops cut
