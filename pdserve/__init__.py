@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "PoolingParams", "LoRARequest", "RequestOutput", "CompletionOutput",
-           "EmbeddingOutput"]
+           "EmbeddingOutput", "BeamSearchParams"]
 
 
 def __getattr__(name: str):
@@ -25,6 +25,10 @@ def __getattr__(name: str):
         from pdserve.engine.lora_request import LoRARequest
 
         return LoRARequest
+    if name == "BeamSearchParams":
+        from pdserve.engine.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     if name in ("RequestOutput", "CompletionOutput", "EmbeddingOutput"):
         from pdserve.engine import outputs
 

@@ -17,6 +17,8 @@ from pdserve.config import (
     SchedulerConfig,
     SpeculativeConfig,
 )
+from pdserve.engine.beam_driver import BeamPrompt, OfflineBeamSearch, prompt_token_ids
+from pdserve.engine.beam_search import BeamSearchOutput, BeamSearchParams
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import CompletionOutput, EmbeddingOutput, RequestOutput, StepOutput
@@ -25,6 +27,9 @@ from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
 from pdserve.engine.spec.stats import SpecDecodeStats
 
 Prompt = str | list[int]
+# vLLM's TextPrompt / TokensPrompt: {"prompt": str} or {"prompt_token_ids": [...]}, with an optional
+# "cache_salt" (the prompt shares prefix-cache blocks only with prompts of the same salt).
+PromptDict = Mapping[str, object]
 _P = TypeVar("_P", SamplingParams, PoolingParams)
 
 
@@ -117,7 +122,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: Prompt | PromptDict | Sequence[Prompt | PromptDict],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         priority: Sequence[int] | None = None,
@@ -127,10 +132,14 @@ class LLM:
         `lora_request`: an adapter for every prompt, or one (or None) per prompt (needs enable_lora).
         `priority`: one per prompt, lower first (needs scheduling_policy="priority"), as vLLM's.
         A prompt keeps only its last `truncate_prompt_tokens` tokens when its SamplingParams say so,
-        or `tokenization_kwargs={"truncate_prompt_tokens": k}` for all (vLLM 0.17's spelling)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        or `tokenization_kwargs={"truncate_prompt_tokens": k}` for all (vLLM 0.17's spelling).
+        A prompt may be vLLM's dict, `{"prompt": text}` or `{"prompt_token_ids": ids}`, with a
+        `"cache_salt"`: it then shares prefix-cache blocks only with prompts of the same salt."""
+        if isinstance(prompts, str | Mapping) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        unpacked = [_unpack(p) for p in prompts]  # type: ignore[union-attr]
+        prompts = [p for p, _ in unpacked]
+        salts = [salt for _, salt in unpacked]
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = (
@@ -158,9 +167,10 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         choices: dict[str, tuple[RequestOutput, CompletionOutput]] = {}  # engine request id -> its choice
         order, later = [], []
-        for p, ids, sp, lora, prio in zip(prompts, token_ids, params, loras, priorities, strict=True):
+        for p, ids, sp, lora, prio, salt in zip(prompts, token_ids, params, loras, priorities, salts, strict=True):
             rid = str(next(self._ids))
-            req = self.engine.add_request(rid, ids, dataclasses.replace(sp, n=1), lora_request=lora, priority=prio)
+            req = self.engine.add_request(rid, ids, dataclasses.replace(sp, n=1), lora_request=lora, priority=prio,
+                                          cache_salt=salt)
             order.append(rid)
             ro = results[rid] = RequestOutput(
                 rid, p if isinstance(p, str) else None, list(req.prompt_token_ids),
@@ -170,10 +180,10 @@ class LLM:
             for i in range(1, sp.n):  # choice i draws from seed + i, as the server's
                 seed = None if sp.seed is None else (sp.seed + i) % 2**64
                 choice_params = dataclasses.replace(sp, n=1, seed=seed)
-                later.append((f"{rid}-{i}", ids, choice_params, lora, prio, ro, ro.outputs[i]))
+                later.append((f"{rid}-{i}", ids, choice_params, lora, prio, salt, ro, ro.outputs[i]))
         outs = self._first_tokens(list(choices)) if later else []
-        for cid, p, sp, lora, prio, ro, comp in later:  # now the prompts are in the prefix cache
-            self.engine.add_request(cid, p, sp, lora_request=lora, priority=prio)
+        for cid, p, sp, lora, prio, salt, ro, comp in later:  # now the prompts are in the prefix cache
+            self.engine.add_request(cid, p, sp, lora_request=lora, priority=prio, cache_salt=salt)
             choices[cid] = (ro, comp)
         for out in outs + self.engine.run_until_done():
             ro, comp = choices[out.request_id]
@@ -190,6 +200,31 @@ class LLM:
                 if comp.index == 0:  # the prompt's own lookup (later choices find it cached by design)
                     ro.num_cached_tokens = out.num_cached_tokens
         return [results[r] for r in order]
+
+    def beam_search(
+        self,
+        prompts: BeamPrompt | Sequence[BeamPrompt],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's: the best `params.beam_width` sequences of each prompt (`{"prompt": text}`,
+        `{"prompt_token_ids": ids}`, or the text or ids), best first, by engine/beam_search.py.
+        Each sequence's `tokens` include the prompt and its `text` is them all decoded; up to
+        `concurrency_limit` prompts are searched at once (all by default); `use_tqdm` is accepted
+        and ignored. Invalid prompts raise ValueError before any runs."""
+        del use_tqdm
+        if isinstance(prompts, str | Mapping) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        ids = [prompt_token_ids(self.engine, p) for p in prompts]  # type: ignore[union-attr]
+        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(ids)
+        if len(loras) != len(ids):
+            raise ValueError(f"{len(ids)} prompts but {len(loras)} LoRA requests")
+        search = OfflineBeamSearch(self.engine, params, self._ids)
+        search.validate(ids)
+        limit = concurrency_limit or max(len(ids), 1)
+        return [out for k in range(0, len(ids), limit) for out in search.run(ids[k:k + limit], loras[k:k + limit])]
 
     def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
               tokenization_kwargs: Mapping[str, int | None] | None = None) -> list[EmbeddingOutput]:
@@ -223,6 +258,26 @@ class LLM:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _unpack(prompt: Prompt | PromptDict) -> tuple[Prompt, str | None]:
+    """A prompt and its cache salt: vLLM's dict form unpacked (ValueError when malformed), a plain
+    prompt unsalted."""
+    if not isinstance(prompt, Mapping):
+        return prompt, None
+    unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"})
+    if unknown:
+        raise ValueError(f"unsupported prompt keys {unknown}; known: prompt, prompt_token_ids, cache_salt")
+    if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise ValueError("a prompt dict takes exactly one of 'prompt' and 'prompt_token_ids'")
+    text, ids, salt = prompt.get("prompt"), prompt.get("prompt_token_ids"), prompt.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError("cache_salt must be a non-empty string")
+    if isinstance(text, str):
+        return text, salt
+    if isinstance(ids, Sequence) and not isinstance(ids, str) and all(isinstance(t, int) for t in ids):
+        return list(ids), salt  # type: ignore[arg-type]
+    raise ValueError("'prompt' must be a string and 'prompt_token_ids' a list of token ids")
 
 
 def _with_tokenization_kwargs(params: list[_P], kwargs: Mapping[str, int | None] | None) -> list[_P]:

@@ -40,6 +40,7 @@ class _Add:
     lora: LoRARequest | None = None
     priority: int = 0
     pooling: PoolingParams | None = None
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,16 +80,18 @@ class AsyncEngine:
         lora: LoRARequest | None = None,
         priority: int = 0,
         pooling: PoolingParams | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[StepOutput]:
         """Stream a request's outputs (with the loaded adapter `lora`); with `pooling`, an embedding
-        request's one final output. Leaving the iteration early (client gone) aborts it."""
+        request's one final output; `cache_salt` as LLMEngine.add_request's. Leaving the iteration
+        early (client gone) aborts it."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         kv_transfer_params = self.engine.validate_request(token_ids, params, kv_transfer_params, pooling)
         self.engine.validate_priority(priority)
         sink: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._send(_Add(request_id, token_ids, params, kv_transfer_params, sink, asyncio.get_running_loop(), lora,
-                        priority, pooling))
+                        priority, pooling, cache_salt))
         finished = False
         try:
             while not finished:
@@ -181,7 +184,7 @@ class AsyncEngine:
             self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
             try:
                 self.engine.add_request(cmd.request_id, cmd.token_ids, cmd.params, cmd.kv_transfer_params, cmd.lora,
-                                        cmd.priority, cmd.pooling)
+                                        cmd.priority, cmd.pooling, cmd.cache_salt)
             except Exception as e:  # validated already; anything here fails this request only
                 self._deliver([StepOutput(cmd.request_id, [], "", True, "error", error=str(e))])
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.config import EngineConfig
+from pdserve.engine.bad_words import BadWords
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.cpu import apply_cpu_placement, keep_freed_memory
 from pdserve.engine.cuda_graphs import StaticDecoder
@@ -196,6 +197,7 @@ class LLMEngine:
         bad_bias = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)  # type: ignore[misc]
         if bad_bias is not None:
             raise ValueError(f"logit_bias names token id {bad_bias}, out of range for vocabulary size {vocab}")
+        self._check_token_filters(params)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
@@ -211,6 +213,22 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt needs {blocks_needed} KV blocks; the cache has {self.block_pool.num_usable} in all"
             )
+
+    def _check_token_filters(self, params: SamplingParams) -> None:
+        """vLLM's allowed_token_ids within the vocabulary (the tokenizer's, as vLLM bounds them, within the
+        model's), bad_words tokenized into it: ValueError naming the field otherwise."""
+        allowed = params.allowed_token_ids
+        vocab = min(self.model_config.vocab_size, self.tokenizer.vocab_size)
+        if allowed and (min(allowed) < 0 or max(allowed) >= vocab):
+            bad = sorted({t for t in allowed if not 0 <= t < vocab})
+            raise ValueError(f"allowed_token_ids names token ids {bad[:8]}, out of range for vocabulary size {vocab}")
+        self._bad_words(params)
+
+    def _bad_words(self, params: SamplingParams) -> BadWords | None:
+        """The request's bad_words tokenized (engine/bad_words.py); ValueError naming the field."""
+        if not params.bad_words:
+            return None
+        return BadWords.compile(params.bad_words, self.tokenizer, self.model_config.vocab_size)
 
     def _check_ids(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -273,11 +291,13 @@ class LLMEngine:
         lora_request: LoRARequest | None = None,
         priority: int = 0,
         pooling: PoolingParams | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
         """Queue a request (with the adapter `lora_request`, loaded now if it is not). ValueError (a
         user-facing message) when it cannot be served. With `pooling` it is an embedding request:
         prefill only, it ends with its prompt's pooled vector (`StepOutput.embedding`); `params` is
-        then unused (its one discarded sample is greedy)."""
+        then unused (its one discarded sample is greedy). `cache_salt` (vLLM's): it shares prefix-cache
+        blocks only with requests of the same salt."""
         token_ids = self.tokenize(prompt)
         if pooling is not None:
             pooling = dataclasses.replace(pooling, pooling_type=pooling.pooling_type or self.config.pooling_type)
@@ -298,13 +318,16 @@ class LLMEngine:
             lora=lora_request,
             priority=priority,
             pooling=pooling,
+            cache_salt=cache_salt,
+            bad_words=self._bad_words(params),
         )
         if params.structured_outputs is not None:  # compiles the grammar: ValueError when it is bad
             self.structured.add(request_id, params.structured_outputs)
         if self.connector is not None:
             self.connector.on_add(req, kvp)
         self.scheduler.add(req)
-        self._texts[request_id] = TextState(self.tokenizer, params.stop, params.skip_special_tokens)
+        self._texts[request_id] = TextState(self.tokenizer, params.stop, params.skip_special_tokens,
+                                            params.include_stop_str_in_output, params.spaces_between_special_tokens)
         return req
 
     def abort_request(self, request_id: str) -> bool:

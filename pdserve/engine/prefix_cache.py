@@ -1,7 +1,7 @@
 """Content hashes of full KV blocks, chained so that one hash names the whole prefix before it.
 
     hash(block i) = sha256(hash(block i-1) || token ids of block i, little-endian int32)
-    hash(block -1) = a constant, or one per LoRA adapter id
+    hash(block -1) = a constant, or one per LoRA adapter id and/or cache salt
 
 Equal hashes mean equal token prefixes (up to sha256 collisions), so the longest cached prefix of a
 request is found with one dict lookup per block (BlockPool.cached_prefix).
@@ -19,11 +19,18 @@ ROOT_HASH = b"pdserve-kv-prefix-v1"
 
 
 def root_hash(req: Request) -> bytes:
-    """The chain's start: the same for every request without an adapter; per adapter id otherwise
-    (its KV differs for the same tokens)."""
-    if req.lora is None:
+    """The chain's start: the same for every request without an adapter or a salt; per adapter id
+    (its KV differs for the same tokens) and per vLLM `cache_salt` otherwise. vLLM mixes the salt into
+    the first block's hash: chained, every later hash differs too, so requests share cached blocks
+    only with requests of the same salt (none: only with unsalted ones)."""
+    if req.lora is None and req.cache_salt is None:
         return ROOT_HASH
-    return hashlib.sha256(ROOT_HASH + b"lora" + req.lora.lora_int_id.to_bytes(8, "little")).digest()
+    root = ROOT_HASH
+    if req.lora is not None:
+        root = hashlib.sha256(root + b"lora" + req.lora.lora_int_id.to_bytes(8, "little")).digest()
+    if req.cache_salt is not None:
+        root = hashlib.sha256(root + b"salt" + req.cache_salt.encode("utf-8", "surrogatepass")).digest()
+    return root
 
 
 def block_hashes(req: Request, block_size: int, num_blocks: int) -> list[bytes]:

@@ -12,6 +12,7 @@ from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the scheduler's side stays free of torch
+    from pdserve.engine.bad_words import BadWords
     from pdserve.engine.logprobs import TokenLogprob
 
 
@@ -72,6 +73,9 @@ class Request:
     lora: LoRARequest | None = None  # the adapter it runs with (engine/lora.py)
     # An embedding request (its pooling type resolved): it ends with its prompt, pooled, not sampled.
     pooling: PoolingParams | None = None
+    # vLLM's: requests share prefix-cache blocks only with requests of the same salt (prefix_cache.py).
+    cache_salt: str | None = None
+    bad_words: BadWords | None = None  # SamplingParams.bad_words, tokenized (engine/bad_words.py)
 
     @property
     def num_prompt_tokens(self) -> int:

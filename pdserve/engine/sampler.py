@@ -1,5 +1,5 @@
 """Token sampling for a batch: penalties, greedy, temperature, top-k, top-p, min-p, per-request
-seeds, min_tokens.
+seeds, min_tokens, vLLM's allowed_token_ids and bad_words.
 
 Speculative rows: one request may fill several consecutive rows, one per position it verifies;
 `prepare` then takes, for each row, the drafts that precede its position (counted as output by
@@ -33,8 +33,8 @@ class SamplingBatch:
     top_k: torch.Tensor | None  # [N] long (vocab size where disabled), None when no row uses it
     top_p: torch.Tensor | None  # [N] float32, None when no row uses it
     all_greedy: bool
-    # (rows, token ids) that must not be sampled yet (min_tokens not reached): an index pair for
-    # logits[rows, ids], or None when no row has a ban.
+    # (rows, token ids) that must not be sampled (min_tokens not reached, bad_words): an index pair
+    # for logits[rows, ids], or None when no row has a ban.
     banned: tuple[torch.Tensor, torch.Tensor] | None
     # (row, generator) for rows with a per-request seed.
     seeded: list[tuple[int, torch.Generator]]
@@ -42,6 +42,9 @@ class SamplingBatch:
     # (rows, token ids, biases) of SamplingParams.logit_bias, or None when no row has one.
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     min_p: torch.Tensor | None = None  # [N, 1] float32, None when no row uses it
+    # SamplingParams.allowed_token_ids: (rows restricted, per allowed id its index into those rows,
+    # the ids), or None when no row is restricted.
+    allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # Seeded rows of speculative requests whose generator state is kept before the row's draw
     # (filled by Sampler.__call__, read by Sampler.rewind).
     rewindable: frozenset[int] = frozenset()
@@ -136,6 +139,10 @@ class Sampler:
                 ban = [t for t in ban if 0 <= t < self.vocab_size]  # others are never sampled anyway
                 ban_rows.extend([i] * len(ban))
                 ban_ids.extend(ban)
+            if r.bad_words is not None:
+                bad = r.bad_words.banned(r.output_token_ids, preceding[i] if preceding is not None else ())
+                ban_rows.extend([i] * len(bad))
+                ban_ids.extend(bad)
         dev = self.device
         seeded = [(i, self._generator(r)) for i, r in enumerate(requests)
                   if r.sampling_params.seed is not None and not r.sampling_params.greedy and (kept is None or kept[i])]
@@ -155,6 +162,7 @@ class Sampler:
             min_p=to_device([[sp.min_p] for sp in sps], torch.float32, dev) if any(sp.uses_min_p for sp in sps)
             else None,
             rewindable=frozenset(i for i, _ in seeded) if preceding is not None else frozenset(),
+            allowed=self._allowed(sps),
         )
 
     def rewind(self, batch: SamplingBatch, row: int) -> None:
@@ -173,6 +181,16 @@ class Sampler:
         dev = self.device
         return to_device(rows, torch.long, dev), to_device(ids, torch.long, dev), to_device(values, torch.float32, dev)
 
+    def _allowed(self, sps: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        rows = [i for i, sp in enumerate(sps) if sp.allowed_token_ids is not None]
+        if not rows:
+            return None
+        lists = [sps[i].allowed_token_ids or () for i in rows]
+        id_rows = [k for k, ids in enumerate(lists) for _ in ids]
+        dev = self.device
+        return (to_device(rows, torch.long, dev), to_device(id_rows, torch.long, dev),
+                to_device([t for ids in lists for t in ids], torch.long, dev))
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [N, V] float32 -> token ids [N] long (on the logits' device; no host sync)."""
         logits = logits[:, : self.vocab_size]
@@ -183,6 +201,8 @@ class Sampler:
             logits = logits.index_put((rows, ids), values, accumulate=True)
         if batch.banned is not None:
             logits.index_put_(batch.banned, logits.new_full((), float("-inf")))
+        if batch.allowed is not None:
+            logits = _keep_only(logits, *batch.allowed)
         greedy_ids = logits.argmax(dim=-1)
         if batch.all_greedy:
             return greedy_ids
@@ -201,6 +221,13 @@ class Sampler:
             noise[row].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(batch.temperature == 0.0, greedy_ids, sampled)
+
+
+def _keep_only(logits: torch.Tensor, rows: torch.Tensor, id_rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`logits` with every token but `ids` (the k-th one allowed in row `rows[id_rows[k]]`) at -inf in `rows`."""
+    keep = torch.zeros(rows.numel(), logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[id_rows, ids] = True
+    return logits.index_copy(0, rows, logits.index_select(0, rows).masked_fill(~keep, float("-inf")))
 
 
 def _apply_top_k_top_p(

@@ -63,6 +63,15 @@ class SamplingParams:
     # vLLM's: keep only the prompt's last k tokens (engine/truncation.py); -1: as many as the
     # context leaves room for next to max_tokens; None: all.
     truncate_prompt_tokens: int | None = None
+    # vLLM's: the stop string that ended the output stays at its end (streamed too).
+    include_stop_str_in_output: bool = False
+    # vLLM's: sample only these token ids (None: any; never empty).
+    allowed_token_ids: Sequence[int] | None = None
+    # vLLM's: words the output never continues into (engine/bad_words.py); a tuple once constructed.
+    bad_words: Sequence[str] | None = ()
+    # vLLM's: with skip_special_tokens False, False renders an added token that follows another
+    # without the separator the tokenizer's decoder may put between them (model/tokenizer.py).
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so the object stays hashable and immutable.
@@ -102,6 +111,14 @@ class SamplingParams:
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")  # torch.Generator's range
         check_truncate_prompt_tokens(self.truncate_prompt_tokens)
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in self.allowed_token_ids))
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (None allows every token)")
+        object.__setattr__(self, "bad_words", (self.bad_words,) if isinstance(self.bad_words, str)
+                           else tuple(self.bad_words or ()))
+        if any(not w.strip() for w in self.bad_words):  # type: ignore[union-attr]
+            raise ValueError("bad_words must each have a character other than whitespace")
 
     @property
     def greedy(self) -> bool:

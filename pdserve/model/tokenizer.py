@@ -192,6 +192,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
 
+    @cached_property
+    def added_tokens(self) -> dict[int, str]:
+        """Id -> text of every added token (special tokens included)."""
+        return {i: t.content for i, t in self.hf.get_added_tokens_decoder().items()}
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """Ids of the eos token and of any extra end tokens, without duplicates."""
@@ -255,15 +260,26 @@ class IncrementalDetokenizer:
     Text is held back while the decoded window ends with U+FFFD (an incomplete UTF-8 character), so
     a delta never contains half a character. `text` is everything emitted so far: the caller checks
     stop strings against it. `flush()` emits whatever is held back at the end of a stream.
+
+    vLLM's `spaces_between_special_tokens=False`, with `skip_special_tokens=False` (it does nothing
+    otherwise): an added token that directly follows another added token is emitted as its bare
+    text, without the separator the tokenizer's decoder may put before it (WordPiece-style decoders
+    join tokens with spaces; byte-level ones, Qwen's and Llama 3's, never do, so there it changes
+    nothing), as vLLM's detokenizer for fast tokenizers does.
     """
 
     MAX_PENDING = 16  # tokens held back before giving up on completing a character
 
     def __init__(
-        self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context_ids: Sequence[int] = ()
+        self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context_ids: Sequence[int] = (),
+        spaces_between_special_tokens: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # Added tokens rendered bare after another added token (empty: none are).
+        self._bare: dict[int, str] = {} if skip_special_tokens or spaces_between_special_tokens \
+            else tokenizer.added_tokens
+        self._after_added = False  # the last id fed was an added token (and _bare is in use)
         self._ids: list[int] = list(context_ids[-4:])  # a little prompt context for spacing rules
         self._n_context = len(self._ids)
         self._prefix = 0  # window start: decoding from here is stable
@@ -291,8 +307,23 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Iterable[int]) -> str:
         """Append ids; return the newly completed text (possibly empty)."""
+        if self._bare:
+            return "".join(self._add_one(t) for t in token_ids)
         self._ids.extend(token_ids)
         return self._emit(force=False)
+
+    def _add_one(self, token_id: int) -> str:
+        """Append one id (spaces_between_special_tokens False): an added token after another as its bare text."""
+        bare = self._bare.get(token_id)
+        follows, self._after_added = self._after_added, bare is not None
+        if bare is None or not follows:
+            self._ids.append(token_id)
+            return self._emit(force=False)
+        held = self._emit(force=True)  # (nothing: the added token before it was complete text)
+        self._ids.append(token_id)
+        self._prefix, self._read = len(self._ids) - 1, len(self._ids)
+        self.text += bare
+        return held + bare
 
     def flush(self) -> str:
         """Emit any held-back text, incomplete characters included (end of stream)."""

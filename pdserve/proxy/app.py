@@ -2,6 +2,8 @@
 
 GET /health     200 when the topology can serve (disagg: a healthy prefill and a healthy decode
                 instance; standard: one instance), else 503 with the reason
+GET, POST /ping vLLM's (SageMaker's health check): /health's answer
+GET /version    vLLM's: {"version": pdserve's version}
 GET /instances  every known instance, its state and load (JSON list)
 GET /metrics    Prometheus text
 GET /v1/models  from a healthy instance
@@ -194,6 +196,16 @@ def build_app(settings: ProxySettings) -> ProxyApp:
         if reason is not None:
             return _error(ProxyError(503, reason, code="no_instance"))
         return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get("/ping")
+    @app.post("/ping")
+    async def ping_route() -> Response:
+        """vLLM's SageMaker health check: /health's answer."""
+        return await health_route()
+
+    @app.get("/version")
+    async def version_route() -> Response:
+        return Response(msgspec.json.encode({"version": __version__}), media_type="application/json")
 
     @app.get("/instances")
     async def instances_route() -> Response:

@@ -56,7 +56,7 @@ class ProxyMetrics:
         self.fallbacks = r.register(Counter(
             "pdserve_proxy_fallbacks_total",
             "Requests prefilled on the decode instance, by reason (no_prefill, prefill_failed, no_params, "
-            "echo, prompt_logprobs, batch, truncate_prompt_tokens, previous_response).",
+            "echo, prompt_logprobs, batch, truncate_prompt_tokens, beam_search, previous_response).",
             ("reason",),
         ))
         self.upstream_failures = r.register(Counter(

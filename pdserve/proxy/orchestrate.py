@@ -17,10 +17,11 @@ Failures before anything reached the client are retried once on another instance
 role (`max_attempts`); a prefill half that still fails falls back per `--fallback`: the plain
 request to the decode instance (`local-prefill`) or a 503 (`fail`). A 4xx is the client's fault:
 returned as is, never retried. A completion with `echo: true`, a request with `prompt_logprobs`, a
-batch of prompts or one with `truncate_prompt_tokens: -1` goes as a plain request to a decode
-instance by design (prompt logprobs are computed where the prompt is; a KV transfer is for one
-prompt; -1 keeps as many prompt tokens as max_tokens leaves room for, and the prefill half's
-max_tokens is 1). A positive `truncate_prompt_tokens` is disaggregated: both halves get it and
+batch of prompts, one with `truncate_prompt_tokens: -1` or with `use_beam_search` goes as a plain
+request to a decode instance by design (prompt logprobs are computed where the prompt is; a KV
+transfer is for one prompt; -1 keeps as many prompt tokens as max_tokens leaves room for, and the
+prefill half's max_tokens is 1; a beam search sends each beam as a prompt of its own every step,
+which the decode's prefix cache serves). A positive `truncate_prompt_tokens` is disaggregated: both halves get it and
 keep the same last k tokens. A request with `n > 1` is
 disaggregated like any other: the prefill half computes one choice (`n` dropped), and the decode
 feeds its other choices from the first one's KV (its prefix cache). A `/v1/responses` request is
@@ -130,13 +131,16 @@ class Orchestrator:
             if bodies.is_batch(body)
             else "truncate_prompt_tokens"
             if bodies.truncates_by_output(body)
+            else "beam_search"
+            if body.get("use_beam_search") is True
             else None
         )
         if alone is not None:
             # echo, prompt_logprobs: the prompt's logprobs are computed where the prompt is; a batch
             # of prompts: one KV transfer is for one prompt; truncation to what max_tokens leaves
-            # room for: the prefill half's max_tokens is 1, so it would keep a longer prompt. Either
-            # way the decode prefills them itself.
+            # room for: the prefill half's max_tokens is 1, so it would keep a longer prompt; a beam
+            # search sends every beam as a prompt of its own each step. Either way the decode
+            # prefills them itself.
             self.metrics.fallbacks.inc(labels=(alone,))
             return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
         if self.settings.kv_mode == "READ":

@@ -2,9 +2,10 @@
 chunks and hashed as a chain, so that equal leading chunks mean equal prompt prefixes.
 
 The chain starts from the request's `model` (a LoRA adapter's KV is cached apart from the base
-model's). Completions: the prompt string (or token ids, or the first of a list). Chat: each message's role
-and text, in order — a shared system prompt and earlier turns are the shared prefix. Responses:
-the instructions, then each input item's role (or type) and text, likewise.
+model's) and its vLLM `cache_salt` (an instance shares cached KV only within one salt, so each salt
+keeps its own affinity). Completions: the prompt string (or token ids, or the first of a list).
+Chat: each message's role and text, in order — a shared system prompt and earlier turns are the
+shared prefix. Responses: the instructions, then each input item's role (or type) and text, likewise.
 
 vLLM's `truncate_prompt_tokens` does not change the key: with no tokenizer the proxy cannot tell
 where a cut prompt starts. A prompt within k tokens (a guard that did not cut) is computed as keyed;
@@ -25,14 +26,22 @@ def prompt_key(body: dict[str, Any], path: str) -> tuple[bytes, ...]:
     """Chained 8-byte hashes of the prompt's whole chunks (empty when the body has no usable prompt)."""
     data = _prompt_bytes(body, path)[:MAX_KEY_BYTES]
     out: list[bytes] = []
-    # The chain starts from the model name: a LoRA adapter's KV is its own (an instance caches it
-    # apart from the base model's), so equal prompts under different adapters do not share a key.
-    model = body.get("model")
-    prev = hashlib.blake2b(model.encode("utf-8", "replace"), digest_size=8).digest() if isinstance(model, str) else b""
+    prev = _chain_start(body)
     for i in range(0, len(data) - CHUNK_BYTES + 1, CHUNK_BYTES):
         prev = hashlib.blake2b(prev + data[i : i + CHUNK_BYTES], digest_size=8).digest()
         out.append(prev)
     return tuple(out)
+
+
+def _chain_start(body: dict[str, Any]) -> bytes:
+    """The model name and the cache salt: a LoRA adapter's KV is its own (an instance caches it apart
+    from the base model's), and so is a salt's, so equal prompts under either do not share a key.
+    Unsalted requests keep the key they had before salts existed."""
+    model, salt = body.get("model"), body.get("cache_salt")
+    prev = hashlib.blake2b(model.encode("utf-8", "replace"), digest_size=8).digest() if isinstance(model, str) else b""
+    if isinstance(salt, str):
+        prev = hashlib.blake2b(prev + b"\0salt\0" + salt.encode("utf-8", "replace"), digest_size=8).digest()
+    return prev
 
 
 def _prompt_bytes(body: dict[str, Any], path: str) -> bytes:

@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI routes under /v1 and vLLM's /tokenize, /detokenize (API key when set), /health and /metrics.
+"""The FastAPI app: OpenAI routes under /v1 and vLLM's /tokenize, /detokenize (API key when set), /health,
+/metrics and vLLM's /version and /ping (SageMaker's health check: /health's answer, GET or POST).
 
 `build_app(ctx)` takes a running AsyncEngine through the context; it owns no globals, so tests
 can build several apps in one process.
@@ -45,6 +46,11 @@ async def health(request: Request) -> Response:
     if not ctx.ready:
         raise APIError(503, "the server is shutting down", code="server_shutting_down")
     return JSONResponse({"status": "ok", "role": ctx.settings.role})
+
+
+async def version(_: Request) -> Response:
+    """vLLM's route: the server's version."""
+    return JSONResponse({"version": __version__})
 
 
 async def metrics(request: Request) -> Response:
@@ -112,6 +118,9 @@ def build_app(ctx: ServerContext) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     app.add_api_route("/health", health, methods=["GET"])
+    for method in ("GET", "POST"):  # vLLM's (SageMaker's health check): /health's answer
+        app.add_api_route("/ping", health, methods=[method])
+    app.add_api_route("/version", version, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/kv_info", kv_info, methods=["GET"])
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])

@@ -15,6 +15,7 @@ from pdserve.engine.outputs import StepOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server import sse
+from pdserve.server.beam_serving import check_beam_search, start_beam_search
 from pdserve.server.body import parse_body
 from pdserve.server.context import ServerContext, get_context
 from pdserve.server.errors import APIError
@@ -35,7 +36,7 @@ from pdserve.server.protocol import (
 from pdserve.server.reasoning import ReasoningStream
 from pdserve.server.reply import ReplyFilter, parse_reply
 from pdserve.server.serving import (
-    Started,
+    Choices,
     check_model,
     finish_reason,
     kv_params,
@@ -71,6 +72,8 @@ async def chat_inputs(ctx: ServerContext, req: ChatCompletionRequest) -> ChatInp
             raise APIError(400, "tool_choice 'required' or a named function constrains the output already: "
                            "send it without another output constraint", code="invalid_value", param="tool_choice")
         params = dataclasses.replace(params, structured_outputs=constraint)
+    if req.use_beam_search:
+        check_beam_search(req, params)
     await validate_constraint(ctx.llm, params, req)
     return ChatInputs(token_ids, params, tools)
 
@@ -83,22 +86,27 @@ async def create_chat_completion(request: Request) -> Response:
     check_model(ctx, req.model)
     inputs = await chat_inputs(ctx, req)
     tools = inputs.tools
-    started = start(request, ctx, req, inputs.token_ids, inputs.params, "chatcmpl", arrival)
+    started: Choices = (
+        start_beam_search(request, ctx, req, [inputs.token_ids], req.output_limit, "chatcmpl", arrival,
+                          inputs.params.logprobs, req.prompt_logprobs)
+        if req.use_beam_search else start(request, ctx, req, inputs.token_ids, inputs.params, "chatcmpl", arrival)
+    )
     reasoning = ctx.settings.reasoning_parser is not None
     parser = ctx.tool_parser if tools is not None else None
     if req.stream:
         filters = [ReplyFilter(ReasoningStream() if reasoning else None, parser.stream() if parser else None)
-                   for _ in started.generations]
+                   for _ in range(started.num_choices)]
         stream = _stream(req, started, ctx.llm.tokenizer, filters, inputs.token_ids)
         return sse.GenerationStream(stream, started.abort, {})
     results = await wait_for_end(request, started)
+    as_ids = bool(req.return_tokens_as_token_ids)
     choices = []
     for i, r in enumerate(results):
         thought, reply = parse_reply(r.text, reasoning, parser)
         choices.append(ChatChoice(
             index=i, message=AssistantMessage(content=reply.content, reasoning_content=thought, tool_calls=reply.calls),
             finish_reason=_reason(finish_reason(r.final), bool(reply.calls)),
-            logprobs=chat_logprobs(ctx.llm.tokenizer, r.logprobs) if req.logprobs else None,
+            logprobs=chat_logprobs(ctx.llm.tokenizer, r.logprobs, as_ids) if req.logprobs else None,
             token_ids=r.token_ids if req.return_token_ids else None,
         ))
     plps = results[0].prompt_logprobs if req.prompt_logprobs is not None else None
@@ -120,7 +128,7 @@ def _reason(reason: FinishReason | None, called: bool) -> FinishReason | None:
 
 
 async def _stream(
-    req: ChatCompletionRequest, s: Started, tok: Tokenizer, filters: list[ReplyFilter], prompt_ids: list[int]
+    req: ChatCompletionRequest, s: Choices, tok: Tokenizer, filters: list[ReplyFilter], prompt_ids: list[int]
 ) -> AsyncIterator[bytes]:
     def chunk(
         choices: list[ChatChunkChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None,
@@ -140,7 +148,7 @@ async def _stream(
 
     # Each choice's first chunk announces the role, as OpenAI's does; the very first carries the
     # prompt's token ids (return_token_ids), as vLLM's.
-    n = len(s.generations)
+    n = s.num_choices
     for i in range(n):
         prompt = prompt_ids if i == 0 and req.return_token_ids else None
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], prompt=prompt)
@@ -155,7 +163,7 @@ async def _stream(
             thought, text, calls = filters[i].push(out.new_text, out.finished)
             reason = _reason(finish_reason(out), filters[i].called)
             delta = DeltaMessage(content=text, reasoning_content=thought or None, tool_calls=calls or None)
-            lps = chat_logprobs(tok, out.logprobs or ()) if req.logprobs else None
+            lps = chat_logprobs(tok, out.logprobs or (), bool(req.return_tokens_as_token_ids)) if req.logprobs else None
             ids = list(out.new_token_ids) if req.return_token_ids else None
             choice = ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=reason, token_ids=ids)
             yield chunk([choice], running, kv)

@@ -7,7 +7,8 @@ engine still samples one token, which is not shown or counted). vLLM's `return_t
 generated `token_ids` (streamed: each chunk's) and the `prompt_token_ids` (streamed: on a choice's
 first chunk) on each choice, and `prompt_logprobs: k` vLLM's `prompt_logprobs` (not streamed).
 With vLLM's `truncate_prompt_tokens` each prompt keeps its last k tokens: usage, the returned
-prompt ids, echo and its logprobs are those of what the model saw.
+prompt ids, echo and its logprobs are those of what the model saw. With vLLM's `use_beam_search` each
+prompt's choices are its best `n` beams (server/beam_serving.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from starlette.responses import Response
 
 from pdserve.engine.logprobs import TokenLogprob
 from pdserve.engine.outputs import StepOutput
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server import sse
+from pdserve.server.beam_serving import check_beam_search, start_beam_search
 from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
 from pdserve.server.errors import APIError
@@ -38,6 +41,7 @@ from pdserve.server.protocol import (
     Usage,
 )
 from pdserve.server.serving import (
+    Choices,
     Started,
     check_model,
     finish_reason,
@@ -71,7 +75,8 @@ class _Shape:
         if not self.req.echo:
             return "", None
         k = self.req.logprobs
-        lps = echo_logprobs(self.tok, self.prompt_ids, top_k(prompt_lps or [], k)) if k is not None else None
+        as_ids = bool(self.req.return_tokens_as_token_ids)
+        lps = echo_logprobs(self.tok, self.prompt_ids, top_k(prompt_lps or [], k), as_ids) if k is not None else None
         return self.prompt_text, lps
 
     def choice(
@@ -87,7 +92,7 @@ class _Shape:
         prefix, prefix_lps = self.prefix(prompt_lps) if first else ("", None)
         logprobs = None
         if req.logprobs is not None:
-            logprobs = completion_logprobs(self.tok, lps, len(prefix) + offset)
+            logprobs = completion_logprobs(self.tok, lps, len(prefix) + offset, bool(req.return_tokens_as_token_ids))
             logprobs = prefix_lps + logprobs if prefix_lps is not None else logprobs
         prompt_k = req.prompt_logprobs if first and prompt_lps is not None else None
         return CompletionChoice(
@@ -113,18 +118,15 @@ async def create_completion(request: Request) -> Response:
     params = sampling_params(req, 1 if req.max_tokens == 0 else req.max_tokens, req.logprobs,
                              max(prompt_ks, default=None), ctx.llm.sampling_defaults)
     prompts = [truncated(ctx.llm, ids, params) for ids in whole]
+    if req.use_beam_search:
+        check_beam_search(req, params)
     await validate_constraint(ctx.llm, params, req)
     tok = ctx.llm.tokenizer
-    parts: list[Started] = []
-    try:
-        for k, token_ids in enumerate(prompts):  # start() validates the ids too
-            parts.append(start(request, ctx, req, token_ids, params, "cmpl", arrival, batch_index=k))
-    except APIError:  # a later prompt refused: the earlier ones go too
-        for part in parts:
-            part.abort()
-        raise
-    started = Started(tuple(g for p in parts for g in p.generations), parts[0].response_id, parts[0].model,
-                      parts[0].created)
+    started: Choices = (
+        start_beam_search(request, ctx, req, prompts, req.max_tokens, "cmpl", arrival, req.logprobs,
+                          max(prompt_ks, default=None))
+        if req.use_beam_search else _start(request, req, prompts, params, arrival)
+    )
     shapes = [_Shape(req, tok, ids, _echoed(req, tok, prompt, ids, len(ids) < len(full)))
               for prompt, full, ids in zip(req.prompts, whole, prompts, strict=True) for _ in range(req.n)]
     if req.stream:
@@ -140,6 +142,22 @@ async def create_completion(request: Request) -> Response:
         kv_transfer_params=kv_params(results[0].final),
     )
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _start(request: Request, req: CompletionRequest, prompts: list[list[int]], params: SamplingParams,
+           arrival: float) -> Started:
+    """Every prompt's `n` engine requests, or none (an APIError for one prompt aborts the others)."""
+    ctx = get_context(request)
+    parts: list[Started] = []
+    try:
+        for k, token_ids in enumerate(prompts):  # start() validates the ids too
+            parts.append(start(request, ctx, req, token_ids, params, "cmpl", arrival, batch_index=k))
+    except APIError:  # a later prompt refused: the earlier ones go too
+        for part in parts:
+            part.abort()
+        raise
+    return Started(tuple(g for p in parts for g in p.generations), parts[0].response_id, parts[0].model,
+                   parts[0].created)
 
 
 def _echoed(req: CompletionRequest, tok: Tokenizer, prompt: str | list[int], ids: list[int], cut: bool) -> str:
@@ -158,7 +176,7 @@ def _total_usage(shapes: list[_Shape], finals: list[StepOutput]) -> Usage:
                     sum(u.prompt_tokens_details.cached_tokens for u in per_prompt))
 
 
-async def _stream(shapes: list[_Shape], s: Started) -> AsyncIterator[bytes]:
+async def _stream(shapes: list[_Shape], s: Choices) -> AsyncIterator[bytes]:
     req = shapes[0].req
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None, kv: KVParamsJSON | None = None) -> bytes:
@@ -173,7 +191,7 @@ async def _stream(shapes: list[_Shape], s: Started) -> AsyncIterator[bytes]:
             )
         )
 
-    n = len(s.generations)
+    n = s.num_choices
     offsets = [0] * n  # of each choice's next text in its whole generated text
     first = [True] * n
     finals: dict[int, StepOutput] = {}

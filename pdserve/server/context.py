@@ -11,6 +11,7 @@ from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.lora_request import LoRARequest
 from pdserve.server.admission import Admission
+from pdserve.server.beam_search import BeamSearchRun
 from pdserve.server.generation import Generation, GenerationInput
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.responses.background import BackgroundRuns
@@ -29,6 +30,7 @@ class ServerContext:
     responses: ResponseStore = field(init=False)  # stored /v1/responses (--max-stored-responses)
     background: BackgroundRuns = field(init=False)  # running background /v1/responses (stored when they end)
     generations: dict[str, Generation] = field(init=False, default_factory=dict)  # also keeps tasks alive
+    beam_searches: dict[str, BeamSearchRun] = field(init=False, default_factory=dict)  # server/beam_serving.py
     # Loaded LoRA adapters by name (a request names one in `model`); changed on the event loop only,
     # from what the engine thread reports after each load or unload.
     loras: dict[str, LoRARequest] = field(init=False, default_factory=dict)
@@ -60,6 +62,8 @@ class ServerContext:
     def abort_all(self) -> None:
         for gen in list(self.generations.values()):
             gen.abort()
+        for run in list(self.beam_searches.values()):
+            run.abort()
 
     def start(self, inp: GenerationInput, after: asyncio.Event | None = None) -> Generation:
         """Admit (APIError 503 / 409 / 429) and start the request's generation task (its engine

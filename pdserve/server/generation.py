@@ -49,6 +49,7 @@ class GenerationInput:
     lora: LoRARequest | None = None  # the adapter the request's `model` named
     priority: int = 0  # lower first, under --scheduling-policy priority
     pooling: PoolingParams | None = None  # an embedding request (server/embeddings.py)
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only with the same salt
 
 
 class Generation:
@@ -90,7 +91,8 @@ class Generation:
                 self._put(StepOutput(inp.request_id, [], "", True, "abort", num_prompt_tokens=len(inp.token_ids)))
                 return
             async for out in self.engine.generate(
-                inp.request_id, inp.token_ids, inp.params, inp.kv_transfer_params, inp.lora, inp.priority, inp.pooling
+                inp.request_id, inp.token_ids, inp.params, inp.kv_transfer_params, inp.lora, inp.priority, inp.pooling,
+                inp.cache_salt,
             ):
                 self._put(out)
         except Exception as e:  # validation raced with a drain, or the engine is gone

@@ -56,6 +56,10 @@ def sampling_params(
             logit_bias=bias,
             structured_outputs=structured_outputs(req),
             truncate_prompt_tokens=req.truncate_prompt_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
@@ -180,7 +184,8 @@ def validate(engine: LLMEngine, token_ids: list[int], params: SamplingParams) ->
     except ValueError as e:
         msg = str(e)
         code = "context_length_exceeded" if "context length" in msg else "invalid_value"
-        param = next((f for f in ("max_tokens", "logit_bias") if msg.startswith(f)), "prompt")
+        fields = ("max_tokens", "logit_bias", "allowed_token_ids", "bad_words")
+        param = next((f for f in fields if msg.startswith(f)), "prompt")
         raise APIError(400, msg, code=code, param=param) from None
 
 

@@ -7,7 +7,9 @@ the generated tokens are supported (`logprobs: k` for completions; `logprobs: tr
 `top_logprobs: k` for chat), as the model's raw distribution (vLLM's default).
 vLLM's extensions (`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
 `kv_transfer_params`, `structured_outputs`, `guided_*`, `priority`, `return_token_ids`,
-`prompt_logprobs`, `truncate_prompt_tokens`) are accepted with vLLM's meaning, and so is
+`prompt_logprobs`, `truncate_prompt_tokens`, `include_stop_str_in_output`, `allowed_token_ids`,
+`bad_words`, `spaces_between_special_tokens`, `return_tokens_as_token_ids`, `cache_salt`,
+`use_beam_search` with `length_penalty`) are accepted with vLLM's meaning, and so is
 OpenAI's `response_format` (engine/structured.py enforces them).
 """
 
@@ -128,6 +130,21 @@ class SamplingFields(_Request):
     return_token_ids: bool | None = None  # vLLM's: the prompt's and each choice's token ids in the response
     prompt_logprobs: TopK | None = None  # vLLM's: every prompt token's logprob and its k likeliest alternatives
     truncate_prompt_tokens: TruncatePromptTokens | None = None  # vLLM's: keep the prompt's last k tokens
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the text stays in it
+    allowed_token_ids: Annotated[list[int], Field(min_length=1)] | None = None  # vLLM's: sample only these
+    bad_words: list[str] | None = None  # vLLM's: words the output never continues into (engine/bad_words.py)
+    spaces_between_special_tokens: bool = True  # vLLM's (model/tokenizer.py's IncrementalDetokenizer)
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs' tokens as "token_id:{id}"
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None  # vLLM's: prefix cache shared within a salt
+    use_beam_search: bool = False  # vLLM's: `n` beams, ranked by cumulative logprob (server/beam_serving.py)
+    length_penalty: Annotated[float, Field(allow_inf_nan=False)] = 1.0  # vLLM's: beams' score = logprob / len**this
+
+    @field_validator("bad_words")
+    @classmethod
+    def _words_not_blank(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not w.strip() for w in v):
+            raise ValueError("each word needs a character other than whitespace")
+        return v
 
     @field_validator("prompt_logprobs")
     @classmethod

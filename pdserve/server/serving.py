@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 from starlette.requests import Request
@@ -25,6 +26,33 @@ from pdserve.server.request_id import request_id_of
 log = logging.getLogger(__name__)
 
 
+class Choices(Protocol):
+    """A started request as the endpoints read it: `Started` (an engine request per choice) or a
+    beam search's (server/beam_serving.py)."""
+
+    @property
+    def response_id(self) -> str: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def created(self) -> int: ...
+
+    @property
+    def num_choices(self) -> int: ...
+
+    def abort(self) -> None: ...
+
+    def outputs(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        """(choice index, output) as they come; each choice's last one has `finished` set."""
+        ...
+
+    async def results(self) -> list[Collected]:
+        """Every choice's whole result, in choice order."""
+        ...
+
+
 @dataclass(frozen=True)
 class Started:
     """A request the engine has accepted (one engine request per choice: `n`), with what its
@@ -35,9 +63,16 @@ class Started:
     model: str
     created: int
 
+    @property
+    def num_choices(self) -> int:
+        return len(self.generations)
+
     def abort(self) -> None:
         for gen in self.generations:
             gen.abort()
+
+    async def results(self) -> list[Collected]:
+        return list(await asyncio.gather(*(g.collect() for g in self.generations)))
 
     async def outputs(self) -> AsyncIterator[tuple[int, StepOutput]]:
         """(choice index, output) as they come; each choice's last one has `finished` set."""
@@ -114,10 +149,12 @@ def start(
             # Choice i draws from its own seed (seed + i): seeded choices differ from each other.
             p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=(params.seed + i) % 2**64)
             if i == 0:
-                gens.append(ctx.start(GenerationInput(rid, token_ids, p, kvp, arrival, lora, req.priority)))
+                gens.append(ctx.start(GenerationInput(rid, token_ids, p, kvp, arrival, lora, req.priority,
+                                                      cache_salt=req.cache_salt)))
             else:
                 after = gens[0].first_output if staged else None
-                inp = GenerationInput(rid, token_ids, p, None if remote else kvp, arrival, lora, req.priority)
+                inp = GenerationInput(rid, token_ids, p, None if remote else kvp, arrival, lora, req.priority,
+                                      cache_salt=req.cache_salt)
                 gens.append(ctx.start(inp, after))
     except APIError:  # 409 / 429 / 503 for a later choice: the earlier ones go too
         for gen in gens:
@@ -126,12 +163,12 @@ def start(
     return Started(tuple(gens), f"{id_prefix}-{request_id}", ctx.settings.model_name, int(time.time()))
 
 
-async def wait_for_end(request: Request, started: Started) -> list[Collected]:
+async def wait_for_end(request: Request, started: Choices) -> list[Collected]:
     """Collect a non-streaming request, one result per choice; a client that disconnects meanwhile
     aborts it."""
     watcher = asyncio.create_task(watch_disconnect(request, started.abort))
     try:
-        results = await asyncio.gather(*(g.collect() for g in started.generations))
+        results = await started.results()
     finally:
         watcher.cancel()
         started.abort()  # no-op when finished; frees the blocks if this handler was cancelled

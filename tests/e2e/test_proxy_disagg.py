@@ -334,6 +334,21 @@ def test_batch_of_prompts_is_served_by_a_decode_alone(topo: Topology, reference:
     _blocks_all_free(topo.prefills + topo.decodes)
 
 
+def test_beam_search_is_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
+    """vLLM's use_beam_search sends every beam as a prompt of its own each step: the proxy sends the
+    request to a decode whole (fallback "beam_search"), whose beams equal a standalone's."""
+    def beams(server: ServerProcess) -> list[str]:
+        r = _client(server).completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=4, n=3,
+                                               extra_body={"use_beam_search": True, "ignore_eos": True}, **GREEDY)
+        return [c.text for c in r.choices]
+
+    metric = 'pdserve_proxy_fallbacks_total{reason="beam_search"}'
+    before = topo.proxy_metric(metric)
+    assert beams(topo.proxy) == beams(reference)
+    assert topo.proxy_metric(metric) == before + 1
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
 def test_truncate_prompt_tokens_through_both_halves(topo: Topology, reference: ServerProcess) -> None:
     """vLLM's truncate_prompt_tokens k: both halves keep the same last k tokens (the prefills compute
     k tokens, the transfer matches the decode's prompt), with the standalone's answer; -1, which
@@ -514,4 +529,45 @@ def test_decode_killed_mid_stream(topo: Topology) -> None:
     assert survivor.metrics()['pdserve_requests_total{finish_reason="length"}'] - before == 3
     topo.wait_ready(2, 1)
     topo.decodes = [survivor]
+    _blocks_all_free(topo.prefills + topo.decodes)
+
+
+def test_vllm_request_extras_through_both_halves(topo: Topology, reference: ServerProcess) -> None:
+    """The prefill half samples one token the client never sees; the decode half samples every
+    token shown, under allowed_token_ids and bad_words, ends at the stop string it keeps
+    (include_stop_str_in_output) and shows logprob tokens as ids: the standalone's answer, streamed
+    or not. cache_salt reaches both halves' prefix caches: a new salt finds nothing cached. The
+    proxy answers vLLM's /version and /ping itself."""
+    extras = {"allowed_token_ids": [32, 97, 98, 99], "bad_words": ["ca", "aa"], "stop": ["cb"],
+              "include_stop_str_in_output": True, "return_tokens_as_token_ids": True, "ignore_eos": True}
+
+    def answers(server: ServerProcess) -> list[tuple[str, list[str]]]:
+        c, out = _client(server), []
+        for stream in (False, True):
+            r = c.completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=12, logprobs=1, stream=stream,
+                                     extra_body=extras, **GREEDY)  # type: ignore[call-overload]
+            choices = [ch for chunk in r for ch in chunk.choices] if stream else r.choices
+            tokens = [t for ch in choices if ch.logprobs for t in ch.logprobs.tokens or []]
+            out.append(("".join(ch.text for ch in choices), tokens))
+        return out
+
+    got = answers(topo.proxy)
+    assert got == answers(reference) and got[0] == got[1]
+    text, tokens = got[0]
+    assert set(text) <= set(" abc") and "ca" not in text and "aa" not in text
+    assert all(t.startswith("token_id:") for t in tokens) and tokens
+    prompt = "A prompt under a fresh cache salt each time, long enough for several KV blocks. " * 2
+
+    def cached(salt: str) -> int:
+        r = _client(topo.proxy).completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=2,
+                                                   extra_body={"cache_salt": salt}, **GREEDY)  # type: ignore[call-overload]
+        assert r.usage is not None and r.usage.prompt_tokens_details is not None
+        return r.usage.prompt_tokens_details.cached_tokens or 0
+
+    assert [cached(salt) for salt in ("s1", "s2", "s3")] == [0, 0, 0]
+    assert max(cached("shared") for _ in range(4)) > 0  # 4 over 2 prefills: one sees it twice
+    from pdserve import __version__
+
+    assert httpx.get(topo.proxy.base_url + "/version").json() == {"version": __version__}
+    assert all(httpx.request(m, topo.proxy.base_url + "/ping").status_code == 200 for m in ("GET", "POST"))
     _blocks_all_free(topo.prefills + topo.decodes)

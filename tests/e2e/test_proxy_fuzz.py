@@ -40,9 +40,12 @@ GETS = (
     "/v1/models",
     "/v1/responses/{response_id}",
     "/v1/responses/{response_id}/input_items",
+    "/ping",
+    "/version",
 )
 ADMIN_POSTS = ("/reset_prefix_cache",)  # no body
 RESPONSE_CALLS = (("DELETE", "/v1/responses/{response_id}"), ("POST", "/v1/responses/{response_id}/cancel"))
+OTHER_CALLS = (("POST", "/ping"),)  # vLLM's SageMaker health check answers POST as well as GET
 HIDDEN_5XX = (  # proxy metrics that count a 5xx the client may not have seen (retried, fallen back, in-band)
     "pdserve_proxy_upstream_failures_total",
     "pdserve_proxy_fallbacks_total",
@@ -99,7 +102,7 @@ def test_schema_documents_every_route_and_body(topo: Topology) -> None:
     """Every documented route is fuzzed below; the generation paths declare their request bodies."""
     spec = httpx.get(f"{topo.proxy.base_url}/openapi.json").json()
     expected = {**{p: {"post"} for p in POSTS + ADMIN_POSTS}, **{p: {"get"} for p in GETS}}
-    for method, path in RESPONSE_CALLS:
+    for method, path in RESPONSE_CALLS + OTHER_CALLS:
         expected.setdefault(path, set()).add(method.lower())
     assert {p: set(ops) for p, ops in spec["paths"].items()} == expected
     fields = {
@@ -116,7 +119,7 @@ def test_schema_documents_every_route_and_body(topo: Topology) -> None:
     ("method", "path", "mode"),
     [("POST", p, m) for p in POSTS for m in GenerationMode]
     + [("GET" if p in GETS else "POST", p, GenerationMode.POSITIVE) for p in GETS + ADMIN_POSTS]
-    + [(m, p, GenerationMode.POSITIVE) for m, p in RESPONSE_CALLS],
+    + [(m, p, GenerationMode.POSITIVE) for m, p in RESPONSE_CALLS + OTHER_CALLS],
 )
 def test_no_server_errors(
     topo: Topology, method: str, path: str, mode: GenerationMode, request: pytest.FixtureRequest
@@ -144,6 +147,8 @@ def test_no_server_errors(
         'pdserve_proxy_fallbacks_total{reason="batch"}',
         'pdserve_proxy_fallbacks_total{reason="previous_response"}',
         'pdserve_proxy_fallbacks_total{reason="prompt_logprobs"}',
+        'pdserve_proxy_fallbacks_total{reason="truncate_prompt_tokens"}',
+        'pdserve_proxy_fallbacks_total{reason="beam_search"}',
     )
     hidden = {k: v for k, v in metrics.items() if v and k.startswith(HIDDEN_5XX) and k not in by_design}
     assert not hidden, f"5xx behind the proxy's back: {hidden}"

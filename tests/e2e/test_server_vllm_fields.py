@@ -141,6 +141,14 @@ def test_prompt_logprobs(client: openai.OpenAI, http: httpx.Client) -> None:
     ("/v1/chat/completions", {"messages": MESSAGES, "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     # max_model_len 4096 less max_tokens 2 leaves room for 4094 prompt tokens (vLLM's check).
     ("/v1/completions", {"prompt": PROMPT, "truncate_prompt_tokens": 4095}, "truncate_prompt_tokens"),
+    # What a beam search cannot honour (server/beam_serving.py).
+    ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True, "n": 11}, "n"),
+    ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True, "stop": ["fox"]}, "stop"),
+    ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True, "echo": True, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "use_beam_search": True, "response_format": {
+        "type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "use_beam_search": True, "repetition_penalty": 1.2},
+     "repetition_penalty"),
 ])
 def test_refused(http: httpx.Client, path: str, body: dict, param: str) -> None:
     r = http.post(path, json={"model": TINY_MODEL, "max_tokens": 2, **body})
@@ -214,3 +222,165 @@ def test_high_priority_request_finishes_before_the_queue(module_tmp: Path) -> No
             t.join(120)
         # The lows arrive in any order (threads); fcfs would serve high last.
         assert finished[:2] == ["running", "high"] and sorted(finished[2:]) == ["low0", "low1", "low2"], finished
+
+
+# -- vLLM's beam search (use_beam_search: n beams) ------------------------------------------------
+BEAMS = {"temperature": 0.0, "extra_body": {"use_beam_search": True, "ignore_eos": True, "return_token_ids": True}}
+
+
+def _summed(choice: object) -> float:
+    logprobs = getattr(choice, "logprobs", None)
+    assert logprobs is not None and logprobs.token_logprobs
+    return sum(logprobs.token_logprobs)
+
+
+def test_beam_search_completions(server: ServerProcess, client: openai.OpenAI) -> None:
+    """n = 3 beams: three distinct sequences, best first (one length: by cumulative logprob), the
+    best at least as likely as greedy decoding's; width 1 is greedy; streamed, the same choices
+    whole; usage counts every beam's tokens; every block free afterwards."""
+    kw = {"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": 6, "logprobs": 1, **BEAMS}
+    r = client.completions.create(n=3, **kw)  # type: ignore[call-overload]
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    ids = [_extra(c)["token_ids"] for c in r.choices]
+    assert len({tuple(i) for i in ids}) == 3 and all(len(i) == 6 for i in ids)
+    summed = [_summed(c) for c in r.choices]
+    assert summed == sorted(summed, reverse=True)
+    assert all(c.finish_reason == "length" for c in r.choices)
+    assert r.usage is not None and r.usage.completion_tokens == 18
+    greedy = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=6, logprobs=0, temperature=0.0,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert summed[0] >= _summed(greedy.choices[0]) - 1e-4
+    one = client.completions.create(n=1, **kw)  # type: ignore[call-overload]
+    assert _extra(one.choices[0])["token_ids"] == _extra(greedy.choices[0])["token_ids"]
+
+    streamed: dict[int, list[int]] = {}
+    usage = None
+    for chunk in client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw):  # type: ignore[call-overload]
+        for c in chunk.choices:
+            streamed.setdefault(c.index, []).extend(_extra(c)["token_ids"])
+        usage = chunk.usage or usage
+    assert [streamed[i] for i in range(3)] == ids and usage is not None and usage.completion_tokens == 18
+    total = server.metrics()["pdserve_kv_blocks_total"]
+    server.wait_metrics({"pdserve_kv_blocks_free": total, "pdserve_num_requests_in_flight": 0})
+
+
+def test_beam_search_chat_and_length_penalty(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=5, n=2,  # type: ignore[arg-type]
+                                       logprobs=True, top_logprobs=2, **BEAMS)
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert c.logprobs is not None and c.logprobs.content is not None
+        assert len(c.logprobs.content) == len(_extra(c)["token_ids"]) == 5
+        assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+    assert r.usage is not None and r.usage.completion_tokens == 10
+    # Without ignore_eos, beams may end at EOS (finish "stop", the EOS neither in the text nor the ids).
+    kw = {"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": 4, "n": 4, "temperature": 0.0}
+    for penalty in (0.0, 2.0):
+        out = client.completions.create(**kw, extra_body={"use_beam_search": True, "length_penalty": penalty})  # type: ignore[call-overload]
+        assert len(out.choices) == 4 and all(c.finish_reason in ("stop", "length") for c in out.choices)
+
+
+def test_beam_search_client_gone_aborts_every_beam(server: ServerProcess) -> None:
+    """A client that leaves mid-search (unstreamed or streamed): the beams in flight are aborted,
+    the request ends "abort", every block is free."""
+    body = {"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": 400, "n": 4, "use_beam_search": True,
+            "ignore_eos": True, "temperature": 0.0}
+    before = server.metrics().get('pdserve_requests_total{finish_reason="abort"}', 0.0)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=1.0)
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200  # headers only: the choices come when the search ends; leave now
+    total = server.metrics()["pdserve_kv_blocks_total"]
+    server.wait_metrics({"pdserve_kv_blocks_free": total, "pdserve_num_requests_in_flight": 0,
+                         'pdserve_requests_total{finish_reason="abort"}': before + 2}, timeout=30)
+
+
+# ---- vLLM's include_stop_str_in_output, allowed_token_ids, bad_words, return_tokens_as_token_ids,
+# cache_salt, and its /version and /ping routes ----------------------------------------------------
+def _ascii_reply(client: openai.OpenAI, chat: bool, stream: bool, **extra: object) -> str:
+    """A greedy 10-letter ASCII reply (ASCII's regex), streamed or not."""
+    body = {**ASCII["extra_body"], **extra}  # type: ignore[dict-item]
+    kw = {"model": TINY_MODEL, "max_tokens": 10, "temperature": 0.0, "stream": stream, "extra_body": body}
+    if chat:
+        r = client.chat.completions.create(messages=MESSAGES, **kw)  # type: ignore[call-overload]
+        if not stream:
+            return r.choices[0].message.content
+        return "".join(ch.delta.content or "" for c in r for ch in c.choices)
+    r = client.completions.create(prompt=PROMPT, **kw)  # type: ignore[call-overload]
+    return "".join(ch.text for c in r for ch in c.choices) if stream else r.choices[0].text
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_include_stop_str_in_output(client: openai.OpenAI, chat: bool) -> None:
+    free = _ascii_reply(client, chat, False)
+    stop = free[4:6]
+    end = free.index(stop) + len(stop)
+    for stream in (False, True):
+        assert _ascii_reply(client, chat, stream, stop=[stop], include_stop_str_in_output=True) == free[:end]
+        assert _ascii_reply(client, chat, stream, stop=[stop]) == free[: end - len(stop)]
+
+
+def test_allowed_token_ids_and_bad_words(client: openai.OpenAI, http: httpx.Client) -> None:
+    abc = http.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
+    kw = {"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 3}
+    r = client.completions.create(**kw, extra_body={  # type: ignore[call-overload]
+        "allowed_token_ids": abc, "return_token_ids": True, "ignore_eos": True})
+    assert set(_extra(r.choices[0])["token_ids"]) <= set(abc) and set(r.choices[0].text) <= set("abc")
+    # "b" never; "ca" (two tokens): never "a" after "c", so the text is some a's, then c's.
+    body = {"allowed_token_ids": abc, "bad_words": ["b", "ca"], "ignore_eos": True}
+    for seed in range(3):
+        text = client.completions.create(**{**kw, "seed": seed}, extra_body=body).choices[0].text  # type: ignore[call-overload]
+        assert len(text) == 12 and text == "a" * text.count("a") + "c" * text.count("c")
+        stream = client.completions.create(**{**kw, "seed": seed}, extra_body=body, stream=True)  # type: ignore[call-overload]
+        assert "".join(ch.text for c in stream for ch in c.choices) == text
+
+
+def test_return_tokens_as_token_ids(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=4, logprobs=2, extra_body={
+        "return_tokens_as_token_ids": True, "return_token_ids": True})
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.top_logprobs is not None
+    assert lp.tokens == [f"token_id:{t}" for t in _extra(r.choices[0])["token_ids"]]
+    assert all(key.startswith("token_id:") for top in lp.top_logprobs for key in top)
+
+    kw = {"model": TINY_MODEL, "messages": MESSAGES, "max_tokens": 4, "logprobs": True, "top_logprobs": 2,
+          "temperature": 0.0, "extra_body": {"return_tokens_as_token_ids": True, "return_token_ids": True}}
+    chat = client.chat.completions.create(**kw)  # type: ignore[call-overload]
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == [f"token_id:{t}" for t in _extra(chat.choices[0])["token_ids"]]
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    assert all(t.token.startswith("token_id:") for c in content for t in c.top_logprobs)
+    stream = client.chat.completions.create(**kw, stream=True)  # type: ignore[call-overload]
+    tokens = [i.token for c in stream for ch in c.choices if ch.logprobs for i in ch.logprobs.content or []]
+    assert tokens == [c.token for c in content]
+
+
+def test_cache_salt_shares_cached_tokens_only_within_a_salt(client: openai.OpenAI) -> None:
+    prompt = "A prompt kept apart by its cache salt, long enough for several KV blocks. " * 2
+
+    def cached(salt: str | None) -> int:
+        extra = {} if salt is None else {"cache_salt": salt}
+        r = client.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=1, extra_body=extra)
+        assert r.usage is not None and r.usage.prompt_tokens_details is not None
+        return r.usage.prompt_tokens_details.cached_tokens or 0
+
+    got = [cached(s) for s in ("a", "a", "b", None, None, "a")]
+    assert got[0] == got[2] == got[3] == 0 and got[1] == got[4] == got[5] > 0
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": PROMPT, "allowed_token_ids": []}, "allowed_token_ids"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "allowed_token_ids": [5, 512]}, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": PROMPT, "bad_words": ["ok", " \n"]}, "bad_words"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "cache_salt": ""}, "cache_salt"),
+])
+def test_extras_refused(http: httpx.Client, path: str, body: dict, param: str) -> None:
+    test_refused(http, path, body, param)
+
+
+def test_version_and_ping(http: httpx.Client) -> None:
+    from pdserve import __version__
+
+    assert http.get("/version").json() == {"version": __version__}
+    for method in ("GET", "POST"):  # SageMaker's health check, as vLLM's
+        assert http.request(method, "/ping").status_code == 200

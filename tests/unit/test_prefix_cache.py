@@ -114,6 +114,22 @@ def test_block_hash_names_the_whole_prefix():
         block_hashes(a, BS, 3)
 
 
+def test_cache_salt_starts_its_own_chain():
+    """vLLM's cache_salt is mixed into the first block's hash: equal tokens under another salt (or
+    none) share no block hash; the same salt shares all of them."""
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8]
+
+    def salted(name: str, salt: str | None) -> list[bytes]:
+        r = req(name, tokens)
+        r.cache_salt = salt
+        return block_hashes(r, BS, 2)
+
+    plain, a, b = salted("p", None), salted("a", "a"), salted("b", "b")
+    assert plain == block_hashes(req("q", tokens), BS, 2)  # unsalted: as before salts existed
+    assert not set(a) & set(plain) and not set(a) & set(b)
+    assert salted("a2", "a") == a
+
+
 # ---- scheduler ---------------------------------------------------------------------------------
 def test_second_request_starts_after_the_shared_prefix():
     s, pool = make()

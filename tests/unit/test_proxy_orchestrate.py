@@ -246,6 +246,26 @@ def test_prompt_logprobs_are_served_by_a_decode_alone() -> None:
     _run([FakeInstance("P")], [FakeInstance("D")], body)
 
 
+def test_beam_search_is_served_by_a_decode_alone() -> None:
+    """vLLM's use_beam_search sends every beam as a prompt of its own each step: the whole request goes
+    to a decode (fallback "beam_search"); false is disaggregated as usual."""
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        for path, req in (("/v1/completions", BODY), ("/v1/chat/completions", CHAT)):
+            status, _, _ = await post(s, proxy.url + path, {**req, "use_beam_search": True, "n": 2})
+            assert status == 200
+        assert not ps[0].seen and [x.body for x in ds[0].seen] == [
+            {**BODY, "use_beam_search": True, "n": 2},
+            {**CHAT, "use_beam_search": True, "n": 2},
+        ]
+        metrics = await (await s.get(proxy.url + "/metrics")).text()
+        assert 'pdserve_proxy_fallbacks_total{reason="beam_search"} 2' in metrics
+        status, _, _ = await post(s, proxy.url + "/v1/completions", {**BODY, "use_beam_search": False})
+        assert status == 200 and len(ps[0].seen) == 1
+
+    _run([FakeInstance("P")], [FakeInstance("D")], body)
+
+
 def test_truncate_prompt_tokens_k_reaches_both_halves_and_minus_one_goes_to_a_decode_alone() -> None:
     """vLLM's truncate_prompt_tokens: a positive k keeps the same last k tokens in both halves; -1
     depends on max_tokens, which the prefill half sets to 1, so the decode prefills such a prompt itself."""

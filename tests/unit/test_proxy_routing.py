@@ -96,6 +96,17 @@ def test_prompt_key_is_per_model() -> None:
     assert prompt_key({**body, "model": "sql"}, "/v1/completions") == lora
 
 
+def test_prompt_key_is_per_cache_salt() -> None:
+    """vLLM's cache_salt: an instance shares cached KV only within a salt, so each salt has its own
+    key (the same one every time); an unsalted request keeps the key it had before salts existed."""
+    body = {"prompt": "x" * 200, "model": "base"}
+    plain = prompt_key(body, "/v1/completions")
+    a, b = (prompt_key({**body, "cache_salt": s}, "/v1/completions") for s in ("a", "b"))
+    assert len(a) == len(b) == len(plain) == 3 and not set(a) & set(b) and not set(a) & set(plain)
+    assert prompt_key({**body, "cache_salt": "a"}, "/v1/completions") == a
+    assert prompt_key({**body, "cache_salt": 7}, "/v1/completions") == plain  # not a salt (the instance refuses it)
+
+
 def test_prompt_key_chains_whole_chunks_of_the_prompt() -> None:
     a = prompt_key({"prompt": "x" * 200}, "/v1/completions")
     assert len(a) == 200 // CHUNK_BYTES and len(set(a)) == len(a)  # equal chunks, different chain hashes

@@ -100,8 +100,10 @@ def test_engine_recovers_after_a_failed_step(ctx: ServerContext) -> None:
 
 def test_drain_refuses_new_requests(ctx: ServerContext) -> None:
     assert call(ctx, "GET", "/health").status_code == 200
+    assert call(ctx, "POST", "/ping").status_code == 200  # vLLM's SageMaker check: /health's answer
     ctx.begin_drain()
     assert call(ctx, "GET", "/health").status_code == 503
+    assert call(ctx, "GET", "/ping").status_code == call(ctx, "POST", "/ping").status_code == 503
     r = call(ctx, "POST", "/v1/completions", {"prompt": "hello"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down"
     assert call(ctx, "GET", "/metrics").status_code == 200
