@@ -172,3 +172,35 @@ def test_offline_n_choices_compute_the_prompt_once(llm):
         assert outs[1].outputs[i].token_ids == alone.outputs[0].token_ids
     assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1
     llm.engine.scheduler.check_integrity()
+
+
+@pytest.mark.parametrize("with_top_p", [False, True])
+def test_partial_top_k_keeps_what_the_full_sort_keeps(with_top_p):
+    """The partial top-k (every sampled row's top_k small) masks exactly as sorting the vocabulary:
+    the same kept tokens with the same logits, top-p applied within them; a row without top-k
+    (top_k = vocab) among them is a greedy row here, whose sample is discarded."""
+    import torch
+
+    from pdserve.engine.sampler import _apply_top_k_top_p, _apply_top_k_top_p_partial
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4000, generator=g) * 3
+    top_k = torch.tensor([1, 20, 50, 7, 4000])
+    top_p = torch.tensor([1.0, 0.95, 0.5, 0.8, 1.0]) if with_top_p else None
+    full = _apply_top_k_top_p(logits, top_k, top_p)
+    part = _apply_top_k_top_p_partial(logits, top_k, top_p, 50)
+    torch.testing.assert_close(part[:4], full[:4], rtol=0, atol=0)
+    assert int(torch.isfinite(full[1]).sum()) <= 20 and int(torch.isfinite(full[0]).sum()) == 1
+
+
+def test_sampling_with_small_top_k_takes_the_partial_path_and_samples_as_before(monkeypatch):
+    """A request with top_k 20 and top_p 0.9 (Qwen3's generation defaults): the same seeded tokens
+    whether the sampler sorts the whole vocabulary or takes the partial top-k."""
+    import pdserve.engine.sampler as sampler
+
+    llm = LLM("dummy:qwen3-tiny", dtype="float32", num_kv_blocks=64)
+    sp = SamplingParams(max_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=5, ignore_eos=True)
+    fast = [o.outputs[0].token_ids for o in llm.generate([[1, 2, 3], [9, 8, 7, 6]], sp)]
+    monkeypatch.setattr(sampler, "TOP_K_PARTIAL_MAX", 0)  # always sort
+    slow = [o.outputs[0].token_ids for o in llm.generate([[1, 2, 3], [9, 8, 7, 6]], sp)]
+    assert fast == slow
