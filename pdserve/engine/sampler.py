@@ -239,7 +239,8 @@ def _keep_only(logits: torch.Tensor, rows: torch.Tensor, id_rows: torch.Tensor, 
 
 # Up to this top_k (every non-greedy row's), a partial top-k replaces the sort of the vocabulary:
 # the same kept set and order (so the same top-p within it), at a fraction of the cost for a 150k
-# vocabulary (Qwen3's generation_config asks top_k 20 of every request).
+# vocabulary (Qwen3's generation_config asks top_k 20 of every request). Where several logits tie
+# at the k-th place (bf16 logits often do), which of them are kept is arbitrary in both ways.
 TOP_K_PARTIAL_MAX = 1024
 
 
