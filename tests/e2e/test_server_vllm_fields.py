@@ -368,6 +368,21 @@ def test_cache_salt_shares_cached_tokens_only_within_a_salt(client: openai.OpenA
     assert got[0] == got[2] == got[3] == 0 and got[1] == got[4] == got[5] > 0
 
 
+def test_responses_take_the_cache_salt(client: openai.OpenAI) -> None:
+    """/v1/responses passes `cache_salt` on as chat does: a salted response shares cached blocks only
+    with its own salt."""
+    text = "A responses input kept apart by its cache salt, long enough for several KV blocks. " * 2
+
+    def cached(salt: str) -> int:
+        r = client.responses.create(model=TINY_MODEL, input=text, max_output_tokens=1, store=False,
+                                    extra_body={"cache_salt": salt})
+        assert r.usage is not None
+        return r.usage.input_tokens_details.cached_tokens
+
+    got = [cached(s) for s in ("r1", "r1", "r2")]
+    assert got[0] == got[2] == 0 < got[1]
+
+
 @pytest.mark.parametrize(("path", "body", "param"), [
     ("/v1/completions", {"prompt": PROMPT, "allowed_token_ids": []}, "allowed_token_ids"),
     ("/v1/chat/completions", {"messages": MESSAGES, "allowed_token_ids": [5, 512]}, "allowed_token_ids"),

@@ -69,6 +69,7 @@ def chat_request(req: ResponsesRequest, items: Sequence[InputItem]) -> ChatCompl
             structured_outputs=req.structured_outputs,
             chat_template_kwargs=_template_kwargs(req),
             kv_transfer_params=req.kv_transfer_params,
+            cache_salt=req.cache_salt,
         )
     except ValidationError as e:
         raise from_pydantic(e) from None

@@ -233,6 +233,7 @@ class ResponsesRequest(_Request):
     structured_outputs: StructuredOutputsFields | None = None
     chat_template_kwargs: dict[str, JsonValue] | None = None
     kv_transfer_params: KVParamsJSON | None = None
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None  # prefix cache shared within a salt
 
     @field_validator("tools", mode="before")
     @classmethod
