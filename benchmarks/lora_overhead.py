@@ -15,15 +15,14 @@ Configurations rotate order each round so drift cancels; medians. One thread pin
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import one_core
 import torch
 
 from pdserve import LLM, LoRARequest, SamplingParams
@@ -32,18 +31,10 @@ from pdserve.model.presets import get_preset
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="dummy:qwen3-cpu-bench")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
+    p = one_core.parser(__doc__)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--cpu", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args()
-    os.sched_setaffinity(0, {a.cpu})
-    torch.set_num_threads(1)
+    one_core.pin(a.cpu)
     tmp = Path(tempfile.mkdtemp(prefix="pdserve-lora-"))
     config = get_preset(a.model.removeprefix("dummy:"))
     loras = []
@@ -87,8 +78,7 @@ def main() -> None:
         "ratio_vs_base": {c: round(v / med["base"], 3) for c, v in med.items()},
     }
     print(json.dumps(result, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    one_core.write_json(a.json, result)
 
 
 if __name__ == "__main__":

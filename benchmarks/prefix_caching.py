@@ -15,33 +15,25 @@ pinned to --cpu. The outputs of both engines are checked equal (greedy).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import time
 
+import one_core
 import torch
 
 from pdserve import LLM, SamplingParams
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="dummy:qwen3-cpu-bench")
-    p.add_argument("--batch", type=int, default=8)
+    p = one_core.parser(__doc__, batch=8)
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument("--suffix-len", type=int, default=64)
     p.add_argument("--shared-output-len", type=int, default=8)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--cpu", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args()
-    os.sched_setaffinity(0, {a.cpu})
-    torch.set_num_threads(1)
+    one_core.pin(a.cpu)
     max_len = max(a.prefix_len + a.suffix_len + a.shared_output_len, a.input_len + a.output_len) + 16
     engines = {
         on: LLM(a.model, max_model_len=max_len, max_num_seqs=max(a.batch, 16), enable_prefix_caching=on)
@@ -96,9 +88,7 @@ def main() -> None:
                    "unshared_tps": {str(k): v for k, v in unshared_tps.items()}},
     }
     print(json.dumps(res, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    one_core.write_json(a.json, res)
     for llm in engines.values():
         llm.close()
 

@@ -11,13 +11,13 @@ reported, with its ratio to plain sampling. Timing starts after a warm-up genera
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import time
 
+import one_core
 import torch
 
 from pdserve import LLM, SamplingParams
@@ -38,17 +38,8 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="dummy:qwen3-cpu-bench")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--cpu", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the figures here")
-    a = p.parse_args()
-    os.sched_setaffinity(0, {a.cpu})
-    torch.set_num_threads(1)
+    a = one_core.parser(__doc__).parse_args()
+    one_core.pin(a.cpu)
     # No prefix caching: every variant computes the same prompts, so none may find them cached.
     llm = LLM(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=a.batch,
               enable_prefix_caching=False)
@@ -81,9 +72,7 @@ def main() -> None:
         "rounds": rates,
     }
     print(json.dumps(res, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    one_core.write_json(a.json, res)
     llm.close()
 
 

@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import one_core
 import torch
 
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
@@ -161,23 +162,16 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> int | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="dummy:qwen3-cpu-bench")
+    p = one_core.parser(__doc__, batch=None, rounds=5)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--cpu", type=int, default=0)
     p.add_argument("--per-span-baseline", action="store_true",
                    help="also measure speculation with per-span attention of speculative rows")
-    p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args()
-    os.sched_setaffinity(0, {a.cpu})
-    torch.set_num_threads(1)
+    one_core.pin(a.cpu)
     spec_cfg = SpeculativeConfig(a.num_speculative_tokens, a.prompt_lookup_max, a.prompt_lookup_min)
     engines = {"plain": make_engine(a, None), "spec": make_engine(a, spec_cfg)}
     if a.per_span_baseline:
@@ -224,9 +218,7 @@ def main() -> None:
         "results": results,
     }
     print(json.dumps(res, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    one_core.write_json(a.json, res)
     for e in engines.values():
         e.close()
 

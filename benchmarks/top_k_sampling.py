@@ -14,13 +14,11 @@ TOP_K_PARTIAL_MAX to 0 for its run. The two may sample different tokens where bf
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import platform
 import statistics
 import time
 
+import one_core
 import torch
 
 import pdserve.engine.sampler as sampler
@@ -30,17 +28,10 @@ QWEN3_DEFAULTS = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="dummy:qwen3-0.6b")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--input-len", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cpu", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/top_k_sampling_2026-11-27.json")
+    ap = one_core.parser(__doc__, model="dummy:qwen3-0.6b", batch=8, input_len=64, output_len=32, cpu=1)
+    ap.set_defaults(json="benchmarks/results/top_k_sampling_2026-11-27.json")
     args = ap.parse_args()
-    os.sched_setaffinity(0, {args.cpu})
-    torch.set_num_threads(1)
+    one_core.pin(args.cpu)
     llm = LLM(args.model, enable_prefix_caching=False, num_kv_blocks=256)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 1000, (args.input_len,), generator=g).tolist() for _ in range(args.batch)]
@@ -77,8 +68,7 @@ def main() -> None:
     for n, v in result["variants"].items():
         print(f"{n:40s} {v['tokens_per_s']:8.1f} tok/s  {v['vs_plain']:.2f}x")
     print("same tokens:", same)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    one_core.write_json(args.json, result)
 
 
 if __name__ == "__main__":
