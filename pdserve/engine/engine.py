@@ -208,7 +208,11 @@ class LLMEngine:
                 f"max_tokens={params.max_tokens} plus the prompt's {len(token_ids)} tokens exceeds this "
                 f"model's maximum context length of {self.max_model_len}"
             )
-        blocks_needed = -(-(len(token_ids) + 1) // self.layout.block_size)
+        self._check_blocks(len(token_ids) + 1)
+
+    def _check_blocks(self, num_tokens: int) -> None:
+        """ValueError when `num_tokens` need more KV blocks than the whole cache has."""
+        blocks_needed = -(-num_tokens // self.layout.block_size)
         if blocks_needed > self.block_pool.num_usable:
             raise ValueError(
                 f"the prompt needs {blocks_needed} KV blocks; the cache has {self.block_pool.num_usable} in all"
@@ -248,11 +252,7 @@ class LLMEngine:
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
                              f"{self.max_model_len}")
-        blocks_needed = -(-len(token_ids) // self.layout.block_size)
-        if blocks_needed > self.block_pool.num_usable:
-            raise ValueError(
-                f"the prompt needs {blocks_needed} KV blocks; the cache has {self.block_pool.num_usable} in all"
-            )
+        self._check_blocks(len(token_ids))
 
     def validate_priority(self, priority: int) -> None:
         """A priority other than 0 needs the priority policy (as in vLLM): ValueError otherwise."""

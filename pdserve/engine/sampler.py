@@ -131,7 +131,9 @@ class Sampler:
         if preceding is not None:
             n_before = [n + len(p) for n, p in zip(n_before, preceding, strict=True)]
         temps = [0.0 if sp.greedy else sp.temperature for sp in sps]
-        use_k = any(sp.uses_top_k for sp in sps)
+        # Each row's top_k (vocab size where disabled), None when no row uses it.
+        ks = [min(sp.top_k, self.vocab_size) if sp.uses_top_k else self.vocab_size for sp in sps] \
+            if any(sp.uses_top_k for sp in sps) else None
         use_p = any(sp.uses_top_p for sp in sps)
         ban_rows: list[int] = []
         ban_ids: list[int] = []
@@ -151,13 +153,10 @@ class Sampler:
                   if r.sampling_params.seed is not None and not r.sampling_params.greedy and (kept is None or kept[i])]
         return SamplingBatch(
             temperature=to_device(temps, torch.float32, dev),
-            top_k=to_device([min(sp.top_k, self.vocab_size) if sp.uses_top_k else self.vocab_size for sp in sps],
-                            torch.long, dev)
-            if use_k
-            else None,
+            top_k=to_device(ks, torch.long, dev) if ks is not None else None,
             top_p=to_device([sp.top_p for sp in sps], torch.float32, dev) if use_p else None,
-            top_k_max=max((min(sp.top_k, self.vocab_size) if sp.uses_top_k else self.vocab_size
-                           for sp, t in zip(sps, temps, strict=True) if t != 0.0), default=None) if use_k else None,
+            top_k_max=max((k for k, t in zip(ks, temps, strict=True) if t != 0.0), default=None)
+            if ks is not None else None,
             all_greedy=all(t == 0.0 for t in temps),
             banned=(to_device(ban_rows, torch.long, dev), to_device(ban_ids, torch.long, dev)) if ban_rows else None,
             seeded=seeded,
