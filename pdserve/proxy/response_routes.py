@@ -75,12 +75,16 @@ def install_response_routes(app: FastAPI, settings: ProxySettings, upstream: Ups
             param="response_id",
         )
 
+    def authorized(request: Request) -> dict[str, str]:
+        """The headers for the instances; a ProxyError (401) for a client without the proxy's key."""
+        check_api_key(request.headers.raw, settings.api_key)
+        return upstream.auth_headers(request.headers.get("authorization"))
+
     async def to_holder(request: Request, response_id: str, rest: str = "") -> Response:
         try:
-            check_api_key(request.headers.raw, settings.api_key)
+            headers = authorized(request)
         except ProxyError as e:
             return _error(e)
-        headers = upstream.auth_headers(request.headers.get("authorization"))
         path = stored_path(response_id, rest) + (f"?{request.url.query}" if request.url.query else "")
         got = await ask_holder(upstream, table.candidates(role), request.method, path, headers)
         return _error(not_found(response_id)) if got is None else _answer(got)
@@ -91,10 +95,9 @@ def install_response_routes(app: FastAPI, settings: ProxySettings, upstream: Ups
         if "stream" not in request.query_params:
             return await to_holder(request, response_id)
         try:  # found first, then streamed from that instance (its events come as they are made)
-            check_api_key(request.headers.raw, settings.api_key)
+            headers = authorized(request)
         except ProxyError as e:
             return _error(e)
-        headers = upstream.auth_headers(request.headers.get("authorization"))
         found = await find_stored(upstream, table.candidates(role), response_id, headers)
         if found is None:
             return _error(not_found(response_id))

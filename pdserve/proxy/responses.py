@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from urllib.parse import quote
 
 import msgspec
@@ -37,21 +38,35 @@ RESPONSES_PATH = "/v1/responses"
 _CREATED_ID = re.compile(rb'"type":"response.created","response":\{"id":"([^"]+)"')
 
 
+async def _first_holder(
+    upstream: Upstream,
+    instances: list[Instance],
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    holds: Callable[[Buffered], bool],
+) -> tuple[Instance, Buffered] | None:
+    """`method path` on every instance at once: the first (in `instances`' order) whose answer
+    `holds` says it holds the response, with that answer; None when none does."""
+
+    async def ask(inst: Instance) -> tuple[Instance, Buffered] | None:
+        try:
+            got = await upstream.fetch(inst, method, path, headers)
+        except UpstreamFailure:
+            return None
+        return (inst, got) if holds(got) else None
+
+    found = [f for f in await asyncio.gather(*(ask(i) for i in instances)) if f is not None]
+    return found[0] if found else None
+
+
 async def find_stored(
     upstream: Upstream, instances: list[Instance], response_id: str, headers: dict[str, str]
 ) -> tuple[Instance, Buffered] | None:
     """The instance that holds the stored response `response_id`, and its answer (the response)."""
-    path = stored_path(response_id)
-
-    async def ask(inst: Instance) -> tuple[Instance, Buffered] | None:
-        try:
-            got = await upstream.fetch(inst, "GET", path, headers)
-        except UpstreamFailure:
-            return None
-        return (inst, got) if got.status == 200 else None
-
-    found = [f for f in await asyncio.gather(*(ask(i) for i in instances)) if f is not None]
-    return found[0] if found else None
+    return await _first_holder(
+        upstream, instances, "GET", stored_path(response_id), headers, lambda got: got.status == 200
+    )
 
 
 async def ask_holder(
@@ -60,16 +75,8 @@ async def ask_holder(
     """`method path` (`path` naming a response, query included) on every instance at once: the answer
     of the one that holds the response — any answer but a 404, the others' (not stored there) — or
     None when none does. An instance looks the response up before it judges the rest (its 400s)."""
-
-    async def ask(inst: Instance) -> Buffered | None:
-        try:
-            got = await upstream.fetch(inst, method, path, headers)
-        except UpstreamFailure:
-            return None
-        return got if got.status != 404 else None
-
-    found = [f for f in await asyncio.gather(*(ask(i) for i in instances)) if f is not None]
-    return found[0] if found else None
+    found = await _first_holder(upstream, instances, method, path, headers, lambda got: got.status != 404)
+    return found[1] if found else None
 
 
 def not_stored(response_id: str, where: str) -> ProxyError:

@@ -30,6 +30,7 @@ from pdserve.server.generation import Collected
 from pdserve.server.inputs import kv_transfer_params, validate
 from pdserve.server.protocol import CompletionRequest, SamplingFields
 from pdserve.server.request_id import request_id_of
+from pdserve.server.serving import check_priority, lora_of
 
 
 def _refuse(field: str, why: str) -> APIError:
@@ -150,11 +151,9 @@ def start_beam_search(
     kvp = kv_transfer_params(ctx.settings.role, req.kv_transfer_params)
     if kvp is not None and (kvp.do_remote_decode or kvp.do_remote_prefill):
         raise _refuse("kv_transfer_params", "a beam search runs whole on one instance (a proxy sends it so)")
-    try:
-        ctx.llm.validate_priority(req.priority)
-    except ValueError as e:
-        raise APIError(400, str(e), code="invalid_value", param="priority") from None
+    check_priority(ctx, req.priority)
     base = request_id_of(request)
+    lora = lora_of(ctx, req.model)
     inputs = []
     for k, ids in enumerate(prompts):
         params = beam_params(ctx, req, max_tokens, len(ids))
@@ -169,7 +168,7 @@ def start_beam_search(
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 seed=req.seed,
-                lora=ctx.loras.get(req.model) if req.model is not None else None,
+                lora=lora,
                 priority=req.priority,
                 cache_salt=req.cache_salt,
             )

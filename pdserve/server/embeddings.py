@@ -25,7 +25,7 @@ from pdserve.server.errors import APIError
 from pdserve.server.generation import Generation, GenerationInput
 from pdserve.server.inputs import truncated
 from pdserve.server.request_id import request_id_of
-from pdserve.server.serving import Started, check_model, wait_for_end
+from pdserve.server.serving import Started, check_model, lora_of, wait_for_end
 
 _UNUSED = SamplingParams(max_tokens=1, temperature=0.0)  # an embedding request samples nothing
 
@@ -64,7 +64,7 @@ async def create_embedding(request: Request) -> Response:
     pooling = PoolingParams(normalize=req.normalize, dimensions=req.dimensions,
                             truncate_prompt_tokens=req.truncate_prompt_tokens)
     prompts = _token_ids(ctx, req, pooling)
-    lora = ctx.loras.get(req.model) if req.model is not None else None
+    lora = lora_of(ctx, req.model)
     request_id = request_id_of(request)
     gens: list[Generation] = []
     try:

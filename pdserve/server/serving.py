@@ -14,6 +14,7 @@ from typing import Protocol
 import msgspec
 from starlette.requests import Request
 
+from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.context import ServerContext
@@ -104,6 +105,19 @@ def check_model(ctx: ServerContext, model: str | None) -> None:
         raise APIError(404, f"the model '{model}' does not exist", code="model_not_found", param="model")
 
 
+def lora_of(ctx: ServerContext, model: str | None) -> LoRARequest | None:
+    """The loaded LoRA adapter the request's `model` names (None: the base model)."""
+    return ctx.loras.get(model) if model is not None else None
+
+
+def check_priority(ctx: ServerContext, priority: int) -> None:
+    """A 400 naming `priority` for one the scheduling policy does not take."""
+    try:
+        ctx.llm.validate_priority(priority)
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value", param="priority") from None
+
+
 def start(
     request: Request,
     ctx: ServerContext,
@@ -130,15 +144,12 @@ def start(
         field = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
         raise APIError(400, f"{field} needs the prompt computed on this instance: send it without "
                        "kv_transfer_params (a proxy routes such requests so)", code="invalid_value", param=field)
-    try:
-        ctx.llm.validate_priority(req.priority)
-    except ValueError as e:
-        raise APIError(400, str(e), code="invalid_value", param="priority") from None
+    check_priority(ctx, req.priority)
     request_id = request_id_of(request) + (f"-p{batch_index}" if batch_index else "")
     # Choice 0 keeps the request's id: a prefill instance knows the KV it holds for us by that id.
     ids = [request_id] + [f"{request_id}-{i}" for i in range(1, req.n)]
     remote = kvp is not None and kvp.do_remote_prefill
-    lora = ctx.loras.get(req.model) if req.model is not None else None
+    lora = lora_of(ctx, req.model)
     # n > 1: choices after the first wait until the first has its first token, when its prompt's KV
     # (computed here or transferred) is in the prefix cache: they then compute only its last block.
     # With remote KV they must: the transfer feeds the first choice alone.

@@ -37,45 +37,40 @@ class OutputItemEvent(Event):
     item: OutputItem
 
 
-class ContentPartEvent(Event):
-    type: Literal["response.content_part.added", "response.content_part.done"]
+class _ContentEvent(Event):
+    """An event about content part `content_index` of output item `output_index` (`type` first on
+    the wire, as each subclass narrows it)."""
+
+    type: str
     item_id: str
     output_index: int
     content_index: int = 0
+
+
+class ContentPartEvent(_ContentEvent):
+    type: Literal["response.content_part.added", "response.content_part.done"]
     part: OutputText | ReasoningText
 
 
-class TextDeltaEvent(Event):
+class TextDeltaEvent(_ContentEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     delta: str
     logprobs: list[JsonValue] = []
 
 
-class TextDoneEvent(Event):
+class TextDoneEvent(_ContentEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     text: str
     logprobs: list[JsonValue] = []
 
 
-class ReasoningDeltaEvent(Event):
+class ReasoningDeltaEvent(_ContentEvent):
     type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     delta: str
 
 
-class ReasoningDoneEvent(Event):
+class ReasoningDoneEvent(_ContentEvent):
     type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     text: str
 
 
