@@ -30,7 +30,7 @@ stored response (`previous_response_id`) goes whole to the instance that stores 
 background one (`background: true`) is orchestrated as the rest; its decode half answers at once (the
 generation goes on there), and in WRITE mode the pair is committed once the prefill half has answered
 (not after a grace second: the decode needs all its KV); a decode half of a pair that fails then is
-deleted there.
+deleted there (when the prefill half fails first, the decode's answer is still awaited, for its id).
 `/v1/embeddings` is prefill-only work: whole to a prefill instance (a decode one if no prefill is up).
 """
 
@@ -54,7 +54,7 @@ from pdserve.proxy.metrics import ProxyMetrics
 from pdserve.proxy.prefix_key import prompt_key
 from pdserve.proxy.responses import RESPONSES_PATH, background_id, delete_stored, find_stored, not_stored
 from pdserve.proxy.routing import Picker
-from pdserve.proxy.settings import ProxySettings
+from pdserve.proxy.settings import BACKGROUND_ANSWER_S, ProxySettings
 from pdserve.proxy.upstream import Buffered, Stream, Upstream, UpstreamFailure
 
 log = logging.getLogger(__name__)
@@ -371,7 +371,17 @@ class Orchestrator:
         background = _background(req, body)  # the decode answers at once: only the prefill's answer commits
         p_task = asyncio.ensure_future(self._call(prefill, req, p_half, request_id, self.settings.prefill_timeout_s))
         decode_scope = anyio.CancelScope()
-        p_task.add_done_callback(lambda t: None if t.cancelled() or _prefill_ok(t) else decode_scope.cancel())
+        loop = asyncio.get_running_loop()
+
+        def on_prefill_done(t: asyncio.Future[Reply]) -> None:
+            if t.cancelled() or _prefill_ok(t):
+                return
+            if background:  # let the decode answer first (at once): its response is then deleted
+                loop.call_later(BACKGROUND_ANSWER_S, decode_scope.cancel)
+            else:
+                decode_scope.cancel()
+
+        p_task.add_done_callback(on_prefill_done)
         reply: Reply | None = None
         try:
             with decode_scope:
@@ -391,7 +401,8 @@ class Orchestrator:
                 why = "the decode half failed" if isinstance(e, UpstreamFailure) else "the request was cancelled"
                 self._drop_prefill(prefill, request_id, why)
             raise
-        if decode_scope.cancel_called:  # the prefill half failed
+        if decode_scope.cancel_called or (p_task.done() and not p_task.cancelled() and not _prefill_ok(p_task)):
+            # the prefill half failed
             if isinstance(reply, Stream):
                 reply.close()
             if background:

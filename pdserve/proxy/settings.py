@@ -16,6 +16,9 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 3.0
 DEFAULT_HEALTH_INTERVAL_S = 1.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_GRACEFUL_SHUTDOWN_S = 30.0
+# A background decode half answers at once; when its WRITE pair's prefill fails first, the proxy waits
+# this long for that answer (its response id, to delete) before it closes the connection.
+BACKGROUND_ANSWER_S = 5.0
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,8 @@ class FakeInstance:
                 }
             )
         if body.get("background"):  # a background response: answered at once, generated later
+            if self.delay_s:  # made already (a real server's survives its client), answered late
+                await asyncio.sleep(self.delay_s)
             return web.json_response({"id": f"resp_{rid}", "object": "response", "status": "queued"})
         words = [f"w{i}" for i in range(self.tokens)]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

@@ -443,6 +443,22 @@ def test_write_background_response_of_a_failed_pair_is_deleted() -> None:
     _run(prefills, [FakeInstance("D", bus)], body, kv_mode="WRITE")
 
 
+def test_write_background_decode_answering_after_its_prefill_failed_is_deleted() -> None:
+    """The prefill half fails before the background decode half has answered: the proxy still takes
+    that answer (closing the connection would leave the response waiting for KV that never comes,
+    until its transfer timeout) and deletes the response, then falls back."""
+    bus = KVBus("WRITE")
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        await until(lambda: all(i.healthy and i.kv_ready for i in proxy.state.table.all()))
+        status, raw, rid = await post(s, proxy.url + "/v1/responses", BACKGROUND)
+        assert status == 200 and msgspec.json.decode(raw)["id"] == f"resp_{rid}-local"
+        await until(lambda: ds[0].deleted == [f"resp_{rid}"])
+        assert ds[0].cancelled == 0
+
+    _run([FakeInstance("P", bus, behavior="500")], [FakeInstance("D", bus, delay_s=0.3)], body, kv_mode="WRITE")
+
+
 def _aborts(f: FakeInstance) -> list[str]:
     """Request ids of the proxy's notify `Abort`s that reached `f`."""
     msgs = f.notify_messages()
