@@ -37,8 +37,10 @@ class OfflineBeamSearch:
         self._ids = ids  # the LLM's request counter: engine request ids stay unique
 
     def validate(self, prompts: Sequence[list[int]]) -> None:
-        """Every prompt with room for `max_tokens` more tokens in the context (ValueError before any runs)."""
-        whole = SamplingParams(max_tokens=self.params.max_tokens, temperature=self.params.temperature)
+        """Every prompt with room for `max_tokens` more tokens in the context, allowed_token_ids in
+        the vocabulary (ValueError before any runs)."""
+        whole = SamplingParams(max_tokens=self.params.max_tokens, temperature=self.params.temperature,
+                               allowed_token_ids=self.params.allowed_token_ids)
         for ids in prompts:
             self.engine.validate_prompt(ids, whole)
 

@@ -10,6 +10,10 @@ completed and the live beams ("length") are ranked by `beam_search_score` — th
 over the sequence length, prompt included, to the power `length_penalty`
 (vLLM's `get_beam_search_score`, after Hugging Face's) — and the best `beam_width` are the result.
 
+With vLLM's `allowed_token_ids` every candidate is an allowed token: each step's logprobs are the
+likeliest allowed tokens' (the model's own logprobs, not renormalized over the allowed set, so
+beams compare as without the restriction) and the sampled token is one of them.
+
 Drivers: `engine/beam_driver.py` (offline `LLM.beam_search`), `server/beam_search.py` (the
 OpenAI endpoints' `use_beam_search`).
 """
@@ -37,8 +41,14 @@ class BeamSearchParams:
     temperature: float = 0.0  # of the one token each step samples (a candidate too); logprobs are the model's own
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False  # keep the end-of-sequence token in a completed beam's token ids
+    # vLLM's allowed_token_ids: each beam's candidates are the likeliest of these (a tuple once constructed).
+    allowed_token_ids: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in self.allowed_token_ids))
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (None allows every token)")
         if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
             raise ValueError(
                 f"beam_width must be in [1, {MAX_BEAM_WIDTH}] (each step asks for 2 * beam_width "
@@ -58,13 +68,17 @@ class BeamSearchParams:
         self, logprobs: int = 0, prompt_logprobs: int | None = None, seed: int | None = None
     ) -> SamplingParams:
         """The engine request of one beam's step: one token, the candidates' logprobs (at least
-        `logprobs`, when the caller shows that many alternatives), the prompt's when asked."""
+        `logprobs`, when the caller shows that many alternatives), the prompt's when asked. Under
+        allowed_token_ids the token is one of them and so are the alternatives: the likeliest
+        allowed tokens, each with the model's own logprob."""
         return SamplingParams(
             max_tokens=1,
             temperature=self.temperature,
             seed=seed,
             logprobs=max(self.num_candidates, logprobs),
             prompt_logprobs=prompt_logprobs,
+            allowed_token_ids=self.allowed_token_ids,
+            top_logprobs_within_allowed=self.allowed_token_ids is not None,
         )
 
 

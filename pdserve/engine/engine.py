@@ -444,12 +444,16 @@ class LLMEngine:
     def _push_text(self, req: Request, count: int) -> tuple[list[int], str, bool]:
         """Detokenize the request's `count` newest tokens, up to the first that completes a stop
         string or its grammar; tokens after that one are dropped from its output. Returns the
-        tokens kept, their text, and whether the request stops here."""
+        tokens kept, their text, and whether the request stops here. As vLLM v1, the EOS or stop
+        token id that finished the request (the scheduler's FINISHED_STOPPED) stays in its ids
+        and logprobs but its text is left out, unless include_stop_str_in_output."""
         text = self._texts[req.request_id]
         new_ids = req.output_token_ids[len(req.output_token_ids) - count:]
+        hide_last = req.status == RequestStatus.FINISHED_STOPPED \
+            and not req.sampling_params.include_stop_str_in_output
         delta = ""
         for i, token in enumerate(new_ids):
-            piece, hit_stop = text.push(token)
+            piece, hit_stop = ("", False) if hide_last and i == count - 1 else text.push(token)
             delta += piece
             if self.structured.accept(req.request_id, token):  # the output is complete
                 hit_stop = True

@@ -154,8 +154,9 @@ class ModelRunner:
             pooled = self.pooler.pool(batch.prefills, hidden, last_rows[len(batch.decodes):])
         if bitmask is not None:
             apply_bitmask_(logits, bitmask)
-        logprobs = BatchLogprobs.of(logits[:, : self.sampler.vocab_size],
-                                    [r.request.sampling_params.logprobs for r in rows])
+        sps = [r.request.sampling_params for r in rows]
+        logprobs = BatchLogprobs.of(logits[:, : self.sampler.vocab_size], [sp.logprobs for sp in sps],
+                                    [sp.allowed_token_ids if sp.top_logprobs_within_allowed else None for sp in sps])
         ids = self.sampler(logits, sampling)
         tokens, accepted, emitted_rows = self._verify(batch, ids.tolist(), sampling)
         if logprobs is None:

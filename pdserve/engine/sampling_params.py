@@ -67,6 +67,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # vLLM's: sample only these token ids (None: any; never empty).
     allowed_token_ids: Sequence[int] | None = None
+    # pdserve's, for beam search (engine/beam_search.py): the `logprobs` alternatives are the
+    # likeliest of allowed_token_ids (each with the model's own logprob), not of the vocabulary.
+    top_logprobs_within_allowed: bool = False
     # vLLM's: words the output never continues into (engine/bad_words.py); a tuple once constructed.
     bad_words: Sequence[str] | None = ()
     # vLLM's: with skip_special_tokens False, False renders an added token that follows another

@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 BYTE_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids 256, 257, 258 in the byte tokenizer
+CHAT_TEMPLATE_CACHE_SIZE = 64  # compiled chat templates kept (the model's, --chat-template's, requests')
 
 # ChatML, with tools in the Hermes format Qwen models use: the tools listed in the system turn, an
 # assistant's calls as <tool_call> blocks, tool results as <tool_response> blocks in a user turn.
@@ -94,6 +95,40 @@ def _raise_exception(message: str) -> None:
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=CHAT_TEMPLATE_CACHE_SIZE)
+def compile_chat_template(source: str) -> jinja2.Template:
+    """A chat template compiled in Hugging Face's sandbox (its filters and globals); cached by
+    source, as requests may bring their own. jinja2.TemplateSyntaxError when it does not compile."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def load_chat_template(value: str) -> str:
+    """vLLM's `--chat-template` rule: the text of the file `value` names when there is one, else
+    `value` itself when it looks like a template (it has "{", "}" or a newline); ValueError
+    otherwise (a path that does not exist, say) and when the template does not compile."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            template = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the chat template file {value!r}: {e}") from None
+    elif any(c in value for c in "{}\n"):
+        template = value
+    else:
+        raise ValueError(f"{value!r} is neither a file nor a Jinja template")
+    try:
+        compile_chat_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not compile: {e} (line {e.lineno})") from None
+    return template
 
 
 class Tokenizer:
@@ -212,21 +247,14 @@ class Tokenizer:
         return self.hf.token_to_id(self.bos_token) if self.bos_token else None
 
     # ---- chat ---------------------------------------------------------------------------------
-    @cached_property
-    def _template(self) -> jinja2.Template:
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        return env.from_string(self.chat_template)
-
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, chat_template: str | None = None,
+        **kwargs: Any,
     ) -> str:
-        """Render `messages` with the model's chat template (extra kwargs, e.g. tools, pass through)."""
-        return self._template.render(
+        """Render `messages` with `chat_template` (Jinja source), else the model's chat template
+        (extra kwargs, e.g. tools, pass through). jinja2.TemplateError when it does not compile or
+        render."""
+        return compile_chat_template(chat_template or self.chat_template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",

@@ -6,8 +6,9 @@ search's parameters, its admission, and its choices as the endpoints read them.
 default, else 1) and `seed` shape only the one token each step samples, which joins the candidates
 when it is not among the 2n likeliest; `top_p`, `top_k` and `min_p` are ignored. Fields a search
 cannot honour — its candidates are the model's own likeliest tokens — are a 400 naming the field:
-an output constraint, stop strings and ids, `min_tokens`, penalties, `logit_bias`,
-`allowed_token_ids`, `bad_words`, `n` above 10, `max_tokens: 0` and remote KV. Streamed, each
+an output constraint, stop strings and ids, `min_tokens`, penalties, `logit_bias`, `bad_words`,
+`n` above 10, `max_tokens: 0` and remote KV. `allowed_token_ids` restricts every beam's
+candidates to the likeliest allowed tokens (engine/beam_search.py). Streamed, each
 choice comes whole in one chunk once the search has ended (as vLLM's).
 """
 
@@ -77,7 +78,6 @@ def check_beam_search(req: SamplingFields, params: SamplingParams) -> None:
         "frequency_penalty": req.frequency_penalty not in (None, 0.0),
         "repetition_penalty": req.repetition_penalty not in (None, 1.0),
         "logit_bias": bool(req.logit_bias),
-        "allowed_token_ids": req.allowed_token_ids is not None,
         "bad_words": bool(req.bad_words),
     }
     field = next((f for f, given in ignored.items() if given), None)
@@ -100,6 +100,7 @@ def beam_params(ctx: ServerContext, req: SamplingFields, max_tokens: int | None,
             temperature=1.0 if temperature is None else temperature,
             length_penalty=req.length_penalty,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            allowed_token_ids=req.allowed_token_ids,
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
@@ -157,7 +158,8 @@ def start_beam_search(
     inputs = []
     for k, ids in enumerate(prompts):
         params = beam_params(ctx, req, max_tokens, len(ids))
-        validate(ctx.llm, ids, SamplingParams(max_tokens=params.max_tokens))  # context, cache, vocabulary
+        # context, cache, vocabulary (the prompt's and allowed_token_ids')
+        validate(ctx.llm, ids, SamplingParams(max_tokens=params.max_tokens, allowed_token_ids=params.allowed_token_ids))
         inputs.append(
             BeamInput(
                 base + (f"-p{k}" if k else ""),

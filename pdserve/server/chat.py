@@ -19,7 +19,7 @@ from pdserve.server.beam_serving import check_beam_search, start_beam_search
 from pdserve.server.body import parse_body
 from pdserve.server.context import ServerContext, get_context
 from pdserve.server.errors import APIError
-from pdserve.server.inputs import chat_prompt, sampling_params, truncated, validate_constraint
+from pdserve.server.inputs import chat_prompt, chat_template, sampling_params, truncated, validate_constraint
 from pdserve.server.logprobs import chat_logprobs, prompt_logprobs
 from pdserve.server.protocol import (
     AssistantMessage,
@@ -61,8 +61,9 @@ async def chat_inputs(ctx: ServerContext, req: ChatCompletionRequest) -> ChatInp
     """The prompt (messages and tools through the chat template) and the sampling params of `req`;
     APIError 400 for anything the engine would refuse."""
     tools = template_tools(req)
+    template = chat_template(ctx.settings, req.chat_template, req.chat_template_kwargs)
     rendered = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
-                           req.add_special_tokens)
+                           req.add_special_tokens, template)
     params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None,
                              req.prompt_logprobs, defaults=ctx.llm.sampling_defaults)
     token_ids = truncated(ctx.llm, rendered, params)  # vLLM's truncate_prompt_tokens: after the template

@@ -64,6 +64,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-stored-responses", type=non_negative_int, default=DEFAULT_MAX_STORED_RESPONSES,
                    help="/v1/responses kept in memory for GET and previous_response_id, least recently used "
                         "forgotten first (0: none); default %(default)s")
+    g.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="PATH_OR_TEMPLATE",
+                   help="the chat template in place of the tokenizer's, as vLLM's: a Jinja file, or the "
+                        "template itself")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own chat_template (vLLM's flag; refused otherwise)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", action="store_true")
     add_kv_transfer_args(p)
@@ -83,7 +88,20 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
         max_stored_responses=args.max_stored_responses,
+        chat_template=args.chat_template,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
+
+
+def chat_template_arg(value: str) -> str:
+    """`--chat-template`: vLLM's rule (model/tokenizer.py's load_chat_template); argparse names the
+    flag in the error."""
+    from pdserve.model.tokenizer import load_chat_template
+
+    try:
+        return load_chat_template(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:

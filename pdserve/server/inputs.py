@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pdserve.config import Role
@@ -18,6 +19,7 @@ from pdserve.kv.factory import parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
 from pdserve.server.errors import APIError
 from pdserve.server.protocol import ChatMessage, CompletionRequest, KVParamsJSON, SamplingFields
+from pdserve.server.settings import ServerSettings
 
 
 def sampling_params(
@@ -124,24 +126,56 @@ def truncated(engine: LLMEngine, token_ids: list[int], params: SamplingParams | 
 TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The template a chat request renders with: `source` (None: the tokenizer's own) and the
+    request field a failure to render is blamed on."""
+
+    source: str | None = None
+    param: str = "messages"
+
+
+def chat_template(
+    settings: ServerSettings, requested: str | None, template_kwargs: dict[str, Any] | None
+) -> ChatTemplate:
+    """The request's own chat_template (vLLM's, also as chat_template_kwargs' "chat_template"),
+    which needs --trust-request-chat-template (a 400 naming it otherwise); else --chat-template's;
+    else the tokenizer's."""
+    field = "chat_template" if requested is not None else "chat_template_kwargs"
+    if requested is None and template_kwargs is not None:
+        requested = template_kwargs.get("chat_template")  # type: ignore[assignment]
+        if requested is not None and not isinstance(requested, str):
+            raise APIError(400, "chat_template_kwargs' chat_template must be a string", code="invalid_value",
+                           param=field)
+    if requested is None:
+        return ChatTemplate(settings.chat_template)
+    if not settings.trust_request_chat_template:
+        raise APIError(400, "a chat template came with the request, but the server runs without "
+                       "--trust-request-chat-template: refused", code="invalid_value", param=field)
+    return ChatTemplate(requested, field)
+
+
 def chat_prompt(
     engine: LLMEngine, messages: list[ChatMessage], add_generation_prompt: bool,
     tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None,
-    add_special_tokens: bool = False,
+    add_special_tokens: bool = False, template: ChatTemplate = ChatTemplate(),
 ) -> list[int]:
-    """The messages rendered with the model's chat template (with `tools` and the request's
-    chat_template_kwargs, when given), tokenized (without the tokenizer's BOS unless asked: the
-    template writes it)."""
+    """The messages rendered with `template` (`chat_template`'s choice; by default the model's
+    chat template), with `tools` and the request's chat_template_kwargs when given, tokenized
+    (without the tokenizer's BOS unless asked: the template writes it). A template that does not
+    compile or render is a 400 naming `template.param`."""
     turns = [_turn(m) for m in messages]
-    taken = sorted(set(template_kwargs or ()) & set(TEMPLATE_VARIABLES))
+    kwargs = {k: v for k, v in (template_kwargs or {}).items() if k != "chat_template"}
+    taken = sorted(set(kwargs) & set(TEMPLATE_VARIABLES))
     if taken:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(taken)}", code="invalid_value",
                        param="chat_template_kwargs")
     try:
         text = engine.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tools=tools,
-                                                    **(template_kwargs or {}))
-    except Exception as e:  # a template's raise_exception(), e.g. a role order it rejects
-        raise APIError(400, f"cannot apply the chat template: {e}", code="invalid_value", param="messages") from None
+                                                    chat_template=template.source, **kwargs)
+    except Exception as e:  # a syntax error, or a template's raise_exception(), e.g. a role order it rejects
+        raise APIError(400, f"cannot apply the chat template: {e}", code="invalid_value",
+                       param=template.param) from None
     return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 

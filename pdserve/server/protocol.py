@@ -9,8 +9,8 @@ vLLM's extensions (`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_t
 `kv_transfer_params`, `structured_outputs`, `guided_*`, `priority`, `return_token_ids`,
 `prompt_logprobs`, `truncate_prompt_tokens`, `include_stop_str_in_output`, `allowed_token_ids`,
 `bad_words`, `spaces_between_special_tokens`, `return_tokens_as_token_ids`, `cache_salt`,
-`use_beam_search` with `length_penalty`) are accepted with vLLM's meaning, and so is
-OpenAI's `response_format` (engine/structured.py enforces them).
+`use_beam_search` with `length_penalty`, chat's and /tokenize's `chat_template`) are accepted with
+vLLM's meaning, and so is OpenAI's `response_format` (engine/structured.py enforces them).
 """
 
 from __future__ import annotations
@@ -283,6 +283,8 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, JsonValue] | None = None  # vLLM's: e.g. {"enable_thinking": false} (Qwen3)
+    # vLLM's: this Jinja template in place of the server's (with --trust-request-chat-template only).
+    chat_template: str | None = None
     add_special_tokens: bool = False  # vLLM's: templates write the BOS themselves
 
     @model_validator(mode="after")
@@ -318,6 +320,7 @@ class TokenizeRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_generation_prompt: bool = True  # messages only
     chat_template_kwargs: dict[str, JsonValue] | None = None  # messages only
+    chat_template: str | None = None  # messages only, as chat's
     add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (as the two endpoints)
 
     @model_validator(mode="after")

@@ -26,6 +26,9 @@ class ServerSettings:
     reasoning_parser: str | None = None  # reasoning.PARSERS: split <think> blocks into reasoning_content
     tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER  # tool_parsers.TOOL_PARSERS: the format of tool calls
     max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # /v1/responses store (LRU); 0: store none
+    chat_template: str | None = None  # --chat-template's Jinja source, in place of the tokenizer's; None: its own
+    # vLLM's --trust-request-chat-template: a request may bring its own chat_template (else a 400).
+    trust_request_chat_template: bool = False
 
     @property
     def model_name(self) -> str:

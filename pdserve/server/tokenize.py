@@ -10,7 +10,7 @@ from starlette.responses import Response
 from pdserve.server.body import parse_body
 from pdserve.server.context import get_context
 from pdserve.server.errors import APIError
-from pdserve.server.inputs import chat_prompt
+from pdserve.server.inputs import chat_prompt, chat_template
 from pdserve.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from pdserve.server.serving import check_model
 
@@ -21,8 +21,9 @@ async def tokenize(request: Request) -> Response:
     check_model(ctx, req.model)
     tok = ctx.llm.tokenizer
     if req.messages is not None:
+        template = chat_template(ctx.settings, req.chat_template, req.chat_template_kwargs)
         ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, None, req.chat_template_kwargs,
-                          bool(req.add_special_tokens))
+                          bool(req.add_special_tokens), template)
     else:
         special = True if req.add_special_tokens is None else req.add_special_tokens
         ids = tok.encode(req.prompt or "", add_special_tokens=special)

@@ -112,7 +112,8 @@ def _topology(tmp: Path, mode: str, registered: str) -> Iterator[Topology]:
     for role in ("prefill", "prefill", "decode", "decode"):
         port = free_port()
         argv[port] = pdserve_argv("serve", TINY_MODEL, "--port", str(port), "--threads", "1", "--num-kv-blocks",
-                                  "256", "--no-access-log", "--role", role, "--kv-mode", mode)
+                                  "256", "--no-access-log", "--role", role, "--kv-mode", mode,
+                                  "--trust-request-chat-template")
         if role == registered:
             argv[port] += ["--proxy-address", f"127.0.0.1:{registry}"]
         else:
@@ -145,7 +146,7 @@ def _stop_all(procs: list[ServerProcess]) -> None:
 
 @pytest.fixture(scope="module")
 def reference(module_tmp: Path) -> Iterator[ServerProcess]:
-    with pdserve_server(module_tmp) as s:
+    with pdserve_server(module_tmp, "--trust-request-chat-template") as s:
         yield s
 
 
@@ -571,3 +572,53 @@ def test_vllm_request_extras_through_both_halves(topo: Topology, reference: Serv
     assert httpx.get(topo.proxy.base_url + "/version").json() == {"version": __version__}
     assert all(httpx.request(m, topo.proxy.base_url + "/ping").status_code == 200 for m in ("GET", "POST"))
     _blocks_all_free(topo.prefills + topo.decodes)
+
+
+def test_request_chat_template_reaches_both_halves(topo: Topology, reference: ServerProcess) -> None:
+    """vLLM's per-request chat_template (and chat_template_kwargs) is forwarded as sent: the prefill
+    half renders the same prompt as the decode half (the prefills count its tokens, no fallback),
+    so the answer is the standalone's, streamed or not; a template that fails is the instances'
+    400 naming the field."""
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} ({{ tag }})\n{% endfor %}reply:"
+    extra = {"chat_template": template, "chat_template_kwargs": {"tag": "t1"}, "return_token_ids": True}
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+
+    def answers(server: ServerProcess) -> list[tuple[str, list[int]]]:
+        c, out = _client(server), []
+        for stream in (False, True):
+            r = c.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=8, stream=stream,  # type: ignore[call-overload]
+                                          extra_body=extra, **GREEDY)
+            if stream:
+                chunks = list(r)
+                prompt = next(ch.model_extra["prompt_token_ids"] for ch in chunks if ch.model_extra)
+                out.append(("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), prompt))
+            else:
+                out.append((r.choices[0].message.content or "", r.model_extra["prompt_token_ids"]))
+        return out
+
+    rendered = f"user: {PROMPTS[1]} (t1)\nreply:"
+    want_ids = httpx.post(reference.base_url + "/tokenize", json={"prompt": rendered, "add_special_tokens": False},
+                          timeout=10).json()["tokens"]
+    plain = httpx.post(reference.base_url + "/tokenize", json={"messages": messages}, timeout=10).json()["count"]
+    assert len(want_ids) != plain  # the tokenizer's own template would give another prompt
+    fallbacks = topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="prefill_failed"}')
+
+    def prefilled() -> float:
+        return sum(p.metrics().get("pdserve_prompt_tokens_total", 0.0) for p in topo.prefills)
+
+    before = prefilled()
+    got = answers(topo.proxy)
+    assert got == answers(reference) and got[0] == got[1] and got[0][1] == want_ids and got[0][0]
+    deadline = time.monotonic() + 15
+    while prefilled() - before != 2 * len(want_ids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert prefilled() - before == 2 * len(want_ids)  # both requests' prefill halves rendered the same prompt
+    assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="prefill_failed"}') == fallbacks
+    for stream in (False, True):
+        r = httpx.post(topo.proxy.base_url + "/v1/chat/completions", timeout=30, json={
+            "model": TINY_MODEL, "messages": messages, "max_tokens": 2, "stream": stream,
+            "chat_template": "{{ raise_exception('refused by the template') }}"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "chat_template" and "refused by the template" in r.text
+    _blocks_all_free(topo.prefills + topo.decodes)
+

@@ -320,6 +320,69 @@ def test_include_stop_str_in_output(client: openai.OpenAI, chat: bool) -> None:
         assert _ascii_reply(client, chat, stream, stop=[stop]) == free[: end - len(stop)]
 
 
+def _reply_and_ids(client: openai.OpenAI, chat: bool, stream: bool, **extra: object) -> tuple[str, list[int]]:
+    """A greedy ASCII reply (ASCII's regex) and its token ids, streamed or not."""
+    body = {**ASCII["extra_body"], **extra}  # type: ignore[dict-item]
+    kw = {"model": TINY_MODEL, "max_tokens": 10, "temperature": 0.0, "stream": stream, "extra_body": body}
+    if chat:
+        r = client.chat.completions.create(messages=MESSAGES, **kw)  # type: ignore[call-overload]
+        choices = [ch for c in r for ch in c.choices] if stream else r.choices
+        text = "".join((ch.delta.content if stream else ch.message.content) or "" for ch in choices)
+    else:
+        r = client.completions.create(prompt=PROMPT, **kw)  # type: ignore[call-overload]
+        choices = [ch for c in r for ch in c.choices] if stream else r.choices
+        text = "".join(ch.text for ch in choices)
+    return text, [t for ch in choices for t in _extra(ch).get("token_ids") or []]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_stop_token_text_is_left_out_unless_include_stop_str_in_output(
+    client: openai.OpenAI, http: httpx.Client, chat: bool
+) -> None:
+    """vLLM v1: a stop_token_ids token (here an ordinary word) or an EOS that ends the output
+    stays in token_ids, its text only with include_stop_str_in_output; streamed or not."""
+    _, ids = _reply_and_ids(client, chat, False)
+    stop = ids[len(ids) // 2]
+    j = ids.index(stop)  # its first occurrence ends the output
+
+    def text(upto: int) -> str:
+        return http.post("/detokenize", json={"tokens": ids[:upto]}).json()["prompt"]
+
+    assert text(j) != text(j + 1)
+    for stream in (False, True):
+        assert _reply_and_ids(client, chat, stream, stop_token_ids=[stop]) == (text(j), ids[: j + 1])
+        assert _reply_and_ids(client, chat, stream, stop_token_ids=[stop], include_stop_str_in_output=True) \
+            == (text(j + 1), ids[: j + 1])
+        # An EOS (<|im_end|>, 258 in the byte tokenizer) shown as text with skip_special_tokens false.
+        eos = {"structured_outputs": None, "allowed_token_ids": [258], "skip_special_tokens": False}
+        assert _reply_and_ids(client, chat, stream, **eos) == ("", [258])
+        assert _reply_and_ids(client, chat, stream, **eos, include_stop_str_in_output=True) == ("<|im_end|>", [258])
+
+
+def test_beam_search_with_allowed_token_ids(client: openai.OpenAI, http: httpx.Client) -> None:
+    """Every beam holds only allowed tokens (completions and chat, streamed or not), distinct beams,
+    best first; an id outside the vocabulary is a 400 naming the field."""
+    abc = http.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
+    extra = {**BEAMS["extra_body"], "allowed_token_ids": abc}  # type: ignore[dict-item]
+    kw = {"model": TINY_MODEL, "max_tokens": 6, "n": 3, "temperature": 0.0, "logprobs": 1, "extra_body": extra}
+    r = client.completions.create(prompt=PROMPT, **kw)  # type: ignore[call-overload]
+    ids = [_extra(c)["token_ids"] for c in r.choices]
+    assert len({tuple(i) for i in ids}) == 3 and all(len(i) == 6 and set(i) <= set(abc) for i in ids)
+    assert all(set(c.text) <= set("abc") for c in r.choices)
+    summed = [_summed(c) for c in r.choices]
+    assert summed == sorted(summed, reverse=True)
+    streamed: dict[int, list[int]] = {}
+    for chunk in client.completions.create(prompt=PROMPT, stream=True, **kw):  # type: ignore[call-overload]
+        for c in chunk.choices:
+            streamed.setdefault(c.index, []).extend(_extra(c)["token_ids"])
+    assert [streamed[i] for i in range(3)] == ids
+    chat = client.chat.completions.create(messages=MESSAGES, **{**kw, "logprobs": True})  # type: ignore[call-overload]
+    assert len(chat.choices) == 3
+    assert all(set(_extra(c)["token_ids"]) <= set(abc) and set(c.message.content) <= set("abc") for c in chat.choices)
+    test_refused(http, "/v1/completions", {"prompt": PROMPT, "use_beam_search": True, "allowed_token_ids": [5, 512]},
+                 "allowed_token_ids")
+
+
 def test_allowed_token_ids_and_bad_words(client: openai.OpenAI, http: httpx.Client) -> None:
     abc = http.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
     kw = {"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 3}

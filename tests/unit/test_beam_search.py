@@ -159,6 +159,39 @@ def test_offline_output_shape(llm: LLM) -> None:
     _pool_free(llm)
 
 
+def test_allowed_token_ids_restrict_every_beam(llm: LLM) -> None:
+    """vLLM's allowed_token_ids: every beam holds only allowed tokens (ids the unrestricted search
+    never picks), and so do the alternatives its logprobs list; its cumulative logprob is the
+    model's own logprobs summed; width 1 is greedy decoding under the same restriction; an id
+    outside the vocabulary is refused before any runs."""
+    ids = llm.engine.tokenize(PROMPTS[0])
+    free = llm.beam_search([ids], BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True))[0]
+    used = {t for s in free.sequences for t in s.output_token_ids}
+    allowed = [t for t in (97, 98, 99, 300, 301, 302) if t not in used][:4]
+    params = BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True, allowed_token_ids=allowed)
+    out = llm.beam_search([ids], params)[0]
+    assert len(out.sequences) == 3 and len({tuple(s.tokens) for s in out.sequences}) == 3
+    for seq in out.sequences:
+        assert len(seq.output_token_ids) == 6 and set(seq.output_token_ids) <= set(allowed)
+        assert all(t in allowed for lp in seq.logprobs for t, _ in lp.top)
+        assert seq.cum_logprob == pytest.approx(sum(lp.logprob for lp in seq.logprobs))
+    greedy = llm.generate([ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                allowed_token_ids=allowed, logprobs=0))[0].outputs[0]
+    (one,) = llm.beam_search([ids], BeamSearchParams(beam_width=1, max_tokens=6, ignore_eos=True,
+                                                     allowed_token_ids=allowed))[0].sequences
+    assert one.output_token_ids == greedy.token_ids
+    assert one.cum_logprob == pytest.approx(greedy.cumulative_logprob, abs=1e-4)  # the model's own logprobs
+    # One allowed id: every beam is that id repeated (fewer candidates than 2n: no -inf filler).
+    single = llm.beam_search([ids], BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True,
+                                                     allowed_token_ids=[allowed[0]]))[0].sequences
+    assert all(s.output_token_ids == [allowed[0]] * 3 for s in single)
+    with pytest.raises(ValueError, match="^allowed_token_ids"):
+        llm.beam_search([ids], BeamSearchParams(beam_width=2, max_tokens=3, allowed_token_ids=[5, 512]))
+    with pytest.raises(ValueError, match="^allowed_token_ids must not be empty"):
+        BeamSearchParams(beam_width=2, max_tokens=3, allowed_token_ids=[])
+    _pool_free(llm)
+
+
 def test_prefix_cache_serves_the_shared_prefixes(llm: LLM) -> None:
     """Each step sends every beam whole, but all its blocks but the last come from the prefix cache:
     the tokens computed stay linear in the steps (at most a block per beam per step past the prompt),

@@ -164,6 +164,43 @@ def test_include_stop_str_in_output_keeps_the_stop_string_once(llm, greedy):
     assert text == kept.text
 
 
+def test_a_stop_token_ids_text_is_left_out_unless_include_stop_str_in_output(llm, greedy):
+    """vLLM v1: the stop token id that ended the output stays in its ids and logprobs, its text
+    only with include_stop_str_in_output; streamed or not; a speculative row likewise."""
+    stop = greedy.token_ids[6]
+    j = greedy.token_ids.index(stop)  # its first occurrence ends the output
+    shown = llm.tokenizer.decode(greedy.token_ids[:j], skip_special_tokens=False)
+    whole = llm.tokenizer.decode(greedy.token_ids[: j + 1], skip_special_tokens=False)
+    assert shown != whole
+    for include, want in ((False, shown), (True, whole)):
+        params = SamplingParams(**GREEDY, stop_token_ids=[stop], include_stop_str_in_output=include, logprobs=1,
+                                skip_special_tokens=False)
+        out = llm.generate([PROMPT], params)[0].outputs[0]
+        assert out.token_ids == greedy.token_ids[: j + 1] and out.finish_reason == "stop"
+        assert out.text == want and out.logprobs is not None and len(out.logprobs) == j + 1
+        assert out.logprobs[-1].token_id == stop
+        assert _streamed(llm, params)[0] == want
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    spec = LLM("dummy:qwen3-tiny", dtype="float32", num_kv_blocks=64, max_model_len=256, speculative_config=ngram)
+    try:
+        out = spec.generate([PROMPT], SamplingParams(**GREEDY, stop_token_ids=[stop]))[0].outputs[0]
+        assert out.token_ids == greedy.token_ids[: j + 1] and out.text == shown
+    finally:
+        spec.close()
+
+
+def test_an_eos_tokens_text_is_left_out_unless_include_stop_str_in_output(llm):
+    """The same for an EOS the model samples (forced here by allowed_token_ids), shown with
+    skip_special_tokens false only when include_stop_str_in_output."""
+    eos = llm.tokenizer.token_to_id("<|im_end|>")
+    for include, want in ((False, ""), (True, "<|im_end|>")):
+        params = SamplingParams(max_tokens=8, temperature=0.0, allowed_token_ids=[eos], skip_special_tokens=False,
+                                include_stop_str_in_output=include)
+        out = llm.generate([PROMPT], params)[0].outputs[0]
+        assert out.token_ids == [eos] and out.finish_reason == "stop" and out.text == want
+        assert _streamed(llm, params)[0] == want
+
+
 # ---- spaces_between_special_tokens ---------------------------------------------------------------
 def _wordpiece() -> Tokenizer:
     """A WordPiece-style tokenizer whose decoder puts a space between tokens (added ones too)."""

@@ -1,4 +1,4 @@
-"""`pdserve serve` command line: the tool-calling flags reach the server's settings."""
+"""`pdserve serve` command line: the tool-calling and chat-template flags reach the server's settings."""
 
 from __future__ import annotations
 
@@ -33,3 +33,32 @@ def test_unknown_tool_call_parser_is_an_error_naming_the_flag(capsys: pytest.Cap
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--tool-call-parser" in err and "'mistral'" in err and "hermes" in err
+
+
+TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def test_chat_template_from_a_file_or_inline(tmp_path) -> None:
+    """vLLM's --chat-template: a file's text, else the value itself when it is a template; the
+    server's settings hold the source; --trust-request-chat-template is off by default."""
+    path = tmp_path / "template.jinja"
+    path.write_text(TEMPLATE)
+    assert _settings("--chat-template", str(path)).chat_template == TEMPLATE
+    assert _settings("--chat-template", TEMPLATE).chat_template == TEMPLATE
+    plain = _settings()
+    assert plain.chat_template is None and not plain.trust_request_chat_template
+    assert _settings("--trust-request-chat-template").trust_request_chat_template
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("no/such/template.jinja", "neither a file nor a Jinja template"),
+    ("{% for m in messages %}unclosed", "does not compile"),
+])
+def test_bad_chat_template_is_an_error_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], value: str, why: str
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["serve", "dummy:qwen3-tiny", "--chat-template", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --chat-template" in err and why in err

@@ -85,3 +85,24 @@ def test_up_command_line() -> None:
     assert spec.engine_args == ("--num-kv-blocks", "64") and spec.run_dir == "d"
     with pytest.raises(SystemExit):  # one way to split cores at a time
         parser.parse_args(["up", "standard", "m", "--cpu-map", "0", "--cpus-per-instance", "1"])
+
+
+def test_up_passes_chat_template_flags_to_every_instance(tmp_path) -> None:
+    """`pdserve up ... --engine-args "--chat-template FILE --trust-request-chat-template"`: every
+    instance's `pdserve serve` command line takes them (the template file read by each instance)."""
+    from pdserve.server.command import add_parser as add_serve_parser
+    from pdserve.server.command import settings_from_args
+
+    template = tmp_path / "chat template.jinja"  # a space: shlex keeps a quoted path whole
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    up = argparse.ArgumentParser()
+    add_parser(up.add_subparsers())
+    args = up.parse_args(["up", "disagg", "m", "--engine-args",
+                          f"--chat-template '{template}' --trust-request-chat-template"])
+    spec = spec_from_args(args)
+    serve = argparse.ArgumentParser()
+    add_serve_parser(serve.add_subparsers())
+    for plan in plan_instances(spec, (0, 1)):
+        argv = instance_argv(spec, plan, 8000, "127.0.0.1:9000")
+        settings = settings_from_args(serve.parse_args(argv[argv.index("serve"):]))
+        assert settings.chat_template == template.read_text() and settings.trust_request_chat_template
