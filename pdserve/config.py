@@ -14,9 +14,13 @@ from pdserve.engine.sampling_params import SamplingDefaults
 
 Role = Literal["standalone", "prefill", "decode"]
 KVMode = Literal["read", "write"]
+KVTransportName = Literal["auto", "shm", "tcp", "cuda_ipc", "nixl"]
 DType = Literal["bfloat16", "float16", "float32", "auto"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 PoolingType = Literal["last", "mean"]  # how an embedding request pools its prompt (engine/pooler.py)
+# vLLM's --kv-cache-dtype: auto = the model's dtype; fp8 = fp8_e4m3 (model/kv_quant.py).
+KVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
+KV_CACHE_DTYPES: tuple[KVCacheDType, ...] = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 # Defaults in one place.
 DEFAULT_HOST = "127.0.0.1"
@@ -155,9 +159,14 @@ class CacheConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     num_kv_blocks: int | None = None  # wins over kv_cache_gib when set
     kv_cache_gib: float = DEFAULT_KV_CACHE_GIB
+    cache_dtype: KVCacheDType = "auto"  # float8 caches hold about twice the blocks in kv_cache_gib
     shared_memory: bool = False  # put the KV cache in a POSIX shm segment (needed by the shm transport)
     # Reuse the computed KV of full blocks whose token prefix a new request shares (block_pool.py).
     enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +185,7 @@ class SchedulerConfig:
 class KVTransferConfig:
     role: Role = "standalone"
     kv_mode: KVMode = "read"
-    kv_transport: Literal["auto", "shm", "tcp", "cuda_ipc"] = "auto"
+    kv_transport: KVTransportName = "auto"  # nixl: only when named (never picked by auto)
     kv_host: str = DEFAULT_HOST
     kv_handshake_port: int = 0  # 0: pick a free port at start
     kv_notify_port: int = 0

@@ -35,7 +35,7 @@ from typing import Literal
 import httpx
 import psutil
 
-from pdserve.config import DEFAULT_HOST, KVMode, Role
+from pdserve.config import DEFAULT_HOST, KVMode, KVTransportName, Role
 
 TopologyKind = Literal["standard", "disagg"]
 _ADDR_IN_USE = re.compile(r"address already in use|errno 98", re.IGNORECASE)
@@ -57,6 +57,7 @@ class TopologySpec:
     prefill: int = 1  # disagg
     decode: int = 1
     kv_mode: KVMode = "write"
+    kv_transport: KVTransportName = "auto"  # --kv-transport of every prefill and decode instance
     cpus_per_instance: int | None = None
     cpu_map: tuple[tuple[int, ...], ...] | None = None
     gpus: tuple[int, ...] | None = None  # GPU ids split between instances (CUDA_VISIBLE_DEVICES)
@@ -181,6 +182,8 @@ def instance_argv(spec: TopologySpec, plan: InstancePlan, port: int, registry: s
             "--drain-timeout", str(max(1.0, spec.stop_grace_s / 3))]
     if plan.role != "standalone":
         argv += ["--kv-mode", spec.kv_mode]
+        if spec.kv_transport != "auto":
+            argv += ["--kv-transport", spec.kv_transport]
     if plan.gpus is not None:
         argv += ["--device", "cuda"]
     return argv + list(spec.engine_args)

@@ -14,7 +14,7 @@ import sys
 import time
 from types import FrameType
 
-from pdserve.config import DEFAULT_HOST, DEFAULT_PORT
+from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, KV_CACHE_DTYPES
 from pdserve.engine.args import cpu_list, positive_float, positive_int
 from pdserve.launch import TopologyError, TopologySpec, default_run_dir, launch_topology, plan_instances
 
@@ -40,6 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=positive_int, default=1, help="disagg: decode instances")
     p.add_argument("--kv-mode", choices=("read", "write"), default="write",
                    help="disagg: read = proxy serial, decode pulls; write = concurrent, prefill pushes")
+    p.add_argument("--kv-transport", choices=("auto", "shm", "tcp", "cuda_ipc", "nixl"), default="auto",
+                   help="disagg: the instances' --kv-transport (nixl: pip install 'pdserve[nixl]')")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--cpus-per-instance", type=positive_int, default=None, metavar="K",
                    help="pin instance i to usable cores [i*K, (i+1)*K) (default: cores divided evenly)")
@@ -50,6 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the proxy's port; 0 picks one (default %(default)s)")
     p.add_argument("--run-dir", default=None, help="folder for the logs (default runs/up-<timestamp>)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="every instance's KV cache storage (`pdserve serve --kv-cache-dtype`); prefill and decode "
+                        "instances must agree")
     p.add_argument("--engine-args", default="", metavar='"..."',
                    help='extra `pdserve serve` flags for every instance, e.g. "--num-kv-blocks 512"')
     p.add_argument("--proxy-args", default="", metavar='"..."', help="extra `pdserve proxy` flags")
@@ -59,12 +64,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _kv_cache_dtype_flag(value: str) -> tuple[str, ...]:
+    """`--kv-cache-dtype` for every instance (before --engine-args, which win); none for auto."""
+    return () if value == "auto" else ("--kv-cache-dtype", value)
+
+
 def spec_from_args(args: argparse.Namespace) -> TopologySpec:
     return TopologySpec(
         kind=args.topology, model=args.model, instances=args.instances, prefill=args.prefill, decode=args.decode,
-        kv_mode=args.kv_mode, cpus_per_instance=args.cpus_per_instance, cpu_map=args.cpu_map, gpus=args.gpus,
+        kv_mode=args.kv_mode, kv_transport=args.kv_transport,
+        cpus_per_instance=args.cpus_per_instance, cpu_map=args.cpu_map, gpus=args.gpus,
         host=args.host, port=args.port, run_dir=args.run_dir or str(default_run_dir()),
-        engine_args=tuple(shlex.split(args.engine_args)), proxy_args=tuple(shlex.split(args.proxy_args)),
+        engine_args=(*_kv_cache_dtype_flag(args.kv_cache_dtype), *shlex.split(args.engine_args)),
+        proxy_args=tuple(shlex.split(args.proxy_args)),
         startup_timeout_s=args.startup_timeout, stop_grace_s=args.stop_timeout,
     )
 

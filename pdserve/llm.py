@@ -12,6 +12,7 @@ from pdserve.config import (
     DEFAULT_MAX_LORAS,
     CacheConfig,
     EngineConfig,
+    KVCacheDType,
     LoRAConfig,
     PoolingType,
     SchedulerConfig,
@@ -48,6 +49,8 @@ class LLM:
     `embed` pools prompts into vectors, by `pooling_type` ("last", the default, or "mean").
     `speculative_config={"method": "ngram", "num_speculative_tokens": k, ...}` (vLLM's keys) turns
     on n-gram speculative decoding; `spec_decode_stats()` reports its acceptance.
+    `kv_cache_dtype` (vLLM's): "auto" stores the KV cache in the model's dtype, "fp8" / "fp8_e4m3" /
+    "fp8_e5m2" in float8 (about twice the blocks in `kv_cache_gib`).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_gib: float = 1.0,
+        kv_cache_dtype: KVCacheDType = "auto",
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
@@ -94,7 +98,7 @@ class LLM:
             lora=LoRAConfig(enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank),
             cache=CacheConfig(
                 block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_gib=kv_cache_gib,
-                enable_prefix_caching=enable_prefix_caching,
+                cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,

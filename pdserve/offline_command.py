@@ -57,7 +57,8 @@ def run_generate(args: argparse.Namespace) -> int:
         for i, p in enumerate(prompts):
             print(f"--- prompt {i}: {p!r}\n{texts.get(str(i), '')}")
     print(
-        f"model {args.model} ({engine.dtype}): {len(prompts)} requests, {n_in} prompt tokens, "
+        f"model {args.model} ({engine.dtype}, KV cache {engine.kv_dtype}): {len(prompts)} requests, "
+        f"{n_in} prompt tokens, "
         f"{n_out} generated tokens in {dt:.2f} s -> {n_out / dt:.1f} output tokens/s, "
         f"{(n_in + n_out) / dt:.1f} total tokens/s; first token after {((first or t0) - t0) * 1000:.0f} ms"
     )

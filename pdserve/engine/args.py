@@ -12,6 +12,7 @@ from pdserve.config import (
     DEFAULT_MAX_LORAS,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
+    KV_CACHE_DTYPES,
     CacheConfig,
     EngineConfig,
     KVTransferConfig,
@@ -116,6 +117,10 @@ def add_engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None
     g.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE)
     g.add_argument("--num-kv-blocks", type=positive_int, default=None)
     g.add_argument("--kv-cache-memory", type=positive_float, default=DEFAULT_KV_CACHE_GIB, help="GiB")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's storage: auto = the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2 = float8 "
+                        "with per-layer scales (the checkpoint's k_scale / v_scale, else 1.0): about twice the "
+                        "blocks in --kv-cache-memory; prefill and decode instances must use the same")
     g.add_argument("--max-num-seqs", type=positive_int, default=DEFAULT_MAX_NUM_SEQS)
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
     g.add_argument("--max-model-len", type=positive_int, default=None)
@@ -165,6 +170,7 @@ def engine_config_from_args(
             block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks,
             kv_cache_gib=args.kv_cache_memory,
+            cache_dtype=args.kv_cache_dtype,
             shared_memory=shared_kv,
             enable_prefix_caching=args.enable_prefix_caching,
         ),

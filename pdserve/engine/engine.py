@@ -37,6 +37,7 @@ from pdserve.kv.factory import make_connector, parse_kv_transfer_params
 from pdserve.kv.messages import KVTransferParams
 from pdserve.model.cpu_linear import can_prepack, prepack_linears_
 from pdserve.model.decoder import fuse_projections_
+from pdserve.model.kv_quant import KVScales, is_fp8, resolve_kv_cache_dtype
 from pdserve.model.loader import LoadedModel, load_model, resolve_dtype
 from pdserve.model.lora import AdapterWeights
 
@@ -83,7 +84,12 @@ class LLMEngine:
                              f"max_position_embeddings ({longest})")
         self.max_model_len = config.scheduler.max_model_len or longest
         self.loaded.module.serve_context(self.max_model_len)  # RoPE tables; LongRoPE's factor set
-        self.layout = plan_layout(self.model_config, config.cache, self.dtype)
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.cache_dtype, self.dtype)
+        kv_scales = self.loaded.module.kv_scales if is_fp8(self.kv_dtype) else ()
+        if kv_scales and all(s == KVScales() for s in kv_scales):
+            log.warning("--kv-cache-dtype %s without k_scale / v_scale in the checkpoint: scales 1.0 "
+                        "(values beyond %g are clipped)", config.cache.cache_dtype, torch.finfo(self.kv_dtype).max)
+        self.layout = plan_layout(self.model_config, config.cache, self.kv_dtype, kv_scales)
         role = config.kv_transfer.role
         # Instances that exchange KV keep the cache in shared memory (the shm transport maps it).
         shared = config.cache.shared_memory or role != "standalone"

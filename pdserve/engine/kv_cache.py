@@ -13,6 +13,7 @@ from multiprocessing import shared_memory
 import torch
 
 from pdserve.config import CacheConfig, ModelConfig
+from pdserve.model.kv_quant import KVScales
 
 # Names of the segments this process created: attaching one of them must not touch its tracking.
 OWNED_SEGMENTS: set[str] = set()
@@ -25,7 +26,8 @@ class KVLayout:
     block_size: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the storage dtype: the model's, or float8 (--kv-cache-dtype)
+    scales: tuple[KVScales, ...] = ()  # a float8 cache's, per layer (how to read its bytes); () otherwise
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -45,7 +47,11 @@ class KVLayout:
         return self.num_layers * self.layer_bytes
 
 
-def plan_layout(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> KVLayout:
+def plan_layout(
+    model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, scales: tuple[KVScales, ...] = ()
+) -> KVLayout:
+    """The cache for `dtype` (its storage dtype): as many blocks as kv_cache_gib holds, so a float8
+    cache gets twice a bf16 one's."""
     per_block_all_layers = (
         model.num_hidden_layers * 2 * cache.block_size * model.num_key_value_heads * model.head_dim
     ) * dtype.itemsize
@@ -58,7 +64,8 @@ def plan_layout(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> K
             f"KV cache too small: {cache.kv_cache_gib} GiB holds no block of {per_block_all_layers} bytes"
         )
     return KVLayout(
-        model.num_hidden_layers, num_blocks, cache.block_size, model.num_key_value_heads, model.head_dim, dtype
+        model.num_hidden_layers, num_blocks, cache.block_size, model.num_key_value_heads, model.head_dim, dtype,
+        scales,
     )
 
 

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -39,6 +40,9 @@ from pdserve.kv.notify import NotifySender, NotifyServer
 from pdserve.kv.transports.base import KVTransport, TransferError
 from pdserve.kv.transports.shm import ShmTransport
 from pdserve.kv.transports.tcp import TcpServer, TcpTransport
+
+if TYPE_CHECKING:
+    from pdserve.kv.transports.nixl import NixlAgent
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,12 @@ class KVConnectorBase:
             transports.cuda_ipc = export_cache(cache.tensor)
         if cache.shm_name is not None:
             transports.shm = ShmDescriptor(cache.shm_name, cache.layout.total_bytes, self.hostname)
+        self.nixl: NixlAgent | None = None  # only with --kv-transport nixl (importing nixl loads UCX)
+        if kt.kv_transport == "nixl":
+            from pdserve.kv.transports.nixl import NixlAgent
+
+            self.nixl = NixlAgent(self.engine_id, cache.tensor, self.host)
+            transports.nixl = self.nixl.descriptor()
         reply = HandshakeReply(PROTOCOL_VERSION, self.engine_id, self.fingerprint, layout_info(cache.layout),
                                transports)
         self.handshake_server = HandshakeServer(self._ctx, self.host, kt.kv_handshake_port, reply, token)
@@ -114,7 +124,7 @@ class KVConnectorBase:
         self.sender = NotifySender(self._ctx, token)
         self.handshakes = HandshakeClient(
             self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token, self.hostname,
-                             cache.shm_name)
+                                        cache.shm_name, reply.layout.dtype, reply.layout.kv_scales)
         )
         self._transports: dict[tuple[str, int], KVTransport] = {}  # used by the worker thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv-transfer")
@@ -160,6 +170,12 @@ class KVConnectorBase:
         same_host = offered.hostname == self.hostname
         shape = self.cache.layout.shape[:1] + (reply.layout.num_blocks,) + self.cache.layout.shape[2:]
         on_gpu = self.cache.tensor.is_cuda
+        if choice == "nixl":
+            if self.nixl is None or offered.nixl is None:
+                raise TransferError("the peer offers no NIXL transport: start both instances with --kv-transport nixl")
+            from pdserve.kv.transports.nixl import NixlTransport
+
+            return NixlTransport(self.nixl, self.cache.tensor, offered.nixl, shape, self.config.kv_transfer_timeout)
         if choice in ("cuda_ipc", "shm") and not same_host:
             # The decode side relies on this: a peer of another hostname can only write over tcp,
             # whose grants it revokes, so it need not hold blocks back for a late write (consumer).
@@ -225,3 +241,5 @@ class KVConnectorBase:
         self.handshakes.close()
         self.sender.close()
         self.tcp_server.close()
+        if self.nixl is not None:
+            self.nixl.close()  # waits for a transfer in flight: the cache must stay registered until it ends

@@ -236,6 +236,8 @@ class KVConsumer(KVConnectorBase):
         prm = p.params
         if prm.transfer_mode != "WRITE" or prm.remote_engine_id is None:
             return False  # READ: our own worker may still be copying into the blocks
+        if self.nixl is not None:
+            return False  # a peer of any host may write into our NIXL-registered cache: no grant stops it
         peer = self.handshake_server.peers.get(prm.remote_engine_id)
         return peer is not None and peer.hostname != self.hostname \
             and self.tcp_server.grants.revoke(p.request.request_id)

@@ -24,12 +24,18 @@ from pdserve.kv.messages import (
     decode_handshake,
     encode,
 )
+from pdserve.model.kv_quant import dtype_name
 
 log = logging.getLogger(__name__)
 
 
 class HandshakeRefused(RuntimeError):
     pass
+
+
+def flat_scales(layout: KVLayout) -> list[float]:
+    """A float8 layout's scales as they travel: k0, v0, k1, v1, ... ([] for other dtypes)."""
+    return [x for s in layout.scales for x in s]
 
 
 def layout_info(layout: KVLayout) -> KVLayoutInfo:
@@ -39,17 +45,33 @@ def layout_info(layout: KVLayout) -> KVLayoutInfo:
         block_size=layout.block_size,
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
-        dtype=str(layout.dtype).removeprefix("torch."),
+        dtype=dtype_name(layout.dtype),
         block_bytes=layout.block_bytes,
         layer_stride_bytes=layout.layer_bytes,
+        kv_scales=flat_scales(layout),
     )
 
 
 def fingerprint(model: ModelConfig, layout: KVLayout) -> str:
-    """Two instances may exchange KV only if this matches: model shape and KV layout (not block count)."""
+    """Two instances may exchange KV only if this matches: model shape and KV layout (not block count),
+    the KV dtype and a float8 cache's scales included."""
     text = repr((model, layout.shape[2:], layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim,
-                 layout.dtype))
+                 layout.dtype, flat_scales(layout)))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def kv_format_mismatch(ours: KVLayoutInfo, peer_dtype: str, peer_scales: list[float]) -> str | None:
+    """Why a peer storing KV as `peer_dtype` with `peer_scales` cannot exchange blocks with us, or
+    None (also when the peer did not say: an older peer, left to the fingerprint)."""
+    if not peer_dtype:
+        return None
+    if peer_dtype != ours.dtype:
+        return (f"KV cache dtype mismatch: the peer stores {peer_dtype}, this instance {ours.dtype}; "
+                "start the prefill and decode instances with the same --kv-cache-dtype")
+    if list(peer_scales) != list(ours.kv_scales):
+        return (f"KV cache scales differ (the peer's k/v scales {peer_scales}, ours {ours.kv_scales}): "
+                "both instances must load the same checkpoint's k_scale / v_scale with the same --kv-cache-dtype")
+    return None
 
 
 class HandshakeServer:
@@ -76,6 +98,9 @@ class HandshakeServer:
         if msg.protocol_version != PROTOCOL_VERSION:
             return encode(HandshakeError(
                 reason=f"protocol version {msg.protocol_version} != ours ({PROTOCOL_VERSION})"))
+        mismatch = kv_format_mismatch(self._reply.layout, msg.kv_dtype, msg.kv_scales)
+        if mismatch is not None:
+            return encode(HandshakeError(reason=mismatch))
         if msg.fingerprint != self._reply.fingerprint:
             return encode(HandshakeError(
                 reason=f"model/KV layout fingerprint {msg.fingerprint} != ours ({self._reply.fingerprint}): "
@@ -145,6 +170,9 @@ class HandshakeClient:
             raise HandshakeRefused(f"peer {host}:{port} refused the handshake: {reply.reason}")
         if not isinstance(reply, HandshakeReply):
             raise HandshakeRefused(f"peer {host}:{port} sent an unexpected handshake message")
+        mismatch = kv_format_mismatch(reply.layout, self._request.kv_dtype, self._request.kv_scales)
+        if mismatch is not None:
+            raise HandshakeRefused(f"peer {host}:{port}: {mismatch}")
         if reply.fingerprint != self._request.fingerprint:
             raise HandshakeRefused(f"peer {host}:{port} serves a different model or KV layout")
         return reply
@@ -153,4 +181,5 @@ class HandshakeClient:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["HandshakeClient", "HandshakeServer", "HandshakeRefused", "Transports", "fingerprint", "layout_info"]
+__all__ = ["HandshakeClient", "HandshakeServer", "HandshakeRefused", "Transports", "fingerprint", "flat_scales",
+           "kv_format_mismatch", "layout_info"]

@@ -54,6 +54,10 @@ class HandshakeRequest(msgspec.Struct, tag_field="type", tag="handshake"):
     token: str | None = None
     hostname: str = ""  # the asking instance's: a peer of another host can only reach us over tcp
     shm_segment: str | None = None  # the asker's KV segment: gone from /dev/shm once it has died
+    # The asker's KV storage dtype and, float8, its per-layer scales (k0, v0, k1, v1, ...): checked
+    # before the fingerprint (which covers them too) for an error naming --kv-cache-dtype.
+    kv_dtype: str = ""
+    kv_scales: list[float] = msgspec.field(default_factory=list)
 
 
 class KVLayoutInfo(msgspec.Struct):
@@ -65,6 +69,7 @@ class KVLayoutInfo(msgspec.Struct):
     dtype: str
     block_bytes: int
     layer_stride_bytes: int
+    kv_scales: list[float] = msgspec.field(default_factory=list)  # float8 caches: k0, v0, k1, v1, ...
 
 
 class ShmDescriptor(msgspec.Struct):
@@ -90,10 +95,22 @@ class CudaIpcDescriptor(msgspec.Struct):
     device_uuid: str
 
 
+class NixlDescriptor(msgspec.Struct):
+    """A NIXL agent's coordinates: what a peer needs to READ from or WRITE into our KV cache."""
+
+    agent_name: str  # the engine id
+    metadata: bytes  # nixl_agent.get_agent_metadata(): UCX worker address, registered regions' keys
+    base_addr: int  # the KV cache tensor, registered whole
+    size_bytes: int
+    mem_type: Literal["DRAM", "VRAM"] = "DRAM"
+    device_id: int = 0
+
+
 class Transports(msgspec.Struct, omit_defaults=True):
     shm: ShmDescriptor | None = None
     tcp: TcpDescriptor | None = None
     cuda_ipc: CudaIpcDescriptor | None = None
+    nixl: NixlDescriptor | None = None
     hostname: str = ""
 
 

@@ -33,6 +33,12 @@ efficient kernel, not FlashAttention, which takes no mask). Both prefill paths g
 cached blocks from the first one the chunk's window reaches. The window is a per-layer constant,
 so CUDA graphs captured with it stay valid.
 
+FP8 KV cache (kv_quant.py): a float8 cache stores x / scale per layer (KVScales); write_kv quantizes
+and every read dequantizes — the gather (decode, multi-query rows and cached prefill context) into
+its compute-dtype copy, the Triton kernel as it loads. A prefill chunk with nothing cached before it
+attends to its own K/V as computed (as vLLM's prefill does), so only cached context is read back
+rounded.
+
 Speculative rows (a decoding sequence's last token and its drafts, engine/runner.py) are prefill
 spans of 1 + d tokens. On CUDA each goes through the prefill path (SDPA) like any chunk; elsewhere
 (`multi_query_supported`) the runner adds a MultiQueryRows to the metadata, and the step's decode
@@ -52,6 +58,7 @@ import torch.nn.functional as F
 
 from pdserve.engine.staging import to_device
 from pdserve.model import triton_decode
+from pdserve.model.kv_quant import KVScales, gather_dequantized, is_fp8, quantize
 
 
 @dataclass(frozen=True)
@@ -217,22 +224,35 @@ def _mask_bias(visible: torch.Tensor) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
-def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    """Scatter this step's k, v ([T, kvh, hd]) into one layer's cache ([nb, 2, kvh, bs, hd])."""
+def write_kv(
+    kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scales: KVScales = KVScales()
+) -> None:
+    """Scatter this step's k, v ([T, kvh, hd]) into one layer's cache ([nb, 2, kvh, bs, hd]); a float8
+    cache stores them quantized with `scales`."""
     kvh, hd = kv_layer.shape[2], kv_layer.shape[-1]
-    flat = kv_layer.view(-1, hd)
     k_idx, v_idx = meta.kv_write_indices(kvh)
+    if is_fp8(kv_layer.dtype):  # index_copy_ has no float8 kernel: move the bytes
+        flat = kv_layer.view(torch.uint8).view(-1, hd)
+        flat.index_copy_(0, k_idx, quantize(k.reshape(-1, hd), kv_layer.dtype, scales.k).view(torch.uint8))
+        flat.index_copy_(0, v_idx, quantize(v.reshape(-1, hd), kv_layer.dtype, scales.v).view(torch.uint8))
+        return
+    flat = kv_layer.view(-1, hd)
     flat.index_copy_(0, k_idx, k.reshape(-1, hd).to(flat.dtype))
     flat.index_copy_(0, v_idx, v.reshape(-1, hd).to(flat.dtype))
 
 
-def _gather(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """K and V of the given blocks in one copy, head-major: [2, kvh, *block_ids.shape[:-1], n*bs, hd].
+def _gather(
+    kv_layer: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype, scales: KVScales = KVScales()
+) -> torch.Tensor:
+    """K and V of the given blocks in one copy, head-major: [2, kvh, *block_ids.shape[:-1], n*bs, hd],
+    in `dtype` (a float8 cache's dequantized with `scales` on the way: kv_quant.gather_dequantized).
 
     Selecting blocks from a [2, kvh, nb, bs, hd] *view* of the cache writes the result contiguous in
     exactly the layout the matmuls read (per KV head, tokens in order), so the scattered blocks are
     read once, in runs of bs * hd elements, and nothing is copied again.
     """
+    if is_fp8(kv_layer.dtype):
+        return gather_dequantized(kv_layer, block_ids, dtype, scales)
     nb, _, kvh, bs, hd = kv_layer.shape
     rows = kv_layer.permute(1, 2, 0, 3, 4).index_select(2, block_ids.reshape(-1))
     return rows.view(2, kvh, *block_ids.shape[:-1], block_ids.shape[-1] * bs, hd)
@@ -260,13 +280,14 @@ def _decode_attention(
     scale: float,
     softcap: float | None = None,
     window: int | None = None,
+    scales: KVScales = KVScales(),
 ):
     """q: [D, H, hd] -> [D, H, hd]; grouped-query attention against each sequence's blocks."""
     if q.is_cuda and softcap is None and triton_decode.supported(q, kv_layer):
         return triton_decode.paged_decode_attention(
-            q, kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale, window
+            q, kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale, window, scales
         )
-    return _decode_attention_torch(q, kv_layer, meta, scale, softcap, window)
+    return _decode_attention_torch(q, kv_layer, meta, scale, softcap, window, scales)
 
 
 # Decode sequences per gather on CPU: about this many bytes of K and V at once, so the gathered copy
@@ -281,11 +302,12 @@ def _decode_attention_torch(
     scale: float,
     softcap: float | None = None,
     window: int | None = None,
+    scales: KVScales = KVScales(),
 ):
     """The gather + matmul form: every block of the (padded) table is read, masked by length (and
     window); in groups of sequences of about _DECODE_GATHER_BYTES of KV each."""
     bias = meta.decode_bias(window)  # [D, 1, 1, L]: one query per sequence
-    return _gathered_attention(q[:, None], kv_layer, meta.decode_block_tables, bias, scale, softcap)[:, 0]
+    return _gathered_attention(q[:, None], kv_layer, meta.decode_block_tables, bias, scale, softcap, scales)[:, 0]
 
 
 def _gathered_attention(
@@ -295,6 +317,7 @@ def _gathered_attention(
     bias: torch.Tensor,
     scale: float,
     softcap: float | None = None,
+    scales: KVScales = KVScales(),
 ) -> torch.Tensor:
     """q [n, Q, H, hd], Q queries of each of n sequences, against the blocks of the sequence's row
     of `tables` ([n, max_blocks]); `bias` [n, 1, Q, L] float32 (L = max_blocks * block_size): -inf
@@ -303,15 +326,16 @@ def _gathered_attention(
     Per group of sequences (about _DECODE_GATHER_BYTES of KV, so the gathered copy is still in
     cache for the matmuls; one group on CUDA): one gather of their blocks, and per KV head one
     batched GEMM with the group's query heads and slots stacked as rows ([G * Q, hd] x [hd, L]),
-    an fp32 softmax, and one GEMM with the values."""
+    an fp32 softmax, and one GEMM with the values. (The bytes counted are the gathered copy's, in
+    q's dtype, whatever the cache's.)"""
     n, nq, h, hd = q.shape
-    per_seq = kv_layer[0].numel() * kv_layer.element_size() * tables.shape[1]
+    per_seq = kv_layer[0].numel() * q.element_size() * tables.shape[1]
     step = n if q.is_cuda else max(1, _DECODE_GATHER_BYTES // max(1, per_seq))
     out = torch.empty_like(q)
     for a in range(0, n, step):
         b = min(n, a + step)
         m = b - a
-        kv = _gather(kv_layer, tables[a:b])  # [2, kvh, m, L, hd]
+        kv = _gather(kv_layer, tables[a:b], q.dtype, scales)  # [2, kvh, m, L, hd]
         kvh = kv.shape[1]
         g = h // kvh
         # [kvh, m, G * Q, hd] (a view when Q = 1): head-major in the group, then slot.
@@ -331,18 +355,20 @@ def _multi_query_attention(
     scale: float,
     softcap: float | None = None,
     window: int | None = None,
+    scales: KVScales = KVScales(),
 ) -> torch.Tensor:
     """The attention of the real queries of `rows` ([N, H, hd], in the order of rows.out_rows): q
     [T, H, hd] is the step's flat batch, whose K/V are already in the cache."""
     s, nq = rows.q_positions.shape
     qs = q.index_select(0, rows.q_index).view(s, nq, *q.shape[1:])
     bias = rows.bias(kv_layer.shape[3], window)
-    out = _gathered_attention(qs, kv_layer, rows.block_tables, bias, scale, softcap)
+    out = _gathered_attention(qs, kv_layer, rows.block_tables, bias, scale, softcap, scales)
     return out.view(s * nq, *q.shape[1:]).index_select(0, rows.out_slots)
 
 
 def _chunk_kv(
-    k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan, window: int | None
+    k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan, window: int | None,
+    scales: KVScales = KVScales(),
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Keys and values a chunk attends to, [kvh, L, hd] each, and the position of the first: the
     chunk's own when nothing is cached before it, else the sequence's blocks from the first one its
@@ -352,7 +378,7 @@ def _chunk_kv(
         return k.transpose(0, 1), v.transpose(0, 1), 0
     bs = kv_layer.shape[3]
     first_block = 0 if window is None else max(0, c - window + 1) // bs
-    kv = _gather(kv_layer, span.block_ids[first_block : -(-(c + n) // bs)])  # [2, kvh, blocks*bs, hd]
+    kv = _gather(kv_layer, span.block_ids[first_block : -(-(c + n) // bs)], k.dtype, scales)  # [2, kvh, L, hd]
     first = first_block * bs
     return kv[0, :, : c + n - first], kv[1, :, : c + n - first], first
 
@@ -371,6 +397,7 @@ def _prefill_attention(
     scale: float,
     softcap: float | None = None,
     window: int | None = None,
+    scales: KVScales = KVScales(),
 ) -> torch.Tensor:
     """One chunk: q [n, H, hd]; k, v of the chunk [n, kvh, hd]. Causal over cached + chunk tokens,
     within the window when there is one.
@@ -380,7 +407,7 @@ def _prefill_attention(
     never materialises an n x n score matrix."""
     n, h, hd = q.shape
     c = span.num_cached
-    keys, values, first = _chunk_kv(k, v, kv_layer, span, window)
+    keys, values, first = _chunk_kv(k, v, kv_layer, span, window, scales)
     kvh = keys.shape[0]
     group = h // kvh
     q4 = q.view(n, kvh, group, hd).permute(1, 2, 0, 3)  # [kvh, G, n, hd]
@@ -407,6 +434,7 @@ def _prefill_attention_sdpa(
     span: PrefillSpan,
     scale: float,
     window: int | None = None,
+    scales: KVScales = KVScales(),
 ) -> torch.Tensor:
     """The same as _prefill_attention through F.scaled_dot_product_attention (FlashAttention on CUDA).
 
@@ -418,7 +446,7 @@ def _prefill_attention_sdpa(
     kernel; FlashAttention takes none)."""
     n, h, hd = q.shape
     c = span.num_cached
-    keys, values, first = _chunk_kv(k, v, kv_layer, span, window)
+    keys, values, first = _chunk_kv(k, v, kv_layer, span, window, scales)
     group = h // keys.shape[0]
     if group > 1:
         keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
@@ -446,24 +474,28 @@ def paged_attention(
     scale: float,
     softcap: float | None = None,
     window: int | None = None,
+    scales: KVScales = KVScales(),
 ) -> torch.Tensor:
     """Store this step's K/V in the cache, then attend. q: [T, H, hd]; k, v: [T, kvh, hd] -> [T, H, hd].
     `softcap`: cap the scaled scores to cap * tanh(scores / cap) before the softmax (Gemma 2).
-    `window`: the layer's sliding window (None: full causal attention)."""
-    write_kv(kv_layer, k, v, meta)
+    `window`: the layer's sliding window (None: full causal attention). `scales`: the layer's
+    KV-cache scales, used when the cache is float8."""
+    if not is_fp8(kv_layer.dtype):
+        scales = KVScales()
+    write_kv(kv_layer, k, v, meta, scales)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     mq = meta.multi_query
     if mq is not None:  # every decode row and the speculative spans (MultiQueryRows' invariant)
-        out.index_copy_(0, mq.out_rows, _multi_query_attention(q, kv_layer, mq, scale, softcap, window))
+        out.index_copy_(0, mq.out_rows, _multi_query_attention(q, kv_layer, mq, scale, softcap, window, scales))
     elif nd:
-        out[:nd] = _decode_attention(q[:nd], kv_layer, meta, scale, softcap, window)
+        out[:nd] = _decode_attention(q[:nd], kv_layer, meta, scale, softcap, window, scales)
     for i, span in enumerate(meta.prefills):
         if mq is not None and i in mq.span_indices:
             continue
         s, e = span.q_start, span.q_start + span.q_len
         if q.is_cuda and softcap is None:
-            out[s:e] = _prefill_attention_sdpa(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, window)
+            out[s:e] = _prefill_attention_sdpa(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, window, scales)
         else:
-            out[s:e] = _prefill_attention(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, softcap, window)
+            out[s:e] = _prefill_attention(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, softcap, window, scales)
     return out

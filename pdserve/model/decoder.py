@@ -27,6 +27,7 @@ from torch import nn
 
 from pdserve.config import ModelConfig
 from pdserve.model.attention import AttentionMetadata, paged_attention
+from pdserve.model.kv_quant import KVScales
 from pdserve.model.rope import RotaryEmbedding, apply_rope
 
 # Builds the inference layer that replaces fused projections: (weight [out, in], bias [out] or None).
@@ -68,6 +69,7 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
         self.softcap = config.attn_logit_softcapping
+        self.kv_scales = KVScales()  # a float8 KV cache's (the checkpoint's k_scale / v_scale, loader.py)
         h, hd, bias = config.hidden_size, config.head_dim, config.qkv_bias
         self._qkv_sizes = (self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd)
         # q/k/v as one layer: built so when the checkpoint stores them fused (Phi-3), else set by
@@ -111,7 +113,7 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(q, k, v, kv_layer, meta, self.scale, self.softcap, self.window)
+        out = paged_attention(q, k, v, kv_layer, meta, self.scale, self.softcap, self.window, self.kv_scales)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -285,6 +287,11 @@ class DecoderForCausalLM(nn.Module):
     def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
         """The feed-forward block of layer `layer_idx` (overridden by the MoE variant)."""
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.fused_projections)
+
+    @property
+    def kv_scales(self) -> tuple[KVScales, ...]:
+        """Each layer's KV-cache scales (1.0 unless the checkpoint had them), for a float8 cache."""
+        return tuple(layer.self_attn.kv_scales for layer in self.model.layers)
 
     def tie_weights(self) -> None:
         """Share the input embedding with lm_head (after loading or materializing)."""

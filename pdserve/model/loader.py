@@ -22,6 +22,7 @@ from pdserve.engine.sampling_params import GENERATION_CONFIG_KEYS, SamplingDefau
 from pdserve.model.decoder import DecoderForCausalLM, RMSNorm
 from pdserve.model.fp8 import FP8_DTYPE, dequantize_fp8_into_
 from pdserve.model.hf_config import MODEL_TYPES, config_from_hf
+from pdserve.model.kv_quant import KVScales, kv_scale_key, scale_value
 from pdserve.model.presets import PRESETS, get_preset
 from pdserve.model.quantization import QuantizationConfig, parse_quantization_config
 from pdserve.model.qwen3_moe import Qwen3MoeForCausalLM
@@ -242,16 +243,22 @@ def load_weights_(
 
     FP8 tensors are dequantized into the module's dtype with their scales (`quantization`, from
     config.json), one tensor at a time, so loading needs about one tensor of memory beyond the model.
+    KV-cache scales (k_scale / v_scale / kv_scale per attention layer) go to the attention modules,
+    for a float8 KV cache.
     """
     params = dict(module.named_parameters())
     tied = module.config.tie_word_embeddings
     loaded: set[str] = set()
     dequantized = 0
+    kv_scales: dict[int, dict[str, float]] = {}
     with _Checkpoint(files) as ckpt:
         for key in ckpt.keys():
             if key == "lm_head.weight" and tied:
                 continue  # tied to the embedding (as transformers does)
             p = params.get(key)
+            if p is None and (found := kv_scale_key(key)) is not None:
+                kv_scales.setdefault(found[0], {})[found[1]] = scale_value(key, ckpt.get(key))
+                continue
             if p is None:
                 if quantization is not None and quantization.is_auxiliary(key):
                     continue  # scales: consumed with their weights, or activation / KV-cache ones
@@ -270,6 +277,7 @@ def load_weights_(
             else:
                 p.copy_(t.to(device=p.device, dtype=p.dtype))
             loaded.add(key)
+    _set_kv_scales(module, kv_scales)
     if quantization is not None:
         dtype = next(iter(params.values())).dtype
         log.info("dequantized %d FP8 weights (%s) to %s", dequantized, quantization.quant_method, dtype)
@@ -281,6 +289,19 @@ def load_weights_(
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(f"checkpoint is missing weights: {shown}")
+
+
+def _set_kv_scales(module: DecoderForCausalLM, found: dict[int, dict[str, float]]) -> None:
+    """Give each attention layer the KV-cache scales the checkpoint has for it (k and v from `k` /
+    `v`, else both from `kv`); ValueError for a layer the model does not have."""
+    layers = module.model.layers
+    for layer, values in sorted(found.items()):
+        if layer >= len(layers):
+            raise ValueError(f"KV-cache scale for layer {layer}, but the model has {len(layers)} layers")
+        both = values.get("kv", 1.0)
+        layers[layer].self_attn.kv_scales = KVScales(values.get("k", both), values.get("v", both))
+    if found:
+        log.info("read KV-cache scales (k_scale / v_scale) of %d layers: used with --kv-cache-dtype fp8*", len(found))
 
 
 def _read_json(path: Path) -> dict:

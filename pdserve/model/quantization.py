@@ -11,8 +11,9 @@
 
 Weights are dequantized at load (fp8.py); the stored dtype decides, per tensor, whether a weight is
 quantized (layers left out — `modules_to_not_convert`, `ignored_layers`, `ignore`: lm_head, MoE
-routers — are stored in bf16). Activation scales (`input_scale`, `activation_scale`) and FP8 KV-cache
-scales are read past: activations and the KV cache stay in the serving dtype. Every other method
+routers — are stored in bf16). Activation scales (`input_scale`, `activation_scale`) are read past:
+activations stay in the serving dtype. FP8 KV-cache scales (`k_scale`, `v_scale`, `kv_scale`) are
+read by the loader for `--kv-cache-dtype fp8` (kv_quant.py). Every other method
 (awq, gptq, bitsandbytes, integer or 4-bit compressed-tensors, ...) is refused by name.
 """
 

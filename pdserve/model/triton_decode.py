@@ -23,11 +23,17 @@ A sliding window w (the layer's, a constant: still CUDA-graph safe) starts each 
 at context_len - w: a program skips its partition's whole steps of BLOCK_N keys before that and
 masks the keys before it in the step that holds it; a partition wholly before it reads nothing and
 leaves an empty partial (max -inf, sum 0), which the combine weighs at 0.
+
+A float8 cache (kv_quant.py) is loaded as float8 and converted to q's dtype in the kernel; the
+layer's scales are folded into the score scale (k) and the partial outputs (v), so nothing else
+changes.
 """
 
 from __future__ import annotations
 
 import torch
+
+from pdserve.model.kv_quant import KVScales, is_fp8
 
 try:
     import triton
@@ -51,13 +57,14 @@ def partition_size(max_tokens: int) -> int:
 
 
 def supported(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
-    """True when the kernel can run these shapes (Triton installed, head_dim a power of two >= 16)."""
+    """True when the kernel can run these shapes (Triton installed, head_dim a power of two >= 16, the
+    cache in q's dtype or float8)."""
     hd = q.shape[-1]
     return (
         triton is not None
         and hd >= 16
         and hd & (hd - 1) == 0
-        and q.dtype == kv_layer.dtype
+        and (q.dtype == kv_layer.dtype or is_fp8(kv_layer.dtype))
         and kv_layer.stride(-1) == 1
         and q.stride(-1) == 1
     )
@@ -75,6 +82,7 @@ if triton is not None:
         l_ptr,
         acc_ptr,
         scale,
+        v_scale,
         partition,
         num_parts,
         window,
@@ -116,8 +124,9 @@ if triton is not None:
             t_ok = (offs_t < end) & (offs_t >= first)
             blk = tl.load(table_ptr + seq * stride_td + offs_t // BLOCK_SIZE, mask=t_ok, other=0)
             row = blk.to(tl.int64) * stride_kb + (offs_t % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-            k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+            k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0).to(q.dtype)
             v = tl.load(kv_ptr + stride_kv + row[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+            v = v.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
             s = tl.where(t_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -130,7 +139,7 @@ if triton is not None:
         live = g_ok & (start < ctx)  # a partition past the context writes nothing
         tl.store(m_ptr + idx, m_i, mask=live)
         tl.store(l_ptr + idx, l_i, mask=live)
-        tl.store(acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=live[:, None])
+        tl.store(acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc * v_scale, mask=live[:, None])
 
     @triton.jit
     def _combine_kernel(
@@ -169,12 +178,16 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     window: int | None = None,
+    scales: KVScales = KVScales(),
 ) -> torch.Tensor:
     """q [D, H, hd] against each sequence's first context_lens[d] keys (>= 1) of the blocks in
     block_tables [D, W] (kv_layer [nb, 2, kvh, bs, hd]) -> [D, H, hd]; with a sliding `window`,
-    only the last `window` of them. No host sync."""
+    only the last `window` of them. A float8 kv_layer holds K / scales.k and V / scales.v. No host
+    sync."""
     d, h, hd = q.shape
     _, _, kvh, bs, _ = kv_layer.shape
+    if not is_fp8(kv_layer.dtype):
+        scales = KVScales()
     group = h // kvh
     if block_tables.stride(-1) != 1:  # the kernel steps along a row by 1 (no copy for the usual tables)
         block_tables = block_tables.contiguous()
@@ -196,7 +209,8 @@ def paged_decode_attention(
         m,
         lse,
         acc,
-        scale,
+        scale * scales.k,
+        scales.v,
         part,
         num_parts,
         window or 0,

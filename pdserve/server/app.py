@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from pdserve import __version__
+from pdserve.model.kv_quant import dtype_name
 from pdserve.server.auth import require_api_key
 from pdserve.server.chat import create_chat_completion
 from pdserve.server.completions import create_completion
@@ -85,6 +86,10 @@ async def kv_info(request: Request) -> Response:
             "handshake_port": conn.handshake_port,
             "notify_port": conn.notify_port,
             "transfer_mode": conn.transfer_mode,
+            # How the blocks are stored: peers must match (the handshake refuses another dtype).
+            "kv_cache_dtype": ctx.llm.config.cache.cache_dtype,
+            "kv_dtype": dtype_name(conn.cache.layout.dtype),
+            "kv_block_bytes": conn.cache.layout.block_bytes,
         }
     )
 

@@ -125,9 +125,11 @@ def run(args: argparse.Namespace) -> int:
     engine = AsyncEngine(llm)
     stats = engine.stats
     log.info(
-        "engine ready: %d KV blocks of %d tokens, max_model_len %d",
+        "engine ready: %d KV blocks of %d tokens (KV cache dtype %s: %s), max_model_len %d",
         stats.num_total_blocks,
         config.cache.block_size,
+        config.cache.cache_dtype,
+        str(llm.kv_dtype).removeprefix("torch."),
         llm.max_model_len,
     )
     registrar = None

@@ -14,7 +14,9 @@ def add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kv transfer (disaggregated roles)")
     g.add_argument("--role", choices=["standalone", "prefill", "decode"], default=_DEFAULTS.role)
     g.add_argument("--kv-mode", choices=["read", "write"], default=_DEFAULTS.kv_mode)
-    g.add_argument("--kv-transport", choices=["auto", "shm", "tcp", "cuda_ipc"], default=_DEFAULTS.kv_transport)
+    g.add_argument("--kv-transport", choices=["auto", "shm", "tcp", "cuda_ipc", "nixl"], default=_DEFAULTS.kv_transport,
+                   help="auto: cuda_ipc / shm on one host, tcp across hosts; nixl (NIXL over UCX, pip install "
+                   "'pdserve[nixl]'): one-sided READ/WRITE, both instances must name it")
     g.add_argument("--kv-host", default=DEFAULT_HOST, help="address peers use to reach this instance's KV ports")
     g.add_argument("--kv-handshake-port", type=int, default=_DEFAULTS.kv_handshake_port, help="0: pick a free one")
     g.add_argument("--kv-notify-port", type=int, default=_DEFAULTS.kv_notify_port, help="0: pick a free one")

@@ -77,6 +77,25 @@ def test_disagg_over_http_equals_standalone(module_tmp, mode, transport):
         blocks_back(s, p, d)
 
 
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_fp8_kv_cache_pair_equals_standalone_fp8(module_tmp, mode):
+    """--kv-cache-dtype fp8 on every instance: the pair's output is a standalone fp8 instance's; the
+    instances report their float8 KV (startup log, /kv_info)."""
+    fp8 = ("--kv-cache-dtype", "fp8", "--max-num-batched-tokens", "32")
+    with ExitStack() as st:
+        s = st.enter_context(pdserve_server(module_tmp, *fp8))
+        p = st.enter_context(pdserve_server(module_tmp, "--role", "prefill", "--kv-mode", mode, *fp8))
+        d = st.enter_context(pdserve_server(module_tmp, "--role", "decode", "--kv-mode", mode, *fp8))
+        for prompt in PROMPTS:
+            ref = complete(s.base_url, prompt)["choices"][0]
+            got = disagg(p, d, prompt, mode)["choices"][0]
+            assert got["text"] == ref["text"] and got["finish_reason"] == "length"
+        info = httpx.get(f"{d.base_url}/kv_info").json()
+        assert info["kv_cache_dtype"] == "fp8" and info["kv_dtype"] == "float8_e4m3fn"
+        assert "KV cache dtype fp8: float8_e4m3fn" in s.log()
+        blocks_back(s, p, d)
+
+
 def test_many_requests_with_aborts_and_a_killed_prefill(module_tmp):
     """200 requests, random client aborts; then the prefill is killed: nothing leaks on decode."""
     flags = ("--kv-transfer-timeout", "3", "--kv-lease-seconds", "5")

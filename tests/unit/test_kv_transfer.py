@@ -25,17 +25,19 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 def make(model: str, role: str = "standalone", mode: str = "read", transport: str = "auto",
-         timeout: float = 10.0, lease: float = 30.0, policy: str = "fail", blocks: int = 64) -> AsyncEngine:
-    return make_on("cpu", model, role, mode, transport, timeout, lease, policy, blocks)
+         timeout: float = 10.0, lease: float = 30.0, policy: str = "fail", blocks: int = 64,
+         kv_cache_dtype: str = "auto") -> AsyncEngine:
+    return make_on("cpu", model, role, mode, transport, timeout, lease, policy, blocks, kv_cache_dtype)
 
 
 def make_on(device: str, model: str, role: str = "standalone", mode: str = "read", transport: str = "auto",
-            timeout: float = 10.0, lease: float = 30.0, policy: str = "fail", blocks: int = 64) -> AsyncEngine:
+            timeout: float = 10.0, lease: float = 30.0, policy: str = "fail", blocks: int = 64,
+            kv_cache_dtype: str = "auto") -> AsyncEngine:
     cfg = EngineConfig(
         model=model,
         device=device,
         dtype="float32",
-        cache=CacheConfig(num_kv_blocks=blocks),
+        cache=CacheConfig(num_kv_blocks=blocks, cache_dtype=kv_cache_dtype),  # type: ignore[arg-type]
         scheduler=SchedulerConfig(max_num_batched_tokens=32),
         kv_transfer=KVTransferConfig(role=role, kv_mode=mode, kv_transport=transport, kv_transfer_timeout=timeout,
                                      kv_lease_seconds=lease, kv_load_failure_policy=policy),
@@ -120,9 +122,12 @@ def _snapshot_on_release(engine: LLMEngine, store: dict) -> None:
     orig = sched.release_blocks
     bs = engine.layout.block_size
 
+    cache = engine.kv_cache.tensor
+    cache = cache.view(torch.uint8) if cache.element_size() == 1 else cache  # float8: its bytes
+
     def release(req):
         if req.block_ids:
-            kv = engine.kv_cache.tensor[:, req.block_ids]  # [L, nb, 2, kvh, bs, hd]
+            kv = cache[:, req.block_ids]  # [L, nb, 2, kvh, bs, hd]
             kv = kv.permute(0, 2, 1, 4, 3, 5)  # token-major: [L, 2, nb, bs, kvh, hd]
             kv = kv.reshape(kv.shape[0], 2, len(req.block_ids) * bs, *kv.shape[-2:])
             store[req.request_id] = kv[:, :, : req.num_prompt_tokens].clone()
@@ -152,6 +157,50 @@ def test_decode_blocks_hold_the_standalone_kv(mode):
         torch.testing.assert_close(d_kv["x"][:, :, -1], s_kv["x"][:, :, -1], rtol=1e-5, atol=1e-5)
     finally:
         close(s, p, d)
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_fp8_blocks_arrive_byte_identical(mode, transport):
+    """--kv-cache-dtype fp8 on both sides: the float8 bytes move as they are (one byte an element),
+    and the pair generates what a standalone fp8 instance does."""
+    tiny, fp8 = "dummy:qwen3-tiny", "fp8"
+    s = make(tiny, kv_cache_dtype=fp8)
+    p, d = (make(tiny, role, mode, transport, kv_cache_dtype=fp8) for role in ("prefill", "decode"))
+    p_kv: dict = {}
+    d_kv: dict = {}
+    _snapshot_on_release(p.engine, p_kv)
+    _snapshot_on_release(d.engine, d_kv)
+    try:
+        prompt = prompts((75,))[0]
+        ref, _ = asyncio.run(run(s, "x", prompt))
+        got, out = asyncio.run(disagg(p, d, "x", prompt, mode))
+        assert out.error is None and got == ref
+        wait_blocks_free(p, d)
+        layout = d.engine.layout
+        assert d.engine.kv_cache.tensor.dtype == p.engine.kv_cache.tensor.dtype == torch.float8_e4m3fn
+        assert layout.block_bytes == 2 * layout.num_kv_heads * layout.block_size * layout.head_dim
+        # Every prompt token but the last (recomputed by the decode) arrived bit for bit.
+        assert torch.equal(d_kv["x"][:, :, :-1], p_kv["x"][:, :, :-1])
+        moved = d.engine.connector.stats.bytes_moved + p.engine.connector.stats.bytes_moved
+        assert moved == -(-75 // layout.block_size) * layout.num_layers * layout.block_bytes
+    finally:
+        close(s, p, d)
+
+
+@pytest.mark.parametrize(("mode", "prefill_dtype", "decode_dtype"),
+                         [("read", "fp8", "auto"), ("write", "auto", "fp8_e5m2"), ("read", "fp8", "fp8_e5m2")])
+def test_mismatched_kv_cache_dtype_is_refused(mode, prefill_dtype, decode_dtype):
+    tiny = "dummy:qwen3-tiny"
+    p = make(tiny, "prefill", mode, kv_cache_dtype=prefill_dtype, timeout=5)
+    d = make(tiny, "decode", mode, kv_cache_dtype=decode_dtype, timeout=5)
+    try:
+        _, out = asyncio.run(disagg(p, d, "x", prompts((20,))[0], mode))
+        assert out.finish_reason == "error"
+        assert "KV cache dtype mismatch" in out.error and "--kv-cache-dtype" in out.error, out.error
+        wait_blocks_free(p, d)
+    finally:
+        close(p, d)
 
 
 def test_mismatched_fingerprint_is_refused():

@@ -278,6 +278,26 @@ _TRITON_CHECK = textwrap.dedent(
         q = torch.randn(2, kvh * group, hd).half()
         ctx = torch.tensor([40, 5])
         check(q, big, ids.view(2, 3), ctx, small, torch.arange(6).view(2, 3), 4e-3, "block ids past 2**31 elements")
+
+    # A float8 cache (--kv-cache-dtype): loaded as float8, converted in the kernel, its scales folded
+    # in; against the torch path over the dequantized values.
+    from pdserve.model.kv_quant import KVScales, quantize
+
+    scales = KVScales(0.37, 1.9)
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 4e-3)):
+            bs, kvh, group, hd, lens, width = 16, 2, 2, 32, [1, 17, 300], 24
+            kv = torch.randn(100, 2, kvh, bs, hd) * 3
+            kv8 = torch.stack([quantize(kv[:, 0], fp8, scales.k), quantize(kv[:, 1], fp8, scales.v)], 1)
+            deq = torch.stack([kv8[:, 0].float() * scales.k, kv8[:, 1].float() * scales.v], 1)
+            tables, ctx = torch.randint(0, 100, (3, width)), torch.tensor(lens)
+            q = torch.randn(3, kvh * group, hd).to(dtype)
+            for window in (None, 7, 100):
+                meta = AttentionMetadata(bs, torch.zeros(0, dtype=torch.long), 3, tables, ctx)
+                ref = _decode_attention_torch(q.float(), deq, meta, scale(hd), window=window)
+                got = triton_decode.paged_decode_attention(q, kv8, tables, ctx, scale(hd), window, scales)
+                err = (got.float() - ref).abs().max().item()
+                assert err < tol, ("float8", fp8, dtype, window, err)
     print("ok")
     """
 )

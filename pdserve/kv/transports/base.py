@@ -56,7 +56,9 @@ def check_ids(block_ids: list[int], num_blocks: int) -> None:
 def copy_blocks(
     dst: torch.Tensor, src: torch.Tensor, runs: list[tuple[int, int, int]], layer: int | None = None
 ) -> None:
-    """dst/src: whole caches [L, nb, ...]; copies all layers, or only `layer`."""
+    """dst/src: whole caches [L, nb, ...]; copies all layers, or only `layer`. Bytes as they are
+    (uint8 views: float8 caches have no copy kernel everywhere)."""
+    dst, src = dst.view(torch.uint8), src.view(torch.uint8)
     for s, d, n in runs:
         if layer is None:
             dst[:, d : d + n].copy_(src[:, s : s + n])

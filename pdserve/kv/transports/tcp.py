@@ -135,6 +135,7 @@ class _Staged:
     in host memory and are copied to the device by `commit()`."""
 
     def __init__(self, cache: torch.Tensor, layers: range, block_ids: list[int], load: bool) -> None:
+        cache = cache.view(torch.uint8)  # bytes as they are (float8 caches have no index_copy_ kernel)
         self.cache, self.layers, self.ids = cache, layers, torch.tensor(block_ids, device=cache.device)
         part = cache[layers.start : layers.stop].index_select(1, self.ids)
         self.host = part.cpu() if load else torch.empty(part.shape, dtype=cache.dtype, pin_memory=True)
