@@ -2,21 +2,25 @@
 `pdserve serve` (all requests at once, streaming), in the same run; prints TTFT p50, output
 tokens/s and the server/offline ratios.
 
-    .venv/bin/python benchmarks/server_vs_offline.py [--model dummy:qwen3-tiny] [--num-prompts 32]
+    .venv/bin/python benchmarks/server_vs_offline.py [--model dummy:qwen3-tiny] [--num-prompts 32] [--out F.json]
 
 Each side first runs the whole workload once untimed (first calls of each shape are slow), then
 `--repeats` timed runs of which the fastest is reported (robust to other load on the machine).
 Offline TTFT is measured by stepping the LLM's engine (what `LLM.generate` does) and noting
 when each request's first token comes out; server TTFT is the streaming client's first token
-chunk after sending. Both use the same engine settings and thread count. On a small machine the
-client process competes with the server for cores: that cost is part of what is measured.
+chunk after sending; its ITL is the gap between token chunks as the client sees them (a chunk
+that carries several tokens counts once, as in `vllm bench serve`). Both use the same engine
+settings and thread count. On a small machine the client process competes with the server for
+cores: that cost is part of what is measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import platform
 import random
 import signal
 import socket
@@ -44,6 +48,8 @@ class Result:
     ttft_p50_s: float
     output_tokens: int
     duration_s: float
+    itl_p50_s: float | None = None  # the server's, as its client sees it
+    itl_p99_s: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -149,7 +155,9 @@ async def drive_server(url: str, model: str, work: list[BenchRequest], repeats: 
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed, e.g. {failed[0]}")
     ttfts = [r.ttft for r in records if r.ttft is not None]
-    return Result("server (HTTP, streaming)", statistics.median(ttfts), sum(r.output_tokens for r in records), duration)
+    itls = sorted(x for r in records for x in r.itl)
+    return Result("server (HTTP, streaming)", statistics.median(ttfts), sum(r.output_tokens for r in records), duration,
+                  itls[len(itls) // 2], itls[min(len(itls) - 1, int(0.99 * len(itls)))])
 
 
 def run_server(args: argparse.Namespace, work: list[BenchRequest]) -> Result:
@@ -177,6 +185,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest is reported")
+    p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = p.parse_args()
     work = make_workload(args.num_prompts, args.input_len, args.output_len, args.seed)
     offline, generate_tps = run_offline(args, work)
@@ -189,10 +198,20 @@ def main() -> None:
     for r in (offline, server):
         print(f"{r.name:26} {r.ttft_p50_s * 1e3:14.1f} {r.tokens_per_s:13.1f} {r.duration_s:13.2f}")
     print(f"{'offline (LLM.generate)':26} {'':>14} {generate_tps:13.1f}")
-    print(
-        f"server/offline: TTFT p50 x{server.ttft_p50_s / offline.ttft_p50_s:.2f}, "
-        f"throughput x{server.tokens_per_s / offline.tokens_per_s:.2f}"
-    )
+    if server.itl_p50_s is not None and server.itl_p99_s is not None:
+        print(f"server ITL (client-side, per token chunk): p50 {server.itl_p50_s * 1e3:.2f} ms, "
+              f"p99 {server.itl_p99_s * 1e3:.2f} ms")
+    ttft_ratio, tps_ratio = server.ttft_p50_s / offline.ttft_p50_s, server.tokens_per_s / offline.tokens_per_s
+    print(f"server/offline: TTFT p50 x{ttft_ratio:.2f}, throughput x{tps_ratio:.2f}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+            "offline": {**vars(offline), "tokens_per_s": offline.tokens_per_s, "generate_tokens_per_s": generate_tps},
+            "server": {**vars(server), "tokens_per_s": server.tokens_per_s},
+            "ratios": {"ttft_p50": ttft_ratio, "throughput": tps_ratio},
+        }, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from typing import Literal
 
 from pdserve.engine.sampling_params import SamplingDefaults
 
-Role = Literal["standalone", "prefill", "decode"]
+# both: vLLM's kv_role "kv_both": the prefill half of one request, the decode half of another (kv/both.py).
+Role = Literal["standalone", "prefill", "decode", "both"]
 KVMode = Literal["read", "write"]
 KVTransportName = Literal["auto", "shm", "tcp", "cuda_ipc", "nixl"]
 DType = Literal["bfloat16", "float16", "float32", "auto"]
@@ -273,6 +274,9 @@ class EngineConfig:
     cpus: tuple[int, ...] | None = None  # pin the process to these cores
     # CUDA: run every step eagerly; otherwise decode-only steps replay CUDA graphs (one per batch bucket).
     enforce_eager: bool = False
+    # GPTQ / AWQ checkpoints on CPU: 4-bit layers on torch's int4 kernels (True), or every weight
+    # dequantized to the model dtype at load (False; always so on CUDA). Internal: no CLI flag, as vLLM.
+    int4_kernels: bool = True
     # vLLM's --generation-config: "auto" takes the sampling defaults of the model's
     # generation_config.json, "vllm" ignores them; the overrides win over both.
     generation_config: Literal["auto", "vllm"] = "auto"

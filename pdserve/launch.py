@@ -2,7 +2,9 @@
 
 A `TopologySpec` (frozen) names what runs: `standard` (N standalone instances behind
 `pdserve proxy --mode standard`) or `disagg` (X prefill + Y decode instances behind
-`pdserve proxy --mode disagg --kv-mode read|write`). `plan_instances` splits the cores (and GPUs)
+`pdserve proxy --mode disagg --kv-mode read|write`), optionally with Z `--role both` instances, each
+a candidate for either half of every request (`disagg-write:2b`: two of them and no others, the
+proxy routing least-loaded). `plan_instances` splits the cores (and GPUs)
 between the instances; `launch_topology` starts the proxy and the instances (each in its own
 process group, output to `<run_dir>/<name>.log`; instances register with the proxy over ZMQ),
 waits until every instance answers /health and the proxy lists them all healthy, and returns a
@@ -39,7 +41,7 @@ from pdserve.config import DEFAULT_HOST, KVMode, KVTransportName, Role
 
 TopologyKind = Literal["standard", "disagg"]
 _ADDR_IN_USE = re.compile(r"address already in use|errno 98", re.IGNORECASE)
-_XPYD = re.compile(r"^(\d+)p(\d+)d$")
+_XPYD = re.compile(r"^(?:(\d+)p(\d+)d)?(?:(\d+)b)?$")  # XpYd, Zb or XpYdZb
 
 
 class TopologyError(RuntimeError):
@@ -56,6 +58,7 @@ class TopologySpec:
     instances: int = 1  # standard
     prefill: int = 1  # disagg
     decode: int = 1
+    both: int = 0  # disagg: `--role both` instances (either half, per request)
     kv_mode: KVMode = "write"
     kv_transport: KVTransportName = "auto"  # --kv-transport of every prefill and decode instance
     cpus_per_instance: int | None = None
@@ -73,8 +76,10 @@ class TopologySpec:
     def __post_init__(self) -> None:
         if self.kind not in ("standard", "disagg"):
             raise ValueError(f"topology must be standard or disagg, got {self.kind!r}")
-        if min(self.instances, self.prefill, self.decode) < 1:
+        if self.instances < 1 or min(self.prefill, self.decode, self.both) < 0:
             raise ValueError("instance counts must be >= 1")
+        if self.kind == "disagg" and (self.prefill + self.both < 1 or self.decode + self.both < 1):
+            raise ValueError("a disagg topology needs a prefill and a decode instance, or a both instance")
         if self.kv_mode not in ("read", "write"):
             raise ValueError(f"--kv-mode must be read or write, got {self.kv_mode!r}")
         if self.cpus_per_instance is not None and self.cpus_per_instance < 1:
@@ -84,7 +89,7 @@ class TopologySpec:
     def roles(self) -> tuple[Role, ...]:
         if self.kind == "standard":
             return ("standalone",) * self.instances
-        return ("prefill",) * self.prefill + ("decode",) * self.decode
+        return ("prefill",) * self.prefill + ("decode",) * self.decode + ("both",) * self.both
 
     @property
     def label(self) -> str:
@@ -92,12 +97,14 @@ class TopologySpec:
             return self.name
         if self.kind == "standard":
             return f"standard:{self.instances}"
-        shape = "" if (self.prefill, self.decode) == (1, 1) else f":{self.prefill}p{self.decode}d"
+        pd = f"{self.prefill}p{self.decode}d" if (self.prefill, self.decode) != (0, 0) else ""
+        shape = f":{pd}{self.both}b" if self.both else ("" if pd == "1p1d" else f":{pd}")
         return f"disagg-{self.kv_mode}{shape}"
 
 
 def parse_topology(text: str, model: str, **overrides: object) -> TopologySpec:
-    """`standard:N`, `disagg-read`, `disagg-write`, `disagg-write:2p1d` -> a spec (name = text)."""
+    """`standard:N`, `disagg-read`, `disagg-write`, `disagg-write:2p1d`, `disagg-write:2b` (two both
+    instances), `disagg-write:1p1d2b` -> a spec (name = text)."""
     head, _, arg = text.strip().partition(":")
     fields: dict[str, object] = {}
     if head == "standard":
@@ -107,10 +114,12 @@ def parse_topology(text: str, model: str, **overrides: object) -> TopologySpec:
     elif head in ("disagg-read", "disagg-write", "disagg"):
         m = _XPYD.match(arg) if arg else None
         if arg and m is None:
-            raise ValueError(f"bad topology {text!r}: expected {head}:XpYd, e.g. {head}:2p1d")
+            raise ValueError(f"bad topology {text!r}: expected {head}:XpYd, {head}:Zb or {head}:XpYdZb, "
+                             f"e.g. {head}:2p1d or {head}:2b")
         fields = {"kind": "disagg", "kv_mode": head.removeprefix("disagg-") if "-" in head else "write"}
         if m:
-            fields |= {"prefill": int(m.group(1)), "decode": int(m.group(2))}
+            x, y, z = m.groups()
+            fields |= {"prefill": int(x or 0), "decode": int(y or 0), "both": int(z or 0)}
     else:
         raise ValueError(f"bad topology {text!r}: expected standard:N, disagg-read or disagg-write[:XpYd]")
     return TopologySpec(model=model, name=text.strip(), **(fields | overrides))  # type: ignore[arg-type]
@@ -194,6 +203,8 @@ def proxy_argv(spec: TopologySpec, port: int, registry_port: int) -> list[str]:
             "--registry-port", str(registry_port), "--mode", spec.kind, "--log-level", "warning"]
     if spec.kind == "disagg":
         argv += ["--kv-mode", spec.kv_mode]
+        if spec.both:  # the prefill/decode choice across both instances follows their load
+            argv += ["--routing", "least-loaded"]
     return argv + list(spec.proxy_args)
 
 

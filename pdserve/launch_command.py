@@ -3,6 +3,7 @@ Ctrl-C or SIGTERM, then stop every child.
 
     pdserve up standard dummy:qwen3-tiny --instances 2
     pdserve up disagg dummy:qwen3-tiny --prefill 1 --decode 1 --kv-mode write --port 8000
+    pdserve up disagg dummy:qwen3-tiny --both 2      # two `--role both` instances, least-loaded
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from types import FrameType
 
 from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, KV_CACHE_DTYPES
-from pdserve.engine.args import cpu_list, positive_float, positive_int
+from pdserve.engine.args import cpu_list, non_negative_int, positive_float, positive_int
 from pdserve.launch import TopologyError, TopologySpec, default_run_dir, launch_topology, plan_instances
 
 
@@ -36,8 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("topology", choices=("standard", "disagg"))
     p.add_argument("model", help="a local Hugging Face directory or dummy:<preset>")
     p.add_argument("--instances", type=positive_int, default=1, help="standard: standalone instances")
-    p.add_argument("--prefill", type=positive_int, default=1, help="disagg: prefill instances")
-    p.add_argument("--decode", type=positive_int, default=1, help="disagg: decode instances")
+    p.add_argument("--prefill", type=non_negative_int, default=None,
+                   help="disagg: prefill instances (default 1, or 0 with --both)")
+    p.add_argument("--decode", type=non_negative_int, default=None,
+                   help="disagg: decode instances (default 1, or 0 with --both)")
+    p.add_argument("--both", type=non_negative_int, default=0,
+                   help="disagg: `--role both` instances, each the prefill half of some requests and the decode "
+                        "half of others (the proxy routes least-loaded unless --proxy-args say otherwise)")
     p.add_argument("--kv-mode", choices=("read", "write"), default="write",
                    help="disagg: read = proxy serial, decode pulls; write = concurrent, prefill pushes")
     p.add_argument("--kv-transport", choices=("auto", "shm", "tcp", "cuda_ipc", "nixl"), default="auto",
@@ -71,7 +77,9 @@ def _kv_cache_dtype_flag(value: str) -> tuple[str, ...]:
 
 def spec_from_args(args: argparse.Namespace) -> TopologySpec:
     return TopologySpec(
-        kind=args.topology, model=args.model, instances=args.instances, prefill=args.prefill, decode=args.decode,
+        kind=args.topology, model=args.model, instances=args.instances, both=args.both,
+        prefill=args.prefill if args.prefill is not None else (0 if args.both else 1),
+        decode=args.decode if args.decode is not None else (0 if args.both else 1),
         kv_mode=args.kv_mode, kv_transport=args.kv_transport,
         cpus_per_instance=args.cpus_per_instance, cpu_map=args.cpu_map, gpus=args.gpus,
         host=args.host, port=args.port, run_dir=args.run_dir or str(default_run_dir()),

@@ -67,7 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "merged: each series gets every rate of every file, a later file's run replacing an "
                         "earlier one at the same rate")
     p.add_argument("--topologies", default=",".join(DEFAULT_TOPOLOGIES),
-                   help="comma list of standard:N, disagg-read, disagg-write[:XpYd]; '' for none (default %(default)s)")
+                   help="comma list of standard:N, disagg-read, disagg-write[:XpYd | :Zb (Z both) | :XpYdZb]; "
+                        "'' for none (default %(default)s)")
     p.add_argument("--rates", type=_arg(parse_rates), default=parse_rates("0.5:10:0.5"),
                    help="START:STOP:STEP or a comma list, req/s (default 0.5:10:0.5)")
     p.add_argument("--base-url", type=_arg(parse_named_url), action="append", default=[], metavar="NAME=URL",

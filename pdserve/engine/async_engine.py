@@ -2,7 +2,7 @@
 
     asyncio (HTTP handlers) ──commands (SimpleQueue)──► engine thread: drain, step, step, ...
             ▲                                              │
-            └──── per-request asyncio.Queue ◄─call_soon_threadsafe── StepOutputs
+            └──── per-request callbacks ◄─call_soon_threadsafe (one per step)── StepOutputs
 
 The model's heavy kernels release the GIL, so HTTP parsing and SSE writes proceed while a step
 computes; the engine thread never awaits anything, so a slow client cannot stall a step.
@@ -35,7 +35,7 @@ class _Add:
     token_ids: list[int]
     params: SamplingParams
     kv_transfer_params: object | None
-    sink: asyncio.Queue[StepOutput]
+    sink: Callable[[StepOutput], None]
     loop: asyncio.AbstractEventLoop
     lora: LoRARequest | None = None
     priority: int = 0
@@ -61,7 +61,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
-        self._sinks: dict[str, tuple[asyncio.Queue[StepOutput], asyncio.AbstractEventLoop]] = {}
+        self._sinks: dict[str, tuple[Callable[[StepOutput], None], asyncio.AbstractEventLoop]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self.stats: EngineStats = engine.stats()
@@ -85,13 +85,9 @@ class AsyncEngine:
         """Stream a request's outputs (with the loaded adapter `lora`); with `pooling`, an embedding
         request's one final output; `cache_salt` as LLMEngine.add_request's. Leaving the iteration
         early (client gone) aborts it."""
-        if self._stopping:
-            raise RuntimeError("the engine is shutting down")
-        kv_transfer_params = self.engine.validate_request(token_ids, params, kv_transfer_params, pooling)
-        self.engine.validate_priority(priority)
         sink: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._send(_Add(request_id, token_ids, params, kv_transfer_params, sink, asyncio.get_running_loop(), lora,
-                        priority, pooling, cache_salt))
+        self.submit(request_id, token_ids, params, sink.put_nowait, kv_transfer_params, lora, priority, pooling,
+                    cache_salt)
         finished = False
         try:
             while not finished:
@@ -101,6 +97,29 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def submit(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        on_output: Callable[[StepOutput], None],
+        kv_transfer_params: object | None = None,
+        lora: LoRARequest | None = None,
+        priority: int = 0,
+        pooling: PoolingParams | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Send a request (arguments as `generate`'s) without awaiting anything: `on_output(out)` is
+        then called on the running event loop, in order, for each of its outputs, the last with
+        `finished` set. The caller aborts it (`abort`) when it stops listening. Raises ValueError for
+        an invalid request, RuntimeError once the engine is shutting down."""
+        if self._stopping:
+            raise RuntimeError("the engine is shutting down")
+        kv_transfer_params = self.engine.validate_request(token_ids, params, kv_transfer_params, pooling)
+        self.engine.validate_priority(priority)
+        self._send(_Add(request_id, token_ids, params, kv_transfer_params, on_output, asyncio.get_running_loop(), lora,
+                        priority, pooling, cache_salt))
 
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))
@@ -142,8 +161,8 @@ class AsyncEngine:
         return self._thread.is_alive()
 
     def _deliver(self, outs: list[StepOutput]) -> None:
-        """Hand outputs to their asyncio queues: one thread-safe call per event loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[StepOutput], StepOutput]]] = {}
+        """Hand outputs to their callbacks: one thread-safe call per event loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[StepOutput], None], StepOutput]]] = {}
         for out in outs:
             entry = self._sinks.get(out.request_id)
             if entry is None:
@@ -224,6 +243,9 @@ def _fail(done: asyncio.Future[Any], error: Exception) -> None:
         done.set_exception(error)
 
 
-def _put_all(items: list[tuple[asyncio.Queue[StepOutput], StepOutput]]) -> None:
+def _put_all(items: list[tuple[Callable[[StepOutput], None], StepOutput]]) -> None:
     for sink, out in items:
-        sink.put_nowait(out)
+        try:
+            sink(out)
+        except Exception:  # one request's bug must not lose the other requests' outputs
+            log.exception("output callback of request %s failed", out.request_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,14 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up, lifetime
     prefix_cache_hits: int = 0  # of which found computed
     spec_decode: SpecDecodeStats | None = None  # with speculative decoding on
+    # vLLM's iteration counters, lifetime: preemptions; prompt tokens of requests that got their first
+    # token (counted then, cached or received ones included); tokens generated.
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    # With LoRA on: the adapters of running / waiting requests (names, sorted).
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
 
 
 class LLMEngine:
@@ -66,7 +75,8 @@ class LLMEngine:
             keep_freed_memory()
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        self.loaded: LoadedModel = load_model(config.model, self.dtype, self.device, seed=config.seed)
+        self.loaded: LoadedModel = load_model(config.model, self.dtype, self.device, seed=config.seed,
+                                                  int4_kernels=config.int4_kernels)
         self.model_config = self.loaded.config
         if can_prepack(self.device, self.dtype):
             prepack_linears_(self.loaded.module)
@@ -125,6 +135,11 @@ class LLMEngine:
             self.proposer = NgramProposer(config.speculative)
         self._pending: list[StepOutput] = []
         self.step_count = 0
+        self.prompt_tokens = 0  # EngineStats.prompt_tokens / generation_tokens
+        self.generation_tokens = 0
+        # Called after each step with its token count as vLLM's iteration_tokens_total counts it
+        # (the prompts that got their first token, plus the tokens generated), on the engine thread.
+        self.on_iteration: Callable[[int], None] | None = None
         self.idle = True  # the last step had nothing to compute
 
     def enable_static_decode(self, use_graphs: bool) -> None:
@@ -350,10 +365,15 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         pool = self.block_pool
+        running_loras = waiting_loras = ()
+        if self.lora is not None:
+            running_loras = tuple(sorted({r.lora.lora_name for r in s.running if r.lora is not None}))
+            waiting_loras = tuple(sorted({r.lora.lora_name for r in s.waiting if r.lora is not None}))
         return EngineStats(
             len(s.running), len(s.waiting), pool.num_free, pool.num_usable, pool.num_cached,
             s.prefix_cache_queries, s.prefix_cache_hits,
             self.spec_stats if self.proposer is not None else None,
+            s.num_preemptions, self.prompt_tokens, self.generation_tokens, running_loras, waiting_loras,
         )
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -378,8 +398,22 @@ class LLMEngine:
         for rid, drafts in batch.spec.items():
             self.spec_stats = self.spec_stats.add(len(drafts), len(result.accepted[rid]))
         advanced = self.scheduler.update_after_step(batch, result.tokens, result.accepted)
+        self._count_tokens(advanced)
         outputs.extend(self._process(advanced, result.logprobs, result.pooled))
         return outputs
+
+    def _count_tokens(self, advanced: list[tuple[Request, int]]) -> None:
+        """vLLM's iteration stats: tokens generated this step, and the prompts of the requests that
+        got their first token (a request's output holds no other tokens yet)."""
+        generated = prompts = 0
+        for req, n in advanced:
+            generated += n
+            if n and len(req.output_token_ids) == n:
+                prompts += req.num_prompt_tokens
+        self.generation_tokens += generated
+        self.prompt_tokens += prompts
+        if self.on_iteration is not None:
+            self.on_iteration(prompts + generated)
 
     def _drafts(self) -> dict[str, list[int]] | None:
         """This step's drafts by request id; a constrained request's only as far as its grammar
@@ -494,6 +528,8 @@ class LLMEngine:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             embedding=embedding,
+            queued_time=req.arrival_time,
+            scheduled_time=req.scheduled_time,
         )
 
     def run_until_done(self, max_idle_s: float = 600.0) -> list[StepOutput]:

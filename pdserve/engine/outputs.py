@@ -25,6 +25,10 @@ class StepOutput:
     # With the first token, when the request asks: prompt tokens 1.. (the first has none).
     prompt_logprobs: list[TokenLogprob] | None = None
     embedding: list[float] | None = None  # an embedding request's vector, on its final output
+    # On the final output of a request the engine ran (time.monotonic()): when it was queued in the
+    # engine and first scheduled (0.0: never), for vLLM's queue / prefill / inference intervals.
+    queued_time: float | None = None
+    scheduled_time: float = 0.0
 
 
 @dataclass

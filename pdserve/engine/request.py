@@ -52,7 +52,8 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 1 << 30
-    arrival_time: float = field(default_factory=time.monotonic)
+    arrival_time: float = field(default_factory=time.monotonic)  # queued in the engine
+    scheduled_time: float = 0.0  # first admitted into the running batch (0: not yet); for metrics
     priority: int = 0  # the priority policy serves lower values first (vLLM's); fcfs ignores it
     arrival_seq: int = 0  # set by Scheduler.add: breaks ties of arrival_time by add order
     output_token_ids: list[int] = field(default_factory=list)

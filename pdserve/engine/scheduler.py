@@ -31,6 +31,7 @@ no block is registered in the prefix cache before its every slot holds verified 
 from __future__ import annotations
 
 import itertools
+import time
 from bisect import insort
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -122,6 +123,8 @@ class Scheduler:
 
     def _start_running(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING
+        if not req.scheduled_time:  # the first admission (vLLM's SCHEDULED event; preemptions ignored)
+            req.scheduled_time = time.monotonic()
         if self.by_priority:
             insort(self.running, req, key=self.rank)
         else:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import zmq
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from pdserve.kv.transports.nixl import NixlAgent
 
 log = logging.getLogger(__name__)
+_Half = TypeVar("_Half", bound="KVConnectorBase")
 
 
 @dataclass
@@ -56,6 +57,8 @@ class KVTransferStats:
     load_failures: int = 0
     handshake_failures: int = 0
     blocks_held: int = 0
+    prefill_halves: int = 0  # requests served as the prefill half (do_remote_decode), lifetime
+    decode_halves: int = 0  # requests served as the decode half (do_remote_prefill), lifetime
 
 
 class _WakingQueue:
@@ -129,6 +132,26 @@ class KVConnectorBase:
         self._transports: dict[tuple[str, int], KVTransport] = {}  # used by the worker thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv-transfer")
         self._lock = threading.Lock()
+        self._init_role()
+
+    def _init_role(self) -> None:
+        """The role's own state (a subclass's), after the shared sockets and transports exist."""
+
+    @classmethod
+    def half_of(cls: type[_Half], owner: KVConnectorBase) -> _Half:
+        """This role's logic over `owner`'s engine id, sockets, tcp server, NIXL agent, handshake
+        cache, transfer worker and stats, opening nothing of its own (the both role, kv/both.py).
+        It gets its own event queue, whose every put wakes the owner's engine loop: the owner
+        routes notify messages to its halves, and each half drains its own queue in `poll()`.
+        `http_port` and `release` are copied: the owner passes later changes on."""
+        half = cls.__new__(cls)
+        half.__dict__.update({k: v for k, v in vars(owner).items()
+                              if k != "events" and not isinstance(v, KVConnectorBase)})
+        half.http_port, half.release = owner.http_port, owner.release
+        half.events = _WakingQueue()
+        half.events.wake = lambda: owner.events.wake()  # late-bound: the engine sets the owner's wake
+        half._init_role()
+        return half
 
     def _on_notify(self, msg: object) -> None:
         """Notify thread: hand the message to the engine thread."""

@@ -45,8 +45,7 @@ class _Pending:
 class KVConsumer(KVConnectorBase):
     role = "decode"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def _init_role(self) -> None:
         self.allocate: Callable[[Request], bool] = lambda req: False  # set by the engine
         self._pending: dict[str, _Pending] = {}
         self._last_liveness = 0.0
@@ -73,6 +72,7 @@ class KVConsumer(KVConnectorBase):
         self.validate(params, request.num_prompt_tokens)
         mode = (params.transfer_mode or self.transfer_mode).upper()
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.stats.decode_halves += 1
         request.kv_transfer_params = None  # consumed here; responses carry none (as vLLM's)
         _set_cached_tokens(request, params.num_cached_tokens or 0)
         params = msgspec.structs.replace(params, transfer_mode=mode)

@@ -16,8 +16,8 @@ def make_connector(
     config: EngineConfig, model: ModelConfig, cache: KVCache, scheduler: Scheduler, runner: ModelRunner,
     token: str | None = None,
 ) -> KVConnectorBase | None:
-    """None for a standalone engine; else a producer (prefill) or consumer (decode) wired to the
-    scheduler's and runner's seams."""
+    """None for a standalone engine; else a producer (prefill), a consumer (decode) or both (each
+    request picks its half, kv/both.py) wired to the scheduler's and runner's seams."""
     role = config.kv_transfer.role
     if role == "standalone":
         return None
@@ -31,8 +31,14 @@ def make_connector(
         consumer = KVConsumer(config, model, cache, token)
         consumer.allocate = scheduler.allocate_for_remote
         conn = consumer
+    elif role == "both":
+        from pdserve.kv.both import KVBoth
+
+        both = KVBoth(config, model, cache, token)
+        both.allocate = scheduler.allocate_for_remote
+        conn = both
     else:
-        raise ValueError(f"unknown role {role!r}; expected standalone, prefill or decode")
+        raise ValueError(f"unknown role {role!r}; expected standalone, prefill, decode or both")
     conn.release = scheduler.release_blocks
     scheduler.connector = conn
     runner.layer_hook = conn.on_layer_done

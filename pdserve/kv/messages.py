@@ -35,7 +35,9 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields
 
 
 class Register(msgspec.Struct, tag_field="type", tag="register", forbid_unknown_fields=False):
-    role: Literal["P", "D", "S"]
+    # B (a pdserve extension, as S): a `--role both` instance, usable as either half. Its
+    # transfer_mode is only its default: it serves READ and WRITE halves alike, per request.
+    role: Literal["P", "D", "S", "B"]
     request_address: str
     handshake_port: int = 0
     notify_port: int = 0

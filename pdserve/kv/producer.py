@@ -43,8 +43,7 @@ class _Held:
 class KVProducer(KVConnectorBase):
     role = "prefill"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def _init_role(self) -> None:
         self._remote: dict[str, tuple[Request, KVTransferParams]] = {}  # in flight, do_remote_decode
         self._held: dict[str, _Held] = {}  # finished, blocks kept
         self._dests: dict[str, tuple[WriteDest, float]] = {}  # write_dest seen, by request id
@@ -65,6 +64,7 @@ class KVProducer(KVConnectorBase):
             request.sampling_params, max_tokens=1, min_tokens=0, stop=(), stop_token_ids=()
         )
         mode = (params.transfer_mode or self.transfer_mode).upper()
+        self.stats.prefill_halves += 1
         self._remote[request.request_id] = (request, msgspec.structs.replace(params, transfer_mode=mode))
         if self._early_aborts.pop(request.request_id, None) is not None:  # the proxy gave up on it already
             self._handle(Abort(request.request_id, PROXY_ENGINE_ID, "aborted before it arrived"))

@@ -87,9 +87,9 @@ class SelfAttention(nn.Module):
 
     def fuse_projections(self, make: MakeLinear) -> None:
         """Replace q/k/v_proj by one layer over their concatenated weights (one GEMM, not three)."""
-        if self.qkv_proj is not None:
+        projs = (self.q_proj, self.k_proj, self.v_proj) if self.qkv_proj is None else ()
+        if not projs or not all(isinstance(p, nn.Linear) for p in projs):  # fused, or 4-bit (int4_linear.py)
             return
-        projs = (self.q_proj, self.k_proj, self.v_proj)
         bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
         self.qkv_proj = make(torch.cat([p.weight for p in projs]), bias)
         del self.q_proj, self.k_proj, self.v_proj
@@ -137,8 +137,8 @@ class GatedMLP(nn.Module):
 
     def fuse_projections(self, make: MakeLinear) -> None:
         """Replace gate/up_proj by one layer over their concatenated weights."""
-        if self.gate_up_proj is not None:
-            return
+        if self.gate_up_proj is not None or not all(isinstance(p, nn.Linear) for p in (self.gate_proj, self.up_proj)):
+            return  # fused, or 4-bit (int4_linear.py)
         self.gate_up_proj = make(torch.cat([self.gate_proj.weight, self.up_proj.weight]), None)
         del self.gate_proj, self.up_proj
 

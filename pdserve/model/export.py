@@ -7,6 +7,11 @@ Optionally FP8-quantized, in the forms real checkpoints take (fp8.py, quantizati
 128 x 128 `weight_scale_inv` as Qwen3-*-FP8; "fp8-dynamic", compressed-tensors per-channel
 `weight_scale` with dynamic activations as the *-FP8-dynamic checkpoints. Every linear layer is
 quantized but lm_head and the MoE routers (`mlp.gate`), which stay in the export dtype, as there.
+
+Or 4-bit integer, round-to-nearest (gptq_awq.py, no calibration): "gptq", symmetric GPTQ in the v1
+format (`qweight`, `qzeros`, `scales`, `g_idx`; act-order g_idx with `act_order`); "awq", AutoAWQ's
+GEMM format (asymmetric, zero points, `modules_to_not_convert` naming lm_head). Group size 128 by
+default (`group_size`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 
 from pdserve.config import ModelConfig, RopeScaling
 from pdserve.model.fp8 import quantize_fp8
+from pdserve.model.gptq_awq import awq_config_dict, gptq_config_dict, pack_awq, pack_gptq, quantize_rtn
 from pdserve.model.hf_config import (
     ALWAYS_WINDOWED_ARCHITECTURES,
     LAYER_TYPED_ARCHITECTURES,
@@ -37,8 +43,9 @@ from pdserve.model.tokenizer import Tokenizer
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DEFAULT_MAX_SHARD_SIZE = 4 * 1000**3  # bytes ("4GB", as transformers counts)
-QUANTIZATIONS = ("fp8", "fp8-dynamic")
+QUANTIZATIONS = ("fp8", "fp8-dynamic", "gptq", "awq")
 FP8_BLOCK_SIZE = (128, 128)
+INT4_GROUP_SIZE = 128
 _UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
 
 
@@ -251,7 +258,7 @@ def save_hf_dir(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v for k, v in state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    dtype = next(v.dtype for v in tensors.values() if v.element_size() > 1)  # not the FP8 weights'
+    dtype = next(v.dtype for v in tensors.values() if v.dtype.is_floating_point and v.element_size() > 1)
     _write_json(out / "config.json", hf_config_dict(config, dtype, quantization_config))
     _write_json(out / "generation_config.json", generation_config_dict(config))
     save_weights(tensors, out, max_shard_size)
@@ -275,8 +282,8 @@ def quantize_fp8_state_dict(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(`module`'s state dict with its linear weights FP8-quantized, next to their scales; the
     `quantization_config` that describes them). `quantization`: one of QUANTIZATIONS (module doc)."""
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
+    if quantization not in QUANTIZATIONS[:2]:
+        raise ValueError(f"unknown FP8 quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS[:2])}")
     keep = _unquantized_linears(module)
     quantized = {
         f"{name}.weight" for name, m in module.named_modules() if isinstance(m, nn.Linear) and name not in keep
@@ -294,6 +301,52 @@ def quantize_fp8_state_dict(
     return out, compressed_tensors_config_dict("channel", keep)
 
 
+def act_order_permutation(weight: torch.Tensor) -> torch.Tensor:
+    """The input features by decreasing column norm: the order GPTQ's desc_act quantizes in (by the
+    Hessian's diagonal, which RTN has not; the column norm stands in for it)."""
+    return torch.argsort(weight.float().norm(dim=0), descending=True, stable=True)
+
+
+def _input_of(linear: str) -> str:
+    parent, _, name = linear.rpartition(".")
+    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+    return f"{parent}.{shared.get(name, name)}"
+
+
+def quantize_int4_state_dict(
+    module: nn.Module, quantization: str, group_size: int = INT4_GROUP_SIZE, act_order: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(`module`'s state dict with its linear weights 4-bit quantized by round-to-nearest and packed
+    as `quantization` ("gptq" or "awq") packs them; its `quantization_config`). lm_head and the MoE
+    routers stay as they are; `act_order` (GPTQ only) forms the groups over act_order_permutation."""
+    if quantization not in ("gptq", "awq"):
+        raise ValueError(f"unknown 4-bit quantization {quantization!r}; valid: gptq, awq")
+    if act_order and quantization != "gptq":
+        raise ValueError("act-order (desc_act) is a GPTQ option")
+    keep = _unquantized_linears(module)
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) and name not in keep}
+    perms: dict[str, torch.Tensor] = {}
+    if act_order:  # layers that read the same input (q/k/v, gate/up) share its order, as in GPTQ
+        inputs: dict[str, list[torch.Tensor]] = {}
+        for name, m in linears.items():
+            inputs.setdefault(_input_of(name), []).append(m.weight)
+        order = {key: act_order_permutation(torch.cat(ws)) for key, ws in inputs.items()}
+        perms = {name: order[_input_of(name)] for name in linears}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in module.state_dict().items():
+        prefix = key.removesuffix(".weight")
+        if not (key.endswith(".weight") and prefix in linears):
+            out[key] = t
+            continue
+        perm = perms.get(prefix)
+        w = quantize_rtn(t, 4, group_size, sym=quantization == "gptq", act_order=perm)
+        packed = pack_gptq(w) if quantization == "gptq" else pack_awq(w)
+        out.update({f"{prefix}.{name}": v for name, v in packed.items()})
+    if quantization == "gptq":
+        return out, gptq_config_dict(4, group_size, act_order)
+    return out, awq_config_dict(group_size, keep)
+
+
 def export_model(
     model: str,
     out_dir: str | os.PathLike,
@@ -302,12 +355,17 @@ def export_model(
     seed: int = 0,
     quantization: str | None = None,
     weight_block_size: tuple[int, int] = FP8_BLOCK_SIZE,
+    group_size: int = INT4_GROUP_SIZE,
+    act_order: bool = False,
 ) -> Path:
     """Load `model` (HF dir or dummy:<preset>) on CPU and write it as an HF directory at out_dir,
-    FP8-quantized with `quantization` (QUANTIZATIONS; `weight_block_size` for "fp8"), the other
-    tensors in `dtype`."""
-    loaded = load_model(model, dtype, "cpu", seed=seed)
+    quantized with `quantization` (QUANTIZATIONS; `weight_block_size` for "fp8", `group_size` and
+    `act_order` for "gptq" / "awq"), the other tensors in `dtype`."""
+    loaded = load_model(model, dtype, "cpu", seed=seed, int4_kernels=False)  # plain linears to export
     if quantization is None:
         return save_hf_dir(out_dir, loaded.config, loaded.module.state_dict(), loaded.tokenizer, max_shard_size)
-    tensors, qconfig = quantize_fp8_state_dict(loaded.module, quantization, weight_block_size)
+    if quantization in ("gptq", "awq"):
+        tensors, qconfig = quantize_int4_state_dict(loaded.module, quantization, group_size, act_order)
+    else:
+        tensors, qconfig = quantize_fp8_state_dict(loaded.module, quantization, weight_block_size)
     return save_hf_dir(out_dir, loaded.config, tensors, loaded.tokenizer, max_shard_size, qconfig)

@@ -14,13 +14,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quantization",
-        choices=["fp8", "fp8-dynamic"],
+        choices=["fp8", "fp8-dynamic", "gptq", "awq"],
         default=None,
         help="write FP8 weights, as pdserve, vLLM and transformers load them: fp8 = block-wise 128x128 "
         "weight_scale_inv (quant_method fp8, as Qwen3-*-FP8); fp8-dynamic = per-channel weight_scale, "
-        "dynamic per-token activations (compressed-tensors, as *-FP8-dynamic). lm_head and MoE routers "
-        "stay in --dtype, as do embeddings and norms",
+        "dynamic per-token activations (compressed-tensors, as *-FP8-dynamic); gptq = 4-bit symmetric GPTQ "
+        "(v1 format, round-to-nearest), awq = 4-bit AutoAWQ GEMM format (round-to-nearest). lm_head and MoE "
+        "routers stay in --dtype, as do embeddings and norms",
     )
+    p.add_argument("--group-size", type=int, default=128, help="gptq / awq: input features per scale (-1: per channel)")
+    p.add_argument("--act-order", action="store_true", help="gptq: desc_act groups (an act-order g_idx)")
     p.set_defaults(func=run)
 
 
@@ -28,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.model.export import export_model
 
     out = export_model(
-        args.model, args.out_dir, args.dtype, args.max_shard_size, seed=args.seed, quantization=args.quantization
+        args.model, args.out_dir, args.dtype, args.max_shard_size, seed=args.seed, quantization=args.quantization,
+        group_size=args.group_size, act_order=args.act_order,
     )
     print(f"wrote {args.model} to {out}" + (f" ({args.quantization})" if args.quantization else ""))
     return 0

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ from pdserve.config import ModelConfig
 from pdserve.engine.sampling_params import GENERATION_CONFIG_KEYS, SamplingDefaults
 from pdserve.model.decoder import DecoderForCausalLM, RMSNorm
 from pdserve.model.fp8 import FP8_DTYPE, dequantize_fp8_into_
+from pdserve.model.gptq_awq import IntWeight, PackedIntConfig, read_int_weight
 from pdserve.model.hf_config import MODEL_TYPES, config_from_hf
+from pdserve.model.int4_linear import install_int_weights_
 from pdserve.model.kv_quant import KVScales, kv_scale_key, scale_value
 from pdserve.model.presets import PRESETS, get_preset
 from pdserve.model.quantization import QuantizationConfig, parse_quantization_config
@@ -58,8 +62,9 @@ class LoadedModel:
     device: torch.device = torch.device("cpu")
     # The sampling values generation_config.json recommends (none for dummy models).
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
-    # How the checkpoint was quantized (its weights are dequantized to `dtype` at load); None: it was not.
-    quantization: QuantizationConfig | None = None
+    # How the checkpoint was quantized (FP8: dequantized to `dtype` at load; GPTQ / AWQ: 4-bit layers on
+    # CPU, else dequantized, int4_linear.py); None: it was not.
+    quantization: QuantizationConfig | PackedIntConfig | None = None
 
 
 def cpu_supports_bf16() -> bool:
@@ -91,8 +96,11 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return DTYPES[key]
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> DecoderForCausalLM:
-    """An allocated but uninitialized model of `config` in `dtype` on `device` (eval mode, no grad)."""
+def build_model(
+    config: ModelConfig, dtype: torch.dtype, device: str | torch.device, unallocated: Collection[str] = ()
+) -> DecoderForCausalLM:
+    """An allocated but uninitialized model of `config` in `dtype` on `device` (eval mode, no grad);
+    the linears named in `unallocated` get an empty weight, which loading replaces (quantized ones)."""
     if config.architecture not in ARCHITECTURES:
         raise ValueError(
             f"unsupported architecture {config.architecture!r}; supported: {', '.join(ARCHITECTURES)}"
@@ -101,6 +109,10 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
         module = ARCHITECTURES[config.architecture](config)
     if config.tie_word_embeddings:  # avoid allocating lm_head separately; re-tied below
         module.lm_head.weight = nn.Parameter(torch.empty(0, 0, device="meta"))
+    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)} if unallocated else {}
+    for name in unallocated:
+        if name in linears:
+            linears[name].weight = nn.Parameter(torch.empty(0, 0, device="meta"))
     module = module.to(dtype=dtype).to_empty(device=torch.device(device))
     if config.tie_word_embeddings:
         module.tie_weights()
@@ -235,26 +247,44 @@ def _copy_fp8_(p: torch.Tensor, key: str, t: torch.Tensor, ckpt: _Checkpoint, qu
         raise ValueError(f"{scale_key} in {ckpt.file_of(scale_key)}: {e}") from None
 
 
+def _read_int_weight(ckpt: _Checkpoint, prefix: str, quant: PackedIntConfig) -> IntWeight:
+    try:
+        return read_int_weight(ckpt.get, ckpt.__contains__, prefix, quant)
+    except ValueError as e:
+        raise ValueError(f"{quant.quant_method} weight {prefix} ({ckpt.file_of(prefix + '.qweight')}): {e}") from None
+
+
 @torch.no_grad()
 def load_weights_(
-    module: DecoderForCausalLM, files: list[Path], quantization: QuantizationConfig | None = None
+    module: DecoderForCausalLM,
+    files: list[Path],
+    quantization: QuantizationConfig | PackedIntConfig | None = None,
+    int4_kernels: bool = True,
 ) -> None:
     """Copy checkpoint tensors into `module` by name; ValueError on shape mismatch or missing weights.
 
     FP8 tensors are dequantized into the module's dtype with their scales (`quantization`, from
     config.json), one tensor at a time, so loading needs about one tensor of memory beyond the model.
     KV-cache scales (k_scale / v_scale / kv_scale per attention layer) go to the attention modules,
-    for a float8 KV cache.
+    for a float8 KV cache. GPTQ / AWQ linears (`X.qweight` with `X.qzeros`, `X.scales`, `X.g_idx`)
+    become 4-bit layers where int4_linear.py runs them and `int4_kernels` is on, else are dequantized.
     """
     params = dict(module.named_parameters())
     tied = module.config.tie_word_embeddings
     loaded: set[str] = set()
     dequantized = 0
     kv_scales: dict[int, dict[str, float]] = {}
+    int_weights: dict[str, Any] = {}
     with _Checkpoint(files) as ckpt:
         for key in ckpt.keys():
             if key == "lm_head.weight" and tied:
                 continue  # tied to the embedding (as transformers does)
+            if isinstance(quantization, PackedIntConfig) and key.endswith(".qweight"):
+                prefix = key.removesuffix(".qweight")
+                if f"{prefix}.weight" in params:
+                    int_weights[prefix] = partial(_read_int_weight, ckpt, prefix, quantization)
+                    loaded.add(f"{prefix}.weight")
+                    continue
             p = params.get(key)
             if p is None and (found := kv_scale_key(key)) is not None:
                 kv_scales.setdefault(found[0], {})[found[1]] = scale_value(key, ckpt.get(key))
@@ -277,8 +307,14 @@ def load_weights_(
             else:
                 p.copy_(t.to(device=p.device, dtype=p.dtype))
             loaded.add(key)
+        if int_weights:
+            dtype = module.model.embed_tokens.weight.dtype
+            device = module.model.embed_tokens.weight.device
+            int4, dequantized = install_int_weights_(module, int_weights, dtype, device, int4_kernels)
+            log.info("%s checkpoint: %d 4-bit layers (int4 kernels), %d linears dequantized to %s",
+                     quantization.quant_method, int4, dequantized, dtype)  # type: ignore[union-attr]
     _set_kv_scales(module, kv_scales)
-    if quantization is not None:
+    if quantization is not None and not isinstance(quantization, PackedIntConfig):
         dtype = next(iter(params.values())).dtype
         log.info("dequantized %d FP8 weights (%s) to %s", dequantized, quantization.quant_method, dtype)
     missing = [n for n in params if n not in loaded]
@@ -316,9 +352,15 @@ def _sampling_defaults(generation: dict[str, Any], path: Path) -> SamplingDefaul
         raise ValueError(f"{path / 'generation_config.json'}: {e}") from None
 
 
+def _quantized_linears(files: list[Path]) -> list[str]:
+    """The linears a GPTQ / AWQ checkpoint stores packed (`X.qweight`)."""
+    with _Checkpoint(files) as ckpt:
+        return [k.removesuffix(".qweight") for k in ckpt.keys() if k.endswith(".qweight")]
+
+
 def _load_dir(
-    path: Path, dtype: torch.dtype, device: torch.device
-) -> tuple[DecoderForCausalLM, Tokenizer, SamplingDefaults, QuantizationConfig | None]:
+    path: Path, dtype: torch.dtype, device: torch.device, int4_kernels: bool = True
+) -> tuple[DecoderForCausalLM, Tokenizer, SamplingDefaults, QuantizationConfig | PackedIntConfig | None]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in model directory {path}")
     generation = _read_json(path / "generation_config.json")
@@ -338,8 +380,9 @@ def _load_dir(
     else:
         log.warning("no tokenizer.json in %s: using the byte-level tokenizer", path)
         tokenizer = Tokenizer.byte_level(config.vocab_size, config.max_position_embeddings)
-    module = build_model(config, dtype, device)
-    load_weights_(module, files, quantization)
+    packed = _quantized_linears(files) if isinstance(quantization, PackedIntConfig) else []
+    module = build_model(config, dtype, device, packed)
+    load_weights_(module, files, quantization, int4_kernels)
     return module, tokenizer, defaults, quantization
 
 
@@ -348,8 +391,12 @@ def load_model(
     dtype: torch.dtype | str,
     device: str | torch.device,
     seed: int = 0,
+    int4_kernels: bool = True,
 ) -> LoadedModel:
-    """Load `model`: a local HF directory, or `dummy:<preset>` (seeded random weights, byte tokenizer)."""
+    """Load `model`: a local HF directory, or `dummy:<preset>` (seeded random weights, byte tokenizer).
+
+    int4_kernels: run a GPTQ / AWQ checkpoint's 4-bit layers with the CPU int4 kernels where they run
+    (int4_linear.py); off, or elsewhere, they are dequantized to `dtype` at load."""
     device = torch.device(device)
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)
@@ -367,7 +414,7 @@ def load_model(
                 f"model {model!r} is not a local directory; pass an HF model directory or "
                 f"{DUMMY_PREFIX}<preset> (presets: {', '.join(PRESETS)})"
             )
-        module, tokenizer, defaults, quantization = _load_dir(path, dtype, device)
+        module, tokenizer, defaults, quantization = _load_dir(path, dtype, device, int4_kernels)
         config = module.config
     eos = tuple(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids))
     config = replace(config, eos_token_ids=eos)

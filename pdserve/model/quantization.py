@@ -13,8 +13,9 @@ Weights are dequantized at load (fp8.py); the stored dtype decides, per tensor, 
 quantized (layers left out — `modules_to_not_convert`, `ignored_layers`, `ignore`: lm_head, MoE
 routers — are stored in bf16). Activation scales (`input_scale`, `activation_scale`) are read past:
 activations stay in the serving dtype. FP8 KV-cache scales (`k_scale`, `v_scale`, `kv_scale`) are
-read by the loader for `--kv-cache-dtype fp8` (kv_quant.py). Every other method
-(awq, gptq, bitsandbytes, integer or 4-bit compressed-tensors, ...) is refused by name.
+read by the loader for `--kv-cache-dtype fp8` (kv_quant.py). `gptq` and `awq` (integer weights
+packed in int32 words) are parsed by gptq_awq.py. Every other method (bitsandbytes, integer or 4-bit
+compressed-tensors, ...) is refused by name.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pdserve.model.gptq_awq import PackedIntConfig, parse_awq, parse_gptq
+
 SUPPORTED_METHODS = ("fp8", "compressed-tensors", "fbgemm_fp8")
+INTEGER_METHODS = ("gptq", "awq")  # gptq_awq.py
 ActivationScheme = Literal["dynamic", "static"]
 # Tensors beside quantized weights that a dequantizing loader reads past.
 AUXILIARY_SUFFIXES = (
@@ -71,7 +75,7 @@ class QuantizationConfig:
 def _refuse(method: Any, why: str) -> ValueError:
     return ValueError(
         f"unsupported quantization_config.quant_method {method!r}: {why}; pdserve loads FP8 checkpoints "
-        f"({', '.join(SUPPORTED_METHODS)} with float8_e4m3 weights) and unquantized ones"
+        f"({', '.join(SUPPORTED_METHODS)} with float8_e4m3 weights), GPTQ and AWQ ones and unquantized ones"
     )
 
 
@@ -176,10 +180,16 @@ def _compressed_tensors(cfg: Mapping[str, Any]) -> QuantizationConfig:
     )
 
 
-_PARSERS = {"fp8": _fp8, "compressed-tensors": _compressed_tensors, "fbgemm_fp8": _fbgemm_fp8}
+_PARSERS = {
+    "fp8": _fp8,
+    "compressed-tensors": _compressed_tensors,
+    "fbgemm_fp8": _fbgemm_fp8,
+    "gptq": parse_gptq,
+    "awq": parse_awq,
+}
 
 
-def parse_quantization_config(cfg: Mapping[str, Any] | None) -> QuantizationConfig | None:
+def parse_quantization_config(cfg: Mapping[str, Any] | None) -> QuantizationConfig | PackedIntConfig | None:
     """The QuantizationConfig of config.json's `quantization_config` (None: not quantized); ValueError
     naming `quantization_config.quant_method` for every method or scheme pdserve does not load."""
     if not cfg:
@@ -187,7 +197,7 @@ def parse_quantization_config(cfg: Mapping[str, Any] | None) -> QuantizationConf
     method = cfg.get("quant_method")
     parser = _PARSERS.get(str(method).lower())
     if parser is None:
-        raise _refuse(method, "not an FP8 method")
+        raise _refuse(method, "not an FP8, GPTQ or AWQ method")
     return parser(cfg)
 
 

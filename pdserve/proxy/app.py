@@ -227,7 +227,8 @@ def build_app(settings: ProxySettings) -> ProxyApp:
         headers = state.upstream.auth_headers(request.headers.get("authorization"))
         if body is not None:
             headers["Content-Type"] = "application/json"
-        for inst in [i for r in roles for i in state.table.candidates(r)][:2]:
+        # dict.fromkeys: a both instance is a candidate of both roles, tried once
+        for inst in list(dict.fromkeys(i for r in roles for i in state.table.candidates(r)))[:2]:
             try:
                 got = await state.upstream.fetch(inst, request.method, request.url.path, headers, body)
             except UpstreamFailure as e:

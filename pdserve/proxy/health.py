@@ -16,13 +16,13 @@ import logging
 import aiohttp
 import msgspec
 
-from pdserve.proxy.instances import Instance, InstanceTable, RoleCode
+from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
 
 log = logging.getLogger(__name__)
 
 _ROLE_CODES: dict[str, RoleCode] = {
     "P": "P", "D": "D", "S": "S", "prefill": "P", "decode": "D", "standalone": "S",
-    "kv_producer": "P", "kv_consumer": "D",
+    "kv_producer": "P", "kv_consumer": "D", "both": "B", "B": "B", "kv_both": "B",
 }
 
 
@@ -91,8 +91,9 @@ class HealthChecker:
             return f"bad /kv_info: {e}"
         role = _ROLE_CODES.get(info.role, inst.role) if info.role else inst.role
         mode = info.transfer_mode.upper() if info.transfer_mode else None
-        if role != inst.role:
-            return f"/kv_info says role {info.role!r}, the command line says {inst.role}"
+        # A both instance named by one of --prefill / --decode serves as that half only.
+        if role != inst.role and not (role == "B" and inst.role in ("P", "D")):
+            return f"/kv_info says role {info.role!r}, the command line says {ROLE_NAMES[inst.role]}"
         reason = self.table.check(role, mode if mode in ("READ", "WRITE") else None)  # type: ignore[arg-type]
         if reason is not None:
             return reason

@@ -19,8 +19,9 @@ from pdserve.proxy.settings import ProxySettings, TransferMode
 
 log = logging.getLogger(__name__)
 
-RoleCode = Literal["P", "D", "S"]
-ROLE_NAMES: dict[RoleCode, str] = {"P": "prefill", "D": "decode", "S": "standalone"}
+# B: a `--role both` instance (vLLM's kv_both): a candidate for either half of a request.
+RoleCode = Literal["P", "D", "S", "B"]
+ROLE_NAMES: dict[RoleCode, str] = {"P": "prefill", "D": "decode", "S": "standalone", "B": "both"}
 
 
 def normalize_address(url: str) -> str:
@@ -93,7 +94,11 @@ class InstanceTable:
                 self.add_static(url, role)  # type: ignore[arg-type]
 
     def add_static(self, url: str, role: RoleCode) -> Instance:
+        """A command-line instance; one URL named by both --prefill and --decode is a both instance."""
         address = normalize_address(url)
+        known = self._by_address.get(address)
+        if known is not None and {known.role, role} == {"P", "D"}:
+            role = "B"
         inst = Instance(address=address, role=role, static=True)
         self._by_address[address] = inst
         return inst
@@ -108,13 +113,15 @@ class InstanceTable:
         return [i for i in self._by_address.values() if i.static]
 
     def _allowed_roles(self) -> tuple[RoleCode, ...]:
-        return ("S",) if self.settings.mode == "standard" else ("P", "D")
+        return ("S",) if self.settings.mode == "standard" else ("P", "D", "B")
 
     def check(self, role: RoleCode, transfer_mode: TransferMode | None) -> str | None:
         """Why an instance of this role/mode cannot join this proxy's topology (None: it can)."""
         if role not in self._allowed_roles():
             return f"role {ROLE_NAMES[role]} does not belong to a {self.settings.mode} proxy"
-        if self.settings.mode == "disagg" and transfer_mode is not None and transfer_mode != self.settings.kv_mode:
+        # A both instance serves READ and WRITE halves alike (each request's transfer_mode decides).
+        if self.settings.mode == "disagg" and role != "B" and transfer_mode is not None \
+                and transfer_mode != self.settings.kv_mode:
             return f"transfer_mode {transfer_mode} differs from the proxy's --kv-mode {self.settings.kv_mode}"
         return None
 
@@ -190,11 +197,13 @@ class InstanceTable:
             lease.abort(reason)
 
     def candidates(self, role: RoleCode, exclude: frozenset[str] | set[str] = frozenset()) -> list[Instance]:
-        """Healthy instances of `role`, not in `exclude` (addresses), usable in this proxy's mode."""
+        """Healthy instances of `role` (both instances count as prefill and as decode), not in
+        `exclude` (addresses), usable in this proxy's mode."""
         need_kv = self.settings.mode == "disagg" and self.settings.kv_mode == "WRITE"
+        roles = (role, "B") if role in ("P", "D") else (role,)
         return [
             i for i in self._by_address.values()
-            if i.role == role and i.healthy and i.address not in exclude and (i.kv_ready or not need_kv)
+            if i.role in roles and i.healthy and i.address not in exclude and (i.kv_ready or not need_kv)
         ]
 
     def acquire(self, inst: Instance) -> Lease:

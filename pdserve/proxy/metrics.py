@@ -59,6 +59,11 @@ class ProxyMetrics:
             "echo, prompt_logprobs, batch, truncate_prompt_tokens, beam_search, previous_response).",
             ("reason",),
         ))
+        self.same_instance = r.register(Counter(
+            "pdserve_proxy_same_instance_total",
+            "Requests whose prefill and decode picks were one both instance: sent to it plain (no failure).",
+            (),
+        ))
         self.upstream_failures = r.register(Counter(
             "pdserve_proxy_upstream_failures_total", "Failed upstream calls by role and kind.", ("role", "kind")
         ))

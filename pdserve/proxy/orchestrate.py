@@ -165,8 +165,11 @@ class Orchestrator:
         return self.picker.pick(role, self.table.candidates(role, tried), key)
 
     async def _call(
-        self, inst: Instance, req: ClientRequest, body: bytes, request_id: str, timeout_s: float | None = None
+        self, inst: Instance, req: ClientRequest, body: bytes, request_id: str, timeout_s: float | None = None,
+        role: RoleCode | None = None,
     ) -> Reply:
+        """One upstream call; its failure is counted under `role` (the half it serves; default the
+        instance's role)."""
         headers = self.upstream.headers(request_id, req.auth)
         if req.first_sent is None:
             req.first_sent = time.perf_counter()
@@ -174,22 +177,30 @@ class Orchestrator:
         try:
             return await self.upstream.call(inst, req.path, body, headers, timeout_s)
         except UpstreamFailure as e:
-            self.metrics.upstream_failures.inc(labels=(ROLE_NAMES[inst.role], e.kind))
+            self.metrics.upstream_failures.inc(labels=(ROLE_NAMES[role or inst.role], e.kind))
             raise
 
-    async def _one_of(self, role: RoleCode, req: ClientRequest, body: bytes, request_id: str) -> Reply:
-        """`body` to an instance of `role`, retried on another one while attempts remain."""
-        tried: set[str] = set()
+    async def _one_of(
+        self, role: RoleCode, req: ClientRequest, body: bytes, request_id: str, *,
+        exclude: frozenset[str] = frozenset(), first: Instance | None = None, avoid: frozenset[str] = frozenset(),
+    ) -> Reply:
+        """`body` to an instance of `role`, retried on another one while attempts remain. Never one
+        in `exclude` (a READ decode half: its own prefill instance); `first`, when still a
+        candidate, is tried first; those in `avoid` only when no other is left."""
+        tried: set[str] = set(exclude)
         last: UpstreamFailure | None = None
         for attempt in range(self.settings.max_attempts):
-            inst = self._pick(role, tried, req.key)  # S, or D computing the prompt itself
+            if attempt == 0 and first is not None and first in self.table.candidates(role, tried):
+                inst: Instance | None = first
+            else:  # S, or D computing the prompt itself
+                inst = self._pick(role, tried | avoid, req.key) or self._pick(role, tried, req.key)
             if inst is None:
                 break
             tried.add(inst.address)
             if attempt:
                 self.metrics.retries.inc(labels=(ROLE_NAMES[role],))
             try:
-                return await self._call(inst, req, body, request_id)
+                return await self._call(inst, req, body, request_id, role=role)
             except UpstreamFailure as e:
                 last = e
         if last is None:
@@ -213,6 +224,14 @@ class Orchestrator:
                 502, f"the instance that stores the previous response failed: {e}", code="upstream_error"
             ) from None
 
+    async def _same_instance(self, req: ClientRequest, body: bodies.JSONObject, inst: Instance,
+                             request_id: str) -> Reply:
+        """The prefill and decode picks are one both instance (no other could take either half): it
+        gets the plain request and computes the prompt itself, with no KV moved. Not a failure, so
+        not a fallback (`--fallback fail` does not apply); counted in pdserve_proxy_same_instance_total."""
+        self.metrics.same_instance.inc()
+        return await self._one_of("D", req, bodies.decode_body(body, None), request_id, first=inst)
+
     def _fallback(self, reason: str, failure: UpstreamFailure | None) -> None:
         """Check that a local prefill is allowed (else a 503), and count it."""
         if self.settings.fallback == "fail" and reason != "no_params":
@@ -229,14 +248,22 @@ class Orchestrator:
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         for attempt in range(self.settings.max_attempts):
-            inst = self._pick("P", tried, req.key)
+            decode: Instance | None = None
+            if any(i.role == "B" for i in self.table.candidates("P", tried)):
+                # A both instance may be picked for either half: the decode first (avoiding the both
+                # instances that failed this request's prefill: they may still hold its id), then
+                # the prefill among the others. None left: the decode computes it all (same instance).
+                decode = self._pick("D", tried) or self._pick("D", set())
+            inst = self._pick("P", tried | ({decode.address} if decode else set()), req.key)
             if inst is None:
+                if decode is not None and decode.role == "B" and last is None:
+                    return await self._same_instance(req, body, decode, req.request_id)
                 break
             tried.add(inst.address)
             if attempt:
                 self.metrics.retries.inc(labels=("prefill",))
             try:
-                reply = await self._call(inst, req, half, req.request_id, self.settings.prefill_timeout_s)
+                reply = await self._call(inst, req, half, req.request_id, self.settings.prefill_timeout_s, role="P")
                 if isinstance(reply, Stream):
                     reply.close()
                     raise UpstreamFailure(inst, "status", "streamed a prefill half sent with stream=false")
@@ -258,19 +285,24 @@ class Orchestrator:
                 continue
             if params is None:
                 self._fallback("no_params", None)
-                return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
-            return await self._read_decode(req, body, params)
+                return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id,
+                                          avoid=frozenset(tried))
+            return await self._read_decode(req, body, params, inst, decode)
         self._fallback("prefill_failed" if last else "no_prefill", last)
-        return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id)
+        return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id, avoid=frozenset(tried))
 
-    async def _read_decode(self, req: ClientRequest, body: bodies.JSONObject, params: bodies.JSONObject) -> Reply:
+    async def _read_decode(self, req: ClientRequest, body: bodies.JSONObject, params: bodies.JSONObject,
+                           prefill: Instance | None = None, decode: Instance | None = None) -> Reply:
         """The decode half of a READ request whose prompt's KV a prefill instance now holds. When no
         decode instance will read it (one answered a 4xx: a body the prefill half could not judge, e.g.
         `max_tokens: -1` or `min_tokens` > `max_tokens`, as the proxy set max_tokens=1 there; or none
         is left), the prefill is told to free the blocks now (notify `Abort`) rather than at the end of
         their lease: otherwise every such request pins prefill KV blocks for the lease (30 s)."""
         try:
-            reply = await self._one_of("D", req, bodies.decode_body(body, params), req.request_id)
+            # Never the prefill instance itself (a both instance): no self-transfer.
+            exclude = frozenset((prefill.address,)) if prefill is not None else frozenset()
+            reply = await self._one_of("D", req, bodies.decode_body(body, params), req.request_id,
+                                       exclude=exclude, first=decode)
         except ProxyError as e:
             why = "no decode instance" if e.code == "no_instance" else "every decode attempt failed"
             self._release_prefill(req.request_id, params, why)
@@ -340,8 +372,13 @@ class Orchestrator:
                 if last["D"] is None:
                     raise no_instance("decode")
                 raise ProxyError(502, f"the decode instance failed: {last['D']}", code="upstream_error")
-            prefill = self._pick("P", tried["P"], req.key)
+            # Never the decode instance itself (a both instance): no self-transfer. None left but the
+            # decode, a both instance: it computes the request itself (same instance).
+            prefill = self._pick("P", tried["P"] | {decode.address}, req.key)
             if prefill is None:
+                if decode.role == "B" and last["P"] is None:
+                    rid = req.request_id if not tried["D"] else f"{req.request_id}-local"
+                    return await self._same_instance(req, body, decode, rid)
                 break
             if failed_role is not None:
                 self.metrics.retries.inc(labels=(ROLE_NAMES[failed_role],))
@@ -369,7 +406,8 @@ class Orchestrator:
         p_half = bodies.prefill_body(body, req.path, bodies.prefill_params("WRITE", decode))
         d_half = bodies.decode_body(body, bodies.write_decode_params(prefill))
         background = _background(req, body)  # the decode answers at once: only the prefill's answer commits
-        p_task = asyncio.ensure_future(self._call(prefill, req, p_half, request_id, self.settings.prefill_timeout_s))
+        p_task = asyncio.ensure_future(
+            self._call(prefill, req, p_half, request_id, self.settings.prefill_timeout_s, role="P"))
         decode_scope = anyio.CancelScope()
         loop = asyncio.get_running_loop()
 
@@ -385,7 +423,7 @@ class Orchestrator:
         reply: Reply | None = None
         try:
             with decode_scope:
-                reply = await self._call(decode, req, d_half, request_id)
+                reply = await self._call(decode, req, d_half, request_id, role="D")
             if isinstance(reply, Stream):  # hold decode's first chunk until the prefill half answers
                 await asyncio.wait((p_task,))
                 reply.first_byte_at = time.perf_counter()  # the hold is protocol, not proxy overhead

@@ -90,6 +90,9 @@ async def kv_info(request: Request) -> Response:
             "kv_cache_dtype": ctx.llm.config.cache.cache_dtype,
             "kv_dtype": dtype_name(conn.cache.layout.dtype),
             "kv_block_bytes": conn.cache.layout.block_bytes,
+            # Requests served as each half so far (a `--role both` instance serves both).
+            "prefill_halves": conn.stats.prefill_halves,
+            "decode_halves": conn.stats.decode_halves,
         }
     )
 

@@ -154,7 +154,18 @@ async def _stream(
         prompt = prompt_ids if i == 0 and req.return_token_ids else None
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], prompt=prompt)
     finals: list[StepOutput] = []
+    # As in completions: the chunks that differ in their content alone come from a template.
+    plain = not req.logprobs and not req.return_token_ids and not (req.include_usage and req.continuous_usage)
+    slots: dict[int, sse.TextSlot] = {}
     async for i, out in s.outputs():
+        if plain and not out.finished and filters[i].passes_through:
+            if out.new_token_ids or out.new_text:
+                if i not in slots:
+                    slots[i] = sse.TextSlot(lambda text, i=i: chunk([ChatChunkChoice(
+                        index=i, delta=DeltaMessage(content=text, reasoning_content=None, tool_calls=None),
+                        logprobs=None, finish_reason=None, token_ids=None)]))
+                yield slots[i](out.new_text)
+            continue
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
             break

@@ -14,7 +14,7 @@ from pdserve.engine.args import (
     positive_float,
     positive_int,
 )
-from pdserve.server.kv_args import add_kv_transfer_args, kv_transfer_config_from_args
+from pdserve.server.kv_args import add_kv_transfer_args, apply_kv_transfer_config, kv_transfer_config_from_args
 from pdserve.server.reasoning import PARSERS
 from pdserve.server.settings import (
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -105,6 +105,7 @@ def chat_template_arg(value: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_kv_transfer_config(args)  # --kv-transfer-config sets --role & co. before anything reads them
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

@@ -195,7 +195,21 @@ async def _stream(shapes: list[_Shape], s: Choices) -> AsyncIterator[bytes]:
     offsets = [0] * n  # of each choice's next text in its whole generated text
     first = [True] * n
     finals: dict[int, StepOutput] = {}
+    # Most chunks differ in their text alone: neither the choice's first nor its last, no logprobs,
+    # token ids or running usage. Those come from a template made by the general path below.
+    plain = (req.logprobs is None and not req.return_token_ids and not (req.include_usage and req.continuous_usage)
+             and shapes[0].shows_output)
+    slots: dict[int, sse.TextSlot] = {}
     async for i, out in s.outputs():
+        if plain and not first[i] and not out.finished:
+            if out.new_token_ids or out.new_text:
+                slot = slots.get(i)
+                if slot is None:
+                    slot = slots[i] = sse.TextSlot(
+                        lambda text, i=i, out=out: chunk([shapes[i].choice(i, text, [], [], 0, out, False, None)]))
+                offsets[i] += len(out.new_text)
+                yield slot(out.new_text)
+            continue
         if out.finish_reason == "error":
             yield sse.error_event(out.error or "the engine failed this request")
             break

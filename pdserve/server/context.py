@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -18,6 +19,7 @@ from pdserve.server.responses.background import BackgroundRuns
 from pdserve.server.responses.store import ResponseStore
 from pdserve.server.settings import ServerSettings
 from pdserve.server.tool_parsers import ToolParser, make_tool_parser
+from pdserve.server.vllm_metrics import VllmInfo
 
 
 @dataclass
@@ -41,10 +43,25 @@ class ServerContext:
         self.background = BackgroundRuns(self.responses)
         self.loras = {lo.lora_name: lo for lo in self.llm.list_loras()}
         self.admission = Admission(self.llm.config.scheduler.max_num_seqs, self.settings.max_queued_requests)
-        self.metrics = ServerMetrics(lambda: self.engine.stats, lambda: self.admission.num_in_flight)
+        self.metrics = ServerMetrics(lambda: self.engine.stats, lambda: self.admission.num_in_flight, self._vllm_info())
+        if self.metrics.vllm is not None:
+            self.llm.on_iteration = self.metrics.vllm.iteration_tokens.observe  # on the engine thread, per step
         connector = self.llm.connector
         if connector is not None:
             self.metrics.attach_kv(lambda: connector.stats)
+
+    def _vllm_info(self) -> VllmInfo:
+        llm, config = self.llm, self.llm.config
+        cache = {f.name: str(getattr(config.cache, f.name)) for f in dataclasses.fields(config.cache)}
+        cache["num_gpu_blocks"] = str(llm.block_pool.num_usable)  # vLLM's name for the cache's blocks
+        spec = config.speculative if llm.proposer is not None else None
+        return VllmInfo(
+            model_name=self.settings.model_name,
+            max_model_len=llm.max_model_len,
+            cache_config=cache,
+            max_loras=config.lora.max_loras if config.lora.enable_lora else None,
+            num_speculative_tokens=spec.num_speculative_tokens if spec is not None else None,
+        )
 
     @property
     def llm(self) -> LLMEngine:

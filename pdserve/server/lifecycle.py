@@ -7,8 +7,10 @@ are aborted), uvicorn shuts down as usual and the process exits 0. A second sign
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -26,6 +28,14 @@ class DrainingServer(uvicorn.Server):
         self.ctx = ctx
         self._deadline: float | None = None
         self._aborted_at: float | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Everything made so far (modules, the model, the engine) lives as long as the process: moved
+        # out of the collector's reach, a full collection while serving scans only what serving made
+        # (on dummy:qwen3-tiny, one pause of ~150 ms mid-stream becomes a few ms; vLLM does the same).
+        gc.collect()
+        gc.freeze()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs as a signal handler on the event loop's thread: only set flags here.

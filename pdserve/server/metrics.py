@@ -1,4 +1,5 @@
-"""The server's Prometheus metrics (`GET /metrics`) and the per-request timer that feeds them."""
+"""The server's Prometheus metrics (`GET /metrics`) and the per-request timer that feeds them:
+pdserve's own (`pdserve_*`) and, with a `VllmInfo`, vLLM's (`vllm:*`, server/vllm_metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections.abc import Callable
 
 from pdserve.engine.engine import EngineStats
 from pdserve.engine.outputs import StepOutput
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec.stats import SpecDecodeStats
 from pdserve.kv.connector import KVTransferStats
 from pdserve.server.prometheus import Counter, Gauge, Histogram, Registry
+from pdserve.server.vllm_metrics import ChoiceGroup, VllmInfo, VllmMetrics
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
@@ -18,11 +21,15 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 
 class ServerMetrics:
     """All metrics of one app. Engine gauges read `stats()` (the engine's latest snapshot) per
-    scrape; `in_flight()` is the HTTP side's count of admitted, unfinished requests."""
+    scrape; `in_flight()` is the HTTP side's count of admitted, unfinished requests. With `vllm`,
+    vLLM's metrics too (`self.vllm`)."""
 
-    def __init__(self, stats: Callable[[], EngineStats], in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self, stats: Callable[[], EngineStats], in_flight: Callable[[], int], vllm: VllmInfo | None = None
+    ) -> None:
         self.registry = r = Registry()
         self._kv_stats: Callable[[], KVTransferStats] | None = None
+        self._vllm_kv_times: Histogram | None = None
         gauges = {
             "pdserve_num_requests_running": ("Requests in the engine's running batch.", lambda: stats().num_running),
             "pdserve_num_requests_waiting": ("Requests queued in the engine.", lambda: stats().num_waiting),
@@ -57,6 +64,7 @@ class ServerMetrics:
         self.e2e = r.register(Histogram(
             "pdserve_e2e_request_latency_seconds", "Arrival to the request's end.", _E2E_BUCKETS
         ))  # fmt: skip
+        self.vllm = VllmMetrics(r, vllm, stats) if vllm is not None else None
 
     def _attach_spec_decode(self, stats: Callable[[], EngineStats]) -> None:
         """vLLM's speculative decoding counters (acceptance rate = accepted / draft tokens)."""
@@ -83,6 +91,10 @@ class ServerMetrics:
             "pdserve_kv_lease_expiries_total": ("Prefill blocks reclaimed unread.", lambda: stats().lease_expiries),
             "pdserve_kv_load_failures_total": ("KV loads that failed or timed out.", lambda: stats().load_failures),
             "pdserve_kv_handshake_failures_total": ("Failed handshakes.", lambda: stats().handshake_failures),
+            "pdserve_kv_prefill_halves_total": ("Requests served as the prefill half (do_remote_decode).",
+                                                lambda: stats().prefill_halves),
+            "pdserve_kv_decode_halves_total": ("Requests served as the decode half (do_remote_prefill).",
+                                               lambda: stats().decode_halves),
         }
         for name, (help_text, read) in counters.items():
             r.register(Gauge(name, help_text, read, kind="counter"))
@@ -91,39 +103,57 @@ class ServerMetrics:
             "pdserve_kv_transfer_seconds", "Duration of one request's KV transfer.", _LATENCY_BUCKETS
         ))  # fmt: skip
         self._kv_stats = stats
+        if self.vllm is not None:
+            self._vllm_kv_times = self.vllm.attach_kv(stats)
 
     def render(self) -> str:
         if self._kv_stats is not None:
             pending = self._kv_stats().transfer_seconds
             while pending:  # appended by the engine thread; popped here only
-                self._kv_times.observe(pending.pop(0))
+                seconds = pending.pop(0)
+                self._kv_times.observe(seconds)
+                if self._vllm_kv_times is not None:
+                    self._vllm_kv_times.observe(seconds)
         return self.registry.render()
 
 
 class RequestTimer:
-    """Feeds one request's outputs into the metrics: TTFT, every inter-token gap, E2E, counts."""
+    """Feeds one engine request's outputs into the metrics: TTFT, every inter-token gap, E2E,
+    counts. `params`: its sampling parameters (None: not a sampling request); `choices`: the group
+    of a request with n > 1 (vLLM's per-request metrics)."""
 
-    def __init__(self, metrics: ServerMetrics, arrival: float | None = None) -> None:
+    def __init__(
+        self, metrics: ServerMetrics, arrival: float | None = None, params: SamplingParams | None = None,
+        choices: ChoiceGroup | None = None,
+    ) -> None:
         self.metrics = metrics
         self.arrival = time.monotonic() if arrival is None else arrival
+        self.params = params
+        self.choices = choices
         self._last_token: float | None = None
         self.first_token_time: float | None = None
 
     def observe(self, out: StepOutput) -> None:
         now = time.monotonic()
         m = self.metrics
+        v = m.vllm
         n = len(out.new_token_ids)
         if n:
             if self._last_token is None:
                 self.first_token_time = now
                 m.ttft.observe(now - self.arrival)
+                if v is not None:
+                    v.ttft.observe(now - self.arrival)
             else:
-                gap = (now - self._last_token) / n
-                for _ in range(n):
-                    m.itl.observe(gap)
+                gap = now - self._last_token
+                m.itl.observe(gap / n, n)  # pdserve's: one sample per token
+                if v is not None:
+                    v.itl.observe(gap)  # vLLM's: one per output
             self._last_token = now
             m.generation_tokens.inc(n)
         if out.finished:
             m.prompt_tokens.inc(out.num_prompt_tokens)
             m.requests.inc(labels=(out.finish_reason or "unknown",))
             m.e2e.observe(now - self.arrival)
+            if v is not None:
+                v.finished(out, self.arrival, self.first_token_time, self._last_token, now, self.params, self.choices)

@@ -48,9 +48,10 @@ class Registrar:
 
 
 def register_message(llm, host: str, http_port: int, token: str | None) -> Register:
-    """The registration of this instance: role P (prefill), D (decode) or S (standalone)."""
+    """The registration of this instance: role P (prefill), D (decode), B (both: either half, per
+    request) or S (standalone)."""
     conn = llm.connector
-    role = {"prefill": "P", "decode": "D"}.get(llm.config.kv_transfer.role, "S")
+    role = {"prefill": "P", "decode": "D", "both": "B"}.get(llm.config.kv_transfer.role, "S")
     return Register(
         role=role,  # type: ignore[arg-type]
         request_address=f"{host}:{http_port}",

@@ -29,6 +29,11 @@ class ReplyFilter:
     tools: ToolCallStream | None
 
     @property
+    def passes_through(self) -> bool:
+        """Neither a reasoning parser nor tools: every delta is content as it is."""
+        return self.thinking is None and self.tools is None
+
+    @property
     def called(self) -> bool:
         """Some tool call has gone out."""
         return self.tools is not None and bool(self.tools.calls)

@@ -23,6 +23,7 @@ from pdserve.server.generation import Collected, Generation, GenerationInput, wa
 from pdserve.server.inputs import kv_transfer_params, validate
 from pdserve.server.protocol import FinishReason, KVParamsJSON, SamplingFields, Usage
 from pdserve.server.request_id import request_id_of
+from pdserve.server.vllm_metrics import ChoiceGroup
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +156,18 @@ def start(
     # With remote KV they must: the transfer feeds the first choice alone.
     staged = remote or ctx.llm.config.cache.enable_prefix_caching
     gens: list[Generation] = []
+    choices = ChoiceGroup(req.n) if req.n > 1 else None
     try:
         for i, rid in enumerate(ids):
             # Choice i draws from its own seed (seed + i): seeded choices differ from each other.
             p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=(params.seed + i) % 2**64)
             if i == 0:
                 gens.append(ctx.start(GenerationInput(rid, token_ids, p, kvp, arrival, lora, req.priority,
-                                                      cache_salt=req.cache_salt)))
+                                                      cache_salt=req.cache_salt, choices=choices)))
             else:
                 after = gens[0].first_output if staged else None
                 inp = GenerationInput(rid, token_ids, p, None if remote else kvp, arrival, lora, req.priority,
-                                      cache_salt=req.cache_salt)
+                                      cache_salt=req.cache_salt, choices=choices)
                 gens.append(ctx.start(inp, after))
     except APIError:  # 409 / 429 / 503 for a later choice: the earlier ones go too
         for gen in gens:

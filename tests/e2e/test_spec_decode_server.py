@@ -8,9 +8,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
+from tests.e2e import prom_text
 from tests.e2e.conftest import TINY_MODEL, ServerProcess, pdserve_server
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
@@ -51,6 +53,18 @@ def test_replies_equal_a_server_without_speculation(servers: tuple[ServerProcess
     assert metrics["pdserve_spec_decode_num_drafts_total"] > 0 and drafts > 0
     assert 0 < metrics["pdserve_spec_decode_num_accepted_tokens_total"] <= drafts
     assert "pdserve_spec_decode_num_drafts_total" not in plain.metrics()
+    # vLLM's names for the same counters, and its per-position count (position i: drafts whose i-th
+    # token was accepted; each accepted token is counted at one position).
+    vllm = prom_text.parse(httpx.get(f"{spec.base_url}/metrics", timeout=10).text)
+    labels = {"model_name": TINY_MODEL, "engine": "0"}
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        got = prom_text.value(vllm, f"vllm:spec_decode_{name}_total", **labels)
+        assert got == metrics[f"pdserve_spec_decode_{name}_total"], name
+    per_pos = [prom_text.value(vllm, "vllm:spec_decode_num_accepted_tokens_per_pos_total", **labels, position=str(i))
+               for i in range(SPEC["num_speculative_tokens"])]
+    assert sum(per_pos) == metrics["pdserve_spec_decode_num_accepted_tokens_total"]
+    assert per_pos == sorted(per_pos, reverse=True) and per_pos[0] <= metrics["pdserve_spec_decode_num_drafts_total"]
+    assert "vllm:spec_decode_num_drafts_total" not in prom_text.parse(httpx.get(f"{plain.base_url}/metrics").text)
 
 
 def test_constrained_replies_speculate_and_equal_a_server_without_speculation(

@@ -375,8 +375,8 @@ def test_phi3_fused_projections_in_fp8(tmp_path):
 @pytest.mark.parametrize(
     "qc, message",
     [
-        ({"quant_method": "awq", "bits": 4, "group_size": 128}, "quant_method 'awq'"),
-        ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq'"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "quant_method 'awq'.*gemv"),
+        ({"quant_method": "gptq", "bits": 2}, "quant_method 'gptq'.*bits 2"),
         ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
         ({"quant_method": "fp8", "fmt": "e5m2"}, "quant_method 'fp8'.*fmt 'e5m2'"),
         ({"quant_method": "fp8", "weight_block_size": [128]}, "quant_method 'fp8'.*block size"),
