@@ -27,7 +27,7 @@ from pathlib import Path
 import one_core
 import torch
 
-from pdserve import LLM, SamplingParams
+from pdserve import LLM
 from pdserve.model.export import export_model
 from pdserve.model.int4_linear import Int4Linear
 from pdserve.model.loader import load_model
@@ -50,23 +50,6 @@ def weight_bytes(model: str) -> int:
             total += t.numel() * t.element_size()
     return total
 
-
-def run(llm: LLM, prompts: list[list[int]], steps: int, tag: str) -> tuple[float, float | None]:
-    """(seconds until every prompt is prefilled, median decode step seconds, None without steps)."""
-    eng = llm.engine
-    sp = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        eng.add_request(f"{tag}-{i}", p, sp)
-    t0 = time.perf_counter()
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
-        eng.step()
-    prefill = time.perf_counter() - t0
-    times = []
-    while eng.has_unfinished():
-        t = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t)
-    return prefill, statistics.median(times) if steps else None
 
 
 def main() -> None:
@@ -92,18 +75,18 @@ def main() -> None:
         return torch.randint(0, vocab, (n,), generator=g).tolist()
 
     for llm in llms.values():  # warm-up
-        run(llm, [rand(64)], 2, "warm")
+        one_core.prefill_then_decode(llm, [rand(64)], 2, "warm")
     prefill: dict[str, list[float]] = {k: [] for k in KINDS}
     step: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in KINDS}
     for r in range(a.rounds):
         order = KINDS[r % 3:] + KINDS[: r % 3]
         prompt = rand(a.input_len)
         for k in order:
-            prefill[k].append(run(llms[k], [prompt], 0, f"p{r}")[0])
+            prefill[k].append(one_core.prefill_then_decode(llms[k], [prompt], 0, f"p{r}")[0])
         for b in batches:
             prompts = [rand(a.context) for _ in range(b)]
             for k in order:
-                step[k][b].append(run(llms[k], prompts, a.output_len, f"d{r}-{b}")[1])  # type: ignore[arg-type]
+                step[k][b].append(one_core.prefill_then_decode(llms[k], prompts, a.output_len, f"d{r}-{b}")[1])  # type: ignore[arg-type]
     med_pre = {k: statistics.median(v) for k, v in prefill.items()}
     med_step = {k: {b: statistics.median(v) for b, v in s.items()} for k, s in step.items()}
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "json")

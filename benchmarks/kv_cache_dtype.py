@@ -40,23 +40,6 @@ def capacity(llm: LLM, gib: float) -> dict:
             "bytes_per_block_moved": layout.num_layers * layout.block_bytes}
 
 
-def speed(llm: LLM, prompts: list[list[int]], steps: int, tag: str) -> tuple[float, float]:
-    """(prefill seconds for every prompt, median decode step seconds at the whole batch)."""
-    eng = llm.engine
-    sp = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        eng.add_request(f"{tag}-{i}", p, sp)
-    t0 = time.perf_counter()
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
-        eng.step()
-    prefill = time.perf_counter() - t0
-    times = []
-    while eng.has_unfinished():
-        t = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t)
-    return prefill, statistics.median(times)
-
 
 def greedy_logits(llm: LLM, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
     rows: list[torch.Tensor] = []
@@ -109,13 +92,13 @@ def main() -> None:
 
     cap = {d: capacity(llm, a.kv_cache_memory) for d, llm in llms.items()}
     for llm in llms.values():  # warm-up
-        speed(llm, [rand(64)], 2, "warm")
+        one_core.prefill_then_decode(llm, [rand(64)], 2, "warm")
     prefill: dict[str, list[float]] = {d: [] for d in DTYPES}
     step: dict[str, list[float]] = {d: [] for d in DTYPES}
     for r in range(a.rounds):
         prompts = [rand(a.input_len) for _ in range(a.batch)]
         for d in DTYPES if r % 2 == 0 else DTYPES[::-1]:
-            pre, dec = speed(llms[d], prompts, a.output_len, f"r{r}")
+            pre, dec = one_core.prefill_then_decode(llms[d], prompts, a.output_len, f"r{r}")
             prefill[d].append(pre)
             step[d].append(dec)
     acc = accuracy(llms, [rand(a.input_len // 2) for _ in range(a.accuracy_prompts)], a.accuracy_tokens)

@@ -7,9 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
+
+from pdserve import LLM, SamplingParams
 
 
 def parser(doc: str | None, *, model: str = "dummy:qwen3-cpu-bench", batch: int | None = 16,
@@ -38,3 +42,22 @@ def write_json(path: str | None, result: object) -> None:
     """The figures as JSON at `path` (nothing when None)."""
     if path:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def prefill_then_decode(llm: LLM, prompts: list[list[int]], steps: int, tag: str) -> tuple[float, float | None]:
+    """All `prompts` added at once (greedy, `steps` + 1 tokens each): (seconds until every one is
+    prefilled, the median decode step's seconds at the whole batch; None with no steps)."""
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"{tag}-{i}", p, sp)
+    t0 = time.perf_counter()
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
+        eng.step()
+    prefill = time.perf_counter() - t0
+    times = []
+    while eng.has_unfinished():
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+    return prefill, statistics.median(times) if steps else None
