@@ -158,6 +158,22 @@ def test_a_killed_peer_fails_the_transfer_within_the_timeout(op):
         agent.close()
 
 
+def _wait_stopped(pid: int, timeout: float = 30.0) -> None:
+    """Wait until every thread of `pid` is stopped. kill(SIGSTOP) returns before they are: the group
+    stop begins when the thread picked for the signal next runs, and until then another (UCX's
+    progress thread) may still serve a transfer, which a loaded machine can delay for long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if states and all(s == "T" for s in states):
+            return
+        assert time.monotonic() < deadline, f"the peer's threads did not stop: {states}"
+        time.sleep(0.01)
+
+
 def test_a_stopped_peer_fails_the_transfer_at_the_timeout(monkeypatch):
     """A peer that hangs (SIGSTOP) never completes a transfer that needs its CPU (UCX over tcp
     only: emulated RMA): the poll gives up at the deadline and cancels the transfer."""
@@ -170,6 +186,7 @@ def test_a_stopped_peer_fails_the_transfer_at_the_timeout(monkeypatch):
         t = NixlTransport(agent, local.tensor, desc, _layout(40).shape, timeout)
         t.read([0, 1], [0, 1], request_id="warm")
         os.kill(proc.pid, signal.SIGSTOP)
+        _wait_stopped(proc.pid)
         t0 = time.monotonic()
         with pytest.raises(TransferError, match="timed out"):
             t.read(list(range(40)), list(range(40)), request_id="r")
@@ -262,18 +279,28 @@ def test_write_to_a_killed_decode_process_frees_every_block(tmp_path):
     try:
         with pdserve_server(tmp_path, "--role", "decode", "--kv-mode", "write", "--kv-transport", "nixl",
                             "--max-num-batched-tokens", "32", "--dtype", "float32") as d:
+            status: dict[str, int] = {}
+
             def decode_half(rid: str, prompt: list[int]) -> None:
                 with contextlib.suppress(httpx.HTTPError):  # the orphan's server is killed under it
-                    httpx.post(f"{d.base_url}/v1/completions", headers={"X-Request-Id": rid}, timeout=60,
-                               json={"model": TINY, "prompt": prompt, "max_tokens": 4, "temperature": 0,
-                                     "kv_transfer_params": to_d})
+                    status[rid] = httpx.post(
+                        f"{d.base_url}/v1/completions", headers={"X-Request-Id": rid}, timeout=60,
+                        json={"model": TINY, "prompt": prompt, "max_tokens": 4, "temperature": 0,
+                              "kv_transfer_params": to_d}).status_code
 
             first, second = prompts((37, 70), seed=6)
             warm = threading.Thread(target=decode_half, args=("warm", first))
             warm.start()
             _, out = asyncio.run(run(p, "warm", first, {"do_remote_decode": True, "transfer_mode": "WRITE"}))
             warm.join(60)
-            assert pc.stats.transfers == 1  # handshake done, NIXL connected
+            assert status.get("warm") == 200, "the warm decode half failed"
+            # Decode may answer before our engine thread has taken the push's result (the worker sends
+            # write_done first): wait for it, handshake done, NIXL connected.
+            deadline = time.monotonic() + 30
+            while pc.stats.transfers < 1:
+                assert time.monotonic() < deadline, "the warm push was never recorded"
+                time.sleep(0.01)
+            assert pc.stats.transfers == 1
 
             orphan = threading.Thread(target=decode_half, args=("orphan", second))
             orphan.start()
