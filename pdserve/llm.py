@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pdserve.config import (
     DEFAULT_MAX_LORA_RANK,
@@ -20,17 +20,20 @@ from pdserve.config import (
 )
 from pdserve.engine.beam_driver import BeamPrompt, OfflineBeamSearch, prompt_token_ids
 from pdserve.engine.beam_search import BeamSearchOutput, BeamSearchParams
+from pdserve.engine.chat import message_turn, render_chat
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.lora_request import LoRARequest
 from pdserve.engine.outputs import CompletionOutput, EmbeddingOutput, RequestOutput, StepOutput
 from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams
 from pdserve.engine.spec.stats import SpecDecodeStats
+from pdserve.model.tokenizer import load_chat_template
 
 Prompt = str | list[int]
 # vLLM's TextPrompt / TokensPrompt: {"prompt": str} or {"prompt_token_ids": [...]}, with an optional
 # "cache_salt" (the prompt shares prefix-cache blocks only with prompts of the same salt).
 PromptDict = Mapping[str, object]
+ChatMessage = Mapping[str, Any]  # OpenAI's: {"role", "content"} (and tool_calls, tool_call_id, name)
 _P = TypeVar("_P", SamplingParams, PoolingParams)
 
 
@@ -138,10 +141,9 @@ class LLM:
         A prompt keeps only its last `truncate_prompt_tokens` tokens when its SamplingParams say so,
         or `tokenization_kwargs={"truncate_prompt_tokens": k}` for all (vLLM 0.17's spelling).
         A prompt may be vLLM's dict, `{"prompt": text}` or `{"prompt_token_ids": ids}`, with a
-        `"cache_salt"`: it then shares prefix-cache blocks only with prompts of the same salt."""
-        if isinstance(prompts, str | Mapping) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        unpacked = [_unpack(p) for p in prompts]  # type: ignore[union-attr]
+        `"cache_salt"`: it then shares prefix-cache blocks only with prompts of the same salt. Lists
+        may mix the forms; any other form is a TypeError naming it."""
+        unpacked = [_unpack(p) for p in _prompt_list(prompts)]
         prompts = [p for p, _ in unpacked]
         salts = [salt for _, salt in unpacked]
         if sampling_params is None:
@@ -205,6 +207,53 @@ class LLM:
                     ro.num_cached_tokens = out.num_cached_tokens
         return [results[r] for r in order]
 
+    def chat(
+        self,
+        messages: Sequence[ChatMessage] | Sequence[Sequence[ChatMessage]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's: generate from one conversation (a list of `{"role", "content"}` dicts; content
+        text or `{"type": "text", "text": ...}` parts, no images) or a list of them, one
+        RequestOutput each, its `prompt` the rendered text. Rendered as the server renders chat
+        (engine/chat.py): with `chat_template` (Jinja text or a file, else `chat_template_kwargs`'
+        "chat_template", else the model's), `tools` and the other `chat_template_kwargs` passed to
+        the template; `add_generation_prompt` opens an assistant turn, `continue_final_message`
+        (with add_generation_prompt=False) leaves the final message open for the model to continue.
+        The rest as `generate`; `use_tqdm` is accepted and ignored. Bad messages or a template that
+        fails raise (ValueError / TypeError) before any runs."""
+        del use_tqdm
+        if isinstance(messages, str | Mapping) or not isinstance(messages, Sequence):
+            raise TypeError("messages must be a list of message dicts, or a list of such lists")
+        batch = bool(messages) and not isinstance(messages[0], Mapping)
+        conversations = list(messages) if batch else [messages]
+        template = chat_template
+        if template is None and chat_template_kwargs is not None:
+            template = chat_template_kwargs.get("chat_template")
+        if template is not None:
+            if not isinstance(template, str):
+                raise TypeError("chat_template must be a string (Jinja text or a file)")
+            template = load_chat_template(template)
+        texts = []
+        for conversation in conversations:
+            if isinstance(conversation, str | Mapping) or not isinstance(conversation, Sequence):
+                raise TypeError(f"a conversation must be a list of message dicts, got {type(conversation).__name__}")
+            turns = [message_turn(m) for m in conversation]
+            texts.append(render_chat(self.tokenizer, turns, add_generation_prompt, continue_final_message, tools,
+                                     chat_template_kwargs, template))
+        # The template writes any BOS itself, as the server's chat.
+        prompts = [{"prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)} for t in texts]
+        outputs = self.generate(prompts, sampling_params, lora_request)
+        for out, text in zip(outputs, texts, strict=True):
+            out.prompt = text
+        return outputs
+
     def beam_search(
         self,
         prompts: BeamPrompt | Sequence[BeamPrompt],
@@ -230,22 +279,22 @@ class LLM:
         limit = concurrency_limit or max(len(ids), 1)
         return [out for k in range(0, len(ids), limit) for out in search.run(ids[k:k + limit], loras[k:k + limit])]
 
-    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
+    def embed(self, prompts: Prompt | PromptDict | Sequence[Prompt | PromptDict],
+              pooling_params: PoolingParams | None = None,
               tokenization_kwargs: Mapping[str, int | None] | None = None) -> list[EmbeddingOutput]:
         """One embedding per prompt, in order (vLLM's method): each prompt is prefilled and pooled
         (L2-normalized unless `pooling_params` says otherwise), after keeping only its last
-        `truncate_prompt_tokens` tokens when `pooling_params` or `tokenization_kwargs` ask. Invalid
-        prompts raise ValueError before any runs."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        `truncate_prompt_tokens` tokens when `pooling_params` or `tokenization_kwargs` ask. Prompts
+        take `generate`'s forms. Invalid prompts raise ValueError (TypeError for a bad form) before
+        any runs."""
+        unpacked = [_unpack(p) for p in _prompt_list(prompts)]
         (pooling,) = _with_tokenization_kwargs([pooling_params or PoolingParams()], tokenization_kwargs)
-        token_ids = [self.engine.truncate_prompt(self.engine.tokenize(p), pooling)  # type: ignore[arg-type]
-                     for p in prompts]
+        token_ids = [self.engine.truncate_prompt(self.engine.tokenize(p), pooling) for p, _ in unpacked]
         for ids in token_ids:
             self.engine.validate_pooling(ids, pooling)
         order = [str(next(self._ids)) for _ in token_ids]
-        for rid, ids in zip(order, token_ids, strict=True):
-            self.engine.add_request(rid, ids, SamplingParams(), pooling=pooling)
+        for rid, ids, (_, salt) in zip(order, token_ids, unpacked, strict=True):
+            self.engine.add_request(rid, ids, SamplingParams(), pooling=pooling, cache_salt=salt)
         finals = {o.request_id: o for o in self.engine.run_until_done() if o.finished}
         return [EmbeddingOutput(rid, ids, finals[rid].embedding or [], finals[rid].num_cached_tokens)
                 for rid, ids in zip(order, token_ids, strict=True)]
@@ -264,11 +313,26 @@ class LLM:
         self.engine.close()
 
 
-def _unpack(prompt: Prompt | PromptDict) -> tuple[Prompt, str | None]:
+def _prompt_list(prompts: object) -> list[object]:
+    """`prompts` as a list of single prompts: one text, dict or token-id list is wrapped."""
+    if isinstance(prompts, str | Mapping):
+        return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a string, a list of token ids, a prompt dict or a list of them, "
+                        f"got {type(prompts).__name__}")
+    return [prompts] if prompts and isinstance(prompts[0], int) else list(prompts)
+
+
+def _unpack(prompt: object) -> tuple[Prompt, str | None]:
     """A prompt and its cache salt: vLLM's dict form unpacked (ValueError when malformed), a plain
-    prompt unsalted."""
+    prompt unsalted (TypeError unless a string or a list of token ids)."""
     if not isinstance(prompt, Mapping):
-        return prompt, None
+        if isinstance(prompt, str):
+            return prompt, None
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt), None  # type: ignore[arg-type]
+        raise TypeError("a prompt must be a string, a list of token ids, {'prompt': str} or "
+                        f"{{'prompt_token_ids': list[int]}}, got {type(prompt).__name__} {prompt!r:.60}")
     unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"})
     if unknown:
         raise ValueError(f"unsupported prompt keys {unknown}; known: prompt, prompt_token_ids, cache_salt")
@@ -279,7 +343,8 @@ def _unpack(prompt: Prompt | PromptDict) -> tuple[Prompt, str | None]:
         raise ValueError("cache_salt must be a non-empty string")
     if isinstance(text, str):
         return text, salt
-    if isinstance(ids, Sequence) and not isinstance(ids, str) and all(isinstance(t, int) for t in ids):
+    if isinstance(ids, Sequence) and not isinstance(ids, str) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in ids):
         return list(ids), salt  # type: ignore[arg-type]
     raise ValueError("'prompt' must be a string and 'prompt_token_ids' a list of token ids")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.config import Role
+from pdserve.engine.chat import ChatTemplateError, render_chat, template_turn
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams, StructuredOutputs
@@ -123,9 +124,6 @@ def truncated(engine: LLMEngine, token_ids: list[int], params: SamplingParams | 
         raise APIError(400, str(e), code="invalid_value", param="truncate_prompt_tokens") from None
 
 
-TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")
-
-
 @dataclass(frozen=True)
 class ChatTemplate:
     """The template a chat request renders with: `source` (None: the tokenizer's own) and the
@@ -165,38 +163,21 @@ def chat_prompt(
     (without the tokenizer's BOS unless asked: the template writes it). A template that does not
     compile or render is a 400 naming `template.param`."""
     turns = [_turn(m) for m in messages]
-    kwargs = {k: v for k, v in (template_kwargs or {}).items() if k != "chat_template"}
-    taken = sorted(set(kwargs) & set(TEMPLATE_VARIABLES))
-    if taken:
-        raise APIError(400, f"chat_template_kwargs may not set {', '.join(taken)}", code="invalid_value",
-                       param="chat_template_kwargs")
     try:
-        text = engine.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tools=tools,
-                                                    chat_template=template.source, **kwargs)
-    except Exception as e:  # a syntax error, or a template's raise_exception(), e.g. a role order it rejects
-        raise APIError(400, f"cannot apply the chat template: {e}", code="invalid_value",
-                       param=template.param) from None
+        text = render_chat(engine.tokenizer, turns, add_generation_prompt, tools=tools,
+                           template_kwargs=template_kwargs, chat_template=template.source)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), code="invalid_value", param=template.param) from None
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value", param="chat_template_kwargs") from None
     return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _turn(m: ChatMessage) -> dict[str, Any]:
-    """One message as chat templates take it: an assistant's tool calls with their arguments as
-    objects when they are JSON (Qwen's template prints them either way), a tool result's call id."""
-    turn: dict[str, Any] = {"role": m.role, "content": m.text}
-    if m.tool_calls:
-        calls = []
-        for c in m.tool_calls:
-            try:
-                args: Any = json.loads(c.function.arguments)
-            except json.JSONDecodeError:
-                args = c.function.arguments
-            calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
-        turn["tool_calls"] = calls
-    if m.tool_call_id is not None:
-        turn["tool_call_id"] = m.tool_call_id
-    if m.name is not None:
-        turn["name"] = m.name
-    return turn
+    """One message as chat templates take it (`template_turn`)."""
+    calls = [{"id": c.id, "function": {"name": c.function.name, "arguments": c.function.arguments}}
+             for c in m.tool_calls or ()]
+    return template_turn(m.role, m.text, calls, m.tool_call_id, m.name)
 
 
 async def validate_constraint(engine: LLMEngine, params: SamplingParams, req: SamplingFields) -> None:
