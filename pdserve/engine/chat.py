@@ -17,6 +17,11 @@ class ChatTemplateError(ValueError):
     """The chat template does not compile, or fails to render these messages."""
 
 
+class ContinueFinalMessageError(ValueError):
+    """`continue_final_message` cannot be honoured (with add_generation_prompt, or the template does
+    not write the final content verbatim)."""
+
+
 def template_turn(
     role: str, content: str, tool_calls: Sequence[Mapping[str, Any]] | None = None,
     tool_call_id: str | None = None, name: str | None = None,
@@ -85,7 +90,8 @@ def render_chat(
     tokenizer's), `tools` and `template_kwargs` (whose "chat_template" key is left out: the caller
     resolves it). With `continue_final_message` (vLLM's and Hugging Face's) the text ends right
     after the final message's content, so the model continues that message.
-    ValueError for kwargs that set the renderer's own variables or a bad continue_final_message;
+    ValueError for kwargs that set the renderer's own variables, ContinueFinalMessageError for a
+    continue_final_message that cannot be honoured;
     ChatTemplateError when the template does not compile or render."""
     kwargs = {k: v for k, v in (template_kwargs or {}).items() if k != "chat_template"}
     taken = sorted(set(kwargs) & set(TEMPLATE_VARIABLES))
@@ -93,11 +99,11 @@ def render_chat(
         raise ValueError(f"chat_template_kwargs may not set {', '.join(taken)}")
     if continue_final_message:
         if add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt are not compatible: use "
+            raise ContinueFinalMessageError("continue_final_message and add_generation_prompt are not compatible: use "
                              "continue_final_message to continue the final message, add_generation_prompt "
                              "to start a new assistant message")
         if not turns:
-            raise ValueError("continue_final_message needs a final message to continue")
+            raise ContinueFinalMessageError("continue_final_message needs a final message to continue")
     try:
         text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tools=tools,
                                              chat_template=chat_template, **kwargs)
@@ -108,8 +114,9 @@ def render_chat(
     # As Hugging Face's: cut after the last occurrence of the final content (templates may strip it).
     final = turns[-1]["content"]
     if not final.strip() or final.strip() not in text:
-        raise ValueError("continue_final_message is set but the final message does not appear in the rendered "
-                         "chat (the template must write its content verbatim, and it must not be empty)")
+        raise ContinueFinalMessageError(
+            "continue_final_message is set but the final message does not appear in the rendered chat (the "
+            "template must write its content verbatim, and it must not be empty)")
     at = text.rindex(final.strip())
     if text[at:at + len(final.lstrip())] == final.lstrip():
         return text[:at + len(final.lstrip())]

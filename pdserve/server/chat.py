@@ -63,7 +63,7 @@ async def chat_inputs(ctx: ServerContext, req: ChatCompletionRequest) -> ChatInp
     tools = template_tools(req)
     template = chat_template(ctx.settings, req.chat_template, req.chat_template_kwargs)
     rendered = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
-                           req.add_special_tokens, template)
+                           req.add_special_tokens, template, req.continue_final_message)
     params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None,
                              req.prompt_logprobs, defaults=ctx.llm.sampling_defaults)
     token_ids = truncated(ctx.llm, rendered, params)  # vLLM's truncate_prompt_tokens: after the template

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.config import Role
-from pdserve.engine.chat import ChatTemplateError, render_chat, template_turn
+from pdserve.engine.chat import ChatTemplateError, ContinueFinalMessageError, render_chat, template_turn
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.pooling_params import PoolingParams
 from pdserve.engine.sampling_params import SamplingDefaults, SamplingParams, StructuredOutputs
@@ -156,18 +156,21 @@ def chat_template(
 def chat_prompt(
     engine: LLMEngine, messages: list[ChatMessage], add_generation_prompt: bool,
     tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None,
-    add_special_tokens: bool = False, template: ChatTemplate = ChatTemplate(),
+    add_special_tokens: bool = False, template: ChatTemplate = ChatTemplate(), continue_final_message: bool = False,
 ) -> list[int]:
     """The messages rendered with `template` (`chat_template`'s choice; by default the model's
     chat template), with `tools` and the request's chat_template_kwargs when given, tokenized
     (without the tokenizer's BOS unless asked: the template writes it). A template that does not
-    compile or render is a 400 naming `template.param`."""
+    compile or render is a 400 naming `template.param`. `continue_final_message` (vLLM's): the
+    prompt ends inside the final message, which the model continues."""
     turns = [_turn(m) for m in messages]
     try:
-        text = render_chat(engine.tokenizer, turns, add_generation_prompt, tools=tools,
+        text = render_chat(engine.tokenizer, turns, add_generation_prompt, continue_final_message, tools=tools,
                            template_kwargs=template_kwargs, chat_template=template.source)
     except ChatTemplateError as e:
         raise APIError(400, str(e), code="invalid_value", param=template.param) from None
+    except ContinueFinalMessageError as e:
+        raise APIError(400, str(e), code="invalid_value", param="continue_final_message") from None
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value", param="chat_template_kwargs") from None
     return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)

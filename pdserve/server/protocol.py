@@ -282,6 +282,9 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without (OpenAI's)
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
+    # vLLM's: end the prompt inside the final (assistant) message, which the model continues; needs
+    # add_generation_prompt false.
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, JsonValue] | None = None  # vLLM's: e.g. {"enable_thinking": false} (Qwen3)
     # vLLM's: this Jinja template in place of the server's (with --trust-request-chat-template only).
     chat_template: str | None = None
@@ -319,6 +322,7 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_generation_prompt: bool = True  # messages only
+    continue_final_message: bool = False  # messages only, as chat's
     chat_template_kwargs: dict[str, JsonValue] | None = None  # messages only
     chat_template: str | None = None  # messages only, as chat's
     add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (as the two endpoints)

@@ -23,7 +23,7 @@ async def tokenize(request: Request) -> Response:
     if req.messages is not None:
         template = chat_template(ctx.settings, req.chat_template, req.chat_template_kwargs)
         ids = chat_prompt(ctx.llm, req.messages, req.add_generation_prompt, None, req.chat_template_kwargs,
-                          bool(req.add_special_tokens), template)
+                          bool(req.add_special_tokens), template, req.continue_final_message)
     else:
         special = True if req.add_special_tokens is None else req.add_special_tokens
         ids = tok.encode(req.prompt or "", add_special_tokens=special)

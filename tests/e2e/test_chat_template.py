@@ -77,6 +77,23 @@ def test_template_from_a_file_replaces_the_tokenizers(from_file: ServerProcess) 
     assert _tokenize(from_file).json()["tokens"] == want
 
 
+def test_continue_final_message_ends_the_prompt_inside_it(from_file: ServerProcess) -> None:
+    """vLLM's continue_final_message: the prompt stops right after the final (assistant) message's
+    content, for chat and /tokenize; with add_generation_prompt left true it is a 400 naming it."""
+    messages = [*MESSAGES, {"role": "assistant", "content": "Sure, it is"}]
+    want = _ids(from_file, "<system>Be brief.\n<user>Hi\n<assistant>Sure, it is")
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    assert _tokenize(from_file, **{**flags, "messages": messages}).json()["tokens"] == want
+    client = openai.OpenAI(base_url=from_file.v1_url, api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=2,  # type: ignore[arg-type]
+                                       extra_body={**flags, "return_token_ids": True})
+    assert r.model_extra is not None and r.model_extra["prompt_token_ids"] == want
+    url = f"{from_file.base_url}/v1/chat/completions"
+    body = {"model": TINY_MODEL, "messages": messages, "max_tokens": 2, "continue_final_message": True}
+    assert "add_generation_prompt" in _refused(httpx.post(url, json=body, timeout=30), "continue_final_message")
+    _refused(_tokenize(from_file, messages=messages, continue_final_message=True), "continue_final_message")
+
+
 def test_request_templates_need_trust(from_file: ServerProcess) -> None:
     """Without --trust-request-chat-template a request's template is refused (vLLM's rule)."""
     body = {"model": TINY_MODEL, "messages": MESSAGES, "max_tokens": 2}
