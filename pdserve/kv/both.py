@@ -107,17 +107,15 @@ class KVBoth(KVConnectorBase):
             return
         self.validate(params, request.num_prompt_tokens)
         rid = request.request_id
-        if self._in_producer(rid) or rid in self.consumer._pending:
-            raise ValueError(f"request id {rid!r} is still in use by this instance's "
-                             f"{'prefill' if self._in_producer(rid) else 'decode'} half; send another X-Request-Id")
+        # Not the producer's write_dest table: a decode's write_dest may come before the prefill half it is for.
+        for half, name in ((self.producer, "prefill"), (self.consumer, "decode")):
+            if half.serves(rid):
+                raise ValueError(f"request id {rid!r} is still in use by this instance's {name} half; "
+                                 "send another X-Request-Id")
         if params.do_remote_decode:
             self.producer.on_add(request, params)
         else:
             self.consumer.on_add(request, params)
-
-    def _in_producer(self, rid: str) -> bool:
-        # Not `_dests`: a decode's write_dest may come before the prefill half it is for.
-        return rid in self.producer._remote or rid in self.producer._held
 
     def begin_step(self, prefills: list[tuple[Request, int]]) -> None:
         self.producer.begin_step(prefills)  # only its own do_remote_decode requests push
@@ -133,6 +131,6 @@ class KVBoth(KVConnectorBase):
         return self.consumer.poll()
 
     def on_request_finished(self, request: Request) -> bool:
-        if request.request_id in self.producer._remote:
+        if self.producer.serves(request.request_id):
             return self.producer.on_request_finished(request)
         return self.consumer.on_request_finished(request)

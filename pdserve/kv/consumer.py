@@ -197,6 +197,10 @@ class KVConsumer(KVConnectorBase):
             log.info("request %s: transfer settled, %d blocks freed", rid, len(p.request.block_ids))
             self.release(p.request)
 
+    def serves(self, request_id: str) -> bool:
+        """Whether the request is one of ours: waiting for (or receiving) its remote KV."""
+        return request_id in self._pending
+
     def on_request_finished(self, request: Request) -> bool:
         p = self._pending.get(request.request_id)
         if p is None:

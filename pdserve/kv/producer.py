@@ -99,6 +99,10 @@ class KVProducer(KVConnectorBase):
     def end_step(self) -> None:
         self._step_pushes = []
 
+    def serves(self, request_id: str) -> bool:
+        """Whether the request is one of ours: computing (do_remote_decode) or holding its blocks."""
+        return request_id in self._remote or request_id in self._held
+
     def on_request_finished(self, request: Request) -> bool:
         rid = request.request_id
         entry = self._remote.pop(rid, None)
