@@ -6,6 +6,9 @@ model's) and its vLLM `cache_salt` (an instance shares cached KV only within one
 keeps its own affinity). Completions: the prompt string (or token ids, or the first of a list).
 Chat: each message's role and text, in order — a shared system prompt and earlier turns are the
 shared prefix. Responses: the instructions, then each input item's role (or type) and text, likewise.
+What renders around the messages joins the chain's start: a request's own `chat_template`, its
+`chat_template_kwargs` and its `tools` (templates put tool definitions in the first, system turn), so
+requests that render one conversation differently do not share a key.
 
 vLLM's `truncate_prompt_tokens` does not change the key: with no tokenizer the proxy cannot tell
 where a cut prompt starts. A prompt within k tokens (a guard that did not cut) is computed as keyed;
@@ -16,6 +19,7 @@ instance's own prefix cache decides what is reused, so outputs are the same wher
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 CHUNK_BYTES = 64  # about one 16-token KV block of English text with a BPE tokenizer
@@ -27,6 +31,8 @@ def prompt_key(body: dict[str, Any], path: str) -> tuple[bytes, ...]:
     data = _prompt_bytes(body, path)[:MAX_KEY_BYTES]
     out: list[bytes] = []
     prev = _chain_start(body)
+    if path.endswith(("/chat/completions", "/responses")):  # rendered by a chat template
+        prev = _rendering(body, prev)
     for i in range(0, len(data) - CHUNK_BYTES + 1, CHUNK_BYTES):
         prev = hashlib.blake2b(prev + data[i : i + CHUNK_BYTES], digest_size=8).digest()
         out.append(prev)
@@ -42,6 +48,16 @@ def _chain_start(body: dict[str, Any]) -> bytes:
     if isinstance(salt, str):
         prev = hashlib.blake2b(prev + b"\0salt\0" + salt.encode("utf-8", "replace"), digest_size=8).digest()
     return prev
+
+
+def _rendering(body: dict[str, Any], prev: bytes) -> bytes:
+    """`prev` chained with what else shapes the rendered prompt's start (left as is when the request
+    sets none of it, so plain chat requests keep their key)."""
+    shaping = {k: body[k] for k in ("chat_template", "chat_template_kwargs", "tools") if body.get(k) is not None}
+    if not shaping:
+        return prev
+    canon = json.dumps(shaping, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(prev + b"\0render\0" + canon.encode("utf-8", "replace"), digest_size=8).digest()
 
 
 def _prompt_bytes(body: dict[str, Any], path: str) -> bytes:

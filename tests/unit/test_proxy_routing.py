@@ -107,6 +107,22 @@ def test_prompt_key_is_per_cache_salt() -> None:
     assert prompt_key({**body, "cache_salt": 7}, "/v1/completions") == plain  # not a salt (the instance refuses it)
 
 
+def test_prompt_key_is_per_rendering() -> None:
+    """A request's own chat template, its template kwargs and its tools change the rendered prompt's
+    start: each has its own key; a chat request setting none of them keeps the plain key."""
+    body = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "q"}]}
+    plain = prompt_key(body, "/v1/chat/completions")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    keys = [prompt_key({**body, **extra}, "/v1/chat/completions") for extra in (
+        {"chat_template": "{{ messages }}"}, {"chat_template_kwargs": {"enable_thinking": False}}, {"tools": [tool]})]
+    assert all(len(k) == len(plain) for k in keys)
+    assert len({k[0] for k in keys} | {plain[0]}) == 4  # pairwise different from the first chunk on
+    assert prompt_key({**body, "tools": [tool]}, "/v1/chat/completions") == keys[2]
+    assert prompt_key({**body, "tools": None}, "/v1/chat/completions") == plain
+    text = {"prompt": "x" * 200}  # a completion is not rendered: the fields do not apply
+    assert prompt_key({**text, "tools": [tool]}, "/v1/completions") == prompt_key(text, "/v1/completions")
+
+
 def test_prompt_key_chains_whole_chunks_of_the_prompt() -> None:
     a = prompt_key({"prompt": "x" * 200}, "/v1/completions")
     assert len(a) == 200 // CHUNK_BYTES and len(set(a)) == len(a)  # equal chunks, different chain hashes
