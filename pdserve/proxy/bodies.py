@@ -49,6 +49,16 @@ def truncates_by_output(body: JSONObject) -> bool:
     return type(value) is int and value == -1
 
 
+def one_token(body: JSONObject, path: str) -> bool:
+    """A completion or chat request that asks for at most one output token: prefill-only work (a
+    classifier, a loglikelihood with `echo`), which moving KV to a decode instance cannot speed up.
+    Chat reads `max_completion_tokens` first, as vLLM does. Stored responses are left out (the proxy
+    looks for them on decode instances)."""
+    fields = _OUTPUT_LIMITS.get(path) if path != "/v1/responses" else None
+    limit = next((body[f] for f in reversed(fields or ()) if body.get(f) is not None), None)
+    return type(limit) is int and limit <= 1
+
+
 def params_json(params: KVTransferParams) -> JSONObject:
     """Params as JSON, both direction flags always present (as vLLM's proxies send them)."""
     out: JSONObject = msgspec.to_builtins(params)

@@ -59,6 +59,11 @@ class ProxyMetrics:
             "echo, prompt_logprobs, batch, truncate_prompt_tokens, beam_search, previous_response).",
             ("reason",),
         ))
+        self.prefill_only = r.register(Counter(
+            "pdserve_proxy_prefill_only_total",
+            "Requests sent whole to a prefill instance, no KV moved, by reason (embeddings, one_token).",
+            ("reason",),
+        ))
         self.same_instance = r.register(Counter(
             "pdserve_proxy_same_instance_total",
             "Requests whose prefill and decode picks were one both instance: sent to it plain (no failure).",

@@ -31,7 +31,9 @@ background one (`background: true`) is orchestrated as the rest; its decode half
 generation goes on there), and in WRITE mode the pair is committed once the prefill half has answered
 (not after a grace second: the decode needs all its KV); a decode half of a pair that fails then is
 deleted there (when the prefill half fails first, the decode's answer is still awaited, for its id).
-`/v1/embeddings` is prefill-only work: whole to a prefill instance (a decode one if no prefill is up).
+Prefill-only work goes whole to a prefill instance (a decode one if no prefill is up), with no KV
+moved: `/v1/embeddings`, and a completion or chat request asking for at most one token (a classifier,
+an `echo` loglikelihood), which would otherwise prefill on a decode instance or move KV for nothing.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class Orchestrator:
     async def serve(self, req: ClientRequest) -> Reply:
         """The reply to `req`; ProxyError when it cannot be served."""
         if req.path == EMBEDDINGS_PATH:
-            return await self._embed(req)
+            return await self._on_prefill(req, "embeddings")
         if self.settings.mode == "standard":
             if self.settings.routing == "prefix" or req.path == RESPONSES_PATH:
                 with contextlib.suppress(bodies.BadBody):  # the instance answers a bad body itself
@@ -122,6 +124,8 @@ class Orchestrator:
             raise no_instance("decode")
         if _continues(req, body):
             return await self._continuation(req, body, "D")
+        if bodies.one_token(body, req.path):
+            return await self._on_prefill(req, "one_token")
         alone = (
             "echo"
             if body.get("echo") is True
@@ -147,12 +151,13 @@ class Orchestrator:
             return await self._read(req, body)
         return await self._write(req, body)
 
-    async def _embed(self, req: ClientRequest) -> Reply:
-        """Embeddings are prefill-only work: the body as is to a standalone instance, or in disagg
-        mode to a prefill instance (a decode one when no prefill is healthy)."""
+    async def _on_prefill(self, req: ClientRequest, reason: str) -> Reply:
+        """Prefill-only work (`reason`): the body as is to a standalone instance, or in disagg mode
+        to a prefill instance (a decode one when no prefill is healthy)."""
         if self.settings.mode == "standard":
             return await self._one_of("S", req, req.raw, req.request_id)
         if self.table.candidates("P"):
+            self.metrics.prefill_only.inc(labels=(reason,))
             return await self._one_of("P", req, req.raw, req.request_id)
         if not self.table.candidates("D"):
             raise no_instance("prefill")

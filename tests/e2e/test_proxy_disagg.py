@@ -272,19 +272,23 @@ def test_decode_prefix_cache_skips_the_transfer_of_blocks_it_holds(topo: Topolog
 
 def test_echo_is_served_by_a_decode_alone(topo: Topology, reference: ServerProcess) -> None:
     """Prompt logprobs need the prompt computed where the answer comes from: the proxy sends an echo
-    request to a decode as a plain request (counted as a fallback "echo"), with the standalone's answer."""
-    def scored(server: ServerProcess) -> tuple[str, list[float | None]]:
-        r = _client(server).completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=0, echo=True,
-                                               logprobs=1, **GREEDY)
+    request to a decode as a plain request (counted as a fallback "echo"), with the standalone's
+    answer; a loglikelihood (echo, max_tokens 0) is prefill-only work and goes whole to a prefill."""
+    def scored(server: ServerProcess, max_tokens: int) -> tuple[str, list[float | None]]:
+        r = _client(server).completions.create(model=TINY_MODEL, prompt=PROMPTS[1], max_tokens=max_tokens,
+                                               echo=True, logprobs=1, **GREEDY)
         assert r.choices[0].logprobs is not None and r.choices[0].logprobs.token_logprobs is not None
         return r.choices[0].text, r.choices[0].logprobs.token_logprobs
 
-    before = topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="echo"}')
-    text, values = scored(topo.proxy)
-    want_text, want_values = scored(reference)
-    assert text == want_text == PROMPTS[1] and values[0] is None
-    assert values[1:] == pytest.approx(want_values[1:], abs=0.02)
-    assert topo.proxy_metric('pdserve_proxy_fallbacks_total{reason="echo"}') == before + 1
+    echo = 'pdserve_proxy_fallbacks_total{reason="echo"}'
+    one = 'pdserve_proxy_prefill_only_total{reason="one_token"}'
+    before = {m: topo.proxy_metric(m) for m in (echo, one)}
+    for max_tokens, counted in ((0, one), (3, echo)):
+        text, values = scored(topo.proxy, max_tokens)
+        want_text, want_values = scored(reference, max_tokens)
+        assert text == want_text and text.startswith(PROMPTS[1]) and values[0] is None
+        assert values[1:] == pytest.approx(want_values[1:], abs=0.02)
+        assert topo.proxy_metric(counted) == before[counted] + 1
     _blocks_all_free(topo.prefills + topo.decodes)
 
 

@@ -246,6 +246,35 @@ def test_prompt_logprobs_are_served_by_a_decode_alone() -> None:
     _run([FakeInstance("P")], [FakeInstance("D")], body)
 
 
+def test_one_token_requests_go_whole_to_a_prefill() -> None:
+    """At most one output token is prefill-only work (a classifier, an echo loglikelihood): the body
+    as is to a prefill instance, nothing to the decode; a decode takes it when no prefill is up."""
+    one = [("/v1/completions", {**BODY, "max_tokens": 1, "min_tokens": 0, "echo": True}),
+           ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 1}),
+           ("/v1/chat/completions", {**CHAT, "max_completion_tokens": None, "max_tokens": 1})]
+
+    async def body(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        for path, req in one:
+            status, _, _ = await post(s, proxy.url + path, req)
+            assert status == 200
+        assert not ds[0].seen and [x.body for x in ps[0].seen] == [req for _, req in one]
+        metrics = await (await s.get(proxy.url + "/metrics")).text()
+        assert 'pdserve_proxy_prefill_only_total{reason="one_token"} 3' in metrics
+        # max_completion_tokens wins over max_tokens, as in vLLM: two tokens are disaggregated
+        status, _, _ = await post(s, proxy.url + "/v1/chat/completions", {**CHAT, "max_completion_tokens": 2,
+                                                                          "max_tokens": 1})
+        assert status == 200 and len(ps[0].seen) == 4 and len(ds[0].seen) == 1
+        assert ps[0].seen[3].body["kv_transfer_params"]["do_remote_decode"] is True
+
+    _run([FakeInstance("P")], [FakeInstance("D")], body)
+
+    async def no_prefill(proxy: RunningProxy, s: Session, ps: Fakes, ds: Fakes) -> None:
+        status, _, _ = await post(s, proxy.url + one[1][0], one[1][1])
+        assert status == 200 and ds[0].seen[0].body == one[1][1]
+
+    _run([], [FakeInstance("D")], no_prefill)
+
+
 def test_beam_search_is_served_by_a_decode_alone() -> None:
     """vLLM's use_beam_search sends every beam as a prompt of its own each step: the whole request goes
     to a decode (fallback "beam_search"); false is disaggregated as usual."""
