@@ -327,6 +327,8 @@ class LLMEngine:
         self.validate_priority(priority)  # `priority`: lower first, under the priority policy
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        if self.connector is not None:
+            self.connector.check_request_id(request_id)
         if lora_request is not None:
             self.lora_manager().ensure(lora_request, self._loras_in_use())
         req = Request(

@@ -6,10 +6,10 @@ kv/consumer.py), none a plain request computed here. READ or WRITE is the reques
 `transfer_mode` (the instance's `--kv-mode` when absent), as for the single roles, so one `both`
 instance serves either mode.
 
-The two halves are built over this connector's sockets and threads (`KVConnectorBase.half_of`):
+The two halves are built over one `TransferContext` (kv/context.py), which this connector opens:
 one engine id, one handshake server, one notify socket, one TCP data server, one NIXL agent, one
 transfer worker, one set of stats. Each half keeps its own per-request state and its own event
-queue; this class routes to them. Invariants:
+queue (whose puts wake the engine loop); this class routes to them. Invariants:
 
 * Notify messages go by type: `read_done` and `write_dest` are a producer's, `write_done` a
   consumer's. An `abort` from a peer engine may be for either half, so both get it: each ignores an
@@ -17,8 +17,9 @@ queue; this class routes to them. Invariants:
   (`engine_id: "proxy"`) are only ever for a prefill half, so only the producer gets them (it
   remembers one that overtakes its request).
 * Worker results come back on the queue of the half whose job it was (each half's own `events`).
-* A request id is known to at most one half at a time (`on_add` refuses a second): TCP grants,
-  held and quarantined blocks, and notify messages are keyed by request id.
+* A request id is known to at most one half at a time, and a plain request never takes one that a
+  half still knows (`check_request_id`, which the engine calls before it allocates anything): TCP
+  grants, held and quarantined blocks, notify messages and `on_request_finished` go by request id.
 * A request that names this instance as its own peer is refused: a proxy sends such a request
   plain (docs/protocol.md section 5).
 """
@@ -30,42 +31,22 @@ from collections.abc import Callable
 from pdserve.engine.request import Request
 from pdserve.kv.connector import KVConnectorBase
 from pdserve.kv.consumer import KVConsumer
+from pdserve.kv.context import TransferContext
 from pdserve.kv.messages import PROXY_ENGINE_ID, Abort, KVTransferParams, ReadDone, WriteDest, WriteDone
 from pdserve.kv.producer import KVProducer
 
 
 class KVBoth(KVConnectorBase):
-    """Producer and consumer over one set of sockets; dispatches each request to one of them."""
+    """Producer and consumer over one context; dispatches each request to one of them."""
 
     role = "both"
 
-    def _init_role(self) -> None:
-        self.producer = KVProducer.half_of(self)
-        self.consumer = KVConsumer.half_of(self)
-
-    def _halves(self) -> tuple[KVConnectorBase, ...]:
-        return tuple(h for h in (getattr(self, "producer", None), getattr(self, "consumer", None)) if h is not None)
-
-    # Set after construction (the server's port, the scheduler's release): passed on to the halves.
-    @property  # type: ignore[override]
-    def http_port(self) -> int | None:
-        return self._http_port
-
-    @http_port.setter
-    def http_port(self, value: int | None) -> None:
-        self._http_port = value
-        for h in self._halves():
-            h.http_port = value
-
-    @property  # type: ignore[override]
-    def release(self) -> Callable[[Request], None]:
-        return self._release
-
-    @release.setter
-    def release(self, value: Callable[[Request], None]) -> None:
-        self._release = value
-        for h in self._halves():
-            h.release = value
+    def __init__(self, ctx: TransferContext) -> None:
+        super().__init__(ctx)
+        self.producer = KVProducer(ctx)
+        self.consumer = KVConsumer(ctx)
+        for half in (self.producer, self.consumer):
+            half.events.wake = lambda: self.events.wake()  # late-bound: the engine sets ours after this
 
     @property
     def allocate(self) -> Callable[[Request], bool]:
@@ -78,8 +59,6 @@ class KVBoth(KVConnectorBase):
 
     # ---- notify thread -------------------------------------------------------------------------
     def _on_notify(self, msg: object) -> None:
-        if not self._halves():
-            return  # still starting: nobody can know our ports yet
         if isinstance(msg, ReadDone | WriteDest):
             self.producer._on_notify(msg)
         elif isinstance(msg, WriteDone):
@@ -106,16 +85,18 @@ class KVBoth(KVConnectorBase):
         if params is None or not (params.do_remote_decode or params.do_remote_prefill):
             return
         self.validate(params, request.num_prompt_tokens)
-        rid = request.request_id
-        # Not the producer's write_dest table: a decode's write_dest may come before the prefill half it is for.
-        for half, name in ((self.producer, "prefill"), (self.consumer, "decode")):
-            if half.serves(rid):
-                raise ValueError(f"request id {rid!r} is still in use by this instance's {name} half; "
-                                 "send another X-Request-Id")
         if params.do_remote_decode:
             self.producer.on_add(request, params)
         else:
             self.consumer.on_add(request, params)
+
+    def serves(self, request_id: str) -> bool:
+        # Not the producer's write_dest table: a decode's write_dest may come before the prefill half it is for.
+        return self.producer.serves(request_id) or self.consumer.serves(request_id)
+
+    def check_request_id(self, request_id: str) -> None:
+        self.producer.check_request_id(request_id)
+        self.consumer.check_request_id(request_id)
 
     def begin_step(self, prefills: list[tuple[Request, int]]) -> None:
         self.producer.begin_step(prefills)  # only its own do_remote_decode requests push

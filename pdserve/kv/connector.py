@@ -1,5 +1,9 @@
 """The KV connector: the engine's link to its peer instances (prefill = producer, decode = consumer).
 
+A connector is a role's per-request logic over a `TransferContext` (kv/context.py): the engine id,
+sockets, transfer worker, transports and stats that an instance opens once. A single role opens
+its own (`KVConnectorBase.open`); a both instance's two halves share one (kv/both.py).
+
 Threads: the engine thread calls every public method here; the notify server thread and the
 transfer worker only post events to `self.events`, which the engine thread drains in `poll()`.
 So the block pool and the scheduler are only ever touched from the engine thread.
@@ -11,54 +15,19 @@ So the block pool and the scheduler are only ever touched from the engine thread
 
 from __future__ import annotations
 
-import logging
 import queue
-import socket
-import threading
-import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
-import zmq
-
-from pdserve.config import EngineConfig, ModelConfig
+from pdserve.config import EngineConfig, KVTransferConfig, ModelConfig
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.request import Request
-from pdserve.kv.handshake import HandshakeClient, HandshakeServer, fingerprint, layout_info
-from pdserve.kv.messages import (
-    PROTOCOL_VERSION,
-    HandshakeReply,
-    HandshakeRequest,
-    KVTransferParams,
-    ShmDescriptor,
-    TcpDescriptor,
-    Transports,
-)
-from pdserve.kv.notify import NotifySender, NotifyServer
-from pdserve.kv.transports.base import KVTransport, TransferError
-from pdserve.kv.transports.shm import ShmTransport
-from pdserve.kv.transports.tcp import TcpServer, TcpTransport
+from pdserve.kv.context import KVTransferStats, TransferContext
+from pdserve.kv.messages import KVTransferParams
+from pdserve.kv.transports.tcp import TcpServer
 
-if TYPE_CHECKING:
-    from pdserve.kv.transports.nixl import NixlAgent
-
-log = logging.getLogger(__name__)
-_Half = TypeVar("_Half", bound="KVConnectorBase")
-
-
-@dataclass
-class KVTransferStats:
-    bytes_moved: int = 0
-    transfers: int = 0
-    transfer_seconds: list[float] = field(default_factory=list)  # drained by the metrics exporter
-    lease_expiries: int = 0
-    load_failures: int = 0
-    handshake_failures: int = 0
-    blocks_held: int = 0
-    prefill_halves: int = 0  # requests served as the prefill half (do_remote_decode), lifetime
-    decode_halves: int = 0  # requests served as the decode half (do_remote_prefill), lifetime
+_Conn = TypeVar("_Conn", bound="KVConnectorBase")
 
 
 class _WakingQueue:
@@ -88,142 +57,80 @@ class _Done:
 
 
 class KVConnectorBase:
-    """Sockets, handshake, transports and the event queue shared by both roles."""
+    """A role's per-request logic over a `TransferContext`, and the event queue it drains."""
 
     role = "standalone"
 
-    def __init__(self, config: EngineConfig, model: ModelConfig, cache: KVCache, token: str | None = None) -> None:
-        kt = config.kv_transfer
-        self.config = kt
-        self.cache = cache
-        self.token = token
-        self.engine_id = uuid.uuid4().hex[:16]
-        self.host = kt.kv_host
-        self.http_port: int | None = None  # set by the server once it knows its port
-        self.hostname = socket.gethostname()  # what peers compare theirs with (shm, cuda_ipc: same host only)
-        self.stats = KVTransferStats()
+    def __init__(self, ctx: TransferContext) -> None:
+        self.ctx = ctx
         self.events = _WakingQueue()
-        self.release: Callable[[Request], None] = lambda req: None  # set by the engine: frees blocks
-        self._ctx = zmq.Context()
-        self.fingerprint = fingerprint(model, cache.layout)
-        self.tcp_server = TcpServer(cache.tensor, self.host, token)
-        transports = Transports(tcp=TcpDescriptor(self.host, self.tcp_server.port), hostname=self.hostname)
-        if cache.tensor.is_cuda:
-            from pdserve.kv.transports.cuda_ipc import export_cache
-
-            transports.cuda_ipc = export_cache(cache.tensor)
-        if cache.shm_name is not None:
-            transports.shm = ShmDescriptor(cache.shm_name, cache.layout.total_bytes, self.hostname)
-        self.nixl: NixlAgent | None = None  # only with --kv-transport nixl (importing nixl loads UCX)
-        if kt.kv_transport == "nixl":
-            from pdserve.kv.transports.nixl import NixlAgent
-
-            self.nixl = NixlAgent(self.engine_id, cache.tensor, self.host)
-            transports.nixl = self.nixl.descriptor()
-        reply = HandshakeReply(PROTOCOL_VERSION, self.engine_id, self.fingerprint, layout_info(cache.layout),
-                               transports)
-        self.handshake_server = HandshakeServer(self._ctx, self.host, kt.kv_handshake_port, reply, token)
-        self.notify_server = NotifyServer(self._ctx, self.host, kt.kv_notify_port, self._on_notify, token)
-        self.sender = NotifySender(self._ctx, token)
-        self.handshakes = HandshakeClient(
-            self._ctx, HandshakeRequest(PROTOCOL_VERSION, self.engine_id, self.fingerprint, token, self.hostname,
-                                        cache.shm_name, reply.layout.dtype, reply.layout.kv_scales)
-        )
-        self._transports: dict[tuple[str, int], KVTransport] = {}  # used by the worker thread only
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv-transfer")
-        self._lock = threading.Lock()
-        self._init_role()
-
-    def _init_role(self) -> None:
-        """The role's own state (a subclass's), after the shared sockets and transports exist."""
 
     @classmethod
-    def half_of(cls: type[_Half], owner: KVConnectorBase) -> _Half:
-        """This role's logic over `owner`'s engine id, sockets, tcp server, NIXL agent, handshake
-        cache, transfer worker and stats, opening nothing of its own (the both role, kv/both.py).
-        It gets its own event queue, whose every put wakes the owner's engine loop: the owner
-        routes notify messages to its halves, and each half drains its own queue in `poll()`.
-        `http_port` and `release` are copied: the owner passes later changes on."""
-        half = cls.__new__(cls)
-        half.__dict__.update({k: v for k, v in vars(owner).items()
-                              if k != "events" and not isinstance(v, KVConnectorBase)})
-        half.http_port, half.release = owner.http_port, owner.release
-        half.events = _WakingQueue()
-        half.events.wake = lambda: owner.events.wake()  # late-bound: the engine sets the owner's wake
-        half._init_role()
-        return half
+    def open(cls: type[_Conn], config: EngineConfig, model: ModelConfig, cache: KVCache,
+             token: str | None = None) -> _Conn:
+        """This role's connector over a context of its own, receiving the instance's notify messages."""
+        conn = cls(TransferContext.open(config, model, cache, token))
+        conn.ctx.on_notify = conn._on_notify
+        return conn
 
     def _on_notify(self, msg: object) -> None:
         """Notify thread: hand the message to the engine thread."""
         self.events.put(msg)
 
+    # ---- the context's identity and servers, as the roles, the server and the registration read them
+    @property
+    def config(self) -> KVTransferConfig:
+        return self.ctx.config
+
+    @property
+    def cache(self) -> KVCache:
+        return self.ctx.cache
+
+    @property
+    def engine_id(self) -> str:
+        return self.ctx.engine_id
+
+    @property
+    def host(self) -> str:
+        return self.ctx.host
+
+    @property
+    def stats(self) -> KVTransferStats:
+        return self.ctx.stats
+
+    @property
+    def tcp_server(self) -> TcpServer:
+        return self.ctx.tcp_server
+
     @property
     def handshake_port(self) -> int:
-        return self.handshake_server.port
+        return self.ctx.handshake_server.port
 
     @property
     def notify_port(self) -> int:
-        return self.notify_server.port
+        return self.ctx.notify_server.port
 
     @property
     def transfer_mode(self) -> str:
         return self.config.kv_mode.upper()
 
-    # ---- worker-thread helpers -----------------------------------------------------------------
-    def _transport(self, host: str, handshake_port: int) -> KVTransport:
-        """Handshake (cached) and open the transport to a peer. Worker thread only."""
-        key = (host, handshake_port)
-        t = self._transports.get(key)
-        if t is not None:
-            return t
-        try:
-            reply = self.handshakes.get(host, handshake_port).result(timeout=self.config.kv_transfer_timeout)
-        except Exception as e:
-            self.stats.handshake_failures += 1
-            self.handshakes.forget(host, handshake_port)
-            raise TransferError(f"handshake with {host}:{handshake_port} failed: {e}") from None
-        t = self._open(reply)
-        self._transports[key] = t
-        return t
+    @property
+    def http_port(self) -> int | None:
+        return self.ctx.http_port
 
-    def _open(self, reply: HandshakeReply) -> KVTransport:
-        """Pick the transport: --kv-transport, or auto: same host -> cuda_ipc (GPU) / shm (CPU), else tcp."""
-        choice = self.config.kv_transport
-        offered = reply.transports
-        same_host = offered.hostname == self.hostname
-        shape = self.cache.layout.shape[:1] + (reply.layout.num_blocks,) + self.cache.layout.shape[2:]
-        on_gpu = self.cache.tensor.is_cuda
-        if choice == "nixl":
-            if self.nixl is None or offered.nixl is None:
-                raise TransferError("the peer offers no NIXL transport: start both instances with --kv-transport nixl")
-            from pdserve.kv.transports.nixl import NixlTransport
+    @http_port.setter
+    def http_port(self, value: int | None) -> None:
+        """Set by the server once it knows its port."""
+        self.ctx.http_port = value
 
-            return NixlTransport(self.nixl, self.cache.tensor, offered.nixl, shape, self.config.kv_transfer_timeout)
-        if choice in ("cuda_ipc", "shm") and not same_host:
-            # The decode side relies on this: a peer of another hostname can only write over tcp,
-            # whose grants it revokes, so it need not hold blocks back for a late write (consumer).
-            raise TransferError(f"--kv-transport {choice} needs both instances on one host "
-                                f"(the peer is {offered.hostname!r}, we are {self.hostname!r})")
-        if choice == "cuda_ipc" or (choice == "auto" and same_host and on_gpu and offered.cuda_ipc is not None):
-            if offered.cuda_ipc is None or not on_gpu:
-                raise TransferError("cuda_ipc needs both instances' KV caches on CUDA devices of one host")
-            from pdserve.kv.transports.cuda_ipc import CudaIpcTransport
+    @property
+    def release(self) -> Callable[[Request], None]:
+        return self.ctx.release
 
-            return CudaIpcTransport(self.cache.tensor, offered.cuda_ipc, shape)
-        if choice == "shm" or (choice == "auto" and same_host and offered.shm is not None and not on_gpu):
-            if offered.shm is None or self.cache.shm_name is None:
-                raise TransferError("shm needs both instances' KV caches in host shared memory on one host")
-            return ShmTransport(self.cache.tensor, offered.shm, shape)
-        tcp = offered.tcp
-        if tcp is None:
-            raise TransferError("the peer offers no TCP transport")
-        return TcpTransport(self.cache.tensor, tcp.host, tcp.port, self.token, self.config.kv_transfer_timeout)
-
-    def _drop_transport(self, host: str, handshake_port: int) -> None:
-        t = self._transports.pop((host, handshake_port), None)
-        if t is not None:
-            t.close()
-        self.handshakes.forget(host, handshake_port)
+    @release.setter
+    def release(self, value: Callable[[Request], None]) -> None:
+        """Set by the engine: frees a request's blocks."""
+        self.ctx.release = value
 
     def _record(self, done: _Done) -> None:
         if done.ok:
@@ -234,6 +141,17 @@ class KVConnectorBase:
     # ---- engine-thread interface (overridden per role) -----------------------------------------
     def validate(self, params: KVTransferParams | None, num_prompt_tokens: int) -> None:
         """Raise ValueError (a user-facing message) if `params` cannot be honoured here."""
+
+    def serves(self, request_id: str) -> bool:
+        """Whether this connector keeps state under `request_id` (a transfer not yet over)."""
+        return False
+
+    def check_request_id(self, request_id: str) -> None:
+        """Raise ValueError (a user-facing message) if a new request may not take `request_id` yet:
+        this connector still keeps state under it. Called before anything is allocated for it."""
+        if self.serves(request_id):
+            raise ValueError(f"request id {request_id!r} is still in use by this instance's {self.role} side "
+                             "(until its KV transfer ends); send another X-Request-Id")
 
     def on_add(self, request: Request, params: KVTransferParams | None) -> None:
         """A new request: read its kv_transfer_params before the scheduler sees it."""
@@ -256,13 +174,5 @@ class KVConnectorBase:
         return False
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
-        for t in self._transports.values():
-            t.close()
-        self.handshake_server.close()
-        self.notify_server.close()
-        self.handshakes.close()
-        self.sender.close()
-        self.tcp_server.close()
-        if self.nixl is not None:
-            self.nixl.close()  # waits for a transfer in flight: the cache must stay registered until it ends
+        """Close the context: only the connector that opened it (a both instance's halves never do)."""
+        self.ctx.close()

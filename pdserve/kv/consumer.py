@@ -25,6 +25,7 @@ import msgspec
 
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.kv.connector import KVConnectorBase, _Done
+from pdserve.kv.context import TransferContext
 from pdserve.kv.messages import Abort, KVTransferParams, ReadDone, WriteDest, WriteDone
 from pdserve.kv.transports.base import TransferError
 
@@ -45,7 +46,8 @@ class _Pending:
 class KVConsumer(KVConnectorBase):
     role = "decode"
 
-    def _init_role(self) -> None:
+    def __init__(self, ctx: TransferContext) -> None:
+        super().__init__(ctx)
         self.allocate: Callable[[Request], bool] = lambda req: False  # set by the engine
         self._pending: dict[str, _Pending] = {}
         self._last_liveness = 0.0
@@ -88,11 +90,11 @@ class KVConsumer(KVConnectorBase):
         p.local_tokens = req.num_computed_tokens
         skip = p.local_tokens // self.cache.layout.block_size
         if prm.transfer_mode == "READ":
-            self._worker.submit(self._read, req.request_id, prm, list(req.block_ids), skip)
+            self.ctx.worker.submit(self._read, req.request_id, prm, list(req.block_ids), skip)
         else:
-            self.handshakes.get(prm.remote_host, prm.remote_handshake_port)  # type: ignore[arg-type]
+            self.ctx.handshakes.get(prm.remote_host, prm.remote_handshake_port)  # type: ignore[arg-type]
             self.tcp_server.grants.grant(req.request_id, req.block_ids[skip:])
-            self.sender.send(prm.remote_host, prm.remote_notify_port, WriteDest(  # type: ignore[arg-type]
+            self.ctx.sender.send(prm.remote_host, prm.remote_notify_port, WriteDest(  # type: ignore[arg-type]
                 req.request_id, self.engine_id, list(req.block_ids), self.host, self.handshake_port,
                 self.notify_port, req.num_prompt_tokens, skip_blocks=skip))
 
@@ -133,16 +135,16 @@ class KVConsumer(KVConnectorBase):
         prm = p.params
         if prm.transfer_mode != "WRITE" or not p.started:
             return False
-        peer = self.handshake_server.peers.get(prm.remote_engine_id or "")
+        peer = self.ctx.handshake_server.peers.get(prm.remote_engine_id or "")
         if peer is not None:
             host, segment = peer.hostname, peer.shm_segment
         else:
-            fut = self.handshakes.get(prm.remote_host, prm.remote_handshake_port)  # type: ignore[arg-type]
+            fut = self.ctx.handshakes.get(prm.remote_host, prm.remote_handshake_port)  # type: ignore[arg-type]
             if not fut.done() or fut.exception() is not None or fut.result().transports.shm is None:
                 return False
             shm = fut.result().transports.shm
             host, segment = shm.hostname, shm.segment
-        return bool(segment) and host == self.hostname and not os.path.exists(
+        return bool(segment) and host == self.ctx.hostname and not os.path.exists(
             f"/dev/shm/{segment.lstrip('/')}"  # type: ignore[union-attr]
         )
 
@@ -176,7 +178,7 @@ class KVConsumer(KVConnectorBase):
         rid = p.request.request_id
         prm = p.params
         self.tcp_server.grants.revoke(rid)  # no tcp write lands after this, in a recompute either
-        self.sender.send(prm.remote_host, prm.remote_notify_port, Abort(rid, self.engine_id, reason))  # type: ignore[arg-type]
+        self.ctx.sender.send(prm.remote_host, prm.remote_notify_port, Abort(rid, self.engine_id, reason))  # type: ignore[arg-type]
         if self.config.kv_load_failure_policy == "recompute":
             p.abandoned = True  # a late result is ignored; the blocks stay with the request
             p.request.num_computed_tokens = p.local_tokens  # our cached prefix is still good
@@ -207,14 +209,14 @@ class KVConsumer(KVConnectorBase):
             return False
         prm = p.params
         if p.started and prm.transfer_mode == "WRITE" and prm.remote_engine_id is not None \
-                and prm.remote_engine_id not in self.handshake_server.peers:
+                and prm.remote_engine_id not in self.ctx.handshake_server.peers:
             # The producer never handshaked with us: it cannot know our segment, so cannot write.
-            self.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
+            self.ctx.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
                              Abort(request.request_id, self.engine_id, "decode request ended"))
             self._drop(request.request_id)
             return False
         if p.started and not p.abandoned:
-            self.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
+            self.ctx.sender.send(prm.remote_host, prm.remote_notify_port,  # type: ignore[arg-type]
                              Abort(request.request_id, self.engine_id, "decode request ended"))
         if p.started:
             if self._fenced(p):
@@ -230,20 +232,20 @@ class KVConsumer(KVConnectorBase):
             # Ended before it had blocks (so before write_dest / the read): nothing can land in ours,
             # but the prefill may hold the prompt's blocks for us until its lease ends.
             abort = Abort(request.request_id, self.engine_id, "decode request ended")
-            self.sender.send(prm.remote_host, prm.remote_notify_port, abort)  # type: ignore[arg-type]
+            self.ctx.sender.send(prm.remote_host, prm.remote_notify_port, abort)  # type: ignore[arg-type]
         return False
 
     def _fenced(self, p: _Pending) -> bool:
         """True when nothing can write into the request's blocks any more: a WRITE whose producer
         is on another host (it said so in its handshake with us) can reach them only over tcp
-        (connector._open refuses shm/cuda_ipc across hostnames), and revoking the grant ends that."""
+        (the context refuses shm/cuda_ipc across hostnames: kv/context.py), and revoking the grant ends that."""
         prm = p.params
         if prm.transfer_mode != "WRITE" or prm.remote_engine_id is None:
             return False  # READ: our own worker may still be copying into the blocks
-        if self.nixl is not None:
+        if self.ctx.nixl is not None:
             return False  # a peer of any host may write into our NIXL-registered cache: no grant stops it
-        peer = self.handshake_server.peers.get(prm.remote_engine_id)
-        return peer is not None and peer.hostname != self.hostname \
+        peer = self.ctx.handshake_server.peers.get(prm.remote_engine_id)
+        return peer is not None and peer.hostname != self.ctx.hostname \
             and self.tcp_server.grants.revoke(p.request.request_id)
 
     # ---- worker thread -------------------------------------------------------------------------
@@ -252,16 +254,16 @@ class KVConsumer(KVConnectorBase):
         t0 = time.perf_counter()
         host, port = prm.remote_host, prm.remote_handshake_port
         try:
-            transport = self._transport(host, port)  # type: ignore[arg-type]
+            transport = self.ctx.transport(host, port)  # type: ignore[arg-type]
             src = prm.remote_block_ids or []
             if len(src) != len(dst):
                 raise TransferError(f"the prefill holds {len(src)} blocks for this prompt, we allocated {len(dst)}")
             nbytes = transport.read(src[skip:], dst[skip:], request_id=rid)
         except TransferError as e:
-            self._drop_transport(host, port)  # type: ignore[arg-type]
+            self.ctx.drop_transport(host, port)  # type: ignore[arg-type]
             self.events.put(_Done(rid, False, str(e)))
             return
-        self.sender.send(host, prm.remote_notify_port, ReadDone(rid, self.engine_id))  # type: ignore[arg-type]
+        self.ctx.sender.send(host, prm.remote_notify_port, ReadDone(rid, self.engine_id))  # type: ignore[arg-type]
         self.events.put(_Done(rid, True, None, nbytes, time.perf_counter() - t0))
 
 

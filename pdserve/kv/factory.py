@@ -17,24 +17,25 @@ def make_connector(
     token: str | None = None,
 ) -> KVConnectorBase | None:
     """None for a standalone engine; else a producer (prefill), a consumer (decode) or both (each
-    request picks its half, kv/both.py) wired to the scheduler's and runner's seams."""
+    request picks its half, kv/both.py), each over a TransferContext of its own (kv/context.py),
+    wired to the scheduler's and runner's seams."""
     role = config.kv_transfer.role
     if role == "standalone":
         return None
     if role == "prefill":
         from pdserve.kv.producer import KVProducer
 
-        conn: KVConnectorBase = KVProducer(config, model, cache, token)
+        conn: KVConnectorBase = KVProducer.open(config, model, cache, token)
     elif role == "decode":
         from pdserve.kv.consumer import KVConsumer
 
-        consumer = KVConsumer(config, model, cache, token)
+        consumer = KVConsumer.open(config, model, cache, token)
         consumer.allocate = scheduler.allocate_for_remote
         conn = consumer
     elif role == "both":
         from pdserve.kv.both import KVBoth
 
-        both = KVBoth(config, model, cache, token)
+        both = KVBoth.open(config, model, cache, token)
         both.allocate = scheduler.allocate_for_remote
         conn = both
     else:

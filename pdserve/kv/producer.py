@@ -25,6 +25,7 @@ import msgspec
 
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.kv.connector import KVConnectorBase, _Done
+from pdserve.kv.context import TransferContext
 from pdserve.kv.messages import PROXY_ENGINE_ID, Abort, KVTransferParams, ReadDone, WriteDest, WriteDone
 from pdserve.kv.transports.base import TransferError
 
@@ -43,7 +44,8 @@ class _Held:
 class KVProducer(KVConnectorBase):
     role = "prefill"
 
-    def _init_role(self) -> None:
+    def __init__(self, ctx: TransferContext) -> None:
+        super().__init__(ctx)
         self._remote: dict[str, tuple[Request, KVTransferParams]] = {}  # in flight, do_remote_decode
         self._held: dict[str, _Held] = {}  # finished, blocks kept
         self._dests: dict[str, tuple[WriteDest, float]] = {}  # write_dest seen, by request id
@@ -69,7 +71,7 @@ class KVProducer(KVConnectorBase):
         if self._early_aborts.pop(request.request_id, None) is not None:  # the proxy gave up on it already
             self._handle(Abort(request.request_id, PROXY_ENGINE_ID, "aborted before it arrived"))
         elif mode == "WRITE" and params.remote_host and params.remote_handshake_port:
-            self.handshakes.get(params.remote_host, params.remote_handshake_port)  # warm up, in background
+            self.ctx.handshakes.get(params.remote_host, params.remote_handshake_port)  # warm up, in background
 
     def _on_notify(self, msg: object) -> None:
         if isinstance(msg, Abort):  # let the worker stop at the next layer, before the engine sees it
@@ -93,7 +95,7 @@ class KVProducer(KVConnectorBase):
     def on_layer_done(self, layer: int) -> None:
         final = layer == self.cache.layout.num_layers - 1
         for req, dest in self._step_pushes:
-            self._worker.submit(self._push_layers, req.request_id, dest, list(req.block_ids), [layer], final,
+            self.ctx.worker.submit(self._push_layers, req.request_id, dest, list(req.block_ids), [layer], final,
                                 req.num_cached_tokens)
 
     def end_step(self) -> None:
@@ -117,7 +119,7 @@ class KVProducer(KVConnectorBase):
             request.kv_transfer_params = None  # the answer offers no KV (a proxy would prefill locally)
             dest = self._dests.pop(rid, None)  # a write_dest that came after the abort: nothing was pushed
             if dest is not None:
-                self._worker.submit(self._ack_abort, rid, dest[0], "aborted")
+                self.ctx.worker.submit(self._ack_abort, rid, dest[0], "aborted")
             return self._hold_while_pushing(request) if pushed and not pushed_done else False
         if request.status not in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED):
             reason = f"prefill ended: {request.status.finish_reason}"
@@ -128,9 +130,9 @@ class KVProducer(KVConnectorBase):
                 # it could overtake pushes). Layers may still be on their way: tell it behind them.
                 if pushed and not pushed_done:
                     self._cancelled.add(rid)
-                self._worker.submit(self._ack_abort, rid, dest[0], reason)
+                self.ctx.worker.submit(self._ack_abort, rid, dest[0], reason)
             elif params.transfer_mode == "WRITE" and params.remote_host and params.remote_notify_port:
-                self.sender.send(params.remote_host, params.remote_notify_port, Abort(rid, self.engine_id, reason))
+                self.ctx.sender.send(params.remote_host, params.remote_notify_port, Abort(rid, self.engine_id, reason))
             return self._hold_while_pushing(request) if pushed and not pushed_done else False
         request.kv_transfer_params = KVTransferParams(
             do_remote_prefill=True,
@@ -175,7 +177,7 @@ class KVProducer(KVConnectorBase):
         held.pushing = True
         layers = list(range(self.cache.layout.num_layers))
         req = held.request
-        self._worker.submit(self._push_layers, req.request_id, dest, list(req.block_ids), layers, True,
+        self.ctx.worker.submit(self._push_layers, req.request_id, dest, list(req.block_ids), layers, True,
                             req.num_cached_tokens)
 
     def poll(self) -> tuple[set[str], dict[str, str]]:
@@ -220,7 +222,7 @@ class KVProducer(KVConnectorBase):
                 # Behind any queued pushes for it: once this runs, nothing more is written for rid,
                 # and decode may reuse the blocks it was holding for us.
                 who = "the proxy" if ev.engine_id == PROXY_ENGINE_ID else "the decode instance"
-                self._worker.submit(self._ack_abort, rid, dest_msg, f"aborted by {who}")
+                self.ctx.worker.submit(self._ack_abort, rid, dest_msg, f"aborted by {who}")
             else:  # no push for rid was queued, nor can be: do not let the mark stop a later one
                 self._cancelled.discard(rid)
             if held is not None and not held.pushing:
@@ -251,7 +253,7 @@ class KVProducer(KVConnectorBase):
     def _ack_abort(self, rid: str, dest: WriteDest, reason: str) -> None:
         """Worker: every push queued for rid has run (or stopped); tell decode it may free its blocks."""
         self._cancelled.discard(rid)
-        self.sender.send(dest.handshake_host, dest.notify_port, WriteDone(rid, self.engine_id, False, reason))
+        self.ctx.sender.send(dest.handshake_host, dest.notify_port, WriteDone(rid, self.engine_id, False, reason))
 
     def _push_layers(
         self, rid: str, dest: WriteDest, src: list[int], layers: list[int], final: bool, cached: int
@@ -266,7 +268,7 @@ class KVProducer(KVConnectorBase):
         t0 = time.perf_counter()
         nbytes = 0
         try:
-            transport = self._transport(dest.handshake_host, dest.handshake_port)
+            transport = self.ctx.transport(dest.handshake_host, dest.handshake_port)
             n = min(len(src), len(dest.block_ids))
             skip = min(max(dest.skip_blocks, 0), n)  # decode's own cached prefix: not ours to write
             for layer in layers:
@@ -276,14 +278,14 @@ class KVProducer(KVConnectorBase):
                 if skip < n:
                     nbytes += transport.write_layer(layer, src[skip:n], dest.block_ids[skip:n], request_id=rid)
         except TransferError as e:
-            self._drop_transport(dest.handshake_host, dest.handshake_port)
+            self.ctx.drop_transport(dest.handshake_host, dest.handshake_port)
             if not final:
                 self._push_failed.add(rid)
-            self.sender.send(dest.handshake_host, dest.notify_port, WriteDone(rid, self.engine_id, False, str(e)))
+            self.ctx.sender.send(dest.handshake_host, dest.notify_port, WriteDone(rid, self.engine_id, False, str(e)))
             self.events.put(_Done(rid, False, str(e)))
             return
         if final:
-            self.sender.send(dest.handshake_host, dest.notify_port,
+            self.ctx.sender.send(dest.handshake_host, dest.notify_port,
                              WriteDone(rid, self.engine_id, True, num_cached_tokens=cached))
             self.events.put(_Done(rid, True, None, nbytes, time.perf_counter() - t0))
         elif nbytes:

@@ -25,7 +25,7 @@ from pdserve.server.errors import APIError
 from pdserve.server.generation import Generation, GenerationInput
 from pdserve.server.inputs import truncated
 from pdserve.server.request_id import request_id_of
-from pdserve.server.serving import Started, check_model, lora_of, wait_for_end
+from pdserve.server.serving import Started, check_ids_free, check_model, lora_of, wait_for_end
 
 _UNUSED = SamplingParams(max_tokens=1, temperature=0.0)  # an embedding request samples nothing
 
@@ -66,10 +66,11 @@ async def create_embedding(request: Request) -> Response:
     prompts = _token_ids(ctx, req, pooling)
     lora = lora_of(ctx, req.model)
     request_id = request_id_of(request)
+    rids = [request_id + (f"-p{k}" if k else "") for k in range(len(prompts))]
+    check_ids_free(ctx, rids)
     gens: list[Generation] = []
     try:
-        for k, ids in enumerate(prompts):
-            rid = request_id + (f"-p{k}" if k else "")
+        for rid, ids in zip(rids, prompts, strict=True):
             gens.append(ctx.start(GenerationInput(rid, ids, _UNUSED, None, arrival, lora, pooling=pooling)))
     except APIError:  # 409 / 429 / 503 for a later input: the earlier ones go too
         for gen in gens:

@@ -119,6 +119,24 @@ def check_priority(ctx: ServerContext, priority: int) -> None:
         raise APIError(400, str(e), code="invalid_value", param="priority") from None
 
 
+def check_ids_free(ctx: ServerContext, ids: list[str]) -> None:
+    """A 400 for an id the KV connector still keeps state under (a both instance's prefill half holds
+    its blocks after it has answered, until the decode has them), before anything is allocated. An
+    id in flight on this server is admission's 409."""
+    conn = ctx.llm.connector
+    if conn is None:
+        return
+    for rid in ids:
+        if rid in ctx.admission.in_flight:
+            continue
+        # Read off the engine thread: the connector takes an id only from a request admitted after this
+        # check, so a stale answer can only refuse an id that is being freed.
+        try:
+            conn.check_request_id(rid)
+        except ValueError as e:
+            raise APIError(400, str(e), code="request_id_in_use", param="X-Request-Id") from None
+
+
 def start(
     request: Request,
     ctx: ServerContext,
@@ -149,6 +167,7 @@ def start(
     request_id = request_id_of(request) + (f"-p{batch_index}" if batch_index else "")
     # Choice 0 keeps the request's id: a prefill instance knows the KV it holds for us by that id.
     ids = [request_id] + [f"{request_id}-{i}" for i in range(1, req.n)]
+    check_ids_free(ctx, ids)
     remote = kvp is not None and kvp.do_remote_prefill
     lora = lora_of(ctx, req.model)
     # n > 1: choices after the first wait until the first has its first token, when its prompt's KV

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import socket
 
+import httpx
 import msgspec
 import pytest
 import zmq
@@ -16,6 +17,9 @@ import zmq
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.kv.messages import PROXY_ENGINE_ID, Abort
 from pdserve.kv.notify import NotifySender
+from pdserve.server.app import build_app
+from pdserve.server.context import ServerContext
+from pdserve.server.settings import ServerSettings
 from tests.unit.test_kv_transfer import (
     GREEDY,
     close,
@@ -50,10 +54,10 @@ def test_both_instances_prefill_for_each_other(mode, transport):
     try:
         conn = a.engine.connector
         assert conn.role == "both"
-        # One set of sockets and one engine id, shared by both halves (nothing opened twice).
+        # One context (sockets, worker, engine id), shared by both halves (nothing opened twice).
         for half in (conn.producer, conn.consumer):
+            assert half.ctx is conn.ctx
             assert half.engine_id == conn.engine_id and half.tcp_server is conn.tcp_server
-            assert half.notify_server is conn.notify_server and half._worker is conn._worker
 
         async def main():
             for i, prompt in enumerate(prompts()):
@@ -165,3 +169,85 @@ def test_one_set_of_sockets():
         assert _sockets(a) == (conn.producer.handshake_port, conn.consumer.notify_port, conn.consumer.tcp_server.port)
     finally:
         close(a)
+
+
+def test_request_id_reused_across_directions_is_a_400_and_leaks_nothing():
+    """An id a half still keeps state under (a prefill half holding its blocks for the read; a decode
+    half waiting for its KV) is refused for a request in the other direction, or a plain one, with a
+    400 naming X-Request-Id, before anything is allocated; and every block comes back."""
+    a, b = make(TINY, "both", "read"), make(TINY, "both", "read")
+    ctx = ServerContext(a, ServerSettings(served_model_names=(TINY,), role="both"))
+    prompt = prompts((40,))[0]
+    sender = NotifySender(zmq.Context.instance())
+
+    async def main():
+        transport = httpx.ASGITransport(app=build_app(ctx))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async def post(rid: str, kvp: object) -> httpx.Response:
+                body = {"model": TINY, "prompt": prompt, "max_tokens": 4, "temperature": 0, "kv_transfer_params": kvp}
+                return await client.post("/v1/completions", json=body, headers={"X-Request-Id": rid})
+
+            def refused(r: httpx.Response, half: str) -> None:
+                assert r.status_code == 400, r.text
+                err = r.json()["error"]
+                assert (err["type"], err["code"], err["param"]) == ("invalid_request_error", "request_id_in_use",
+                                                                    "X-Request-Id")
+                assert f"in use by this instance's {half} side" in err["message"]
+
+            # A is the prefill half of "dup" and holds its blocks; a decode half or a plain request of that id
+            # arrives before they are read.
+            assert (await post("dup", {"do_remote_decode": True})).status_code == 200
+            _, pout = await run(b, "dup", prompt, {"do_remote_decode": True})
+            refused(await post("dup", msgspec.to_builtins(pout.kv_transfer_params)), "prefill")
+            refused(await post("dup", None), "prefill")
+            embedding = {"model": TINY, "input": "hello"}
+            refused(await client.post("/v1/embeddings", json=embedding, headers={"X-Request-Id": "dup"}), "prefill")
+            # Past the server (the engine's own API), the engine refuses it too, before allocating anything.
+            _, out = await run(a, "dup", prompt, pout.kv_transfer_params)
+            assert out.finish_reason == "error" and "in use by this instance's prefill side" in out.error
+            # A decode half of "w" waits for its KV (its prefill never comes; the server no longer tracks it,
+            # as after a quarantine): a prefill half of "w" is refused.
+            waiting = asyncio.ensure_future(run(a, "w", prompt, write_params(b)))
+            await until_true(lambda: a.engine.connector.consumer.serves("w"), 5)
+            refused(await post("w", {"do_remote_decode": True}), "decode")
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+        for e in (a, b):
+            c = e.engine.connector
+            sender.send(c.host, c.notify_port, Abort("dup", PROXY_ENGINE_ID, "test"))
+
+    try:
+        asyncio.run(main())
+        wait_blocks_free(a, b, timeout=5)  # and check_integrity()
+        assert a.engine.connector.stats.decode_halves == 1  # "w" only: no refused request became a half
+    finally:
+        sender.close()
+        close(a, b)
+
+
+def test_single_role_prefill_refuses_an_id_whose_blocks_it_holds():
+    """A prefill instance keeps a finished half's blocks until the decode reads them: a second prefill
+    half with that id is refused before allocating (it would overwrite the first one's entry and leak
+    its blocks); the id is free again once the first transfer is over."""
+    p = make(TINY, "prefill", "read")
+    prompt = prompts((40,))[0]
+    sender = NotifySender(zmq.Context.instance())
+
+    async def main():
+        await run(p, "dup", prompt, {"do_remote_decode": True})
+        _, out = await run(p, "dup", prompt, {"do_remote_decode": True})
+        assert out.finish_reason == "error" and "in use by this instance's prefill side" in out.error
+        c = p.engine.connector
+        sender.send(c.host, c.notify_port, Abort("dup", PROXY_ENGINE_ID, "test"))
+        await until_true(lambda: not c.serves("dup"), 5)
+        _, again = await run(p, "dup", prompt, {"do_remote_decode": True})
+        assert again.finish_reason == "length"
+        sender.send(c.host, c.notify_port, Abort("dup", PROXY_ENGINE_ID, "test"))
+
+    try:
+        asyncio.run(main())
+        wait_blocks_free(p, timeout=5)
+    finally:
+        sender.close()
+        close(p)

@@ -212,7 +212,7 @@ def test_engines_over_nixl_equal_standalone(mode):
         asyncio.run(main())
         moved = (d if mode == "read" else p).engine.connector.stats.bytes_moved
         assert moved > 0
-        transports = list((d if mode == "read" else p).engine.connector._transports.values())
+        transports = list((d if mode == "read" else p).engine.connector.ctx.transports.values())
         assert [type(t) for t in transports] == [NixlTransport]
         wait_blocks_free(s, p, d)
     finally:
@@ -316,6 +316,6 @@ def test_write_to_a_killed_decode_process_frees_every_block(tmp_path):
             wait_blocks_free(p, timeout=10.0)
             assert time.monotonic() - t0 < 10.0  # the push failed; the 60 s lease did not free them
             assert pc.stats.transfers == 1
-            assert not pc._transports  # the failed NIXL WRITE dropped its transport
+            assert not pc.ctx.transports  # the failed NIXL WRITE dropped its transport
     finally:
         close(p)

@@ -122,7 +122,7 @@ def test_instance_survives_garbage_on_its_ports():
         with socket.create_connection(("127.0.0.1", c.tcp_server.port)) as s:
             s.sendall(b"\xff\xff\xff\xff" + b"junk")
         # Still serving, and a good handshake still works.
-        req.send(m.encode(m.HandshakeRequest(m.PROTOCOL_VERSION, "x", c.fingerprint)))
+        req.send(m.encode(m.HandshakeRequest(m.PROTOCOL_VERSION, "x", c.ctx.fingerprint)))
         assert isinstance(m.decode_handshake(req.recv()), m.HandshakeReply)
         assert p.is_alive
         dealer.close(0)
