@@ -9,8 +9,9 @@ for every process it starts):
 
 Packages the image lacks (pyzmq, msgspec, fastapi, uvicorn, pydantic, ...) travel as wheels:
 run `bash benchmarks/gpu_wheels.sh` here once (it fills runs/gpu_wheels, git-ignored) and name
-`runs/gpu_wheels` in the device run's `carry`; the script pip-installs them (--no-index) into a
-temporary folder when an import is missing.
+`runs/gpu_wheels` in the device run's `carry`; when an import is missing, the script picks the
+wheels that fit its Python (one per project) and pip-installs them (--no-index) into a temporary
+folder (the JSON's `deps` says what was missing and installed).
 
 Stages, each in its own process with its own time box, which also gets whatever earlier stages
 left unused (a stage that fails or runs out of time is recorded with what it measured so far, and
@@ -18,7 +19,8 @@ the next stage runs; the JSON is rewritten after every stage):
 
 1. tests: pytest -m gpu tests/gpu (CUDA graphs vs eager, Triton kernel and SDPA vs torch, engine
    on CUDA vs CPU, cuda_ipc between engines and between two `pdserve serve` processes), plus
-   tests/unit/test_static_decode.py (the Triton kernel under its CPU interpreter too).
+   tests/unit/test_static_decode.py at the same time (the Triton kernel under its CPU interpreter
+   too); both logs are copied to $OUT.
 2. cuda_vs_cpu: dummy:qwen3-tiny greedy tokens on CUDA (graphs, and eager) against CPU, fp32;
    bf16 agreement for information.
 3. model (benchmarks/gpu_model.py): HBM copy bandwidth and bf16 GEMM rate, then dummy:qwen3-8b
@@ -26,8 +28,8 @@ the next stage runs; the JSON is rewritten after every stage):
    them), a 2000-token prefill, and the decode attention kernels alone; each figure next to its
    limit from the same run.
 4. disagg (benchmarks/gpu_disagg.py): prefill and decode as two `pdserve serve` processes on the
-   one GPU over cuda_ipc, read and write modes: outputs against a standalone instance, and
-   TTFT/ITL of a short bench.
+   one GPU over cuda_ipc, read and write modes, float32 (--disagg-dtype): outputs against a
+   standalone instance, and TTFT/ITL of a short bench.
 
 Output: benchmarks/results/gpu_check_<device>_<date>.json (also copied to $OUT when set) and a
 summary on stdout. `--device cpu --quick` runs every stage at toy sizes on a CPU (smoke test of
@@ -37,6 +39,7 @@ this script; its figures mean nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib
 import importlib.util
@@ -75,25 +78,77 @@ class Record(dict):
         tmp.replace(self.path)
 
 
-def ensure_deps() -> None:
-    """Put the repo root (and, if imports are missing, the carried wheels) on the import path of
-    this process and of every process it starts."""
+def pick_wheels(wheels: list[Path], supported: list | None = None) -> list[Path]:
+    """Of each project's wheels (runs/gpu_wheels holds them for several Python versions), the one
+    this interpreter ranks first: the earliest of `supported` (its tags in priority order; default
+    packaging's sys_tags()) that one of the wheel's tags matches. Projects with none are left out."""
+    try:
+        from packaging import tags, utils
+    except ImportError:  # pip vendors it
+        from pip._vendor.packaging import tags, utils  # type: ignore[no-redef]
+    rank = {t: i for i, t in enumerate(tags.sys_tags() if supported is None else supported)}
+    best: dict[str, tuple[int, Path]] = {}
+    for w in wheels:
+        try:
+            name, _, _, wheel_tags = utils.parse_wheel_filename(w.name)
+        except Exception:  # not a wheel's name
+            continue
+        r = min((rank[t] for t in wheel_tags if t in rank), default=None)
+        if r is not None and (name not in best or r < best[name][0]):
+            best[name] = (r, w)
+    return sorted((w for _, w in best.values()), key=lambda p: p.name)
+
+
+def install_wheels(wheels: list[Path], site: Path) -> None:
+    """Into `site`: with pip (--no-index), or where pip is missing or fails, by unpacking each wheel
+    (all these are plain ones). A marker file says the folder is complete."""
+    shutil.rmtree(site, ignore_errors=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--target", str(site), *map(str, wheels)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        print(f"WARNING: pip install of the carried wheels failed ({r.returncode}), unpacking them instead:\n"
+              f"{r.stdout[-2000:]}", flush=True)
+        shutil.rmtree(site, ignore_errors=True)
+        import zipfile
+
+        for w in wheels:
+            with zipfile.ZipFile(w) as z:
+                z.extractall(site)
+    (site / ".complete").write_text("\n".join(w.name for w in wheels))
+
+
+def ensure_deps() -> dict:
+    """Put the repo root (and, if imports are missing, the carried wheels that fit this Python) on
+    the import path of this process and of every process it starts. Never raises: what is still
+    missing is reported (and fails the stages that need it)."""
     paths = [str(REPO)]
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    info: dict = {"python": sys.version.split()[0], "missing": missing}
     if missing:
-        wheels = sorted(WHEELS.glob("*.whl"))
-        if not wheels:
-            print(f"WARNING: {', '.join(missing)} missing and no wheels in {WHEELS}: run benchmarks/gpu_wheels.sh")
-        else:
-            site = Path(tempfile.gettempdir()) / "pdserve-gpu-site"
-            if not site.is_dir():
-                subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                                "--no-compile", "--target", str(site), *map(str, wheels)], check=True)
-            paths.append(str(site))
+        try:
+            wheels = pick_wheels(sorted(WHEELS.glob("*.whl")))
+            info["wheels"] = [w.name for w in wheels]
+            if not wheels:
+                print(f"WARNING: {', '.join(missing)} missing and no wheels for this Python in {WHEELS}: "
+                      "run benchmarks/gpu_wheels.sh", flush=True)
+            else:
+                site = Path(tempfile.gettempdir()) / f"pdserve-gpu-site-{sys.version_info[0]}{sys.version_info[1]}"
+                if not (site / ".complete").exists():
+                    install_wheels(wheels, site)
+                paths.append(str(site))
+        except Exception as e:
+            print(f"WARNING: could not install the carried wheels: {e!r}", flush=True)
+            info["error"] = repr(e)
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
     sys.path[:0] = paths
     importlib.invalidate_caches()
+    if missing:
+        info["still_missing"] = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+        if info["still_missing"]:
+            print(f"WARNING: still missing: {', '.join(info['still_missing'])}", flush=True)
+    return info
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=450.0, help="seconds for all stages together")
     p.add_argument("--model", default=None, help="model stage's model (default dummy:qwen3-8b; quick: tiny)")
     p.add_argument("--disagg-model", default=None, help="disagg stage's model (default dummy:qwen3-0.6b)")
+    # float32: the decode instance recomputes the last prompt token (a 1-row step where standalone had
+    # the whole chunk), and in bf16 those rows round differently, so greedy texts can drift apart.
+    p.add_argument("--disagg-dtype", default="float32", help="disagg stage's --dtype (default float32)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child mode: run this one stage
     p.add_argument("--stage-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -136,14 +194,28 @@ def stage_tests(a: argparse.Namespace, rec: Record) -> None:
     runs = {"gpu": [*base, "-m", "gpu", "tests/gpu"], "static_decode": [*base, "tests/unit/test_static_decode.py"]}
     logs: dict[str, Path] = {}
     codes: dict[str, int] = {}
+    procs: dict[str, subprocess.Popen] = {}
+    # Both at once: static_decode runs on the CPU (its Triton test in the interpreter), the other on
+    # the GPU, so neither waits for the other; static_decode gets few threads to leave cores free.
+    envs = {"gpu": os.environ, "static_decode": {**os.environ, "OMP_NUM_THREADS": "4"}}
+    rec["command"] = " & ".join(" ".join(c[2:]) for c in runs.values())
     try:
         for name, c in runs.items():
-            rec["command"] = " ".join(c[2:])
             logs[name] = a.stage_out.with_name(f"pytest_{name}.log")
             with open(logs[name], "w") as log:
-                codes[name] = subprocess.run(c, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+                procs[name] = subprocess.Popen(c, cwd=REPO, env=envs[name], stdout=log, stderr=subprocess.STDOUT)
+        for name, p in procs.items():
+            codes[name] = p.wait()
             rec["exit_codes"] = codes
     finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if os.environ.get("OUT"):  # the whole logs come back with the JSON
+            for path in logs.values():
+                with contextlib.suppress(OSError):
+                    shutil.copy(path, Path(os.environ["OUT"]) / path.name)
         texts = {name: path.read_text(errors="replace") if path.exists() else "" for name, path in logs.items()}
         text = "\n".join(texts.values())
         per_run = {name: pytest_counts(t) for name, t in texts.items()}
@@ -237,8 +309,13 @@ def run_child(cmd: list[str], limit: float) -> tuple[bool, str | None, str]:
             try:
                 _, tail = proc.communicate(timeout=25)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                _, tail = proc.communicate()
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                kill_marked(mark)  # first: a leftover holding the stderr pipe would keep it open
+                try:
+                    _, tail = proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    tail = ""
             return False, f"timed out after {limit:.0f} s", tail or ""
     finally:
         kill_marked(mark)
@@ -257,7 +334,7 @@ def kill_marked(mark: str) -> None:
             pass
 
 
-def drive(a: argparse.Namespace, argv: list[str]) -> int:
+def drive(a: argparse.Namespace, argv: list[str], deps: dict | None = None) -> int:
     names = [s.strip() for s in a.stages.split(",") if s.strip()]
     unknown = set(names) - set(STAGES)
     if unknown:
@@ -270,7 +347,7 @@ def drive(a: argparse.Namespace, argv: list[str]) -> int:
     out = a.out or RESULTS_DIR / f"gpu_check_{slug}_{stamp}{'_quick' if a.quick else ''}.json"
     report: dict = {
         "device": dev_name, "torch": torch.__version__, "cuda": torch.version.cuda, "started": stamp,
-        "args": vars(a) | {"out": str(out), "stage_out": None}, "stages": {},
+        "args": vars(a) | {"out": str(out), "stage_out": None}, "deps": deps, "stages": {},
     }
     deadline = time.monotonic() + a.budget
     tmpdir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
@@ -353,7 +430,7 @@ def print_summary(report: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
-    ensure_deps()
+    deps = ensure_deps()
     if a.stage:
         # SIGTERM (the driver's time box) unwinds: finally blocks stop the servers a stage started.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -363,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             return 1
         return 0
-    return drive(a, argv)
+    return drive(a, argv, deps)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 A standalone instance gives the reference; per KV mode (read, write) a prefill and a decode
 instance are started (in parallel) with --kv-transport cuda_ipc (on CPU, for the smoke test:
-shm), CUDA graphs on. Then, playing the proxy's part (pdserve.bench.pd_direct):
+shm), CUDA graphs on, in --disagg-dtype (float32 by default: the decode instance recomputes the
+last prompt token in a one-row step, which in bf16 rounds differently from the standalone's
+prefill chunk, so bf16 greedy texts drift apart even when every KV byte arrived). Then, playing
+the proxy's part (pdserve.bench.pd_direct):
 
 - sequential: `n` greedy requests, each through prefill then decode, decode streamed: texts must
   equal the standalone's (same requests, one at a time on both sides), TTFT and ITL recorded;
@@ -52,12 +55,12 @@ def run(a, rec) -> None:
     s = sizes(a.quick)
     cuda = a.device.startswith("cuda")
     transport = "cuda_ipc" if cuda else "shm"
-    common = [a.disagg_model, "--device", a.device, "--max-model-len", str(s["max_model_len"]),
-              "--num-kv-blocks", str(s["blocks"]), "--max-num-seqs", "16", "--threads", "2"]
+    common = [a.disagg_model, "--device", a.device, "--dtype", a.disagg_dtype, "--max-model-len",
+              str(s["max_model_len"]), "--num-kv-blocks", str(s["blocks"]), "--max-num-seqs", "16", "--threads", "2"]
     g = torch.Generator().manual_seed(0)
     bodies = [{"model": a.disagg_model, "prompt": torch.randint(0, 256, (s["prompt_len"],), generator=g).tolist(),
                "max_tokens": s["max_tokens"], "temperature": 0, "ignore_eos": True} for _ in range(s["n"])]
-    rec["setup"] = {"model": a.disagg_model, "transport": transport, **s}
+    rec["setup"] = {"model": a.disagg_model, "dtype": a.disagg_dtype, "transport": transport, **s}
     logdir = Path(tempfile.mkdtemp(prefix="gpu_disagg_"))
     summary: list[str] = []
     out: dict = {}

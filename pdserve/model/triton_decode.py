@@ -44,6 +44,10 @@ except ImportError:  # CPU-only installs: the torch path is used
 _BLOCK_N = 64  # keys per inner iteration
 _MIN_PARTITION = 128  # keys per program, at least
 _MAX_PARTITIONS = 64  # programs per (sequence, KV head), at most: bounds the fp32 partials
+# Warps per program of the partial kernel: at head_dim >= 128 four warps spill (ptxas for sm_90:
+# 255 registers and a ~560-byte stack per thread, the [BLOCK_N, HEAD_DIM] int64 address tiles of
+# K and V); eight do not.
+_WIDE_HEAD_WARPS = 8
 
 
 def _next_pow2(n: int) -> int:
@@ -227,6 +231,7 @@ def paged_decode_attention(
         BLOCK_SIZE=bs,
         BLOCK_N=_BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=_WIDE_HEAD_WARPS if hd >= 128 else 4,
     )
     _combine_kernel[(d, h)](
         m,
