@@ -45,7 +45,7 @@ from pdserve.server.serving import (
     usage_of,
     wait_for_end,
 )
-from pdserve.server.tools import template_tools, tool_constraint
+from pdserve.server.tools import template_tools, tool_constraint, tool_functions
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ async def chat_inputs(ctx: ServerContext, req: ChatCompletionRequest) -> ChatInp
     params = sampling_params(req, req.output_limit, (req.top_logprobs or 0) if req.logprobs else None,
                              req.prompt_logprobs, defaults=ctx.llm.sampling_defaults)
     token_ids = truncated(ctx.llm, rendered, params)  # vLLM's truncate_prompt_tokens: after the template
+    if tools is not None and ctx.tool_parser.needs_special_tokens:  # its call marker must reach the parser
+        params = dataclasses.replace(params, skip_special_tokens=False)
     constraint = tool_constraint(req, ctx.tool_parser)
     if constraint is not None:
         if params.structured_outputs is not None:
@@ -95,7 +97,8 @@ async def create_chat_completion(request: Request) -> Response:
     reasoning = ctx.settings.reasoning_parser is not None
     parser = ctx.tool_parser if tools is not None else None
     if req.stream:
-        filters = [ReplyFilter(ReasoningStream() if reasoning else None, parser.stream() if parser else None)
+        filters = [ReplyFilter(ReasoningStream() if reasoning else None,
+                               parser.stream(tool_functions(req)) if parser else None)
                    for _ in range(started.num_choices)]
         stream = _stream(req, started, ctx.llm.tokenizer, filters, inputs.token_ids)
         return sse.GenerationStream(stream, started.abort, {})
@@ -103,7 +106,7 @@ async def create_chat_completion(request: Request) -> Response:
     as_ids = bool(req.return_tokens_as_token_ids)
     choices = []
     for i, r in enumerate(results):
-        thought, reply = parse_reply(r.text, reasoning, parser)
+        thought, reply = parse_reply(r.text, reasoning, parser, tool_functions(req))
         choices.append(ChatChoice(
             index=i, message=AssistantMessage(content=reply.content, reasoning_content=thought, tool_calls=reply.calls),
             finish_reason=_reason(finish_reason(r.final), bool(reply.calls)),

@@ -58,7 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="put a reply's <think> block in reasoning_content (chat), as vLLM's parser of that name")
     g.add_argument("--tool-call-parser", default=DEFAULT_TOOL_CALL_PARSER, choices=tuple(TOOL_PARSERS),
                    help="the format the model writes tool calls in, as vLLM's parser of that name: hermes "
-                        "(Qwen's <tool_call> blocks) or llama3_json (Llama 3.1/3.2); default %(default)s")
+                        "(Qwen's <tool_call> blocks), llama3_json (Llama 3.1/3.2 JSON), mistral (Mistral/Mixtral "
+                        "[TOOL_CALLS]), pythonic (Llama 3.2/4 Python-list calls) or qwen3_coder (Qwen3-Coder's "
+                        "<function=...> blocks); default %(default)s")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility and ignored: tool_choice 'auto' is always on")
     g.add_argument("--max-stored-responses", type=non_negative_int, default=DEFAULT_MAX_STORED_RESPONSES,

@@ -7,17 +7,20 @@ A finished reply is split by `parse_reply`; a streamed one a delta at a time by 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.server.protocol import DeltaToolCall
+from pdserve.server.protocol import DeltaToolCall, FunctionDef
 from pdserve.server.reasoning import ReasoningStream, split_reasoning
 from pdserve.server.tool_parsers import ParsedReply, ToolCallStream, ToolParser
 
 
-def parse_reply(text: str, reasoning: bool, tools: ToolParser | None) -> tuple[str | None, ParsedReply]:
-    """(reasoning, the rest as content and calls) of a finished reply; `tools` None: no calls looked for."""
+def parse_reply(text: str, reasoning: bool, tools: ToolParser | None,
+                functions: Sequence[FunctionDef] = ()) -> tuple[str | None, ParsedReply]:
+    """(reasoning, the rest as content and calls) of a finished reply; `tools` None: no calls looked
+    for; `functions`: the request's, as the parser reads the calls against them."""
     thought, rest = split_reasoning(text) if reasoning else (None, text)
-    return thought, tools.parse(rest) if tools is not None else ParsedReply(rest, [])
+    return thought, tools.parse(rest, functions) if tools is not None else ParsedReply(rest, [])
 
 
 @dataclass

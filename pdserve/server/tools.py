@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from pdserve.engine.sampling_params import StructuredOutputs
-from pdserve.server.protocol import ChatCompletionRequest, NamedToolChoice
+from pdserve.server.protocol import ChatCompletionRequest, FunctionDef, NamedToolChoice
 from pdserve.server.tool_parsers import ToolParser
 
 
@@ -24,6 +24,12 @@ def template_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     if not req.tools or req.effective_tool_choice == "none":
         return None
     return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+def tool_functions(req: ChatCompletionRequest) -> list[FunctionDef]:
+    """The request's functions, as its reply's calls are read against them (some formats type the
+    arguments by the functions' schemas)."""
+    return [t.function for t in req.tools or ()]
 
 
 def tool_constraint(req: ChatCompletionRequest, parser: ToolParser) -> StructuredOutputs | None:

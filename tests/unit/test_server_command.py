@@ -23,16 +23,18 @@ def _settings(*argv: str) -> ServerSettings:
 def test_tool_call_parser() -> None:
     assert _settings().tool_call_parser == "hermes"
     assert _settings("--tool-call-parser", "llama3_json").tool_call_parser == "llama3_json"
+    for name in ("mistral", "pythonic", "qwen3_coder"):
+        assert _settings("--tool-call-parser", name).tool_call_parser == name
     # vLLM's flag, which its users pass along: accepted, nothing to turn on (auto is always on)
     assert _settings("--enable-auto-tool-choice", "--tool-call-parser", "hermes").tool_call_parser == "hermes"
 
 
 def test_unknown_tool_call_parser_is_an_error_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        _parser().parse_args(["serve", "dummy:qwen3-tiny", "--tool-call-parser", "mistral"])
+        _parser().parse_args(["serve", "dummy:qwen3-tiny", "--tool-call-parser", "jamba"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "--tool-call-parser" in err and "'mistral'" in err and "hermes" in err
+    assert "--tool-call-parser" in err and "'jamba'" in err and "hermes" in err
 
 
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

@@ -231,9 +231,9 @@ def test_constraint_grammar_allows_calls_the_parser_reads(parser: ToolParser, on
 
 
 def test_parser_names() -> None:
-    assert sorted(TOOL_PARSERS) == ["hermes", "llama3_json"]
-    with pytest.raises(ValueError, match="hermes, llama3_json"):
-        make_tool_parser("mistral")
+    assert sorted(TOOL_PARSERS) == ["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"]
+    with pytest.raises(ValueError, match="hermes, llama3_json, mistral, pythonic, qwen3_coder"):
+        make_tool_parser("jamba")
 
 
 @pytest.mark.parametrize("bad", [

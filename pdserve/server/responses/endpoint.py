@@ -34,6 +34,7 @@ from pdserve.server.responses.output import OutputAssembler
 from pdserve.server.responses.request import ResponsesRequest, TextConfig, client_errors
 from pdserve.server.responses.run import Finish, events
 from pdserve.server.serving import Started, check_model, start, wait_for_end
+from pdserve.server.tools import tool_functions
 
 # chat's field names in the errors of the code this endpoint shares with it -> this API's
 _PARAMS = {"messages": "input", "prompt": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
@@ -152,7 +153,8 @@ async def create_response(request: Request) -> Response:
     asm = OutputAssembler(_skeleton(req, started, inputs.params))
     reasoning = ctx.settings.reasoning_parser is not None
     parser = ctx.tool_parser if inputs.tools is not None else None
-    stream_filter = ReplyFilter(ReasoningStream() if reasoning else None, parser.stream() if parser else None)
+    stream_filter = ReplyFilter(ReasoningStream() if reasoning else None,
+                                parser.stream(tool_functions(chat)) if parser else None)
     if req.background:
         return _background(ctx, req, started, asm, stream_filter, input_items)
     keep = req.store is not False and not prefill_half
@@ -161,7 +163,7 @@ async def create_response(request: Request) -> Response:
         frames = (frame(e) async for e in events(started.generations[0].outputs(), asm, stream_filter, finish))
         return sse.GenerationStream(frames, started.abort, {})
     (result,) = await wait_for_end(request, started)
-    thought, parsed = parse_reply(result.text, reasoning, parser)
+    thought, parsed = parse_reply(result.text, reasoning, parser, tool_functions(chat))
     asm.reasoning(thought or "")
     asm.content(parsed.content or "")
     for call in parsed.calls:

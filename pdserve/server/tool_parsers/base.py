@@ -114,8 +114,12 @@ class ToolCallStream(ABC):
             out.content += self.text[self._sent:end]
             self._sent = end
 
+    def _call_id(self) -> str:
+        """A fresh id for the next call (formats whose models require a shape of their own override it)."""
+        return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
     def _emit(self, function: FunctionCallOut, out: ToolDelta) -> None:
-        call = ToolCallOut(id=f"chatcmpl-tool-{uuid.uuid4().hex}", function=function)
+        call = ToolCallOut(id=self._call_id(), function=function)
         out.calls.append(DeltaToolCall(index=len(self.calls), id=call.id, function=function))
         self.calls.append(call)
 
@@ -125,18 +129,22 @@ class ToolParser(ABC):
 
     name: ClassVar[str]  # the --tool-call-parser value
     argument_key: ClassVar[str]  # where the format's call object holds the arguments
+    # The format's call marker is a special token the model's tokenizer drops when decoding with
+    # skip_special_tokens (vLLM's parsers of such formats turn it off for requests with tools, as chat does).
+    needs_special_tokens: ClassVar[bool] = False
 
     @abstractmethod
-    def stream(self) -> ToolCallStream:
-        """A fresh stream for one reply."""
+    def stream(self, tools: Sequence[FunctionDef] = ()) -> ToolCallStream:
+        """A fresh stream for one reply to a request offering `tools` (formats whose arguments are
+        not JSON read their types from the tools' schemas; the others ignore them)."""
 
     @abstractmethod
     def grammar(self, tools: Sequence[FunctionDef], parallel: bool) -> str:
         """A Lark grammar allowing only calls of `tools` in this format (several when `parallel`)."""
 
-    def parse(self, text: str) -> ParsedReply:
+    def parse(self, text: str, tools: Sequence[FunctionDef] = ()) -> ParsedReply:
         """A finished reply: the stream fed all of it at once."""
-        stream = self.stream()
+        stream = self.stream(tools)
         content = stream.push(text).content + stream.finish().content
         return ParsedReply(content or None, stream.calls) if stream.calls else ParsedReply(content, [])
 

@@ -17,7 +17,7 @@ import json
 from collections.abc import Sequence
 
 from pdserve.server.markers import partial_marker
-from pdserve.server.protocol import FunctionDef
+from pdserve.server.protocol import FunctionCallOut, FunctionDef
 from pdserve.server.tool_parsers.base import ToolCallStream, ToolDelta, ToolParser, parse_call, rstrip_end
 
 TOOL_CALL_START = "<tool_call>"
@@ -54,7 +54,7 @@ class HermesStream(ToolCallStream):
             return False
         start, after = self._open, end + len(TOOL_CALL_END)
         self._open, self._find_from = None, after
-        function = parse_call(text[start + len(TOOL_CALL_START):end], ("arguments",))
+        function = self._parse_body(text[start + len(TOOL_CALL_START):end])
         if function is None:
             if not self.calls:
                 self._release(after, out)  # malformed before any call: content
@@ -63,6 +63,10 @@ class HermesStream(ToolCallStream):
             self._release(rstrip_end(text, start, self._sent), out)
         self._emit(function, out)
         return True
+
+    def _parse_body(self, body: str) -> FunctionCallOut | None:
+        """The call a block's text (between the markers) holds; None when it is malformed."""
+        return parse_call(body, ("arguments",))
 
     def _safe_end(self) -> int:
         """How far content can go now: not into an open block, a partial start marker, or the
@@ -75,7 +79,7 @@ class HermesToolParser(ToolParser):
     name = "hermes"
     argument_key = "arguments"
 
-    def stream(self) -> HermesStream:
+    def stream(self, tools: Sequence[FunctionDef] = ()) -> HermesStream:
         return HermesStream()
 
     def grammar(self, tools: Sequence[FunctionDef], parallel: bool) -> str:

@@ -18,6 +18,7 @@ from enum import Enum, auto
 
 from pdserve.server.protocol import FunctionDef
 from pdserve.server.tool_parsers.base import ToolCallStream, ToolDelta, ToolParser, parse_call
+from pdserve.server.tool_parsers.scan import ObjectEnd
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -28,39 +29,6 @@ class _State(Enum):
     BETWEEN = auto()  # after a call: a separator and another call may follow
     CONTENT = auto()  # not calls: everything is content
     DONE = auto()  # the calls have ended: the rest is dropped
-
-
-class _ObjectEnd:
-    """Where a JSON object that starts at `start` ends: scans each character once, across pushes."""
-
-    def __init__(self, start: int) -> None:
-        self.start = start
-        self._pos = start
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
-
-    def find(self, text: str) -> int | None:
-        """The index just after the object's closing brace, or None while it is still open."""
-        for i in range(self._pos, len(text)):
-            c = text[i]
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif c == "\\":
-                    self._escaped = True
-                elif c == '"':
-                    self._in_string = False
-            elif c == '"':
-                self._in_string = True
-            elif c == "{":
-                self._depth += 1
-            elif c == "}":
-                self._depth -= 1
-                if self._depth == 0:
-                    return i + 1
-        self._pos = len(text)
-        return None
 
 
 def _skip_blanks(text: str, i: int) -> int:
@@ -76,7 +44,7 @@ class Llama3JsonStream(ToolCallStream):
         self._pos = 0  # START / BETWEEN: where to look next
         self._tagged = False  # START: the tag has been read
         self._separated = False  # BETWEEN: the `;` has been seen
-        self._object: _ObjectEnd | None = None  # CALL: the call being read
+        self._object: ObjectEnd | None = None  # CALL: the call being read
 
     def _advance(self, final: bool) -> ToolDelta:
         out = ToolDelta()
@@ -127,7 +95,7 @@ class Llama3JsonStream(ToolCallStream):
     def _open_call(self, i: int) -> bool:
         """At `i` a call object starts, or the calls (or the hope of any) end."""
         if i < len(self.text) and self.text[i] == "{":
-            self._state, self._object = _State.CALL, _ObjectEnd(i)
+            self._state, self._object = _State.CALL, ObjectEnd(i)
         else:
             self._state = _State.DONE if self.calls else _State.CONTENT
         return True
@@ -137,7 +105,7 @@ class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
     argument_key = "parameters"
 
-    def stream(self) -> Llama3JsonStream:
+    def stream(self, tools: Sequence[FunctionDef] = ()) -> Llama3JsonStream:
         return Llama3JsonStream()
 
     def grammar(self, tools: Sequence[FunctionDef], parallel: bool) -> str:
