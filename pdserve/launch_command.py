@@ -16,7 +16,7 @@ import time
 from types import FrameType
 
 from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, KV_CACHE_DTYPES
-from pdserve.engine.args import cpu_list, non_negative_int, positive_float, positive_int
+from pdserve.engine.args import cpu_list, non_negative_int, port_number, positive_float, positive_int
 from pdserve.launch import TopologyError, TopologySpec, default_run_dir, launch_topology, plan_instances
 
 
@@ -56,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", type=gpu_list, default=None, metavar="0,1",
                    help="GPUs split evenly between instances (CUDA_VISIBLE_DEVICES, --device cuda)")
     p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the proxy's port; 0 picks one (default %(default)s)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help="the proxy's port; 0 picks one (default %(default)s)")
     p.add_argument("--run-dir", default=None, help="folder for the logs (default runs/up-<timestamp>)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="every instance's KV cache storage (`pdserve serve --kv-cache-dtype`); prefill and decode "

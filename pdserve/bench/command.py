@@ -101,6 +101,13 @@ def _endpoint_type(text: str) -> EndpointType:
     return names[text]
 
 
+def _base_url(text: str) -> str:
+    """An http(s) URL; without the scheme aiohttp's error ("NonHttpUrlClientError") came only after the run began."""
+    if not text.strip().startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected http://HOST:PORT or https://..., got {text!r}")
+    return text.strip()
+
+
 def _slo(text: str) -> str:
     try:
         parse_slo(text)
@@ -217,7 +224,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Prompts (random token ids, or a ShareGPT / custom dataset's) at a Poisson/gamma rate "
                     "against /v1/completions or /v1/chat/completions, streamed; vLLM's `vllm bench serve` flags.",
     )
-    p.add_argument("--base-url", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--base-url", type=_base_url, required=True, help="server URL, e.g. http://127.0.0.1:8000")
     add_bench_arguments(p)
     p.set_defaults(func=run, _bench_parser=p)
     return p

@@ -42,6 +42,14 @@ def non_negative_int(text: str) -> int:
     return _bounded_int(text, 0, "non-negative")
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0 (pick a free one) to 65535; uvicorn would otherwise bind 70000 as 70000 - 65536."""
+    value = _bounded_int(text, 0, "port (0-65535)")
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port (0-65535) integer, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

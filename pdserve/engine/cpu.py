@@ -14,7 +14,11 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 def apply_cpu_placement(threads: int | None, cpus: tuple[int, ...] | None) -> None:
     """Pin this process to `cpus` and size torch's intra-op pool (defaults: one thread per core)."""
     if cpus:
-        os.sched_setaffinity(0, cpus)
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as e:  # a core this machine (or this process's affinity) does not have
+            raise ValueError(f"--cpus {','.join(map(str, cpus))}: cannot pin to those cores ({e.strerror}); this "
+                             f"process may run on cores {sorted(os.sched_getaffinity(0))}") from None
     n = threads or (len(cpus) if cpus else None)
     if n:
         torch.set_num_threads(n)

@@ -70,7 +70,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         apply_cpu_placement(config.threads, config.cpus)
-        self.device = torch.device(config.device)
+        try:
+            self.device = torch.device(config.device)
+        except RuntimeError:
+            raise ValueError(f"--device {config.device!r}: expected cpu or cuda[:N]") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {config.device}: torch {torch.__version__} sees no CUDA device on this machine")
         if self.device.type == "cpu":
             keep_freed_memory()
         self.dtype = resolve_dtype(config.dtype, self.device)

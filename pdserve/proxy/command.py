@@ -9,6 +9,7 @@ import socket
 from types import FrameType
 
 from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REGISTRY_PORT
+from pdserve.engine.args import port_number
 from pdserve.proxy.settings import (
     DEFAULT_GRACEFUL_SHUTDOWN_S,
     DEFAULT_HEALTH_INTERVAL_S,
@@ -30,9 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
     p.add_argument("--registry-host", default=None, help="ZMQ registry bind address (default: --host)")
-    p.add_argument("--registry-port", type=int, default=DEFAULT_REGISTRY_PORT,
+    p.add_argument("--registry-port", type=port_number, default=DEFAULT_REGISTRY_PORT,
                    help="ZMQ registry port; 0 picks a free one (default %(default)s)")
     p.add_argument("--no-registry", action="store_true", help="no ZMQ registry: static instances only")
     p.add_argument("--mode", choices=("disagg", "standard"), default="disagg")

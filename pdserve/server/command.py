@@ -11,6 +11,7 @@ from pdserve.engine.args import (
     add_engine_args,
     engine_config_from_args,
     non_negative_int,
+    port_number,
     positive_float,
     positive_int,
 )
@@ -33,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default=DEFAULT_HOST)
-    g.add_argument("--port", type=int, default=DEFAULT_PORT)
+    g.add_argument("--port", type=port_number, default=DEFAULT_PORT)
     g.add_argument(
         "--served-model-name",
         nargs="+",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pdserve.config import DEFAULT_HOST, KVTransferConfig
-from pdserve.engine.args import positive_float
+from pdserve.engine.args import port_number, positive_float
 from pdserve.server import kv_transfer_config
 
 _DEFAULTS = KVTransferConfig()
@@ -41,9 +41,9 @@ def add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
                    "'pdserve[nixl]'): one-sided READ/WRITE, both instances must name it")
     g.add_argument("--kv-host", action=_Given, default=DEFAULT_HOST,
                    help="address peers use to reach this instance's KV ports")
-    g.add_argument("--kv-handshake-port", action=_Given, type=int, default=_DEFAULTS.kv_handshake_port,
+    g.add_argument("--kv-handshake-port", action=_Given, type=port_number, default=_DEFAULTS.kv_handshake_port,
                    help="0: pick a free one")
-    g.add_argument("--kv-notify-port", action=_Given, type=int, default=_DEFAULTS.kv_notify_port,
+    g.add_argument("--kv-notify-port", action=_Given, type=port_number, default=_DEFAULTS.kv_notify_port,
                    help="0: pick a free one")
     g.add_argument(
         "--kv-lease-seconds",
@@ -57,7 +57,9 @@ def add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--registry-token", default=None,
                    help="shared secret for registration and for peers' handshake/notify/data messages")
     g.add_argument("--kv-load-failure-policy", action=_Given, choices=["fail", "recompute"],
-                   default=_DEFAULTS.kv_load_failure_policy)
+                   default=_DEFAULTS.kv_load_failure_policy,
+                   help="decode (vLLM's kv_load_failure_policy): when a request's KV never arrives (peer gone, "
+                        "--kv-transfer-timeout), fail it, or compute its prompt here instead (default %(default)s)")
 
 
 def apply_kv_transfer_config(args: argparse.Namespace) -> None:
