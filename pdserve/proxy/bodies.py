@@ -25,6 +25,19 @@ class BadParams(ValueError):
     """A prefill answer whose kv_transfer_params are not usable."""
 
 
+class _AnsweredParams(msgspec.Struct, forbid_unknown_fields=False):
+    """What the proxy checks of a prefill's answered kv_transfer_params before forwarding them
+    untouched: the fields both pdserve and vLLM send, in the shapes either sends. vLLM >= 0.11 lists
+    `remote_block_ids` per KV-cache group and names its `transfer_mode` "pull" / "push"; the decode
+    instance, of the same make as its prefill, reads the rest."""
+
+    do_remote_prefill: bool = False
+    remote_engine_id: str | None = None
+    remote_block_ids: list[int | list[int]] | None = None
+    remote_host: str | None = None
+    remote_port: int | None = None
+
+
 def parse_body(raw: bytes) -> JSONObject:
     try:
         body = msgspec.json.decode(raw)
@@ -150,7 +163,7 @@ def params_from_prefill(raw: bytes) -> JSONObject | None:
     if not isinstance(raw_params, dict):
         raise BadParams("kv_transfer_params is not an object")
     try:
-        params = msgspec.convert(raw_params, KVTransferParams)
+        params = msgspec.convert(raw_params, _AnsweredParams)
     except msgspec.ValidationError as e:
         raise BadParams(f"bad kv_transfer_params: {e}") from None
     if not params.do_remote_prefill:

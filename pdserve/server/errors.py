@@ -78,6 +78,10 @@ def validation_error(errors: list[ErrorDetails]) -> APIError:
     loc = _loc(first)
     param = ".".join(loc) or None
     msg = first["msg"].removeprefix("Value error, ")
+    if param is None:  # a request-level check: protocol.ParamError names the field in the message already
+        named = getattr(first.get("ctx", {}).get("error"), "param", None)
+        if isinstance(named, str):
+            return APIError(400, msg, code="invalid_value", param=named)
     if param is not None:
         same = [e for e in errors if _loc(e)[:1] == loc[:1]]
         if len(same) > 1 and len({e["type"] for e in same}) > 1:

@@ -43,6 +43,15 @@ def _none(value: object) -> bool:
     return value is None
 
 
+class ParamError(ValueError):
+    """A request-level check that fails because of one field: the 400's `param` names it (pydantic
+    gives a model validator's error no location)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def _truncation(value: int) -> int:
     check_truncate_prompt_tokens(value)  # -1 or at least 1: 0 would leave no prompt
     return value
@@ -187,9 +196,9 @@ class CompletionRequest(SamplingFields):
     def _prompts(self) -> CompletionRequest:
         p = self.prompt
         if isinstance(p, list) and not p:
-            raise ValueError("the prompt is empty")
+            raise ParamError("prompt", "the prompt is empty")
         if isinstance(p, list) and not isinstance(p[0], int) and len(p) * self.n > MAX_BATCH_CHOICES:
-            raise ValueError(f"a batch of {len(p)} prompts x n={self.n} exceeds {MAX_BATCH_CHOICES} choices")
+            raise ParamError("prompt", f"a batch of {len(p)} prompts x n={self.n} exceeds {MAX_BATCH_CHOICES} choices")
         return self
 
     @property
@@ -263,11 +272,11 @@ def check_tools(names: list[str], required: bool, named: str | None) -> None:
     """Tools and tool_choice together (chat and responses): distinct function names, a named choice
     among them, "required" with at least one. ValueError otherwise."""
     if len(set(names)) != len(names):
-        raise ValueError("tools: function names must be distinct")
+        raise ParamError("tools", "tools: function names must be distinct")
     if named is not None and named not in names:
-        raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
+        raise ParamError("tool_choice", f"tool_choice names {named!r}, which is not among the tools")
     if required and not names:
-        raise ValueError("tool_choice 'required' needs tools")
+        raise ParamError("tool_choice", "tool_choice 'required' needs tools")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -293,7 +302,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
         return self
 
     @model_validator(mode="after")
@@ -330,7 +339,7 @@ class TokenizeRequest(_Request):
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt and messages")
+            raise ParamError("prompt", "give exactly one of prompt and messages")
         return self
 
 

@@ -243,8 +243,8 @@ def test_tokenize_and_detokenize(server: ServerProcess, client: openai.OpenAI) -
         assert chat.usage is not None and chat_tok["count"] == chat.usage.prompt_tokens > tok["count"]
 
         for body, path, param in [
-            ({"prompt": "a", "messages": messages}, "/tokenize", None),
-            ({}, "/tokenize", None),
+            ({"prompt": "a", "messages": messages}, "/tokenize", "prompt"),
+            ({}, "/tokenize", "prompt"),
             ({"prompt": 5}, "/tokenize", "prompt"),
             ({"tokens": [1, 10**9]}, "/detokenize", "tokens"),
             ({"tokens": "abc"}, "/detokenize", "tokens"),

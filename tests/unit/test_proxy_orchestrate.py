@@ -103,11 +103,18 @@ def test_params_from_prefill() -> None:
     good = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_block_ids": [1], "vendor_extra": 1}
     assert bodies.params_from_prefill(msgspec.json.encode({"kv_transfer_params": good})) == good
     assert bodies.params_from_prefill(b'{"kv_transfer_params": null}') is None
+    # vLLM 0.32's NixlConnector answer: block ids per KV-cache group, its own transfer_mode names
+    vllm = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[3, 4, 5]],
+            "remote_engine_id": "e", "remote_request_id": "cmpl-1", "remote_host": "127.0.0.1", "remote_port": 5600,
+            "tp_size": 1, "remote_num_tokens": 112, "transfer_mode": "pull"}
+    assert bodies.params_from_prefill(msgspec.json.encode({"kv_transfer_params": vllm})) == vllm
     for bad in (
         b"nope",
         b"[]",
         b'{"kv_transfer_params": 3}',
         b'{"kv_transfer_params": {"remote_block_ids": "x"}}',
+        b'{"kv_transfer_params": {"do_remote_prefill": true, "remote_block_ids": [["x"]]}}',
+        b'{"kv_transfer_params": {"do_remote_prefill": true, "remote_port": "p"}}',
         b'{"kv_transfer_params": {"do_remote_prefill": false}}',
     ):
         try:

@@ -52,7 +52,7 @@ def param_of(body: dict) -> str | None:
         ({"input": []}, "input"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
-        ({"input": "x", "tool_choice": "required"}, None),
+        ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     ],
 )
 def test_unsupported_or_bad_fields_name_the_field(body: dict, param: str | None) -> None:

@@ -133,6 +133,25 @@ def test_union_error_names_the_field_once() -> None:
     assert err.param == "prompt" and err.message.startswith("invalid value for 'prompt'")
 
 
+@pytest.mark.parametrize(("model", "body", "param"), [
+    (ChatCompletionRequest, {"top_logprobs": 2}, "top_logprobs"),
+    (ChatCompletionRequest, {"tool_choice": "required"}, "tool_choice"),
+    (ChatCompletionRequest, {"tools": [{"type": "function", "function": {"name": "f"}}],
+                             "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    (ChatCompletionRequest, {"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
+    (CompletionRequest, {"prompt": []}, "prompt"),
+])
+def test_request_level_checks_name_their_field(model: type, body: dict, param: str) -> None:
+    """A check across fields (a model validator, which pydantic gives no location) still names the
+    field the 400 is about, as OpenAI's error bodies do."""
+    if model is ChatCompletionRequest:
+        body = {"messages": [{"role": "user", "content": "a"}], **body}
+    with pytest.raises(ValidationError) as e:
+        model.model_validate_json(json.dumps(body))
+    err = from_pydantic(e.value)
+    assert (err.param, err.code) == (param, "invalid_value") and err.message and "Value error" not in err.message
+
+
 def test_chat_request() -> None:
     r = ChatCompletionRequest.model_validate_json(
         json.dumps(
