@@ -110,6 +110,8 @@ def test_sharded_export_loads(tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all((out / s).is_file() for s in shards)
     assert not (out / "model.safetensors").exists()
+    # readable by another user as config.json is (safetensors' own temp file would leave 0600)
+    assert {(out / s).stat().st_mode & 0o777 for s in shards} == {(out / "config.json").stat().st_mode & 0o777}
     back = load_model(str(out), torch.bfloat16, "cpu")
     dummy = load_model("dummy:qwen3-moe-tiny", torch.bfloat16, "cpu")
     assert torch.equal(_logits(back), _logits(dummy))
