@@ -6,6 +6,7 @@ tokenizer.py the server's /tokenize or a local tokenizer (counting a dataset's t
 client.py    one streamed, timestamped request   runner.py   run_benchmark(BenchConfig) -> BenchResult
 metrics.py   aggregates, SLOs, request_goodput   goodput.py  DistServe goodput, primary failure mode
 report.py    vLLM-named JSON, summary table      plots.py    per-request bars, attainment vs rate
+phases.py    per-role phase means from /metrics  phase_report.py / phase_plots.py  their table, figure
 command.py   the `bench` subcommand
 """
 

@@ -15,6 +15,8 @@ from tqdm import tqdm
 from pdserve.bench.client import DEFAULT_PATHS, ENDPOINT_TYPES, VLLM_BACKENDS, EndpointType
 from pdserve.bench.datasets import DATASET_NAMES, DatasetError, load_dataset
 from pdserve.bench.metrics import SLO_NAMES_HELP, parse_slo
+from pdserve.bench.phase_report import phase_table
+from pdserve.bench.phases import PhaseProbe
 from pdserve.bench.report import format_summary, save_result
 from pdserve.bench.runner import BenchConfig, BenchResult, run_benchmark
 from pdserve.bench.tokenizer import LocalTokenizer
@@ -222,7 +224,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "bench",
         help="benchmark an OpenAI-compatible server (TTFT, ITL, SLO attainment, goodput)",
         description="Prompts (random token ids, or a ShareGPT / custom dataset's) at a Poisson/gamma rate "
-                    "against /v1/completions or /v1/chat/completions, streamed; vLLM's `vllm bench serve` flags.",
+                    "against /v1/completions or /v1/chat/completions, streamed; vLLM's `vllm bench serve` flags. "
+                    "Against a pdserve proxy, also where the time went per role (every instance's /metrics).",
     )
     p.add_argument("--base-url", type=_base_url, required=True, help="server URL, e.g. http://127.0.0.1:8000")
     add_bench_arguments(p)
@@ -331,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Warming up with {cfg.warmup} requests...", file=sys.stderr)
     bar = tqdm(total=cfg.workload.num_prompts, disable=args.no_progress, desc="bench", unit="req")
     try:
-        result = asyncio.run(run_benchmark(cfg, on_done=lambda _rec: bar.update(1)))
+        probe = PhaseProbe.of_proxy(cfg.base_url)  # a pdserve proxy: where the time went, per role
+        result = asyncio.run(run_benchmark(cfg, on_done=lambda _rec: bar.update(1), probe=probe))
     except DatasetError as exc:  # e.g. no ShareGPT conversation passes the length filters
         print(f"pdserve bench: error: {exc}", file=sys.stderr)
         return 2
@@ -346,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{result.metrics.failed} requests failed:", file=sys.stderr)
         _print_errors(result)
     print(format_summary(result))
+    if result.phases is not None:
+        print(phase_table([(cfg.base_url, cfg.request_rate, result.phases)]), end="")
     if args.save_result:
         print(f"Result saved to {save_result(result, args.save_result)}")
     if args.plot_dir:

@@ -81,6 +81,8 @@ def result_json(result: BenchResult) -> dict[str, JsonValue]:
     }
     for name in ("ttft", "tpot", "itl", "e2el"):
         out.update(_distribution_fields(name, getattr(m, name)))
+    if result.phases is not None:  # pdserve's own: where the time went, per role (phases.py)
+        out["phases"] = result.phases.to_json()  # type: ignore[assignment]
     out.update(
         {
             "base_url": cfg.base_url,

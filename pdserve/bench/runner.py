@@ -14,6 +14,7 @@ import aiohttp
 
 from pdserve.bench.client import DEFAULT_PATHS, Endpoint, EndpointType, RequestRecord, fetch_first_model, send_request
 from pdserve.bench.metrics import SLO, BenchMetrics, compute_metrics
+from pdserve.bench.phases import Breakdown, PhaseProbe
 from pdserve.bench.prompts import build_requests, needs_tokenizer
 from pdserve.bench.tokenizer import BenchTokenizer, LocalTokenizer, ServerTokenizer
 from pdserve.bench.workload import BenchRequest, WorkloadConfig, arrival_offsets
@@ -61,11 +62,14 @@ class BenchResult:
     metrics: BenchMetrics
     warmup_failed: int = 0
     tokenizer_id: str | None = None  # the tokenizer that counted the prompts (None: none was needed)
+    phases: Breakdown | None = None  # server-side phase means of the timed requests (with a PhaseProbe)
 
 
-async def run_benchmark(cfg: BenchConfig, on_done: ProgressHook | None = None) -> BenchResult:
+async def run_benchmark(cfg: BenchConfig, on_done: ProgressHook | None = None,
+                        probe: PhaseProbe | None = None) -> BenchResult:
     """Run `cfg` against the server. Request failures are recorded; setup failures raise RuntimeError
-    (no model listed, a tokenizer that fails), an unusable dataset file DatasetError (a ValueError)."""
+    (no model listed, a tokenizer that fails), an unusable dataset file DatasetError (a ValueError).
+    `probe` scrapes the servers' /metrics after the warm-up and after the last request (phases.py)."""
     limit = cfg.max_concurrency or 0
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
@@ -92,6 +96,8 @@ async def run_benchmark(cfg: BenchConfig, on_done: ProgressHook | None = None) -
             return rec
 
         warm_records = await asyncio.gather(*(one(r, None) for r in warm))
+        if probe is not None:
+            await probe.start(session)
         date = datetime.now().strftime("%Y%m%d-%H%M%S")
         start = time.perf_counter()
         tasks: list[Awaitable[RequestRecord]] = []
@@ -102,6 +108,7 @@ async def run_benchmark(cfg: BenchConfig, on_done: ProgressHook | None = None) -
             tasks.append(asyncio.ensure_future(one(req, on_done)))
         records = tuple(await asyncio.gather(*tasks))
         duration = max(time.perf_counter() - start, 1e-9)
+        phases = await probe.finish(session) if probe is not None else None
     return BenchResult(
         config=cfg,
         model_id=model,
@@ -112,4 +119,5 @@ async def run_benchmark(cfg: BenchConfig, on_done: ProgressHook | None = None) -
         metrics=compute_metrics(records, duration, cfg.slos, cfg.percentiles),
         warmup_failed=sum(not r.success for r in warm_records),
         tokenizer_id=tok.tokenizer_id if tok is not None else None,
+        phases=phases,
     )

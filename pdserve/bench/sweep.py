@@ -2,8 +2,9 @@
 
 Each topology is started once (`pdserve.launch`), warmed up, driven at every rate in turn with the
 same workload, and stopped; an external endpoint (`--base-url NAME=URL`, e.g. vLLM) is driven the
-same way without being started. The analysis (attainment curves, DistServe goodput, the headline
-table) is in sweep_report.py, the figures in sweep_plots.py.
+same way without being started. Around each rate's timed requests every process's /metrics is
+scraped (phases.py: where the time went, per role). The analysis (attainment curves, DistServe
+goodput, the headline table) is in sweep_report.py, the figures in sweep_plots.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import aiohttp
 
 from pdserve.bench.client import RequestRecord
 from pdserve.bench.metrics import SLO, parse_slo, parse_slos
+from pdserve.bench.phases import Breakdown, PhaseProbe, Target
 from pdserve.bench.runner import BenchConfig, BenchResult, run_benchmark
 
 DEFAULT_TOPOLOGIES = ("standard:1", "standard:2", "disagg-read", "disagg-write")
@@ -98,11 +100,12 @@ class RatePoint:
     result: BenchResult | None = None  # the full result, for the JSON (None in synthetic tests)
     load_avg_1m: float | None = None  # the machine's 1-minute load average after the run (noise check)
     busy_before: float | None = None  # fraction of all CPU time busy just before the run (others' work)
+    phases: Breakdown | None = None  # server-side phase means per role (None: not a pdserve topology, older file)
 
     @classmethod
     def of(cls, result: BenchResult, busy_before: float | None = None) -> RatePoint:
         return cls(result.config.request_rate, result.records, result.duration_s, result, os.getloadavg()[0],
-                   busy_before)
+                   busy_before, result.phases)
 
 
 @dataclass(frozen=True)
@@ -197,15 +200,18 @@ def wait_quiet(max_busy: float, timeout_s: float, log: Log) -> float | None:
     return busy
 
 
-def run_rates(cfg: SweepConfig, name: str, base_url: str, log: Log) -> tuple[tuple[RatePoint, ...], str | None]:
-    """Every rate against `base_url` (warm-up before the first). Stops at the first setup failure."""
+def run_rates(cfg: SweepConfig, name: str, base_url: str, log: Log,
+              targets: Sequence[Target] = ()) -> tuple[tuple[RatePoint, ...], str | None]:
+    """Every rate against `base_url` (warm-up before the first). Stops at the first setup failure.
+    Each rate's phase breakdown scrapes `targets` (none given: whatever a pdserve proxy at `base_url`
+    lists; nothing for other servers)."""
     points: list[RatePoint] = []
     for i, rate in enumerate(cfg.rates):
         bench = replace(cfg.bench, base_url=base_url, request_rate=rate, warmup=cfg.warmup if i == 0 else 0,
                         slos=cfg.headline.slos, prompt_stream=0 if i == 0 else i + 1)
         busy = wait_quiet(cfg.quiet_busy, cfg.quiet_timeout_s, log) if cfg.quiet_busy is not None else cpu_busy(1.0)
         try:
-            result = asyncio.run(run_benchmark(bench))
+            result = asyncio.run(run_benchmark(bench, probe=PhaseProbe(targets, discover_from=base_url)))
         except (RuntimeError, OSError, aiohttp.ClientError) as e:  # setup failed (no /v1/models, refused)
             return tuple(points), f"rate {rate:g}: {type(e).__name__}: {e}"
         points.append(RatePoint.of(result, busy))
@@ -214,6 +220,8 @@ def run_rates(cfg: SweepConfig, name: str, base_url: str, log: Log) -> tuple[tup
         log(f"  {name} @ {rate:g} req/s: {good}/{m.num_requests} meet {cfg.headline.name}, {m.failed} failed, "
             f"p99 TTFT {m.ttft.percentile(99):.0f} ms, p99 ITL {m.itl.percentile(99):.0f} ms, "
             f"{result.duration_s:.0f} s, busy before {_pct(busy)}, load avg after {points[-1].load_avg_1m:.1f}")
+        if result.phases is not None and result.phases.skipped:
+            log(f"  {name} @ {rate:g} req/s: phases skipped: {'; '.join(result.phases.skipped)}")
         if m.completed == 0:
             return tuple(points), f"rate {rate:g}: every request failed (e.g. {result.records[0].error[:200]})"
     return tuple(points), None
@@ -234,7 +242,8 @@ def run_topology(cfg: SweepConfig, name: str, log: Log) -> Series:
     try:
         with Topology(spec) as topo:
             log(f"{name} ready at {topo.url}")
-            points, error = run_rates(cfg, name, topo.url, log)
+            targets = (Target("proxy", "proxy", topo.url), *(Target(c.name, c.role, c.url) for c in topo.instances))
+            points, error = run_rates(cfg, name, topo.url, log, targets)
             if error is None and (dead := topo.dead()):
                 error = f"{dead[0].name} died during the sweep; log {dead[0].log_path}"
             return Series(name, "topology", topo.url, points, error)

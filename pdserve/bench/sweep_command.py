@@ -7,7 +7,8 @@ Every `pdserve bench` workload flag applies to each run, e.g. `--dataset-name sh
 FILE --endpoint-type chat`; each rate (and the warm-up) sends its own prompts of the file.
 
 Writes to --out: results.json (every run, vLLM field names), summary.md (the headline table),
-fig3_per_request.png and fig4_attainment*.png; logs of every process under logs/.
+fig3_per_request.png, fig4_attainment*.png and fig5_phases.png (where the time goes, per role, from
+every process's /metrics); logs of every process under logs/.
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ from pdserve.bench.sweep import (
     parse_slo_set,
     run_sweep,
 )
-from pdserve.bench.sweep_report import SeriesSummary, markdown_summary, series_from_json, summarize, sweep_json
+from pdserve.bench.sweep_report import (
+    SeriesSummary,
+    markdown_summary,
+    phase_runs,
+    series_from_json,
+    summarize,
+    sweep_json,
+)
 from pdserve.bench.workload import WorkloadConfig
 
 _NOT_FOR_SWEEP = {"request_rate": "--rates", "save_result": "--out", "plot_dir": "--out",
@@ -123,7 +131,8 @@ def config_from_sweep_args(args: argparse.Namespace) -> SweepConfig:
 def write_outputs(cfg: SweepConfig, series: Sequence[Series],
                   with_json: bool = True) -> tuple[tuple[SeriesSummary, ...], list[Path]]:
     """results.json (unless not `with_json`), summary.md, Figure 3 and Figure 4 in cfg.out_dir."""
-    from pdserve.bench.sweep_plots import plot_fig3, plot_fig4  # matplotlib only here
+    from pdserve.bench.phase_plots import plot_phases  # matplotlib only here
+    from pdserve.bench.sweep_plots import plot_fig3, plot_fig4
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +146,8 @@ def write_outputs(cfg: SweepConfig, series: Sequence[Series],
     if (fig3 := plot_fig3(cfg, series, out / "fig3_per_request.png")) is not None:
         paths.append(fig3)
     paths += plot_fig4(cfg, summaries, out)
+    if (fig5 := plot_phases(phase_runs(summaries), out / "fig5_phases.png")) is not None:
+        paths.append(fig5)
     return summaries, paths
 
 

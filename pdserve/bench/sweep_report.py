@@ -19,6 +19,8 @@ from pdserve.bench.client import RequestRecord
 from pdserve.bench.goodput import AttainmentPoint, DistServeGoodput, FailureMode, distserve_goodput
 from pdserve.bench.goodput import primary_failure_mode as _primary
 from pdserve.bench.metrics import SLO
+from pdserve.bench.phase_report import PhaseRun, phase_table
+from pdserve.bench.phases import Breakdown
 from pdserve.bench.report import JsonValue, result_json
 from pdserve.bench.sweep import RatePoint, Series, SLOSet, SweepConfig
 
@@ -56,6 +58,7 @@ class SeriesSummary:
     goodput: tuple[tuple[str, DistServeGoodput | None], ...]  # per SLO set; None: nothing measured
     headline: HeadlineCell | None
     error: str | None
+    phases: tuple[tuple[float, Breakdown], ...] = ()  # (rate, breakdown) of each rate that has one
 
     def curve(self, set_name: str) -> tuple[AttainmentPoint, ...]:
         return dict(self.curves)[set_name]
@@ -89,7 +92,8 @@ def summarize_series(series: Series, slo_sets: Sequence[SLOSet], headline: SLOSe
     goodput = tuple((name, distserve_goodput(c, target) if c else None) for name, c in curves)
     point = series.at(headline_rate)
     cell = headline_cell(point, slo_sets, headline) if point is not None and point.records else None
-    return SeriesSummary(series.name, curves, goodput, cell, series.error)
+    phases = tuple((p.rate, p.phases) for p in series.points if p.phases is not None)
+    return SeriesSummary(series.name, curves, goodput, cell, series.error, phases)
 
 
 def summarize(cfg: SweepConfig, series: Sequence[Series]) -> tuple[SeriesSummary, ...]:
@@ -184,10 +188,17 @@ def markdown_summary(cfg: SweepConfig, summaries: Sequence[SeriesSummary]) -> st
         vals = [next((f"{p.attainment:.0%}" for p in s.curve(head.name) if math.isclose(p.rate, r)), "-")
                 for s in summaries]
         lines.append(f"| {r:g} | " + " | ".join(vals) + " |")
+    if table := phase_table(phase_runs(summaries)):
+        lines += ["", table.rstrip("\n")]
     errors = [f"- {s.name}: {s.error.splitlines()[0]}" for s in summaries if s.error]
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines) + "\n"
+
+
+def phase_runs(summaries: Sequence[SeriesSummary]) -> list[PhaseRun]:
+    """(series, rate, breakdown) of every rate that has one: the phase table's and figure's input."""
+    return [(s.name, rate, b) for s in summaries for rate, b in s.phases]
 
 
 def _goodput_json(g: DistServeGoodput | None) -> JsonValue:
@@ -276,7 +287,8 @@ def series_from_json(data: dict) -> tuple[Series, ...]:
     return tuple(
         Series(s["name"], s["kind"], s["base_url"], tuple(
             RatePoint(float(run["request_rate"]), tuple(_record(r, out_len) for r in run["requests"]),
-                      float(run["duration"]), None, run.get("load_avg_1m"), run.get("cpu_busy_before"))
+                      float(run["duration"]), None, run.get("load_avg_1m"), run.get("cpu_busy_before"),
+                      Breakdown.from_json(run["phases"]) if run.get("phases") else None)
             for run in s["runs"]), s.get("error"))
         for s in data["series"]
     )
