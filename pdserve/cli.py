@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from pdserve.config_file import expand_config_file
+
 # (module with add_parser) in the order shown by --help.
 _COMMANDS = (
     "pdserve.server.command",
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_config_file(parser, list(sys.argv[1:] if argv is None else argv)))
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # bad model path, preset, dtype...: a message, not a trace

@@ -287,3 +287,66 @@ class EngineConfig:
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None: off
+
+
+# vLLM's HTTP front-end flags (`serve` and `proxy`; pdserve/server/frontend_args.py).
+DEFAULT_CORS_ALLOWED: tuple[str, ...] = ("*",)  # vLLM's --allowed-methods / -headers
+# No origin by default (vLLM's is "*"): a server on 127.0.0.1 is not readable by every web page.
+DEFAULT_CORS_ORIGINS: tuple[str, ...] = ()
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # vLLM's --uvicorn-log-level
+
+
+@dataclass(frozen=True)
+class CORSConfig:
+    """vLLM's CORS flags, applied by Starlette's CORSMiddleware. No origin by default (vLLM allows
+    every one): no CORS headers are sent and browsers refuse cross-origin reads; `("*",)` opens
+    the server to every web page. Methods and headers: every one, as vLLM."""
+
+    allowed_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    allowed_methods: tuple[str, ...] = DEFAULT_CORS_ALLOWED
+    allowed_headers: tuple[str, ...] = DEFAULT_CORS_ALLOWED
+    allow_credentials: bool = False
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """uvicorn's TLS options (vLLM's --ssl-* flags): HTTPS when `certfile` is set. `cert_reqs` is
+    the ssl module's CERT_NONE (0), CERT_OPTIONAL (1) or CERT_REQUIRED (2): whether clients must
+    present a certificate signed by `ca_certs`."""
+
+    keyfile: str | None = None
+    certfile: str | None = None
+    ca_certs: str | None = None
+    cert_reqs: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+    @property
+    def scheme(self) -> Literal["http", "https"]:
+        return "https" if self.enabled else "http"
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """How an HTTP front end (an instance or the proxy) is served, beyond host and port."""
+
+    cors: CORSConfig = field(default_factory=CORSConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    root_path: str = ""  # vLLM's --root-path: the prefix a path-rewriting reverse proxy strips
+    uvicorn_log_level: str | None = None  # None: the command's --log-level
+    access_log: bool = True  # uvicorn's access log (the proxy never writes one)
+
+    def uvicorn_options(self, log_level: str) -> dict[str, object]:
+        """uvicorn.Config keyword arguments (`log_level`: the command's, unless --uvicorn-log-level)."""
+        tls = self.tls
+        return {
+            "root_path": self.root_path,
+            "log_level": self.uvicorn_log_level or log_level,
+            "access_log": self.access_log,
+            "ssl_keyfile": tls.keyfile,
+            "ssl_certfile": tls.certfile,
+            "ssl_ca_certs": tls.ca_certs,
+            "ssl_cert_reqs": tls.cert_reqs,
+        }

@@ -69,6 +69,7 @@ class TopologySpec:
     run_dir: str | None = None  # default runs/up-<timestamp>
     engine_args: tuple[str, ...] = ()  # appended to every `pdserve serve` (last flag wins)
     proxy_args: tuple[str, ...] = ()
+    proxy_scheme: Literal["http", "https"] = "http"  # https: proxy_args give it --ssl-certfile
     startup_timeout_s: float = 300.0
     stop_grace_s: float = 15.0
     name: str = ""  # label for reports; default `label`
@@ -238,6 +239,7 @@ class ChildProcess:
     port: int
     cpus: tuple[int, ...] = ()
     gpus: tuple[int, ...] | None = None
+    scheme: Literal["http", "https"] = "http"
 
     @property
     def pid(self) -> int:
@@ -245,7 +247,7 @@ class ChildProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -344,7 +346,7 @@ def _start(spec: TopologySpec, run_dir: Path, attempt: int) -> RunningTopology:
     registry_port = free_port(spec.host)
     suffix = f".retry{attempt}" if attempt else ""
     proxy = start_child("proxy", "proxy", proxy_argv(spec, port, registry_port), run_dir / f"proxy{suffix}.log",
-                        spec.host, port)
+                        spec.host, port, scheme=spec.proxy_scheme)
     running = RunningTopology(spec, run_dir, proxy, ())
     try:
         for plan in plans:
@@ -385,7 +387,9 @@ def wait_ready(topo: RunningTopology, timeout_s: float) -> None:
     """Until every instance answers /health, the proxy lists each one healthy and its /health is 200."""
     deadline = time.monotonic() + timeout_s
     pending = {c.name for c in topo.instances}
-    with httpx.Client(trust_env=False) as client:
+    # An HTTPS proxy's certificate is not checked here: the client only asks this machine's own child
+    # for its health (no credentials sent), and the certificate may name the public host, not spec.host.
+    with httpx.Client(trust_env=False, verify=topo.proxy.scheme == "http") as client:
         while True:
             for c in topo.children:
                 if not c.alive():

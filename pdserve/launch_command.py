@@ -9,15 +9,18 @@ Ctrl-C or SIGTERM, then stop every child.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import signal
 import sys
 import time
 from types import FrameType
 
-from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, KV_CACHE_DTYPES
+from pdserve.config import DEFAULT_CORS_ALLOWED, DEFAULT_CORS_ORIGINS, DEFAULT_HOST, DEFAULT_PORT, KV_CACHE_DTYPES
+from pdserve.config_file import add_config_arg
 from pdserve.engine.args import cpu_list, non_negative_int, port_number, positive_float, positive_int
 from pdserve.launch import TopologyError, TopologySpec, default_run_dir, launch_topology, plan_instances
+from pdserve.server.frontend_args import add_cors_args, add_root_path_arg, add_tls_server_args, tls_from_args
 
 
 def cpu_map(text: str) -> tuple[tuple[int, ...], ...]:
@@ -65,6 +68,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-args", default="", metavar='"..."',
                    help='extra `pdserve serve` flags for every instance, e.g. "--num-kv-blocks 512"')
     p.add_argument("--proxy-args", default="", metavar='"..."', help="extra `pdserve proxy` flags")
+    add_config_arg(p)
+    f = p.add_argument_group("the proxy's HTTP front end (vLLM's flags; instances stay on plain HTTP on --host)")
+    add_cors_args(f)
+    add_tls_server_args(f, client_certs=False)
+    add_root_path_arg(f)
     p.add_argument("--startup-timeout", type=positive_float, default=300.0, metavar="S")
     p.add_argument("--stop-timeout", type=positive_float, default=15.0, metavar="S",
                    help="SIGTERM grace before SIGKILL (default %(default)s)")
@@ -76,6 +84,21 @@ def _kv_cache_dtype_flag(value: str) -> tuple[str, ...]:
     return () if value == "auto" else ("--kv-cache-dtype", value)
 
 
+def _frontend_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The proxy's CORS, TLS and --root-path flags, those not at their defaults (before --proxy-args)."""
+    flags: list[str] = []
+    for what, default in (("origins", DEFAULT_CORS_ORIGINS), ("methods", DEFAULT_CORS_ALLOWED),
+                          ("headers", DEFAULT_CORS_ALLOWED)):
+        value = getattr(args, f"allowed_{what}")
+        if value != default:
+            flags += [f"--allowed-{what}", json.dumps(list(value))]
+    flags += ["--allow-credentials"] if args.allow_credentials else []
+    for flag, value in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile),
+                        ("--root-path", args.root_path)):
+        flags += [flag, value] if value else []
+    return tuple(flags)
+
+
 def spec_from_args(args: argparse.Namespace) -> TopologySpec:
     return TopologySpec(
         kind=args.topology, model=args.model, instances=args.instances, both=args.both,
@@ -85,7 +108,8 @@ def spec_from_args(args: argparse.Namespace) -> TopologySpec:
         cpus_per_instance=args.cpus_per_instance, cpu_map=args.cpu_map, gpus=args.gpus,
         host=args.host, port=args.port, run_dir=args.run_dir or str(default_run_dir()),
         engine_args=(*_kv_cache_dtype_flag(args.kv_cache_dtype), *shlex.split(args.engine_args)),
-        proxy_args=tuple(shlex.split(args.proxy_args)),
+        proxy_args=(*_frontend_flags(args), *shlex.split(args.proxy_args)),
+        proxy_scheme=tls_from_args(args).scheme,
         startup_timeout_s=args.startup_timeout, stop_grace_s=args.stop_timeout,
     )
 

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pdserve import __version__
+from pdserve.config import CORSConfig
 from pdserve.proxy.errors import ProxyError, no_instance
 from pdserve.proxy.health import HealthChecker
 from pdserve.proxy.instances import ROLE_NAMES, Instance, InstanceTable, RoleCode
@@ -42,6 +44,7 @@ from pdserve.proxy.responses import RESPONSES_PATH
 from pdserve.proxy.routing import make_picker
 from pdserve.proxy.settings import ProxySettings
 from pdserve.proxy.upstream import Buffered, Upstream, UpstreamFailure
+from pdserve.server.frontend_args import cors_middleware_options
 from pdserve.server.prometheus import CONTENT_TYPE
 from pdserve.server.protocol import openapi_body
 
@@ -130,18 +133,32 @@ def _error(err: ProxyError) -> Response:
     return Response(err.body(), status_code=err.status, media_type="application/json")
 
 
-class ProxyApp:
-    """The ASGI app: POSTs to the generation paths go straight to their endpoint (no middleware,
-    no routing: the proxy's own latency counts), everything else to the FastAPI admin app."""
+def route_path(scope: Scope) -> str:
+    """The request's path without the --root-path prefix uvicorn puts before it (as Starlette's routing
+    reads it): what the proxy matches and forwards to instances."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path
 
-    def __init__(self, admin: FastAPI, hot: dict[str, ProxyEndpoint]) -> None:
+
+class ProxyApp:
+    """The ASGI app: POSTs to the generation paths go straight to their endpoint (no routing and no
+    middleware but CORS, which passes a request without an Origin header straight through: the
+    proxy's own latency counts), everything else to the FastAPI admin app."""
+
+    def __init__(self, admin: FastAPI, hot: dict[str, ProxyEndpoint], cors: CORSConfig | None = None) -> None:
         self.admin = admin
         self.hot = hot
         self.state = admin.state
+        self._app: ASGIApp = self._dispatch
+        if cors is not None and cors.allowed_origins:  # vLLM's CORS flags
+            self._app = CORSMiddleware(self._dispatch, **cors_middleware_options(cors))  # type: ignore[arg-type]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = self.hot.get(scope["path"])
+            endpoint = self.hot.get(route_path(scope))
             if endpoint is not None:
                 await endpoint(scope, receive, send)
                 return
@@ -230,9 +247,9 @@ def build_app(settings: ProxySettings) -> ProxyApp:
         # dict.fromkeys: a both instance is a candidate of both roles, tried once
         for inst in list(dict.fromkeys(i for r in roles for i in state.table.candidates(r)))[:2]:
             try:
-                got = await state.upstream.fetch(inst, request.method, request.url.path, headers, body)
+                got = await state.upstream.fetch(inst, request.method, route_path(request.scope), headers, body)
             except UpstreamFailure as e:
-                log.warning("%s %s: %s", request.method, request.url.path, e)
+                log.warning("%s %s: %s", request.method, route_path(request.scope), e)
                 continue
             return Response(got.body, status_code=got.status, media_type=got.content_type or "application/json")
         return _error(no_instance("decode" if settings.mode == "disagg" else "standalone"))
@@ -309,9 +326,9 @@ def build_app(settings: ProxySettings) -> ProxyApp:
     async def lora_route(request: Request) -> Response:
         """vLLM's runtime LoRA routes, on every healthy instance: a disaggregated request runs its
         adapter on both halves."""
-        return await every_instance(request, request.url.path)
+        return await every_instance(request, route_path(request.scope))
 
     for path, model in LORA_BODIES.items():
         app.add_api_route(path, lora_route, methods=["POST"], openapi_extra=openapi_body(model))
 
-    return ProxyApp(app, hot)
+    return ProxyApp(app, hot, settings.frontend.cors)

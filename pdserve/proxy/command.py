@@ -9,19 +9,24 @@ import socket
 from types import FrameType
 
 from pdserve.config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REGISTRY_PORT
+from pdserve.config_file import add_config_arg
 from pdserve.engine.args import port_number
 from pdserve.proxy.settings import (
     DEFAULT_GRACEFUL_SHUTDOWN_S,
     DEFAULT_HEALTH_INTERVAL_S,
     DEFAULT_HEARTBEAT_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    InstanceTLS,
     ProxySettings,
 )
+from pdserve.server.frontend_args import add_frontend_args, existing_file, frontend_from_args
 
 _EPILOG = """\
 Instances register themselves over ZMQ (`pdserve serve ... --proxy-address HOST:REGISTRY_PORT`) or
 are listed here (--prefill/--decode/--instance URL; health-checked with GET /health). WRITE mode
 needs each instance's KV ports: registered instances send them; static ones must serve GET /kv_info.
+An instance served over HTTPS (`pdserve serve --ssl-certfile`) is an https:// URL here, or registers
+as one; --instance-ssl-* say how its certificate is checked.
 """
 
 
@@ -61,6 +66,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="give up on a prefill half after S seconds (default: no limit)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_config_arg(p)
+    add_frontend_args(p, instance=False)
+    g = p.add_argument_group("HTTPS instances (https:// URLs, or registered by `pdserve serve --ssl-certfile`)")
+    g.add_argument("--instance-ssl-ca-certs", type=existing_file, default=None, metavar="FILE",
+                   help="the CA certificates (PEM) instances' certificates are checked against (default: the system's)")
+    g.add_argument("--instance-ssl-certfile", type=existing_file, default=None, metavar="FILE",
+                   help="a client certificate (PEM) for instances that require one (`serve --ssl-cert-reqs 2`)")
+    g.add_argument("--instance-ssl-keyfile", type=existing_file, default=None, metavar="FILE",
+                   help="the private key of --instance-ssl-certfile, when not in that file")
     p.set_defaults(func=run)
 
 
@@ -73,6 +87,8 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         instance_api_key=args.instance_api_key, registry_token=args.registry_token,
         heartbeat_timeout_s=args.heartbeat_timeout, health_interval_s=args.health_interval,
         fallback=args.fallback, prefill_timeout_s=args.prefill_timeout, max_body_bytes=args.max_body_bytes,
+        frontend=frontend_from_args(args, access_log=False),
+        instance_tls=InstanceTLS(args.instance_ssl_ca_certs, args.instance_ssl_certfile, args.instance_ssl_keyfile),
     )
 
 
@@ -81,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pdserve.proxy.app import build_app
+    from pdserve.proxy.upstream import instance_ssl_context
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -97,10 +114,12 @@ def run(args: argparse.Namespace) -> int:
             self.should_exit = True
 
     settings = settings_from_args(args)
+    instance_ssl_context(settings.instance_tls)  # a file that does not load: an error naming its flag, now
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(
-        build_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-        access_log=False, timeout_graceful_shutdown=DEFAULT_GRACEFUL_SHUTDOWN_S,
+        build_app(settings), host=settings.host, port=settings.port,
+        timeout_graceful_shutdown=DEFAULT_GRACEFUL_SHUTDOWN_S,
+        **settings.frontend.uvicorn_options(args.log_level),  # type: ignore[arg-type]
     )
     server = Server(config)
     server.run()

@@ -21,19 +21,27 @@ log = logging.getLogger(__name__)
 
 # B: a `--role both` instance (vLLM's kv_both): a candidate for either half of a request.
 RoleCode = Literal["P", "D", "S", "B"]
+Scheme = Literal["http", "https"]  # how the proxy calls an instance (https: its --ssl-certfile)
 ROLE_NAMES: dict[RoleCode, str] = {"P": "prefill", "D": "decode", "S": "standalone", "B": "both"}
 
 
-def normalize_address(url: str) -> str:
-    """`http://host:port/` or `host:port` -> `host:port`; ValueError when there is no port."""
-    addr = url.strip()
+def split_url(url: str) -> tuple[Scheme, str]:
+    """`https://host:port/` -> ("https", "host:port"); `host:port` and `http://...` -> ("http", ...);
+    ValueError when there is no port."""
+    addr, scheme = url.strip(), "http"
     for prefix in ("http://", "https://"):
-        addr = addr.removeprefix(prefix)
+        if addr.startswith(prefix):
+            addr, scheme = addr.removeprefix(prefix), prefix.removesuffix("://")
     addr = addr.rstrip("/")
     host, sep, port = addr.rpartition(":")
     if not sep or not host or "/" in addr or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected host:port or http://host:port, got {url!r}")
-    return addr
+        raise ValueError(f"expected host:port, http://host:port or https://host:port, got {url!r}")
+    return scheme, addr  # type: ignore[return-value]
+
+
+def normalize_address(url: str) -> str:
+    """`http://host:port/`, `https://host:port` or `host:port` -> `host:port`; ValueError when there is no port."""
+    return split_url(url)[1]
 
 
 @dataclass(eq=False)
@@ -62,6 +70,7 @@ class Instance:
     handshake_port: int = 0
     notify_port: int = 0
     transfer_mode: TransferMode | None = None
+    scheme: Scheme = "http"
     healthy: bool = False
     last_seen: float = 0.0  # time.monotonic() of the last heartbeat or passed health check
     requests: int = 0  # upstream calls started
@@ -70,7 +79,7 @@ class Instance:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{self.scheme}://{self.address}"
 
     @property
     def in_flight(self) -> int:
@@ -95,11 +104,11 @@ class InstanceTable:
 
     def add_static(self, url: str, role: RoleCode) -> Instance:
         """A command-line instance; one URL named by both --prefill and --decode is a both instance."""
-        address = normalize_address(url)
+        scheme, address = split_url(url)
         known = self._by_address.get(address)
         if known is not None and {known.role, role} == {"P", "D"}:
             role = "B"
-        inst = Instance(address=address, role=role, static=True)
+        inst = Instance(address=address, role=role, static=True, scheme=scheme)
         self._by_address[address] = inst
         return inst
 
@@ -134,7 +143,7 @@ class InstanceTable:
         """Admit or refresh a registered instance (a heartbeat); None when refused (reason logged)."""
         now = time.monotonic() if now is None else now
         try:
-            address = normalize_address(reg.request_address)
+            scheme, address = split_url(reg.request_address)  # `https://host:port`: an HTTPS instance
         except ValueError as e:
             self.refuse(reg.request_address, str(e))
             return None
@@ -154,7 +163,7 @@ class InstanceTable:
         kv_host = reg.host or address.rpartition(":")[0]
         inst.engine_id, inst.kv_host = reg.engine_id, kv_host
         inst.handshake_port, inst.notify_port = reg.handshake_port, reg.notify_port
-        inst.transfer_mode, inst.last_seen = reg.transfer_mode, now
+        inst.transfer_mode, inst.last_seen, inst.scheme = reg.transfer_mode, now, scheme
         if not inst.healthy:
             inst.healthy = True
             log.info("%s instance %s admitted (engine %s)", ROLE_NAMES[inst.role], address, inst.engine_id or "?")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, DEFAULT_REGISTRY_PORT
+from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, DEFAULT_REGISTRY_PORT, FrontendConfig
 
 ProxyMode = Literal["disagg", "standard"]
 TransferMode = Literal["READ", "WRITE"]
@@ -19,6 +19,25 @@ DEFAULT_GRACEFUL_SHUTDOWN_S = 30.0
 # A background decode half answers at once; when its WRITE pair's prefill fails first, the proxy waits
 # this long for that answer (its response id, to delete) before it closes the connection.
 BACKGROUND_ANSWER_S = 5.0
+
+
+@dataclass(frozen=True)
+class InstanceTLS:
+    """How the proxy calls HTTPS instances (`https://` URLs, or registered with --ssl-certfile):
+    the CAs their certificates are checked against (None: the system's), and a client certificate
+    for instances that require one (their --ssl-cert-reqs 2)."""
+
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.keyfile is not None and self.certfile is None:
+            raise ValueError("--instance-ssl-keyfile needs --instance-ssl-certfile")
+
+    @property
+    def configured(self) -> bool:
+        return any((self.ca_certs, self.certfile, self.keyfile))
 
 
 @dataclass(frozen=True)
@@ -45,6 +64,8 @@ class ProxySettings:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_attempts: int = 2  # per half: the first try and one retry on another instance
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)  # CORS, TLS, root path, uvicorn logging
+    instance_tls: InstanceTLS = field(default_factory=InstanceTLS)
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -21,12 +22,30 @@ import aiohttp
 import anyio
 
 from pdserve.proxy.instances import Instance, InstanceTable, Lease
-from pdserve.proxy.settings import ProxySettings
+from pdserve.proxy.settings import InstanceTLS, ProxySettings
 
 log = logging.getLogger(__name__)
 
 FailureKind = Literal["unreachable", "status", "timeout", "evicted", "dropped"]
 SSE_TYPE = "text/event-stream"
+
+
+def instance_ssl_context(tls: InstanceTLS) -> ssl.SSLContext | None:
+    """The context HTTPS instances are called with (None: aiohttp's default, the system's CAs).
+    ValueError naming the flag when a file does not load."""
+    if not tls.configured:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca_certs)
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"--instance-ssl-ca-certs {tls.ca_certs}: cannot load: {e}") from None
+    if tls.certfile is not None:
+        try:
+            ctx.load_cert_chain(tls.certfile, tls.keyfile)
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(f"--instance-ssl-certfile {tls.certfile}: cannot load the certificate and its key: {e}"
+                             ) from None
+    return ctx
 
 
 class UpstreamFailure(Exception):
@@ -91,7 +110,9 @@ class Upstream:
         self._probes: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
+        tls = instance_ssl_context(self.settings.instance_tls)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False,
+                                         ssl=tls if tls is not None else True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s)
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
         return self.session

@@ -8,6 +8,7 @@ can build several apps in one process.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -20,6 +21,7 @@ from pdserve.server.context import ServerContext, get_context
 from pdserve.server.embedding_protocol import EmbeddingRequest
 from pdserve.server.embeddings import create_embedding
 from pdserve.server.errors import APIError, install_error_handlers
+from pdserve.server.frontend_args import cors_middleware_options
 from pdserve.server.lora_routes import load_lora_adapter, unload_lora_adapter
 from pdserve.server.prometheus import CONTENT_TYPE
 from pdserve.server.protocol import (
@@ -125,6 +127,9 @@ def build_app(ctx: ServerContext) -> FastAPI:
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
+    cors = ctx.settings.frontend.cors
+    if cors.allowed_origins:  # vLLM's CORS flags; outermost, so preflights need no API key (as vLLM)
+        app.add_middleware(CORSMiddleware, **cors_middleware_options(cors))  # type: ignore[arg-type]
     app.add_api_route("/health", health, methods=["GET"])
     for method in ("GET", "POST"):  # vLLM's (SageMaker's health check): /health's answer
         app.add_api_route("/ping", health, methods=[method])

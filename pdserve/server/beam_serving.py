@@ -31,6 +31,7 @@ from pdserve.server.generation import Collected
 from pdserve.server.inputs import kv_transfer_params, validate
 from pdserve.server.protocol import CompletionRequest, SamplingFields
 from pdserve.server.request_id import request_id_of
+from pdserve.server.request_log import log_request
 from pdserve.server.serving import check_priority, lora_of
 
 
@@ -189,6 +190,8 @@ def start_beam_search(
 def _admit(ctx: ServerContext, inp: BeamInput) -> BeamSearchRun:
     """Admit one search (its id held until the engine has finished all its requests) and start it."""
     ctx.admission.admit(inp.request_id)
+    if ctx.settings.enable_log_requests:
+        log_request(inp.request_id, inp.token_ids, inp.params, inp.lora, ctx.settings.max_log_len)
 
     def done(request_id: str) -> None:
         ctx.admission.release(request_id)

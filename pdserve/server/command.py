@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_PORT
+from pdserve.config_file import add_config_arg
 from pdserve.engine.args import (
     add_engine_args,
     engine_config_from_args,
@@ -15,6 +16,7 @@ from pdserve.engine.args import (
     positive_float,
     positive_int,
 )
+from pdserve.server.frontend_args import add_frontend_args, frontend_from_args
 from pdserve.server.kv_args import add_kv_transfer_args, apply_kv_transfer_config, kv_transfer_config_from_args
 from pdserve.server.reasoning import PARSERS
 from pdserve.server.settings import (
@@ -73,7 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests bring their own chat_template (vLLM's flag; refused otherwise)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    g.add_argument("--no-access-log", action="store_true")
+    g.add_argument("--no-access-log", "--disable-uvicorn-access-log", dest="no_access_log", action="store_true",
+                   help="no uvicorn access log (--disable-uvicorn-access-log: vLLM's name)")
+    add_config_arg(p)
+    add_frontend_args(p, instance=True)
     add_kv_transfer_args(p)
     p.set_defaults(func=run)
 
@@ -93,6 +98,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_stored_responses=args.max_stored_responses,
         chat_template=args.chat_template,
         trust_request_chat_template=args.trust_request_chat_template,
+        frontend=frontend_from_args(args, access_log=not args.no_access_log),
+        enable_log_requests=args.enable_log_requests,
+        max_log_len=args.max_log_len,
     )
 
 
@@ -114,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    settings = settings_from_args(args)  # a bad --ssl-* file stops here, before the model loads
     import uvicorn  # heavy imports after argument parsing
 
     from pdserve.engine.async_engine import AsyncEngine
@@ -122,7 +131,6 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.server.context import ServerContext
     from pdserve.server.lifecycle import DrainingServer
 
-    settings = settings_from_args(args)
     config = engine_config_from_args(args, kv_transfer_config_from_args(args))
     log.info("loading %s (role %s)", config.model, settings.role)
     llm = LLMEngine(config)
@@ -142,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     if args.proxy_address:
         from pdserve.server.registration import Registrar, register_message
 
-        message = register_message(llm, settings.host, settings.port, args.registry_token)
+        message = register_message(llm, settings.host, settings.port, args.registry_token,
+                                   settings.frontend.tls.scheme)
         registrar = Registrar(args.proxy_address, message)
     ctx = ServerContext(engine, settings)
     server = DrainingServer(
@@ -151,9 +160,8 @@ def run(args: argparse.Namespace) -> int:
             host=settings.host,
             port=settings.port,
             log_config=None,
-            log_level=args.log_level,
-            access_log=not args.no_access_log,
             timeout_graceful_shutdown=10,
+            **settings.frontend.uvicorn_options(args.log_level),  # type: ignore[arg-type]
         ),
         ctx,
     )

@@ -15,6 +15,7 @@ from pdserve.server.admission import Admission
 from pdserve.server.beam_search import BeamSearchRun
 from pdserve.server.generation import Generation, GenerationInput
 from pdserve.server.metrics import ServerMetrics
+from pdserve.server.request_log import log_request
 from pdserve.server.responses.background import BackgroundRuns
 from pdserve.server.responses.store import ResponseStore
 from pdserve.server.settings import ServerSettings
@@ -86,6 +87,8 @@ class ServerContext:
         """Admit (APIError 503 / 409 / 429) and start the request's generation task (its engine
         request once `after` is set, when given)."""
         self.admission.admit(inp.request_id)
+        if self.settings.enable_log_requests:
+            log_request(inp.request_id, inp.token_ids, inp.pooling or inp.params, inp.lora, self.settings.max_log_len)
         gen = Generation(self.engine, self.metrics, inp, self._done, after)
         self.generations[inp.request_id] = gen
         return gen

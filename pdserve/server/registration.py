@@ -47,14 +47,15 @@ class Registrar:
         self._thread.join(2)
 
 
-def register_message(llm, host: str, http_port: int, token: str | None) -> Register:
+def register_message(llm, host: str, http_port: int, token: str | None, scheme: str = "http") -> Register:
     """The registration of this instance: role P (prefill), D (decode), B (both: either half, per
-    request) or S (standalone)."""
+    request) or S (standalone). An HTTPS instance (--ssl-certfile) sends `https://host:port` as its
+    request_address (vLLM's plain `host:port` otherwise), so the proxy calls it over TLS."""
     conn = llm.connector
     role = {"prefill": "P", "decode": "D", "both": "B"}.get(llm.config.kv_transfer.role, "S")
     return Register(
         role=role,  # type: ignore[arg-type]
-        request_address=f"{host}:{http_port}",
+        request_address=f"{host}:{http_port}" if scheme == "http" else f"{scheme}://{host}:{http_port}",
         handshake_port=conn.handshake_port if conn else 0,
         notify_port=conn.notify_port if conn else 0,
         transfer_mode=llm.config.kv_transfer.kv_mode.upper(),  # type: ignore[arg-type]

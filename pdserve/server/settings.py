@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pdserve.config import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_PORT, Role
+from pdserve.config import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_STORED_RESPONSES,
+    DEFAULT_PORT,
+    FrontendConfig,
+    Role,
+)
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
@@ -29,6 +36,11 @@ class ServerSettings:
     chat_template: str | None = None  # --chat-template's Jinja source, in place of the tokenizer's; None: its own
     # vLLM's --trust-request-chat-template: a request may bring its own chat_template (else a 400).
     trust_request_chat_template: bool = False
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)  # CORS, TLS, root path, uvicorn logging
+    # vLLM's --enable-log-requests: one INFO line per engine request as it starts (server/request_log.py),
+    # its prompt token ids cut to --max-log-len (None: all).
+    enable_log_requests: bool = False
+    max_log_len: int | None = None
 
     @property
     def model_name(self) -> str:
