@@ -537,8 +537,8 @@ def test_tool_choice_auto_and_none_leave_text_alone(client: openai.OpenAI) -> No
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"tool_choice": "required"}, None),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
       "tool_choice": "required"}, "tool_choice"),
