@@ -72,7 +72,7 @@ class TransferContext:
 
     config: KVTransferConfig
     cache: KVCache
-    token: str | None
+    token: str | None = field(repr=False)  # the --registry-token secret: never in a repr
     engine_id: str
     host: str
     hostname: str  # what peers compare theirs with (shm, cuda_ipc: same host only)

@@ -229,13 +229,14 @@ def save_weights(
         names = ["model.safetensors"]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    umask = os.umask(0)
-    os.umask(umask)
     for fname, shard in zip(names, shards, strict=True):
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        # safetensors writes through a private temp file (0600): give the shard the mode of the other
-        # files, so a server running as another user (vLLM in a container) can read it.
-        os.chmod(out_dir / fname, 0o666 & ~umask)
+        path = out_dir / fname
+        # safetensors writes through a private temp file (0600): give the shard the mode a plain file
+        # gets here, so a server running as another user (vLLM in a container) can read it.
+        path.touch()
+        mode = path.stat().st_mode & 0o777
+        save_file(shard, str(path), metadata={"format": "pt"})
+        path.chmod(mode)
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())
         weight_map = {k: fname for fname, shard in zip(names, shards, strict=True) for k in shard}

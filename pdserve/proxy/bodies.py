@@ -43,6 +43,8 @@ def parse_body(raw: bytes) -> JSONObject:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
         raise BadBody(f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # msgspec's depth limit: not a DecodeError
+        raise BadBody("the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadBody("the body must be a JSON object")
     return body
@@ -155,6 +157,8 @@ def params_from_prefill(raw: bytes) -> JSONObject | None:
         answer = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
         raise BadParams(f"the prefill response is not JSON: {e}") from None
+    except RecursionError:
+        raise BadParams("the prefill response's JSON is nested too deeply") from None
     if not isinstance(answer, dict):
         raise BadParams("the prefill response is not a JSON object")
     raw_params = answer.get("kv_transfer_params")

@@ -294,7 +294,10 @@ class Orchestrator:
                                           avoid=frozenset(tried))
             return await self._read_decode(req, body, params, inst, decode)
         self._fallback("prefill_failed" if last else "no_prefill", last)
-        return await self._one_of("D", req, bodies.decode_body(body, None), req.request_id, avoid=frozenset(tried))
+        # A both instance whose prefill half failed may still hold the id (until our Abort lands), and
+        # would refuse it for the plain request (request_id_in_use): the fallback takes an id of its own.
+        rid = f"{req.request_id}-local" if tried else req.request_id
+        return await self._one_of("D", req, bodies.decode_body(body, None), rid, avoid=frozenset(tried))
 
     async def _read_decode(self, req: ClientRequest, body: bodies.JSONObject, params: bodies.JSONObject,
                            prefill: Instance | None = None, decode: Instance | None = None) -> Reply:

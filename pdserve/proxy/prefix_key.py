@@ -56,7 +56,10 @@ def _rendering(body: dict[str, Any], prev: bytes) -> bytes:
     shaping = {k: body[k] for k in ("chat_template", "chat_template_kwargs", "tools") if body.get(k) is not None}
     if not shaping:
         return prev
-    canon = json.dumps(shaping, sort_keys=True, separators=(",", ":"), default=str)
+    try:
+        canon = json.dumps(shaping, sort_keys=True, separators=(",", ":"), default=str)
+    except RecursionError:  # nested past what json writes (the instance refuses such a body): keyed as unset
+        return prev
     return hashlib.blake2b(prev + b"\0render\0" + canon.encode("utf-8", "replace"), digest_size=8).digest()
 
 

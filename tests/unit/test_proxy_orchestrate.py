@@ -124,6 +124,16 @@ def test_params_from_prefill() -> None:
         raise AssertionError(f"accepted {bad!r}")
 
 
+def test_json_nested_too_deeply_is_a_bad_body_or_bad_params() -> None:
+    """msgspec raises RecursionError (not DecodeError) past its depth limit: a client's body is a
+    BadBody (the proxy's 400) and a prefill's answer BadParams (a failed half), not a 500."""
+    deep = b"[" * 5000 + b"]" * 5000
+    with pytest.raises(bodies.BadBody):
+        bodies.parse_body(b'{"prompt": ' + deep + b"}")
+    with pytest.raises(bodies.BadParams):
+        bodies.params_from_prefill(b'{"kv_transfer_params": {"do_remote_prefill": true, "x": ' + deep + b"}}")
+
+
 # -- READ -------------------------------------------------------------------------------------
 
 
@@ -159,6 +169,8 @@ def test_read_prefill_retry_then_fallback() -> None:
         assert status == 200 and _texts(raw) == ["w0", "w1", "w2", "w3"]
         assert "kv_transfer_params" not in ds[0].seen[-1].body  # local prefill: the plain request
         assert ds[0].seen[-1].body == BODY
+        # an id of its own: a both instance whose prefill half failed may still hold the client's
+        assert ds[0].seen[-1].request_id == ps[0].seen[-1].request_id + "-local"
         metrics = await (await s.get(proxy.url + "/metrics")).text()
         assert 'pdserve_proxy_fallbacks_total{reason="prefill_failed"} 1' in metrics
         assert 'pdserve_proxy_retries_total{role="prefill"} 2' in metrics

@@ -123,6 +123,18 @@ def test_prompt_key_is_per_rendering() -> None:
     assert prompt_key({**text, "tools": [tool]}, "/v1/completions") == prompt_key(text, "/v1/completions")
 
 
+def test_prompt_key_of_a_rendering_too_deep_to_write_is_the_plain_key() -> None:
+    """Template kwargs or tools nested past the recursion limit (a body the proxy could decode, at a
+    shallower stack) key as if unset, not a RecursionError (a 500 from the proxy)."""
+    body = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "q"}]}
+    deep: object = []
+    for _ in range(5000):
+        deep = [deep]
+    plain = prompt_key(body, "/v1/chat/completions")
+    assert prompt_key({**body, "chat_template_kwargs": {"a": deep}}, "/v1/chat/completions") == plain
+    assert prompt_key({**body, "tools": deep}, "/v1/chat/completions") == plain
+
+
 def test_prompt_key_chains_whole_chunks_of_the_prompt() -> None:
     a = prompt_key({"prompt": "x" * 200}, "/v1/completions")
     assert len(a) == 200 // CHUNK_BYTES and len(set(a)) == len(a)  # equal chunks, different chain hashes

@@ -29,6 +29,7 @@ from pdserve.server.context import ServerContext
 from pdserve.server.protocol import ChatCompletionRequest, DeltaToolCall, FunctionDef
 from pdserve.server.settings import ServerSettings
 from pdserve.server.tool_parsers import ToolParser, make_tool_parser
+from pdserve.server.tool_parsers.arg_grammar import params_of
 from pdserve.server.tools import tool_constraint, tool_functions
 
 MISTRAL, PYTHONIC, QWEN = (make_tool_parser(n) for n in ("mistral", "pythonic", "qwen3_coder"))
@@ -365,3 +366,20 @@ def test_tool_functions_and_chat_keep_mistral_marker(engine: AsyncEngine) -> Non
     with_tools = asyncio.run(chat_inputs(ctx, _req(tools=[WEATHER])))
     without = asyncio.run(chat_inputs(ctx, _req(tools=[WEATHER], tool_choice="none")))
     assert not with_tools.params.skip_special_tokens and without.params.skip_special_tokens
+
+
+@pytest.mark.parametrize("name", ["pythonic", "qwen3_coder"])
+def test_required_that_is_not_a_list_of_names_is_not_a_500(engine: AsyncEngine, name: str) -> None:
+    """A schema's `required` holding something other than names (a list, an object) lists none of
+    the parameters: the formats that read the schema (qwen3_coder's stream, the per-argument
+    grammars of "required") answer, instead of failing on an unhashable item (a 500)."""
+    odd = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": [["a"], {"b": 1}, "a"]}}}
+    ctx = ServerContext(engine, ServerSettings(served_model_names=(MODEL,), tool_call_parser=name))
+    for choice in ("auto", "required"):
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": [odd], "tool_choice": choice,
+                "max_tokens": 40, "temperature": 0}
+        r = _post(ctx, "/v1/chat/completions", body)
+        assert r.status_code == 200, (choice, r.text)
+    (param,) = params_of(FunctionDef.model_validate(odd["function"]))
+    assert param.required  # "a", named as a string, is still required

@@ -29,7 +29,7 @@ def params_of(tool: FunctionDef) -> list[Param]:
     properties, required = schema.get("properties"), schema.get("required")
     if not isinstance(properties, dict):
         return []
-    needed = set(required) if isinstance(required, list) else set()
+    needed = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()  # [[...]]: none
     return [Param(name, sub, name in needed) for name, sub in properties.items()]
 
 
