@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import aiohttp
@@ -23,6 +24,8 @@ ENDPOINT_TYPES: tuple[EndpointType, ...] = ("completions", "chat")
 DEFAULT_PATHS: dict[EndpointType, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 # vLLM's names of the two (its --backend, and "backend" / "endpoint_type" in its result JSON).
 VLLM_BACKENDS: dict[EndpointType, str] = {"completions": "openai", "chat": "openai-chat"}
+# Every --backend name of vLLM's that pdserve bench sends: its "vllm" is the completions request too.
+BACKEND_ENDPOINTS: dict[str, EndpointType] = {"vllm": "completions", "openai": "completions", "openai-chat": "chat"}
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,23 @@ class Endpoint:
     api_key: str | None = None
     timeout_s: float | None = None  # whole request, send to last byte
     kind: EndpointType = "completions"  # the request body and stream format
+    # vLLM's --extra-body (and sampling flags): merged over every request body, overriding its keys.
+    extra_body: Mapping[str, object] = field(default_factory=dict)
+    extra_headers: Mapping[str, str] = field(default_factory=dict)  # vLLM's --header, over Authorization
+    request_id_prefix: str | None = None  # X-Request-Id = prefix + request index (vLLM's); None: no header
 
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+    def headers(self, index: int | None = None) -> dict[str, str]:
+        """Request headers; `index` (a benchmark request's) names it with X-Request-Id under a prefix."""
+        out = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        out.update(self.extra_headers)
+        if self.request_id_prefix is not None and index is not None:
+            out["X-Request-Id"] = f"{self.request_id_prefix}{index}"
+        return out
+
+    def payload(self, req: BenchRequest) -> dict[str, object]:
+        """The streamed request body of `req`, --extra-body merged over it."""
+        body = chat_payload(self.model, req) if self.kind == "chat" else completion_payload(self.model, req)
+        return {**body, **self.extra_body}
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,10 @@ async def send_request(
     endpoint: Endpoint,
     req: BenchRequest,
     scheduled_time: float | None = None,
+    request_id: bool = True,
 ) -> RequestRecord:
+    """Send `req`, streamed, and record its timing; `request_id` False: no X-Request-Id header
+    (a probe or warm-up request, not one of the benchmark's)."""
     chunk_times: list[float] = []
     text: list[str] = []
     usage: UsageChunk | None = None
@@ -110,13 +130,13 @@ async def send_request(
     ctype = ""
     timeout = aiohttp.ClientTimeout(total=endpoint.timeout_s)
     chat = endpoint.kind == "chat"
-    payload = chat_payload(endpoint.model, req) if chat else completion_payload(endpoint.model, req)
+    payload = endpoint.payload(req)
     send_time = time.perf_counter()
     try:
         async with session.post(
             endpoint.url,
             json=payload,
-            headers=endpoint.headers(),
+            headers=endpoint.headers(req.index if request_id else None),
             timeout=timeout,
         ) as resp:
             if resp.status != 200:
@@ -172,10 +192,12 @@ async def send_request(
     )
 
 
-async def fetch_first_model(session: aiohttp.ClientSession, base_url: str, api_key: str | None) -> str:
+async def fetch_first_model(session: aiohttp.ClientSession, base_url: str, api_key: str | None,
+                            extra_headers: Mapping[str, str] | None = None) -> str:
     """The first model id listed by GET {base_url}/v1/models; RuntimeError when there is none."""
     url = f"{base_url.rstrip('/')}/v1/models"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers.update(extra_headers or {})
     try:
         async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as resp:
             if resp.status != 200:

@@ -4,31 +4,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tqdm import tqdm
 
-from pdserve.bench.client import DEFAULT_PATHS, ENDPOINT_TYPES, VLLM_BACKENDS, EndpointType
+from pdserve.bench.client import BACKEND_ENDPOINTS, DEFAULT_PATHS, ENDPOINT_TYPES
 from pdserve.bench.datasets import DATASET_NAMES, DatasetError, load_dataset
-from pdserve.bench.metrics import SLO_NAMES_HELP, parse_slo
+from pdserve.bench.metrics import SLO, SLO_NAMES_HELP, parse_slo
 from pdserve.bench.phase_report import phase_table
 from pdserve.bench.phases import PhaseProbe
-from pdserve.bench.report import format_summary, save_result
-from pdserve.bench.runner import BenchConfig, BenchResult, run_benchmark
+from pdserve.bench.report import ResultMeta, default_result_filename, format_summary, save_result
+from pdserve.bench.runner import DEFAULT_PERCENTILE_METRICS, PERCENTILE_METRICS, BenchConfig, BenchResult, run_benchmark
 from pdserve.bench.tokenizer import LocalTokenizer
-from pdserve.bench.workload import WorkloadConfig
+from pdserve.bench.workload import RampUp, WorkloadConfig
 
 DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, DEFAULT_CUSTOM_OUTPUT_LEN = 1024, 128, 256
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000  # vLLM's, without --base-url
+GOODPUT_NAMES = ("ttft", "tpot", "e2el")  # vLLM's --goodput keys
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                  "repetition_penalty")  # vLLM's sampling overrides: request body fields of these names
 _FILES = ("sharegpt", "custom")
 # Dataset-specific flags (flag, dest, default, the datasets it is for): given for another dataset,
 # an error rather than silently ignored.
 _DATASET_FLAGS = (
-    ("--input-len", "input_len", None, ("random",)),
-    ("--range-ratio", "range_ratio", 0.0, ("random",)),
+    ("--input-len/--random-input-len", "input_len", None, ("random",)),
+    ("--random-output-len", "random_output_len", None, ("random",)),
+    ("--range-ratio/--random-range-ratio", "range_ratio", (0.0, None), ("random",)),
     ("--random-prefix-len", "random_prefix_len", 0, ("random",)),
     ("--num-prefixes", "num_prefixes", 1, ("random",)),
     ("--vocab-range", "vocab_range", (0, 256), ("random",)),
@@ -37,7 +44,6 @@ _DATASET_FLAGS = (
     ("--custom-output-len", "custom_output_len", None, ("custom",)),
     ("--skip-chat-template", "skip_chat_template", False, ("custom",)),
     ("--disable-shuffle", "disable_shuffle", False, _FILES),
-    ("--ignore-eos", "ignore_eos", False, _FILES),
 )
 
 
@@ -95,12 +101,81 @@ def _token_ids(text: str) -> frozenset[int]:
     return ids
 
 
-def _endpoint_type(text: str) -> EndpointType:
-    """completions | chat, or vLLM's --backend names openai | openai-chat."""
-    names: dict[str, EndpointType] = {**{t: t for t in ENDPOINT_TYPES}, **{v: k for k, v in VLLM_BACKENDS.items()}}
-    if text not in names:
-        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(map(repr, names))})")
-    return names[text]
+def _range_ratio(text: str) -> tuple[float, float | None]:
+    """vLLM's --random-range-ratio: one ratio in [0, 1) for input and output lengths, or a JSON
+    object {"input": r, "output": r}; (input ratio, output ratio or None for the same)."""
+    in_range = _number(float, 0.0, 1.0, hi_open=True)
+    if not text.lstrip().startswith("{"):
+        return in_range(text), None
+    try:
+        obj = json.loads(text)
+        return in_range(str(obj["input"])), in_range(str(obj["output"]))
+    except (ValueError, KeyError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a ratio or {{\"input\": R, \"output\": R}} "
+                                         "with R in [0, 1)") from None
+
+
+class _Backend(argparse.Action):
+    """--endpoint-type / --backend: completions | chat, or vLLM's --backend names vllm | openai |
+    openai-chat (kept as given, for the result's "backend")."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        text = str(values)
+        if text in ENDPOINT_TYPES:
+            namespace.endpoint_type, namespace.backend = text, None
+        elif text in BACKEND_ENDPOINTS:
+            namespace.endpoint_type, namespace.backend = BACKEND_ENDPOINTS[text], text
+        else:
+            names = ", ".join(map(repr, (*ENDPOINT_TYPES, *BACKEND_ENDPOINTS)))
+            raise argparse.ArgumentError(self, f"invalid choice: {text!r} (pdserve bench measures streamed text "
+                                               f"generation: choose from {names})")
+
+
+class _Refuse(argparse.Action):
+    """A vLLM flag pdserve bench cannot honour: an argparse error saying why."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, reason: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+        self.reason = reason
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        raise argparse.ArgumentError(self, self.reason)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    """vLLM's KEY=VALUE (--header, --metadata), both sides stripped."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+def _json_object(text: str) -> dict[str, object]:
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return obj
+
+
+def _percentile_metrics(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names or any(n not in PERCENTILE_METRICS for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(PERCENTILE_METRICS)}")
+    return names
+
+
+def _goodput(text: str) -> str:
+    """vLLM's --goodput KEY:MS, KEY one of ttft, tpot, e2el: an SLO of that name."""
+    name = text.partition(":")[0].strip().lower()
+    if name not in GOODPUT_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r}: KEY must be one of {', '.join(GOODPUT_NAMES)} "
+                                         "(--slo takes ITL criteria)")
+    return _slo(text)
 
 
 def _base_url(text: str) -> str:
@@ -122,11 +197,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Every `pdserve bench` flag except --base-url (for reuse by `pdserve sweep`)."""
     nonneg_int = _number(int, 0)
     pos_int = _number(int, 1)
-    p.add_argument("--endpoint-type", "--backend", dest="endpoint_type", type=_endpoint_type, default="completions",
+    p.add_argument("--endpoint-type", "--backend", dest="endpoint_type", action=_Backend, default="completions",
                    metavar="{completions,chat}",
                    help="completions: streamed /v1/completions; chat: streamed /v1/chat/completions, the prompt as "
-                        "one user message. vLLM's spellings are accepted: --backend openai | openai-chat "
+                        "one user message. vLLM's spellings are accepted: --backend vllm | openai | openai-chat "
                         "(default: completions)")
+    p.set_defaults(backend=None)
     p.add_argument("--endpoint", default=None,
                    help=f"request path (default: {DEFAULT_PATHS['completions']}, or {DEFAULT_PATHS['chat']} "
                         "with --endpoint-type chat)")
@@ -153,11 +229,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="take a dataset's entries in file order instead of shuffled by --seed")
     p.add_argument("--ignore-eos", action="store_true",
                    help="dataset requests ask for exactly their output length (random requests always do)")
-    p.add_argument("--input-len", type=pos_int, default=None,
+    p.add_argument("--input-len", "--random-input-len", dest="input_len", type=pos_int, default=None,
                    help=f"prompt tokens of the random dataset (default: {DEFAULT_INPUT_LEN})")
     p.add_argument("--output-len", type=pos_int, default=None,
                    help=f"output tokens (default: {DEFAULT_OUTPUT_LEN}; with a dataset, as vLLM, it sets "
                         "--sharegpt-output-len / --custom-output-len)")
+    p.add_argument("--random-output-len", type=pos_int, default=None,
+                   help="output tokens of the random dataset (vLLM's; --output-len wins over it)")
     p.add_argument("--random-prefix-len", type=nonneg_int, default=0,
                    help="tokens of one random prefix shared by every prompt, before its --input-len tokens "
                         "(a system prompt: what prefix caching reuses) (default: %(default)s)")
@@ -165,9 +243,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="distinct --random-prefix-len prefixes, one drawn per request (default: %(default)s)")
     p.add_argument(
         "--range-ratio",
-        type=_number(float, 0.0, 1.0, hi_open=True),
-        default=0.0,
-        help="lengths uniform in [len*(1-r), len*(1+r)] (default: %(default)s)",
+        "--random-range-ratio",
+        dest="range_ratio",
+        type=_range_ratio,
+        default=(0.0, None),
+        metavar="R",
+        help="lengths uniform in [len*(1-r), len*(1+r)], r in [0, 1); as vLLM, '{\"input\": r, \"output\": r}' "
+             "sets the two apart (default: 0.0)",
     )
     p.add_argument(
         "--vocab-range",
@@ -198,7 +280,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=pos_int, default=None, help="cap on requests in flight")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the prompts (random ids; a dataset's shuffle) and arrivals (default: 0)")
-    p.add_argument("--warmup", type=nonneg_int, default=0, help="warm-up requests sent first, not measured")
+    p.add_argument("--warmup", "--num-warmups", dest="warmup", type=nonneg_int, default=0,
+                   help="warm-up requests sent first, not measured")
     p.add_argument(
         "--slo",
         type=_slo,
@@ -209,14 +292,69 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--percentiles",
+        "--metric-percentiles",
+        dest="percentiles",
         type=_percentiles,
         default=(50.0, 90.0, 99.0),
-        help="percentiles reported (default: 50,90,99)",
+        help="percentiles reported, comma list (default: 50,90,99)",
     )
-    p.add_argument("--save-result", default=None, metavar="FILE", help="write the result JSON here")
+    p.add_argument("--save-result", nargs="?", const="", default=None, metavar="FILE",
+                   help="write the result JSON to FILE; without FILE, as vLLM: --result-dir / --result-filename, "
+                        "default {label}-{rate}qps[-concurrencyN]-{model}-{date}.json in the current folder")
     p.add_argument("--plot-dir", default=None, metavar="DIR", help="write per-request PNG plots here")
     p.add_argument("--timeout", type=_positive(), default=None, help="per-request timeout, s (default: none)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--disable-tqdm", dest="no_progress", action="store_true", help="no progress bar")
+    _add_vllm_request_arguments(p)
+    _add_vllm_run_arguments(p)
+
+
+def _add_vllm_request_arguments(p: argparse.ArgumentParser) -> None:
+    """vLLM's flags that shape the requests: sampling overrides, body, headers, names."""
+    g = p.add_argument_group("sampling parameters (vLLM's; sent in every request body, default: the server's, "
+                             "except temperature 0)")
+    for flag in SAMPLING_FLAGS:
+        g.add_argument("--" + flag.replace("_", "-"), type=int if flag == "top_k" else float, default=None)
+    p.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
+                   help="a JSON object merged over every request body (vLLM's), e.g. "
+                        "'{\"chat_template_kwargs\": {\"enable_thinking\": false}}'")
+    p.add_argument("--header", nargs="*", type=_key_value, action="extend", default=[], metavar="KEY=VALUE",
+                   help="HTTP headers sent with every request (vLLM's)")
+    p.add_argument("--logprobs", type=_number(int, 0), default=None,
+                   help="logprobs per token asked of /v1/completions (vLLM's)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name requests send (vLLM's; default --model, else the server's first model); "
+                        "--model stays the result's model_id")
+    p.add_argument("--request-id-prefix", default=None, metavar="PREFIX",
+                   help="send X-Request-Id PREFIX<index> with every measured request (vLLM's; default: no header, "
+                        "the server names each)")
+    p.add_argument("--lora-assignment", choices=("random", "round-robin"), default="random",
+                   help="how --lora-modules are given out: drawn at random or in turn (default: %(default)s)")
+    p.add_argument("--insecure", action="store_true", help="do not check the server's TLS certificate")
+
+
+def _add_vllm_run_arguments(p: argparse.ArgumentParser) -> None:
+    """vLLM's flags about the run and what it reports; the ones that make no sense here."""
+    p.add_argument("--goodput", nargs="+", type=_goodput, action="extend", default=[], metavar="KEY:MS",
+                   help="vLLM's SLOs for request_goodput, KEY one of ttft, tpot, e2el (the same as --slo KEY:MS)")
+    p.add_argument("--percentile-metrics", type=_percentile_metrics, default=DEFAULT_PERCENTILE_METRICS,
+                   metavar="NAMES",
+                   help=f"latencies reported, comma list of {', '.join(PERCENTILE_METRICS)} (vLLM's; "
+                        f"default: {','.join(DEFAULT_PERCENTILE_METRICS)})")
+    p.add_argument("--ramp-up-strategy", choices=("linear", "exponential"), default=None,
+                   help="raise the request rate from --ramp-up-start-rps to --ramp-up-end-rps over the run, "
+                        "instead of --request-rate (vLLM's)")
+    p.add_argument("--ramp-up-start-rps", type=_number(float, 0.0), default=None, metavar="RPS")
+    p.add_argument("--ramp-up-end-rps", type=_number(float, 0.0), default=None, metavar="RPS")
+    p.add_argument("--ready-check-timeout-sec", type=_number(float, 0.0), default=0.0, metavar="S",
+                   help="first retry one request (every 5 s) until the server answers it, at most S s "
+                        "(vLLM's; default 0: no check)")
+    p.add_argument("--tokenizer-mode", choices=("auto", "hf"), default="auto",
+                   help="accepted for vLLM's command lines; pdserve counts tokens with the server or --tokenizer")
+    for flag in ("--trust-remote-code", "--use-beam-search"):
+        p.add_argument(flag, action="store_true", help="accepted for vLLM's command lines; no effect")
+    p.add_argument("--profile", action=_Refuse, help="refused: needs vLLM's torch profiler",
+                   reason="needs vLLM's profiler (/start_profile, /stop_profile); pdserve bench does not profile. "
+                          "Profile the server itself (e.g. py-spy) instead")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -227,33 +365,142 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "against /v1/completions or /v1/chat/completions, streamed; vLLM's `vllm bench serve` flags. "
                     "Against a pdserve proxy, also where the time went per role (every instance's /metrics).",
     )
-    p.add_argument("--base-url", type=_base_url, required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--base-url", type=_base_url, default=None,
+                   help="server URL, e.g. http://127.0.0.1:8000 (default: http://--host:--port)")
+    p.add_argument("--host", default=None, help=f"server host without --base-url (vLLM's; default {DEFAULT_HOST})")
+    p.add_argument("--port", type=_number(int, 1, 65535), default=None,
+                   help=f"server port without --base-url (vLLM's; default {DEFAULT_PORT})")
     add_bench_arguments(p)
+    _add_result_arguments(p)
     p.set_defaults(func=run, _bench_parser=p)
     return p
 
 
+def _add_result_arguments(p: argparse.ArgumentParser) -> None:
+    """vLLM's flags about the saved result (`pdserve bench` only: a sweep writes its own)."""
+    p.add_argument("--append-result", action="store_true",
+                   help="add the result JSON as one more line of the file instead of replacing it (vLLM's)")
+    p.add_argument("--result-dir", default=None, metavar="DIR", help="folder of the --save-result file (vLLM's)")
+    p.add_argument("--result-filename", default=None, metavar="NAME",
+                   help="name of the --save-result file (vLLM's; default as vLLM names it)")
+    p.add_argument("--save-detailed", action="store_true",
+                   help="also save each request's generated text (generated_texts); pdserve always saves the other "
+                        "per-request fields")
+    p.add_argument("--metadata", nargs="*", type=_key_value, action="extend", default=[], metavar="KEY=VALUE",
+                   help="top-level fields of the saved result (vLLM's)")
+    p.add_argument("--label", default=None,
+                   help="the result's label, and the prefix of its vLLM file name (default: the backend)")
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    slo_names = [parse_slo(s).name for s in args.slo]
-    if dups := sorted(n for n, c in Counter(slo_names).items() if c > 1):
-        _error(args, f"argument --slo: criterion given twice: {', '.join(dups)}")
+    """The BenchConfig of parsed `pdserve bench` (or sweep) flags; a bad combination is an argparse
+    error naming the flag (ValueError without the bench parser)."""
+    slos = _slos(args)
     lo, hi = args.vocab_range
     if not set(range(lo, hi)) - args.exclude_token_ids:
         _error(args, "argument --exclude-token-ids: excludes every id in --vocab-range")
     _check_dataset_flags(args)
     _check_endpoint(args)
+    return BenchConfig(
+        base_url=_server_url(args),
+        endpoint=args.endpoint,
+        endpoint_type=args.endpoint_type,
+        tokenizer=args.tokenizer,
+        model=args.model,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None,
+        workload=_workload(args),
+        request_rate=args.request_rate,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        warmup=args.warmup,
+        slos=slos,
+        percentiles=args.percentiles,
+        timeout_s=args.timeout,
+        served_model_name=args.served_model_name,
+        extra_body=_extra_body(args),
+        headers=dict(args.header),
+        request_id_prefix=args.request_id_prefix,
+        insecure=args.insecure,
+        ramp_up=_ramp_up(args),
+        ready_check_timeout_s=args.ready_check_timeout_sec,
+        percentile_metrics=args.percentile_metrics,
+        backend=args.backend,
+    )
+
+
+def _slos(args: argparse.Namespace) -> tuple[SLO, ...]:
+    """--slo criteria, then vLLM's --goodput ones; a criterion named twice is an error."""
+    seen: set[str] = set()
+    out = []
+    for flag, texts in (("--slo", args.slo), ("--goodput", args.goodput)):
+        for slo in (parse_slo(t) for t in texts):
+            if slo.name in seen:
+                _error(args, f"argument {flag}: criterion given twice: {slo.name}")
+            seen.add(slo.name)
+            out.append(slo)
+    return tuple(out)
+
+
+def _server_url(args: argparse.Namespace) -> str:
+    """--base-url, or vLLM's http://--host:--port (not both)."""
+    host, port = getattr(args, "host", None), getattr(args, "port", None)
+    if args.base_url is not None:
+        if host is not None or port is not None:
+            _error(args, f"argument {'--host' if host is not None else '--port'}: not allowed with --base-url")
+        return args.base_url
+    host = host or DEFAULT_HOST
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    return f"http://{host}:{port or DEFAULT_PORT}"
+
+
+def _ramp_up(args: argparse.Namespace) -> RampUp | None:
+    """vLLM's --ramp-up-strategy with its two rates, instead of --request-rate."""
+    start, end = args.ramp_up_start_rps, args.ramp_up_end_rps
+    if args.ramp_up_strategy is None:
+        if start is not None or end is not None:
+            flag = "--ramp-up-start-rps" if start is not None else "--ramp-up-end-rps"
+            _error(args, f"argument {flag}: only with --ramp-up-strategy")
+        return None
+    if start is None or end is None:
+        _error(args, "argument --ramp-up-strategy: needs --ramp-up-start-rps and --ramp-up-end-rps")
+    if math.isfinite(args.request_rate):
+        _error(args, "argument --request-rate: not with --ramp-up-strategy (the ramp-up sets the rate)")
+    if start == 0 or math.isinf(end):
+        _error(args, "argument --ramp-up-start-rps: must be > 0, and --ramp-up-end-rps finite")
+    if start > end:
+        _error(args, "argument --ramp-up-start-rps: must be <= --ramp-up-end-rps")
+    return RampUp(args.ramp_up_strategy, start, end)
+
+
+def _extra_body(args: argparse.Namespace) -> dict[str, object]:
+    """What every request body gets on top (vLLM's order): --logprobs, the sampling flags, --extra-body."""
+    body: dict[str, object] = {}
+    if args.logprobs is not None:
+        if args.endpoint_type == "chat":
+            _error(args, "argument --logprobs: only for completions requests (as vLLM's openai-chat ignores it)")
+        body["logprobs"] = args.logprobs
+    body.update({k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None})
+    body.update(args.extra_body or {})
+    return body
+
+
+def _workload(args: argparse.Namespace) -> WorkloadConfig:
     out_len = args.output_len  # vLLM: --output-len sets every dataset's output length
-    workload = WorkloadConfig(
+    in_ratio, out_ratio = args.range_ratio
+    return WorkloadConfig(
         num_prompts=args.num_prompts,
         input_len=args.input_len or DEFAULT_INPUT_LEN,
-        output_len=out_len or DEFAULT_OUTPUT_LEN,
-        range_ratio=args.range_ratio,
+        output_len=out_len or args.random_output_len or DEFAULT_OUTPUT_LEN,
+        range_ratio=in_ratio,
+        output_range_ratio=out_ratio,
         prefix_len=args.random_prefix_len,
         num_prefixes=args.num_prefixes,
         vocab_range=args.vocab_range,
         exclude_token_ids=args.exclude_token_ids,
         seed=args.seed,
         lora_modules=tuple(args.lora_modules),
+        lora_assignment=args.lora_assignment,
         dataset_name=args.dataset_name,
         dataset_path=args.dataset_path,
         sharegpt_output_len=out_len or args.sharegpt_output_len,
@@ -261,22 +508,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         skip_chat_template=args.skip_chat_template,
         disable_shuffle=args.disable_shuffle,
         ignore_eos=args.ignore_eos,
-    )
-    return BenchConfig(
-        base_url=args.base_url,
-        endpoint=args.endpoint,
-        endpoint_type=args.endpoint_type,
-        tokenizer=args.tokenizer,
-        model=args.model,
-        api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None,
-        workload=workload,
-        request_rate=args.request_rate,
-        burstiness=args.burstiness,
-        max_concurrency=args.max_concurrency,
-        warmup=args.warmup,
-        slos=tuple(parse_slo(s) for s in args.slo),
-        percentiles=args.percentiles,
-        timeout_s=args.timeout,
     )
 
 
@@ -328,7 +559,33 @@ def _print_errors(result: BenchResult, limit: int = 5) -> None:
         print(f"  {n} x {msg[:300]}", file=sys.stderr)
 
 
+def check_result_args(args: argparse.Namespace) -> None:
+    """vLLM's result flags need a saved result (--save-result or --append-result); --save-result FILE
+    names its file itself."""
+    saving = args.save_result is not None or args.append_result
+    for flag, dest in (("--result-dir", "result_dir"), ("--result-filename", "result_filename")):
+        if getattr(args, dest) is not None and args.save_result:
+            _error(args, f"argument {flag}: not with --save-result FILE (FILE names the file)")
+    given = {"--result-dir": args.result_dir is not None, "--result-filename": args.result_filename is not None,
+             "--save-detailed": args.save_detailed, "--metadata": bool(args.metadata),
+             "--label": args.label is not None}
+    for flag, on in given.items():
+        if on and not saving:
+            _error(args, f"argument {flag}: only with --save-result or --append-result (nothing is saved)")
+
+
+def result_path(args: argparse.Namespace, result: BenchResult) -> Path | None:
+    """Where the result JSON goes: --save-result FILE, else vLLM's --result-dir / --result-filename
+    (default name: default_result_filename); None when nothing is saved."""
+    if args.save_result:
+        return Path(args.save_result)
+    if args.save_result is None and not args.append_result:
+        return None
+    return Path(args.result_dir or ".") / (args.result_filename or default_result_filename(result, args.label))
+
+
 def run(args: argparse.Namespace) -> int:
+    check_result_args(args)
     cfg = config_from_args(args)
     if cfg.warmup:
         print(f"Warming up with {cfg.warmup} requests...", file=sys.stderr)
@@ -352,8 +609,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(result))
     if result.phases is not None:
         print(phase_table([(cfg.base_url, cfg.request_rate, result.phases)]), end="")
-    if args.save_result:
-        print(f"Result saved to {save_result(result, args.save_result)}")
+    if (path := result_path(args, result)) is not None:
+        meta = ResultMeta(label=args.label, metadata=tuple(args.metadata), detailed=args.save_detailed)
+        print(f"Result saved to {save_result(result, path, meta, append=args.append_result)}")
     if args.plot_dir:
         from pdserve.bench.plots import plot_per_request  # matplotlib only when plotting
 

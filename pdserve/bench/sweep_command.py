@@ -51,7 +51,8 @@ from pdserve.bench.sweep_report import (
 from pdserve.bench.workload import WorkloadConfig
 
 _NOT_FOR_SWEEP = {"request_rate": "--rates", "save_result": "--out", "plot_dir": "--out",
-                  "slo": "--ttft-slo/--itl-slo/--slo-set"}
+                  "slo": "--ttft-slo/--itl-slo/--slo-set", "goodput": "--ttft-slo/--itl-slo/--slo-set",
+                  "ramp_up_strategy": "--rates", "ramp_up_start_rps": "--rates", "ramp_up_end_rps": "--rates"}
 
 
 def _arg(parse):  # ValueError -> argparse's message
@@ -115,7 +116,7 @@ def config_from_sweep_args(args: argparse.Namespace) -> SweepConfig:
         raise ValueError("MODEL is required (or --from-results FILE)")
     for dest, instead in _NOT_FOR_SWEEP.items():
         if getattr(args, dest) not in (None, [], float("inf")):
-            raise ValueError(f"`pdserve sweep` sets this itself; use {instead}")
+            raise ValueError(f"--{dest.replace('_', '-')}: `pdserve sweep` sets this itself; use {instead}")
     bench = config_from_args(argparse.Namespace(**{**vars(args), "base_url": "", "slo": []}))
     topologies = tuple(t.strip() for t in args.topologies.split(",") if t.strip())
     return SweepConfig(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -23,6 +24,33 @@ from pdserve.bench.datasets import DATASET_NAMES, DatasetName
 DEFAULT_VOCAB_RANGE = (0, 256)
 PREFIX_STREAM = 1 << 20  # the rng stream of the shared prefix, apart from every prompt stream
 LORA_STREAM = PREFIX_STREAM + 1  # the adapter draws: prompts stay what they were without them
+LoraAssignment = Literal["random", "round-robin"]
+RampUpStrategy = Literal["linear", "exponential"]
+
+
+@dataclass(frozen=True)
+class RampUp:
+    """vLLM's --ramp-up-strategy: the request rate goes from `start_rps` (first request) to `end_rps`
+    (last request), linearly or geometrically in the request index, instead of one fixed rate."""
+
+    strategy: RampUpStrategy
+    start_rps: float
+    end_rps: float
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("linear", "exponential"):
+            raise ValueError(f"ramp-up strategy must be linear or exponential, got {self.strategy!r}")
+        if not 0 < self.start_rps <= self.end_rps or math.isinf(self.end_rps):
+            raise ValueError(f"ramp-up needs 0 < start_rps <= end_rps < inf, got {self.start_rps}, {self.end_rps}")
+
+    def rates(self, n: int) -> list[float]:
+        """The rate (req/s) each of `n` requests is sent at."""
+        progress = np.arange(n) / max(n - 1, 1)
+        if self.strategy == "linear":
+            rates = self.start_rps + (self.end_rps - self.start_rps) * progress
+        else:
+            rates = self.start_rps * (self.end_rps / self.start_rps) ** progress
+        return [float(r) for r in rates]
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,8 @@ class WorkloadConfig:
     exclude_token_ids: frozenset[int] = frozenset()  # e.g. special ids inside the range
     seed: int = 0
     lora_modules: tuple[str, ...] = ()  # adapter names; each request names one, drawn uniformly (vLLM's)
+    lora_assignment: LoraAssignment = "random"  # or "round-robin": request i names lora_modules[i % len]
+    output_range_ratio: float | None = None  # the output lengths' own range ratio; None: range_ratio's
     # Prompts from a file instead of random ids (vLLM's --dataset-name / --dataset-path).
     dataset_name: DatasetName = "random"
     dataset_path: str | None = None
@@ -57,6 +87,10 @@ class WorkloadConfig:
             raise ValueError(f"num_prefixes must be >= 1, got {self.num_prefixes}")
         if not 0.0 <= self.range_ratio < 1.0:
             raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
+        if self.output_range_ratio is not None and not 0.0 <= self.output_range_ratio < 1.0:
+            raise ValueError(f"output_range_ratio must be in [0, 1), got {self.output_range_ratio}")
+        if self.lora_assignment not in ("random", "round-robin"):
+            raise ValueError(f"lora_assignment must be random or round-robin, got {self.lora_assignment!r}")
         lo, hi = self.vocab_range
         if not 0 <= lo < hi:
             raise ValueError(f"vocab_range must satisfy 0 <= lo < hi, got {self.vocab_range}")
@@ -72,6 +106,11 @@ class WorkloadConfig:
     @property
     def is_random(self) -> bool:
         return self.dataset_name == "random"
+
+    @property
+    def out_range_ratio(self) -> float:
+        """The range ratio of the output lengths (vLLM's --random-range-ratio '{"output": r}')."""
+        return self.range_ratio if self.output_range_ratio is None else self.output_range_ratio
 
     @property
     def fixed_output_len(self) -> int | None:
@@ -120,7 +159,7 @@ def make_requests(cfg: WorkloadConfig, stream: int = 0) -> list[BenchRequest]:
     1; a sweep one per rate), all after the same shared prefix."""
     rng = np.random.default_rng([cfg.seed, stream])
     in_lo, in_hi = length_bounds(cfg.input_len, cfg.range_ratio)
-    out_lo, out_hi = length_bounds(cfg.output_len, cfg.range_ratio)
+    out_lo, out_hi = length_bounds(cfg.output_len, cfg.out_range_ratio)
     input_lens = rng.integers(in_lo, in_hi + 1, size=cfg.num_prompts)
     output_lens = rng.integers(out_lo, out_hi + 1, size=cfg.num_prompts)
     allowed = allowed_token_ids(cfg)
@@ -148,15 +187,22 @@ def allowed_token_ids(cfg: WorkloadConfig) -> np.ndarray:
 
 def draw_adapters(cfg: WorkloadConfig, stream: int, n: int) -> list[str | None]:
     """The LoRA adapter each of `n` requests names (None: the benchmark's model), drawn uniformly
-    from its own rng stream so that the prompts of a seed do not depend on it."""
+    from its own rng stream so that the prompts of a seed do not depend on it (or in turn, with
+    lora_assignment round-robin)."""
     if not cfg.lora_modules:
         return [None] * n
+    if cfg.lora_assignment == "round-robin":
+        return [cfg.lora_modules[i % len(cfg.lora_modules)] for i in range(n)]
     picks = np.random.default_rng([cfg.seed, stream, LORA_STREAM]).integers(0, len(cfg.lora_modules), n)
     return [cfg.lora_modules[int(a)] for a in picks]
 
 
-def arrival_offsets(n: int, request_rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
-    """Send time of each of `n` requests, in seconds after the benchmark start (non-decreasing)."""
+def arrival_offsets(n: int, request_rate: float, burstiness: float = 1.0, seed: int = 0,
+                    ramp_up: RampUp | None = None) -> list[float]:
+    """Send time of each of `n` requests, in seconds after the benchmark start (non-decreasing).
+    With `ramp_up`, request i's gap follows its own rate (RampUp.rates) and `request_rate` is unused."""
+    if ramp_up is not None:
+        return _ramp_offsets(n, ramp_up, burstiness, seed)
     if request_rate <= 0 or math.isnan(request_rate):
         raise ValueError(f"request_rate must be > 0, got {request_rate}")
     if burstiness <= 0 or math.isnan(burstiness):
@@ -173,3 +219,15 @@ def arrival_offsets(n: int, request_rate: float, burstiness: float = 1.0, seed: 
     offsets = np.cumsum(gaps)
     offsets *= (n / request_rate) / offsets[-1]  # vLLM: pin the total span to n/rate
     return [float(t) for t in offsets]
+
+
+def _ramp_offsets(n: int, ramp_up: RampUp, burstiness: float, seed: int) -> list[float]:
+    """vLLM's ramp-up arrivals: gamma gaps at each request's rate, not rescaled to a total span."""
+    if burstiness <= 0 or math.isnan(burstiness):
+        raise ValueError(f"burstiness must be > 0, got {burstiness}")
+    rates = np.asarray(ramp_up.rates(n))
+    if math.isinf(burstiness):
+        gaps = 1.0 / rates
+    else:
+        gaps = np.random.default_rng([seed, 2]).gamma(shape=burstiness, scale=1.0 / (rates * burstiness))
+    return [float(t) for t in np.cumsum(gaps)]

@@ -44,6 +44,7 @@ class FakeServer:
         self.gap_s, self.api_key, self.models = gap_s, api_key, models
         self.payloads: list[dict[str, object]] = []
         self.auth_headers: list[str | None] = []
+        self.headers: list[dict[str, str]] = []  # every request's
         self.in_flight = self.peak_in_flight = self.tokenize_calls = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -81,6 +82,7 @@ class FakeServer:
 
     def _authorized(self, request: web.Request) -> bool:
         self.auth_headers.append(request.headers.get("Authorization"))
+        self.headers.append(dict(request.headers))
         return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
     async def _models(self, request: web.Request) -> web.Response:

@@ -387,7 +387,7 @@ def test_bad_flag_values(argv: list[str], flag: str, message: str, capsys: pytes
         (["--dataset-path", "{good}"], "--dataset-path", "random dataset takes no file"),
         (
             ["--dataset-name", "sharegpt", "--dataset-path", "{good}", "--input-len", "5"],
-            "--input-len",
+            "--input-len/--random-input-len",
             "only for --dataset-name random",
         ),
         (
@@ -401,7 +401,6 @@ def test_bad_flag_values(argv: list[str], flag: str, message: str, capsys: pytes
             "only for --dataset-name custom",
         ),
         (["--sharegpt-output-len", "5"], "--sharegpt-output-len", "only for --dataset-name sharegpt"),
-        (["--ignore-eos"], "--ignore-eos", "only for --dataset-name sharegpt or custom"),
         (["--tokenizer", "{missing}"], "--tokenizer", "no tokenizer.json"),
         (["--endpoint-type", "chat", "--endpoint", "/v1/completions"], "--endpoint", "does not take"),
         (["--endpoint", "/v1/chat/completions"], "--endpoint", "does not take --endpoint-type completions"),
