@@ -4,31 +4,46 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from pdserve.bench.client import BACKEND_ENDPOINTS, DEFAULT_PATHS, ENDPOINT_TYPES
+from pdserve.bench.arg_types import (
+    _Backend,
+    _base_url,
+    _error,
+    _number,
+    _percentiles,
+    _positive,
+    _range_ratio,
+    _slo,
+    _token_ids,
+    _vocab_range,
+)
+from pdserve.bench.client import DEFAULT_PATHS
 from pdserve.bench.datasets import DATASET_NAMES, DatasetError, load_dataset
 from pdserve.bench.metrics import SLO, SLO_NAMES_HELP, parse_slo
 from pdserve.bench.phase_report import phase_table
 from pdserve.bench.phases import PhaseProbe
-from pdserve.bench.report import ResultMeta, default_result_filename, format_summary, save_result
-from pdserve.bench.runner import DEFAULT_PERCENTILE_METRICS, PERCENTILE_METRICS, BenchConfig, BenchResult, run_benchmark
+from pdserve.bench.report import ResultMeta, format_summary, save_result
+from pdserve.bench.runner import BenchConfig, BenchResult, run_benchmark
 from pdserve.bench.tokenizer import LocalTokenizer
+from pdserve.bench.vllm_args import (
+    SAMPLING_FLAGS,
+    _add_result_arguments,
+    _add_vllm_request_arguments,
+    _add_vllm_run_arguments,
+    check_result_args,
+    result_path,
+)
 from pdserve.bench.workload import RampUp, WorkloadConfig
 
 DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, DEFAULT_CUSTOM_OUTPUT_LEN = 1024, 128, 256
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000  # vLLM's, without --base-url
-GOODPUT_NAMES = ("ttft", "tpot", "e2el")  # vLLM's --goodput keys
-SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-                  "repetition_penalty")  # vLLM's sampling overrides: request body fields of these names
 _FILES = ("sharegpt", "custom")
 # Dataset-specific flags (flag, dest, default, the datasets it is for): given for another dataset,
 # an error rather than silently ignored.
@@ -45,153 +60,6 @@ _DATASET_FLAGS = (
     ("--skip-chat-template", "skip_chat_template", False, ("custom",)),
     ("--disable-shuffle", "disable_shuffle", False, _FILES),
 )
-
-
-def _number(kind: Callable[[str], float], lo: float, hi: float = math.inf, hi_open: bool = False):
-    """argparse type: a number in [lo, hi] (or [lo, hi)); the error names the flag via argparse."""
-
-    def parse(text: str) -> float:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if math.isnan(v) or v < lo or v > hi or (hi_open and v == hi):
-            raise argparse.ArgumentTypeError(f"{text!r} must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}")
-        return v
-
-    return parse
-
-
-def _positive(hint: str = ""):
-    def parse(text: str) -> float:
-        v = _number(float, 0.0)(text)
-        if v == 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0{hint}")
-        return v
-
-    return parse
-
-
-def _percentiles(text: str) -> tuple[float, ...]:
-    try:
-        ps = tuple(float(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not ps or any(not 0 <= p <= 100 for p in ps):
-        raise argparse.ArgumentTypeError(f"{text!r}: percentiles must be in [0, 100]")
-    return tuple(dict.fromkeys(ps))
-
-
-def _vocab_range(text: str) -> tuple[int, int]:
-    lo, sep, hi = text.partition(":")
-    try:
-        rng = (int(lo), int(hi))
-    except ValueError:
-        rng = (-1, -1)
-    if not sep or not 0 <= rng[0] < rng[1]:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LO:HI with 0 <= LO < HI")
-    return rng
-
-
-def _token_ids(text: str) -> frozenset[int]:
-    try:
-        ids = frozenset(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids") from None
-    return ids
-
-
-def _range_ratio(text: str) -> tuple[float, float | None]:
-    """vLLM's --random-range-ratio: one ratio in [0, 1) for input and output lengths, or a JSON
-    object {"input": r, "output": r}; (input ratio, output ratio or None for the same)."""
-    in_range = _number(float, 0.0, 1.0, hi_open=True)
-    if not text.lstrip().startswith("{"):
-        return in_range(text), None
-    try:
-        obj = json.loads(text)
-        return in_range(str(obj["input"])), in_range(str(obj["output"]))
-    except (ValueError, KeyError, TypeError):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a ratio or {{\"input\": R, \"output\": R}} "
-                                         "with R in [0, 1)") from None
-
-
-class _Backend(argparse.Action):
-    """--endpoint-type / --backend: completions | chat, or vLLM's --backend names vllm | openai |
-    openai-chat (kept as given, for the result's "backend")."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
-                 option_string: str | None = None) -> None:
-        text = str(values)
-        if text in ENDPOINT_TYPES:
-            namespace.endpoint_type, namespace.backend = text, None
-        elif text in BACKEND_ENDPOINTS:
-            namespace.endpoint_type, namespace.backend = BACKEND_ENDPOINTS[text], text
-        else:
-            names = ", ".join(map(repr, (*ENDPOINT_TYPES, *BACKEND_ENDPOINTS)))
-            raise argparse.ArgumentError(self, f"invalid choice: {text!r} (pdserve bench measures streamed text "
-                                               f"generation: choose from {names})")
-
-
-class _Refuse(argparse.Action):
-    """A vLLM flag pdserve bench cannot honour: an argparse error saying why."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, reason: str, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
-        self.reason = reason
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
-                 option_string: str | None = None) -> None:
-        raise argparse.ArgumentError(self, self.reason)
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    """vLLM's KEY=VALUE (--header, --metadata), both sides stripped."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    return key.strip(), value.strip()
-
-
-def _json_object(text: str) -> dict[str, object]:
-    try:
-        obj = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
-    return obj
-
-
-def _percentile_metrics(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not names or any(n not in PERCENTILE_METRICS for n in names):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(PERCENTILE_METRICS)}")
-    return names
-
-
-def _goodput(text: str) -> str:
-    """vLLM's --goodput KEY:MS, KEY one of ttft, tpot, e2el: an SLO of that name."""
-    name = text.partition(":")[0].strip().lower()
-    if name not in GOODPUT_NAMES:
-        raise argparse.ArgumentTypeError(f"{text!r}: KEY must be one of {', '.join(GOODPUT_NAMES)} "
-                                         "(--slo takes ITL criteria)")
-    return _slo(text)
-
-
-def _base_url(text: str) -> str:
-    """An http(s) URL; without the scheme aiohttp's error ("NonHttpUrlClientError") came only after the run began."""
-    if not text.strip().startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"expected http://HOST:PORT or https://..., got {text!r}")
-    return text.strip()
-
-
-def _slo(text: str) -> str:
-    try:
-        parse_slo(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Every `pdserve bench` flag except --base-url (for reuse by `pdserve sweep`)."""
@@ -308,55 +176,6 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     _add_vllm_run_arguments(p)
 
 
-def _add_vllm_request_arguments(p: argparse.ArgumentParser) -> None:
-    """vLLM's flags that shape the requests: sampling overrides, body, headers, names."""
-    g = p.add_argument_group("sampling parameters (vLLM's; sent in every request body, default: the server's, "
-                             "except temperature 0)")
-    for flag in SAMPLING_FLAGS:
-        g.add_argument("--" + flag.replace("_", "-"), type=int if flag == "top_k" else float, default=None)
-    p.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
-                   help="a JSON object merged over every request body (vLLM's), e.g. "
-                        "'{\"chat_template_kwargs\": {\"enable_thinking\": false}}'")
-    p.add_argument("--header", nargs="*", type=_key_value, action="extend", default=[], metavar="KEY=VALUE",
-                   help="HTTP headers sent with every request (vLLM's)")
-    p.add_argument("--logprobs", type=_number(int, 0), default=None,
-                   help="logprobs per token asked of /v1/completions (vLLM's)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model name requests send (vLLM's; default --model, else the server's first model); "
-                        "--model stays the result's model_id")
-    p.add_argument("--request-id-prefix", default=None, metavar="PREFIX",
-                   help="send X-Request-Id PREFIX<index> with every measured request (vLLM's; default: no header, "
-                        "the server names each)")
-    p.add_argument("--lora-assignment", choices=("random", "round-robin"), default="random",
-                   help="how --lora-modules are given out: drawn at random or in turn (default: %(default)s)")
-    p.add_argument("--insecure", action="store_true", help="do not check the server's TLS certificate")
-
-
-def _add_vllm_run_arguments(p: argparse.ArgumentParser) -> None:
-    """vLLM's flags about the run and what it reports; the ones that make no sense here."""
-    p.add_argument("--goodput", nargs="+", type=_goodput, action="extend", default=[], metavar="KEY:MS",
-                   help="vLLM's SLOs for request_goodput, KEY one of ttft, tpot, e2el (the same as --slo KEY:MS)")
-    p.add_argument("--percentile-metrics", type=_percentile_metrics, default=DEFAULT_PERCENTILE_METRICS,
-                   metavar="NAMES",
-                   help=f"latencies reported, comma list of {', '.join(PERCENTILE_METRICS)} (vLLM's; "
-                        f"default: {','.join(DEFAULT_PERCENTILE_METRICS)})")
-    p.add_argument("--ramp-up-strategy", choices=("linear", "exponential"), default=None,
-                   help="raise the request rate from --ramp-up-start-rps to --ramp-up-end-rps over the run, "
-                        "instead of --request-rate (vLLM's)")
-    p.add_argument("--ramp-up-start-rps", type=_number(float, 0.0), default=None, metavar="RPS")
-    p.add_argument("--ramp-up-end-rps", type=_number(float, 0.0), default=None, metavar="RPS")
-    p.add_argument("--ready-check-timeout-sec", type=_number(float, 0.0), default=0.0, metavar="S",
-                   help="first retry one request (every 5 s) until the server answers it, at most S s "
-                        "(vLLM's; default 0: no check)")
-    p.add_argument("--tokenizer-mode", choices=("auto", "hf"), default="auto",
-                   help="accepted for vLLM's command lines; pdserve counts tokens with the server or --tokenizer")
-    for flag in ("--trust-remote-code", "--use-beam-search"):
-        p.add_argument(flag, action="store_true", help="accepted for vLLM's command lines; no effect")
-    p.add_argument("--profile", action=_Refuse, help="refused: needs vLLM's torch profiler",
-                   reason="needs vLLM's profiler (/start_profile, /stop_profile); pdserve bench does not profile. "
-                          "Profile the server itself (e.g. py-spy) instead")
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
@@ -374,22 +193,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     _add_result_arguments(p)
     p.set_defaults(func=run, _bench_parser=p)
     return p
-
-
-def _add_result_arguments(p: argparse.ArgumentParser) -> None:
-    """vLLM's flags about the saved result (`pdserve bench` only: a sweep writes its own)."""
-    p.add_argument("--append-result", action="store_true",
-                   help="add the result JSON as one more line of the file instead of replacing it (vLLM's)")
-    p.add_argument("--result-dir", default=None, metavar="DIR", help="folder of the --save-result file (vLLM's)")
-    p.add_argument("--result-filename", default=None, metavar="NAME",
-                   help="name of the --save-result file (vLLM's; default as vLLM names it)")
-    p.add_argument("--save-detailed", action="store_true",
-                   help="also save each request's generated text (generated_texts); pdserve always saves the other "
-                        "per-request fields")
-    p.add_argument("--metadata", nargs="*", type=_key_value, action="extend", default=[], metavar="KEY=VALUE",
-                   help="top-level fields of the saved result (vLLM's)")
-    p.add_argument("--label", default=None,
-                   help="the result's label, and the prefix of its vLLM file name (default: the backend)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -546,42 +349,10 @@ def _check_endpoint(args: argparse.Namespace) -> None:
                      f"requests (default path: {DEFAULT_PATHS[args.endpoint_type]})")
 
 
-def _error(args: argparse.Namespace, msg: str) -> None:
-    parser = getattr(args, "_bench_parser", None)
-    if parser is not None:
-        parser.error(msg)  # exits with status 2
-    raise ValueError(msg)
-
-
 def _print_errors(result: BenchResult, limit: int = 5) -> None:
     errors = Counter(r.error.splitlines()[0] if r.error else "" for r in result.records if not r.success)
     for msg, n in errors.most_common(limit):
         print(f"  {n} x {msg[:300]}", file=sys.stderr)
-
-
-def check_result_args(args: argparse.Namespace) -> None:
-    """vLLM's result flags need a saved result (--save-result or --append-result); --save-result FILE
-    names its file itself."""
-    saving = args.save_result is not None or args.append_result
-    for flag, dest in (("--result-dir", "result_dir"), ("--result-filename", "result_filename")):
-        if getattr(args, dest) is not None and args.save_result:
-            _error(args, f"argument {flag}: not with --save-result FILE (FILE names the file)")
-    given = {"--result-dir": args.result_dir is not None, "--result-filename": args.result_filename is not None,
-             "--save-detailed": args.save_detailed, "--metadata": bool(args.metadata),
-             "--label": args.label is not None}
-    for flag, on in given.items():
-        if on and not saving:
-            _error(args, f"argument {flag}: only with --save-result or --append-result (nothing is saved)")
-
-
-def result_path(args: argparse.Namespace, result: BenchResult) -> Path | None:
-    """Where the result JSON goes: --save-result FILE, else vLLM's --result-dir / --result-filename
-    (default name: default_result_filename); None when nothing is saved."""
-    if args.save_result:
-        return Path(args.save_result)
-    if args.save_result is None and not args.append_result:
-        return None
-    return Path(args.result_dir or ".") / (args.result_filename or default_result_filename(result, args.label))
 
 
 def run(args: argparse.Namespace) -> int:

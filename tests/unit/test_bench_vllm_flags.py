@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 
 from pdserve.bench.client import Endpoint
-from pdserve.bench.command import check_result_args, config_from_args, main
+from pdserve.bench.command import config_from_args, main
 from pdserve.bench.report import ResultMeta, default_result_filename, format_summary, result_json, save_result
 from pdserve.bench.runner import wait_ready
+from pdserve.bench.vllm_args import check_result_args, result_path
 from pdserve.bench.workload import BenchRequest, RampUp, WorkloadConfig, arrival_offsets, draw_adapters
 from tests.unit.test_bench_client import FakeServer
 from tests.unit.test_bench_command import _parse, _parser
@@ -104,17 +105,28 @@ def test_cross_flag_errors(argv: list[str], flag: str, capsys: pytest.CaptureFix
     ("argv", "flag"),
     [
         (["--result-dir", "d"], "--result-dir"),
+        (["--result-filename", "g.json"], "--result-filename"),
         (["--save-detailed"], "--save-detailed"),
         (["--metadata", "a=b"], "--metadata"),
         (["--label", "x"], "--label"),
-        (["--save-result", "f.json", "--result-filename", "g.json"], "--result-filename"),
     ],
 )
-def test_result_flags_need_a_saved_result(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        check_result_args(_parse(*argv))
-    assert f"argument {flag}:" in capsys.readouterr().err
+def test_result_flags_without_a_saved_result_warn(argv: list[str], flag: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parse(*argv)
+    check_result_args(args)  # as vLLM: accepted, nothing saved
+    assert capsys.readouterr().err == (f"pdserve bench: {flag} has no effect without --save-result or "
+                                       "--append-result, as in vLLM\n")
+    assert result_path(args, _result()) is None
+
+
+def test_result_flags_with_a_saved_result(capsys: pytest.CaptureFixture[str]) -> None:
     check_result_args(_parse("--save-result", "--result-dir", "d", "--label", "x", "--save-detailed"))
+    check_result_args(_parse("--append-result", "--result-filename", "g.json", "--metadata", "a=b"))
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as info:  # a real conflict: FILE names the file
+        check_result_args(_parse("--save-result", "f.json", "--result-filename", "g.json"))
+    assert info.value.code == 2 and "argument --result-filename:" in capsys.readouterr().err
 
 
 def test_ramp_up_rates_and_arrivals() -> None:
