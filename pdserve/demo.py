@@ -47,5 +47,5 @@ def run(model: str, out_dir: str) -> int:
     code = sweep_and_report(demo_config(model, out_dir), log)
     log("Reading it: standard:2 misses the ITL SLO as soon as a prompt's prefill lands between two decode "
         "steps of a running request; disagg-write keeps decode steps clean and pays in TTFT instead. "
-        f"Figures: {out_dir}/fig3_per_request.png, {out_dir}/fig4_attainment.png")
+        f"Figures: {out_dir}/fig3_per_request.png, {out_dir}/fig4_attainment.png, {out_dir}/fig5_phases.png")
     return code

@@ -65,7 +65,8 @@ def plot_phases(runs: Sequence[PhaseRun], path: str | Path, title: str = "") -> 
                 for phase, ms in stack:
                     ax.bar(x, ms, bottom=bottom, width=0.8, color=_COLORS[phase])
                     bottom += ms
-                ax.annotate(f"{bottom:.3g}", (x, bottom), ha="center", va="bottom", fontsize="x-small")
+                total = f"{bottom:.0f}" if bottom >= 100 else f"{bottom:.3g}"
+                ax.annotate(total, (x, bottom), ha="center", va="bottom", fontsize="x-small")
                 ticks.append(x)
                 labels.append(label)
                 x += 1.0
