@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 Totals = Mapping[str, tuple[float, float]]  # histogram family -> (sum, count) over all its label sets
 ROLE_ORDER = ("proxy", "standalone", "prefill", "both", "decode")
@@ -139,6 +138,9 @@ def histogram_totals(text: str) -> dict[str, tuple[float, float]]:
     """Prometheus text -> every histogram family's (sum, count), added over its label sets.
     ValueError on text that does not parse."""
     out: dict[str, tuple[float, float]] = {}
+    # Imported here: pdserve.bench (pd_direct, local_servers) must import without it (the GPU image).
+    from prometheus_client.parser import text_string_to_metric_families
+
     for family in text_string_to_metric_families(text):
         if family.type != "histogram":
             continue

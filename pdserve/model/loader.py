@@ -129,11 +129,13 @@ def init_random_(module: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """Deterministic dummy weights: linear/embedding ~ N(0, std), biases 0, norms 1 (weights 0 for
     Gemma's (1 + weight) norms).
 
-    Large CPU tensors are filled with chunks of one pool of normals at random offsets (memory-copy
-    speed, so an 8B model initializes in seconds); small tensors and GPU tensors draw directly.
+    Large tensors are filled with chunks of one pool of normals at random offsets (memory-copy
+    speed, so an 8B model initializes in seconds); small tensors draw directly. Every draw is on
+    the CPU, whatever the model's device (a CUDA generator draws other numbers): a model gets the
+    same weights on every device, so outputs on CUDA can be checked against CPU.
     """
     device = next(module.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     pool: torch.Tensor | None = None
     seen: set[int] = set()
     for m in module.modules():
@@ -145,12 +147,16 @@ def init_random_(module: nn.Module, seed: int = 0, std: float = 0.02) -> None:
                 p.fill_(0.0 if m.unit_offset else 1.0)
             elif name == "bias":
                 p.zero_()
-            elif device.type != "cpu" or p.numel() <= _DIRECT_MAX:
-                p.normal_(0.0, std, generator=gen)
             else:
-                if pool is None or pool.dtype != p.dtype:
-                    pool = torch.empty(_POOL + _CHUNK, dtype=p.dtype).normal_(0.0, std, generator=gen)
-                _fill_from_pool_(p.view(-1), pool, gen)
+                host = p if device.type == "cpu" else torch.empty(p.shape, dtype=p.dtype)
+                if host.numel() <= _DIRECT_MAX:
+                    host.normal_(0.0, std, generator=gen)
+                else:
+                    if pool is None or pool.dtype != host.dtype:
+                        pool = torch.empty(_POOL + _CHUNK, dtype=host.dtype).normal_(0.0, std, generator=gen)
+                    _fill_from_pool_(host.view(-1), pool, gen)
+                if host is not p:
+                    p.copy_(host)
 
 
 def _fill_from_pool_(flat: torch.Tensor, pool: torch.Tensor, gen: torch.Generator) -> None:
