@@ -32,6 +32,29 @@ def gpu_list(text: str) -> tuple[int, ...]:
     return cpu_list(text)
 
 
+# The proxy's TLS flags that `up` takes itself (they make it probe its proxy over https), and the
+# proxy's other --ssl-* flags (left to --proxy-args), which an abbreviation must not also prefix.
+_UP_TLS_FLAGS = ("--ssl-certfile", "--ssl-keyfile")
+_OTHER_PROXY_SSL_FLAGS = ("--ssl-ca-certs", "--ssl-cert-reqs")
+
+
+def proxy_args_text(text: str) -> str:
+    """--proxy-args, refused when it gives the proxy --ssl-certfile / --ssl-keyfile (or an
+    abbreviation argparse would read as one): `up` would still probe the proxy over http."""
+    try:
+        tokens = shlex.split(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    for token in tokens:
+        name = token.split("=", 1)[0]
+        if (name.startswith("--") and any(f.startswith(name) for f in _UP_TLS_FLAGS)
+                and not any(f.startswith(name) for f in _OTHER_PROXY_SSL_FLAGS)):
+            raise argparse.ArgumentTypeError(
+                f"{name}: give the proxy's TLS to `up` itself (up --ssl-certfile/--ssl-keyfile), which then "
+                "serves the proxy over HTTPS and probes it there")
+    return text
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "up", help="start a topology (proxy + instances) on this machine and serve until Ctrl-C",
@@ -67,7 +90,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "instances must agree")
     p.add_argument("--engine-args", default="", metavar='"..."',
                    help='extra `pdserve serve` flags for every instance, e.g. "--num-kv-blocks 512"')
-    p.add_argument("--proxy-args", default="", metavar='"..."', help="extra `pdserve proxy` flags")
+    p.add_argument("--proxy-args", type=proxy_args_text, default="", metavar='"..."',
+                   help="extra `pdserve proxy` flags (its TLS: up's --ssl-certfile / --ssl-keyfile)")
     add_config_arg(p)
     f = p.add_argument_group("the proxy's HTTP front end (vLLM's flags; instances stay on plain HTTP on --host)")
     add_cors_args(f)

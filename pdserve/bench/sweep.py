@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 
 from pdserve.bench.client import RequestRecord
-from pdserve.bench.metrics import SLO, parse_slo, parse_slos
+from pdserve.bench.metrics import SLO, parse_slo, parse_slos, summarize
 from pdserve.bench.phases import Breakdown, PhaseProbe, Target
 from pdserve.bench.runner import BenchConfig, BenchResult, run_benchmark
 
@@ -217,8 +217,11 @@ def run_rates(cfg: SweepConfig, name: str, base_url: str, log: Log,
         points.append(RatePoint.of(result, busy))
         m = result.metrics
         good = sum(1 for r in result.records if all(s.met(r) for s in cfg.headline.slos))
+        ok = [r for r in result.records if r.success]  # p99 from the records: --percentiles may omit 99
+        p99_ttft, p99_itl = (summarize(v, (99.0,)).percentile(99.0)
+                             for v in ([r.ttft for r in ok if r.ttft is not None], [g for r in ok for g in r.itl]))
         log(f"  {name} @ {rate:g} req/s: {good}/{m.num_requests} meet {cfg.headline.name}, {m.failed} failed, "
-            f"p99 TTFT {m.ttft.percentile(99):.0f} ms, p99 ITL {m.itl.percentile(99):.0f} ms, "
+            f"p99 TTFT {p99_ttft:.0f} ms, p99 ITL {p99_itl:.0f} ms, "
             f"{result.duration_s:.0f} s, busy before {_pct(busy)}, load avg after {points[-1].load_avg_1m:.1f}")
         if result.phases is not None and result.phases.skipped:
             log(f"  {name} @ {rate:g} req/s: phases skipped: {'; '.join(result.phases.skipped)}")

@@ -102,6 +102,21 @@ def test_up_passes_the_front_end_flags_to_its_proxy(tmp_path: Path) -> None:
     assert plain.proxy_scheme == "http" and plain.proxy_args == ()
 
 
+@pytest.mark.parametrize(("proxy_args", "flag"), [
+    ("--ssl-certfile c.pem --ssl-keyfile k.pem", "--ssl-certfile"),
+    ("--root-path=/x --ssl-keyfile=k.pem", "--ssl-keyfile"),
+    ("--root-path /x --ssl-certf c.pem", "--ssl-certf"), ("--ssl-k k.pem", "--ssl-k")])
+def test_up_refuses_tls_in_proxy_args(capsys: pytest.CaptureFixture[str], proxy_args: str, flag: str) -> None:
+    """The proxy's TLS inside --proxy-args would leave `up` probing it over http until the timeout."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["up", "standard", "m", f"--proxy-args={proxy_args}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --proxy-args: {flag}: " in err and "up --ssl-certfile/--ssl-keyfile" in err
+    ok = build_parser().parse_args(["up", "standard", "m", "--proxy-args", "--ssl-ca-certs ca.pem --ssl-cert x"])
+    assert spec_from_args(ok).proxy_args == ("--ssl-ca-certs", "ca.pem", "--ssl-cert", "x")
+
+
 def _get(settings: ProxySettings, path: str, headers: dict[str, str]) -> httpx.Response:
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=build_app(settings))

@@ -206,6 +206,25 @@ def test_unreachable_external_endpoint_is_recorded_not_raised() -> None:
     assert series.name == "peer" and series.points == () and "rate 1" in (series.error or "")
 
 
+def test_rates_log_p99_whatever_percentiles_were_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--percentiles 50,90` leaves 99 out of the metrics; the sweep's own p99 log line must not need it."""
+    import pdserve.bench.sweep as sweep
+
+    async def fake_benchmark(bench: BenchConfig, probe: object = None) -> BenchResult:
+        recs = tuple(record(i) for i in range(3))
+        return BenchResult(bench, "m", "d", 0.0, 10.0, recs, compute_metrics(recs, 10.0, (), bench.percentiles))
+
+    monkeypatch.setattr(sweep, "run_benchmark", fake_benchmark)
+    monkeypatch.setattr(sweep, "cpu_busy", lambda *_a: None)
+    c = cfg(rates=(1.0,))
+    c = replace(c, bench=replace(c.bench, percentiles=(50.0, 90.0)))
+    lines: list[str] = []
+    points, error = sweep.run_rates(c, "s", "http://x", lines.append)
+    assert error is None and len(points) == 1
+    assert "p99 TTFT 200 ms, p99 ITL 20 ms" in lines[0]
+    assert points[0].result is not None and points[0].result.metrics.ttft.percentiles_ms[-1][0] == 90.0  # the user's
+
+
 # --- the command line -------------------------------------------------------------------------
 
 

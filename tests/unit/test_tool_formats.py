@@ -106,6 +106,9 @@ QWEN_REPLIES: list[Case] = [
      f"<parameter=note>\nnull\n</parameter>\n<parameter=extra>\n5\n</parameter>\n{_END}", None,
      [("get_weather", {"city": "12", "metric": False, "where": {"lat": 1.5}, "tags": ["a", 2], "ratio": 2,
                        "note": None, "extra": "5"})]),
+    (f"{_W}<parameter=city>\n NULL \n</parameter>\n<parameter=days>\nNull\n</parameter>\n"  # null: any type, as vLLM
+     f"<parameter=extra>\nnull\n</parameter>\n<parameter=tags>\nnullish\n</parameter>\n{_END}", None,
+     [("get_weather", {"city": None, "days": None, "extra": None, "tags": "nullish"})]),
     (f"{_W}<parameter=city>\n  def f():\n      return 1\n\n</parameter>\n{_END}", None,
      [("get_weather", {"city": "  def f():\n      return 1\n"})]),
     (f"{_W}<parameter=days>\nthree\n</parameter>\n<parameter=ratio>\nNaN\n</parameter>\n"
@@ -215,6 +218,16 @@ def test_content_holds_back_only_what_may_start_a_call() -> None:
     s = QWEN.stream(FUNCTIONS)
     assert s.push("Ok <tool_").content == "Ok"
     assert s.push("call>\n<function=get_time>\n</function>\n</tool_call>").calls
+
+
+def test_pythonic_text_after_the_list_is_dropped_not_content() -> None:
+    """pythonic.py's departure from vLLM's unstreamed parse (which makes this reply all content):
+    the call is out with the `]`, before the text after it arrives, so both modes keep it."""
+    s = PYTHONIC.stream(FUNCTIONS)
+    assert [c.function.name for c in s.push("[get_time()]").calls] == ["get_time"]
+    assert s.push(" trailing words").content == "" and s.finish().content == ""
+    reply = PYTHONIC.parse("[get_time()] trailing words", FUNCTIONS)
+    assert reply.content is None and [c.function.name for c in reply.calls] == ["get_time"]
 
 
 def _pieces_strategy(pieces: list[str]) -> st.SearchStrategy[tuple[str, list[int]]]:

@@ -10,6 +10,15 @@ ones whose values are literals (server/tool_parsers/pyliteral.py); anything else
 A reply whose first non-blank text is not the list, or whose first item is not a call, is all
 content; after the first call, the first item that is not a call (or a cut-off list) ends the
 calls and the rest is dropped, as is anything after the list.
+
+This departs from vLLM's non-streamed parse, which is all or nothing: a reply that is not exactly
+a list of calls (text after the `]`, an item that is not a call, a cut-off list) is all content
+there. pdserve reads such a reply as vLLM's streamed parse does (the calls before the fault stand,
+the rest is dropped), streamed or not, because the streaming contract (base.py) leaves no other
+way: a call goes out with the `,` or `]` that settles it and cannot be taken back, while the fault
+may come any number of tokens later; and the non-streamed reply is the stream fed the whole text,
+so the two agree however the text is split. vLLM's reading would need either every call held back
+to the end of the reply or a finished reply that disagrees with the stream of the same text.
 """
 
 from __future__ import annotations

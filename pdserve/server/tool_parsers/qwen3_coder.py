@@ -16,7 +16,8 @@ name reads them. Each call is a block of its own, the arguments one by one:
 Blocks are found, and the content settled, as with `hermes` (hermes.py; the same markers). A
 parameter's value is the text between its tags less one newline at each end (a missing
 `</parameter>` ends it at the next `<parameter=` or `</function>`); it becomes the JSON value its
-tool's schema types it as: "string" (or no known type: an unknown tool or parameter, no "type")
+tool's schema types it as: `null` (any case, blanks around it) is JSON null whatever the type, as
+in vLLM; else "string" (or no known type: an unknown tool or parameter, no "type")
 keeps the text, "integer" / "number" / "boolean" / "null" / "object" / "array" read it as JSON (or
 as a Python literal), and text that does not read as one of the schema's types stays a string.
 A block with anything but whitespace around its function or between parameters is malformed.
@@ -54,11 +55,14 @@ def schema_types(schema: JsonValue) -> set[str]:
 
 
 def typed_value(text: str, schema: JsonValue) -> JsonValue:
-    """A parameter's text as the JSON value of one of its schema's non-string types, else the text."""
+    """A parameter's text as the JSON value of one of its schema's non-string types, else the text;
+    `null` (any case) is null for every type, a string's too, as vLLM reads it."""
+    stripped = text.strip()
+    if stripped.lower() == "null":
+        return None
     wanted = tuple(_TYPES[t] for t in schema_types(schema) if t in _TYPES)
     if not wanted:
         return text
-    stripped = text.strip()
     for read in (_json, python_literal, _bool_word):
         try:
             value = read(stripped)
