@@ -7,6 +7,7 @@ a peer process on the same host can map it and copy blocks one-sidedly (the shm 
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -17,6 +18,59 @@ from pdserve.model.kv_quant import KVScales
 
 # Names of the segments this process created: attaching one of them must not touch its tracking.
 OWNED_SEGMENTS: set[str] = set()
+# The KV segment's name carries its creator's pid namespace and pid: a segment whose creator is gone
+# (SIGKILLed with its whole process group, resource tracker included, so nobody unlinked it) is
+# removed by the next instance of the same pid namespace that creates one (sweep_stale_segments).
+# Segments of other namespaces (containers sharing /dev/shm) are never touched: their pids mean
+# nothing here.
+SEGMENT_PREFIX = "pdserve_kv_"
+SHM_DIR = "/dev/shm"
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def segment_name() -> str:
+    """A fresh KV segment name: prefix, pid namespace, pid, random suffix."""
+    return f"{SEGMENT_PREFIX}{_pid_namespace() or 0}_{os.getpid()}_{secrets.token_hex(6)}"
+
+
+def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink the KV segments of this pid namespace whose creating process no longer exists;
+    returns their names."""
+    ns = _pid_namespace()
+    if ns is None:
+        return []
+    try:
+        entries = list(os.scandir(shm_dir))
+    except OSError:
+        return []
+    gone = []
+    for entry in entries:
+        fields = entry.name.removeprefix(SEGMENT_PREFIX).split("_")
+        if (not entry.name.startswith(SEGMENT_PREFIX) or len(fields) != 3 or fields[0] != str(ns)
+                or not fields[1].isdigit() or _pid_alive(int(fields[1]))):
+            continue
+        try:
+            os.unlink(entry.path)
+            gone.append(entry.name)
+        except OSError:
+            pass
+    return gone
 
 
 @dataclass(frozen=True)
@@ -76,7 +130,8 @@ class KVCache:
         self.layout = layout
         self.shm: shared_memory.SharedMemory | None = None
         if shared and device.type == "cpu":
-            self.shm = shared_memory.SharedMemory(create=True, size=layout.total_bytes)
+            sweep_stale_segments()
+            self.shm = shared_memory.SharedMemory(name=segment_name(), create=True, size=layout.total_bytes)
             OWNED_SEGMENTS.add(self.shm.name)
             # Only the owning user may map our KV (the name is otherwise guessable under /dev/shm).
             try:
