@@ -39,7 +39,7 @@ from pydantic import JsonValue
 
 from pdserve.server.protocol import DeltaToolCall, FunctionCallOut, FunctionDef, ToolCallOut
 
-_NO_ARGUMENTS: dict[str, JsonValue] = {"type": "object", "properties": {}, "additionalProperties": False}
+NO_ARGUMENTS: dict[str, JsonValue] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ class ToolParser(ABC):
         """The `%json` schema of one call of any of `tools` (compact, as the other constraints are)."""
         bodies: list[dict[str, object]] = [{
             "type": "object", "additionalProperties": False, "required": ["name", self.argument_key],
-            "properties": {"name": {"const": t.name}, self.argument_key: t.parameters or _NO_ARGUMENTS},
+            "properties": {"name": {"const": t.name}, self.argument_key: t.parameters or NO_ARGUMENTS},
         } for t in tools]
         body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
         return json.dumps({**body, "x-guidance": {"whitespace_flexible": False}})

@@ -18,7 +18,7 @@ from enum import Enum, auto
 
 from pdserve.server.protocol import FunctionDef
 from pdserve.server.tool_parsers.base import ToolCallStream, ToolDelta, ToolParser, parse_call
-from pdserve.server.tool_parsers.scan import ObjectEnd
+from pdserve.server.tool_parsers.scan import ObjectEnd, skip_blanks
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -29,12 +29,6 @@ class _State(Enum):
     BETWEEN = auto()  # after a call: a separator and another call may follow
     CONTENT = auto()  # not calls: everything is content
     DONE = auto()  # the calls have ended: the rest is dropped
-
-
-def _skip_blanks(text: str, i: int) -> int:
-    while i < len(text) and text[i].isspace():
-        i += 1
-    return i
 
 
 class Llama3JsonStream(ToolCallStream):
@@ -58,9 +52,9 @@ class Llama3JsonStream(ToolCallStream):
         """One transition the text so far allows (all of them, when `final`); False: none."""
         text, state = self.text, self._state
         if state is _State.START:
-            i = _skip_blanks(text, self._pos)
+            i = skip_blanks(text, self._pos)
             if not self._tagged and text.startswith(PYTHON_TAG, i):
-                self._tagged, i = True, _skip_blanks(text, i + len(PYTHON_TAG))
+                self._tagged, i = True, skip_blanks(text, i + len(PYTHON_TAG))
             elif not self._tagged and PYTHON_TAG.startswith(text[i:]) and not final:
                 self._pos = i  # nothing yet, or maybe the start of the tag
                 return False
@@ -83,9 +77,9 @@ class Llama3JsonStream(ToolCallStream):
             self._state, self._pos, self._separated = _State.BETWEEN, end, False
             return True
         if state is _State.BETWEEN:
-            i = _skip_blanks(text, self._pos)
+            i = skip_blanks(text, self._pos)
             if i < len(text) and text[i] == ";" and not self._separated:
-                self._separated, i = True, _skip_blanks(text, i + 1)
+                self._separated, i = True, skip_blanks(text, i + 1)
             self._pos = i
             if i == len(text) and not final:
                 return False

@@ -26,7 +26,14 @@ from enum import Enum, auto
 from pdserve.server.markers import partial_marker
 from pdserve.server.protocol import FunctionCallOut, FunctionDef
 from pdserve.server.tool_parsers.arg_grammar import compact_schema
-from pdserve.server.tool_parsers.base import ToolCallStream, ToolDelta, ToolParser, parse_call, rstrip_end
+from pdserve.server.tool_parsers.base import (
+    NO_ARGUMENTS,
+    ToolCallStream,
+    ToolDelta,
+    ToolParser,
+    parse_call,
+    rstrip_end,
+)
 from pdserve.server.tool_parsers.scan import ObjectEnd, skip_blanks
 
 TOOL_CALLS = "[TOOL_CALLS]"
@@ -35,7 +42,6 @@ CALL_ID = "[CALL_ID]"
 _ALPHANUMERIC = string.ascii_letters + string.digits
 _ID_CHARS = frozenset(_ALPHANUMERIC)
 _NAME_CHARS = _ID_CHARS | frozenset("_.-")
-_NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 _WAIT = -1  # a scan reached the end of the text before it could decide
 
 
@@ -232,7 +238,7 @@ class MistralToolParser(ToolParser):
     def grammar(self, tools: Sequence[FunctionDef], parallel: bool) -> str:
         """The marker, then either form (the model picks the one it was trained on)."""
         heads = [f"{json.dumps(t.name + ARGS)} a{j}" for j, t in enumerate(tools)]
-        args = [f"a{j}: %json {compact_schema(t.parameters or _NO_ARGUMENTS)}" for j, t in enumerate(tools)]
+        args = [f"a{j}: %json {compact_schema(t.parameters or NO_ARGUMENTS)}" for j, t in enumerate(tools)]
         items = ' (", " item)*' if parallel else ""
         calls = f" ({json.dumps(TOOL_CALLS)} v11)*" if parallel else ""
         return "\n".join([
