@@ -19,8 +19,8 @@ the next stage runs; the JSON is rewritten after every stage):
 
 1. tests: pytest -m gpu tests/gpu (CUDA graphs vs eager, Triton kernel and SDPA vs torch, engine
    on CUDA vs CPU, cuda_ipc between engines and between two `pdserve serve` processes), plus
-   tests/unit/test_static_decode.py at the same time (the Triton kernel under its CPU interpreter
-   too); both logs are copied to $OUT.
+   tests/unit/test_static_decode.py and test_triton_fused.py at the same time (the Triton kernels under
+   their CPU interpreter too); both logs are copied to $OUT.
 2. cuda_vs_cpu: dummy:qwen3-tiny greedy tokens on CUDA (graphs, and eager) against CPU, fp32;
    bf16 agreement for information.
 3. model (benchmarks/gpu_model.py): HBM copy bandwidth and bf16 GEMM rate, then dummy:qwen3-8b
@@ -191,7 +191,8 @@ def stage_tests(a: argparse.Namespace, rec: Record) -> None:
     base = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--durations=8"]
     # test_static_decode.py's tests are not gpu-marked (they run on CPU, the Triton one where
     # Triton is installed): a second call without the marker filter.
-    runs = {"gpu": [*base, "-m", "gpu", "tests/gpu"], "static_decode": [*base, "tests/unit/test_static_decode.py"]}
+    runs = {"gpu": [*base, "-m", "gpu", "tests/gpu"], "static_decode": [*base, "tests/unit/test_static_decode.py",
+                                                                  "tests/unit/test_triton_fused.py"]}
     logs: dict[str, Path] = {}
     codes: dict[str, int] = {}
     procs: dict[str, subprocess.Popen] = {}

@@ -13,20 +13,38 @@ weights drawn on the device, so an 8B model is ready in seconds), bf16, CUDA gra
   GEMM rate (FLOPs: 2 x non-embedding params x tokens, causal attention, lm_head for one row);
 - decode attention alone at the largest batch: the Triton kernel and the torch gather path.
 
+Beside the eager step and the prefill, the same again with the fused norm/rope/KV-write/silu
+kernels switched off (pdserve/model/triton_fused.py; the torch ops instead): their gain, measured
+in the same run.
+
 Timings are medians; each figure is written as soon as it is measured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.model import triton_fused
+
+
+@contextlib.contextmanager
+def fused_kernels_off() -> Iterator[None]:
+    """The decoder's torch ops instead of triton_fused's kernels (eager steps only: a captured
+    graph keeps what it captured)."""
+    available = triton_fused.available
+    triton_fused.available = lambda x: False
+    try:
+        yield
+    finally:
+        triton_fused.available = available
 
 
 def sizes(quick: bool) -> dict:
@@ -155,6 +173,8 @@ def decode(eng: LLMEngine, batch: int, ctx: int, steps: int, with_attention: boo
     eng.runner.static = None
     try:
         res["eager_step_ms"] = 1e3 * statistics.median(steps_s())
+        with fused_kernels_off():
+            res["eager_unfused_step_ms"] = 1e3 * statistics.median(steps_s())
     finally:
         eng.runner.static = static
     if with_attention:
@@ -216,8 +236,12 @@ def run(a, rec) -> None:
         rec["prefill"] = {"tokens": ctx, "median_ms": 1e3 * med, "runs_ms": [1e3 * x for x in pre], "flops": flops,
                           "tflop_s": flops / med / 1e12, "gemm_limit_ms": 1e3 * flops / gemm,
                           "vs_gemm_limit": med / (flops / gemm)}
+        with fused_kernels_off():
+            unfused = statistics.median(prefill(eng, ctx, s["reps"]))
+        rec["prefill"] = rec["prefill"] | {"unfused_median_ms": 1e3 * unfused, "fused_speedup": unfused / med}
         summary.append(f"prefill {ctx} tokens: {1e3 * med:.1f} ms ({flops / med / 1e12:.0f} TFLOP/s, "
-                       f"{med / (flops / gemm):.2f}x the GEMM limit)")
+                       f"{med / (flops / gemm):.2f}x the GEMM limit); without the fused kernels "
+                       f"{1e3 * unfused:.1f} ms")
         rec["summary"] = summary
         results: dict = {}
         for batch in s["batches"]:
@@ -232,7 +256,8 @@ def run(a, rec) -> None:
             rec["decode"] = results
             summary.append(
                 f"decode b={batch} ctx={r['context_tokens']}: step {r['step_ms']:.2f} ms "
-                f"(graph {r.get('graph_replay_ms', float('nan')):.2f} ms, eager {r['eager_step_ms']:.2f} ms); "
+                f"(graph {r.get('graph_replay_ms', float('nan')):.2f} ms, eager {r['eager_step_ms']:.2f} ms, "
+                f"eager unfused {r['eager_unfused_step_ms']:.2f} ms); "
                 f"{r['step_vs_roofline']:.2f}x weights/BW ({1e3 * roof:.2f} ms), "
                 f"{r['step_vs_roofline_with_kv']:.2f}x (weights+KV)/BW")
             rec["summary"] = summary

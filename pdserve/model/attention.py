@@ -475,17 +475,22 @@ def paged_attention(
     softcap: float | None = None,
     window: int | None = None,
     scales: KVScales = KVScales(),
+    kv_stored: bool = False,
 ) -> torch.Tensor:
     """Store this step's K/V in the cache, then attend. q: [T, H, hd]; k, v: [T, kvh, hd] -> [T, H, hd].
     `softcap`: cap the scaled scores to cap * tanh(scores / cap) before the softmax (Gemma 2).
     `window`: the layer's sliding window (None: full causal attention). `scales`: the layer's
-    KV-cache scales, used when the cache is float8."""
+    KV-cache scales, used when the cache is float8. `kv_stored`: the caller has already written
+    k and v to the cache (the fused rope kernel, triton_fused.py)."""
     if not is_fp8(kv_layer.dtype):
         scales = KVScales()
-    write_kv(kv_layer, k, v, meta, scales)
-    out = torch.empty_like(q)
+    if not kv_stored:
+        write_kv(kv_layer, k, v, meta, scales)
     nd = meta.num_decode_tokens
     mq = meta.multi_query
+    if mq is None and not meta.prefills and nd == q.shape[0] > 0:  # decode rows only: no buffer to copy into
+        return _decode_attention(q, kv_layer, meta, scale, softcap, window, scales)
+    out = torch.empty_like(q)
     if mq is not None:  # every decode row and the speculative spans (MultiQueryRows' invariant)
         out.index_copy_(0, mq.out_rows, _multi_query_attention(q, kv_layer, mq, scale, softcap, window, scales))
     elif nd:

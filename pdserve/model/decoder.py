@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.config import ModelConfig
+from pdserve.model import triton_fused
 from pdserve.model.attention import AttentionMetadata, paged_attention
 from pdserve.model.kv_quant import KVScales
 from pdserve.model.rope import RotaryEmbedding, apply_rope
@@ -47,9 +48,20 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_fused.available(x):
+            return triton_fused.add_rms_norm(x, None, self.weight, self.eps, self.unit_offset)[1]
         if self.unit_offset:
             return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float() + 1.0, self.eps).to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) for s = x + delta (s = x without a delta): a residual add and the next
+        norm, one kernel on CUDA (triton_fused.py)."""
+        if triton_fused.available(x):
+            return triton_fused.add_rms_norm(x, delta, self.weight, self.eps, self.unit_offset)
+        if delta is not None:
+            x = x + delta
+        return x, self(x)
 
 
 def make_norm(config: ModelConfig, dim: int) -> RMSNorm:
@@ -103,18 +115,45 @@ class SelfAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+        qkv = self.qkv_proj(x) if self.qkv_proj is not None else None
+        if qkv is not None and triton_fused.available(qkv) and triton_fused.qk_norm_rope_supported(
+            qkv, self.head_dim, cos.shape[-1]
+        ):
+            kv_stored = self._fused_norm_rope(qkv, cos, sin, kv_layer, meta)
+            q, k, v = (y.unflatten(-1, (-1, self.head_dim)) for y in qkv.split(self._qkv_sizes, dim=-1))
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(q, k, v, kv_layer, meta, self.scale, self.softcap, self.window, self.kv_scales)
+            kv_stored = False
+            if qkv is not None:
+                q, k, v = qkv.split(self._qkv_sizes, dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.unflatten(-1, (self.num_heads, self.head_dim))
+            k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+            v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = paged_attention(
+            q, k, v, kv_layer, meta, self.scale, self.softcap, self.window, self.kv_scales, kv_stored=kv_stored
+        )
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def _fused_norm_rope(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
+    ) -> bool:
+        """q/k norm and rope in place on qkv, and K/V into the cache when it has qkv's dtype (one
+        kernel); True when the cache was written."""
+        norms = None
+        eps, unit_offset = 0.0, False
+        if self.q_norm is not None and self.k_norm is not None:
+            norms = (self.q_norm.weight, self.k_norm.weight)
+            eps, unit_offset = self.q_norm.eps, self.q_norm.unit_offset
+        write = kv_layer.dtype == qkv.dtype and kv_layer.stride(-1) == 1
+        triton_fused.qk_norm_rope_(
+            qkv, self.num_heads, self.num_kv_heads, cos, sin, norms, eps, unit_offset,
+            kv_layer if write else None, meta.slot_mapping if write else None,
+        )
+        return write
 
 
 class GatedMLP(nn.Module):
@@ -149,7 +188,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if self.act == "silu" and triton_fused.available(gate_up):
+                return self.down_proj(triton_fused.silu_mul(gate_up))
+            g, u = gate_up.chunk(2, dim=-1)
             return self.down_proj(self._act(g, inplace=False).mul_(u))
         g = self.gate_proj(x)
         if torch.is_grad_enabled():
@@ -161,7 +203,11 @@ class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); calls meta.layer_hook after attention.
 
     With sandwich_norms (Gemma 2 and 3) each block's output is normalized too:
-    x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))."""
+    x + norm(attn(norm(x))), then x + norm(mlp(norm(x))).
+
+    The residual stream travels as (x, delta) with the block's last add left to the next norm
+    (the next layer's input norm, or the final one), which does add and norm in one kernel on CUDA:
+    forward(x, delta) returns (x', delta') with x' + delta' the block's output."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, mlp: nn.Module) -> None:
         super().__init__()
@@ -180,19 +226,21 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        delta: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_layer, meta)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, h = self.input_layernorm.add_forward(x, delta)
+        attn = self.self_attn(h, cos, sin, kv_layer, meta)
         if meta.layer_hook is not None:
             meta.layer_hook(self.layer_idx)
         if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
-            x = x + attn
-            return x + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.post_attention_layernorm(attn)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x, h = self.post_attention_layernorm.add_forward(x, attn)
+            return x, self.mlp(h)
+        x, h = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(attn))
+        return x, self.post_feedforward_layernorm(self.mlp(h))
 
 
 class DecoderModel(nn.Module):
@@ -228,10 +276,11 @@ class DecoderModel(nn.Module):
             x = x * _in_dtype(self.embed_scale, x.dtype)
         rope = self.rotary(positions, x.dtype)
         local_rope = rope if self.local_rotary is None else self.local_rotary(positions, x.dtype)
+        delta: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             cos, sin = local_rope if layer.local_rope else rope
-            x = layer(x, cos, sin, kv_cache[i], meta)
-        return self.norm(x)
+            x, delta = layer(x, delta, cos, sin, kv_cache[i], meta)
+        return self.norm.add_forward(x, delta)[1]
 
 
 @cache
