@@ -39,11 +39,6 @@ def split_url(url: str) -> tuple[Scheme, str]:
     return scheme, addr  # type: ignore[return-value]
 
 
-def normalize_address(url: str) -> str:
-    """`http://host:port/`, `https://host:port` or `host:port` -> `host:port`; ValueError when there is no port."""
-    return split_url(url)[1]
-
-
 @dataclass(eq=False)
 class Lease:
     """One upstream call in flight on an instance. `abort()` (on eviction) cancels the call's scope."""

@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from pdserve.kv.messages import Register, encode
-from pdserve.proxy.instances import InstanceTable, normalize_address
+from pdserve.proxy.instances import InstanceTable, split_url
 from pdserve.proxy.registry import RegistryServer, sweep_forever
 from pdserve.proxy.settings import ProxySettings
 
@@ -25,12 +25,13 @@ def _reg(port: int, role: str = "D", mode: str = "READ", engine: str = "e1", tok
 # -- the table --------------------------------------------------------------------------------
 
 
-def test_normalize_address() -> None:
-    assert normalize_address("http://127.0.0.1:8001/") == "127.0.0.1:8001"
-    assert normalize_address("host:1") == "host:1"
+def test_split_url() -> None:
+    assert split_url("http://127.0.0.1:8001/") == ("http", "127.0.0.1:8001")
+    assert split_url("https://h:8443") == ("https", "h:8443")
+    assert split_url("host:1") == ("http", "host:1")
     for bad in ("127.0.0.1", "http://h:x", "h:0", "h:70000", "http://h:1/v1"):
         with pytest.raises(ValueError):
-            normalize_address(bad)
+            split_url(bad)
 
 
 def test_register_refresh_evict_readmit() -> None:
