@@ -45,10 +45,11 @@ def ms(values: list[float]) -> dict:
 
 def timings(results: list[pd_direct.Timed]) -> dict:
     """TTFT; ITL as the gaps between chunk arrivals the client sees (as vLLM's bench), and TPOT per
-    request (first to last chunk over the gaps), which bursts of chunks do not skew."""
+    request (first to last chunk over the gaps), which bursts of chunks do not skew. Each request's
+    TTFT too, in submission order (is a slow phase one stall or every request?)."""
     tpot = [sum(r.itl_s) / len(r.itl_s) for r in results if r.itl_s]
     return {"ttft": ms([r.ttft_s for r in results]), "itl": ms([g for r in results for g in r.itl_s]),
-            "tpot": ms(tpot)}
+            "tpot": ms(tpot), "ttft_each_ms": [round(1e3 * r.ttft_s, 1) for r in results]}
 
 
 def run(a, rec) -> None:

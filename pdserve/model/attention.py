@@ -488,8 +488,12 @@ def paged_attention(
         write_kv(kv_layer, k, v, meta, scales)
     nd = meta.num_decode_tokens
     mq = meta.multi_query
-    if mq is None and not meta.prefills and nd == q.shape[0] > 0:  # decode rows only: no buffer to copy into
+    # A step of decode rows only, or of one prefill span only, returns its kernel's output as it is
+    # (no buffer to copy it into).
+    if mq is None and not meta.prefills and nd == q.shape[0] > 0:
         return _decode_attention(q, kv_layer, meta, scale, softcap, window, scales)
+    if mq is None and nd == 0 and len(meta.prefills) == 1 and meta.prefills[0].q_len == q.shape[0]:
+        return _span_attention(q, k, v, kv_layer, meta.prefills[0], scale, softcap, window, scales)
     out = torch.empty_like(q)
     if mq is not None:  # every decode row and the speculative spans (MultiQueryRows' invariant)
         out.index_copy_(0, mq.out_rows, _multi_query_attention(q, kv_layer, mq, scale, softcap, window, scales))
@@ -499,8 +503,22 @@ def paged_attention(
         if mq is not None and i in mq.span_indices:
             continue
         s, e = span.q_start, span.q_start + span.q_len
-        if q.is_cuda and softcap is None:
-            out[s:e] = _prefill_attention_sdpa(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, window, scales)
-        else:
-            out[s:e] = _prefill_attention(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, softcap, window, scales)
+        out[s:e] = _span_attention(q[s:e], k[s:e], v[s:e], kv_layer, span, scale, softcap, window, scales)
     return out
+
+
+def _span_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+    scales: KVScales,
+) -> torch.Tensor:
+    """One prefill span's attention (its rows of q, k, v): SDPA on CUDA, the torch path otherwise."""
+    if q.is_cuda and softcap is None:
+        return _prefill_attention_sdpa(q, k, v, kv_layer, span, scale, window, scales)
+    return _prefill_attention(q, k, v, kv_layer, span, scale, softcap, window, scales)
