@@ -29,7 +29,8 @@ the next stage runs; the JSON is rewritten after every stage):
    limit from the same run.
 4. disagg (benchmarks/gpu_disagg.py): prefill and decode as two `pdserve serve` processes on the
    one GPU over cuda_ipc, read and write modes, float32 (--disagg-dtype): outputs against a
-   standalone instance, and TTFT/ITL of a short bench.
+   standalone instance, and TTFT/ITL of a short bench; then two `--role both` instances, each the
+   prefill half of some requests and the decode half of others.
 
 Output: benchmarks/results/gpu_check_<device>_<date>.json (also copied to $OUT when set) and a
 summary on stdout. `--device cpu --quick` runs every stage at toy sizes on a CPU (smoke test of

@@ -10,7 +10,10 @@ the proxy's part (pdserve.bench.pd_direct):
 - sequential: `n` greedy requests, each through prefill then decode, decode streamed: texts must
   equal the standalone's (same requests, one at a time on both sides), TTFT and ITL recorded;
 - concurrent: the same requests `concurrency` at a time, TTFT and ITL only (batches differ from
-  the standalone's, so bf16 texts may too).
+  the standalone's, so bf16 texts may too);
+- both role: two `--role both` instances, A and B; the requests one at a time in READ (A prefills,
+  B decodes), then in WRITE (B prefills, A decodes), so each instance serves both halves; texts
+  must equal the standalone's.
 
 TTFT is from the first POST (prefill's; in write mode both go at once) to the first decode chunk.
 """
@@ -87,10 +90,24 @@ def run(a, rec) -> None:
                      "servers_start_s": start_s, "sequential": timings(seq), "concurrent": timings(conc)}
         rec["results"] = out
     pool.shutdown()
-    rec["all_equal"] = all(out[m]["all_equal"] for m in ("read", "write"))
+    flags = ["--role", "both", "--kv-mode", "read", "--kv-transport", transport]
+    t0 = time.monotonic()
+    with servers({"both-a": [*common, *flags], "both-b": [*common, *flags]}, logdir) as sv:
+        start_s = time.monotonic() - t0
+        a_url, b_url = sv["both-a"].url, sv["both-b"].url
+        both = {"read": [pd_direct.disagg(a_url, b_url, b, "read") for b in bodies],
+                "write": [pd_direct.disagg(b_url, a_url, b, "write") for b in bodies]}
+    for mode, seq in both.items():
+        equal = sum(x.text == y.text for x, y in zip(seq, ref, strict=True))
+        out[f"both-{mode}"] = {"outputs_equal": f"{equal}/{len(ref)}", "all_equal": equal == len(ref),
+                               "servers_start_s": start_s, "sequential": timings(seq)}
+    rec["results"] = out
+    rec["all_equal"] = all(r["all_equal"] for r in out.values() if "all_equal" in r)
     for name, r in out.items():
         eq = f"equal {r['outputs_equal']}; " if "outputs_equal" in r else ""
         for kind in ("sequential", "concurrent"):
+            if kind not in r:
+                continue
             t = r[kind]
             summary.append(f"{name:10s} {kind:10s} {eq}TTFT p50 {t['ttft']['p50_ms']:.1f} ms "
                            f"p90 {t['ttft']['p90_ms']:.1f} ms, ITL p50 {t['itl']['p50_ms']:.2f} ms "
