@@ -137,6 +137,15 @@ class ModelConfig:
         """The attention window of `layer` (None: full causal attention)."""
         return self.sliding_windows[layer] if self.sliding_windows else None
 
+    @property
+    def kv_window(self) -> int | None:
+        """How far back any layer's query can see when every layer is windowed: the largest window
+        (KV that far behind every future query is dead). None when some layer attends to the whole
+        context (hybrid models such as Gemma 2 / 3) or no layer is windowed."""
+        if not self.sliding_windows or None in self.sliding_windows:
+            return None
+        return max(w for w in self.sliding_windows if w is not None)
+
     def local_rope(self, layer: int) -> bool:
         """True when `layer` rotates by the local RoPE (local_rope_theta, local_rope_scaling)."""
         return bool(self.local_rope_layers) and self.local_rope_layers[layer]

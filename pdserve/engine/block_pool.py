@@ -35,6 +35,7 @@ class BlockPool:
         self._hash_of: dict[int, bytes] = {}  # registered block -> its content hash
         self._cached: dict[bytes, int] = {}  # content hash -> block (the inverse of _hash_of)
         self.num_reserved = 0  # blocks taken out of circulation for good (reserve)
+        self._padding: int | None = None  # padding_block(), once reserved
         self.num_evictions = 0  # cached blocks handed out for new content, lifetime
 
     @property
@@ -62,6 +63,15 @@ class BlockPool:
         (block,) = self.allocate(1)
         self.num_reserved += 1
         return block
+
+    def padding_block(self) -> int:
+        """The reserved block that stands in where a block table has no block of its own: the slots
+        of blocks a request freed early (slid out of a sliding window) and the rows of padded
+        static-shape steps, which write their KV there. Reserved on the first call, the same block
+        after; never handed out, and whatever it holds is only ever read masked."""
+        if self._padding is None:
+            self._padding = self.reserve()
+        return self._padding
 
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)

@@ -64,6 +64,8 @@ class EngineStats:
     # With LoRA on: the adapters of running / waiting requests (names, sorted).
     running_loras: tuple[str, ...] = ()
     waiting_loras: tuple[str, ...] = ()
+    # Sliding-window models: KV blocks freed before their request ended (out of every layer's window), lifetime.
+    num_window_freed_blocks: int = 0
 
 
 class LLMEngine:
@@ -112,7 +114,7 @@ class LLMEngine:
         self.block_pool = BlockPool(self.layout.num_blocks)
         self.scheduler = Scheduler(
             config.scheduler, self.block_pool, self.layout.block_size,
-            prefix_caching=config.cache.enable_prefix_caching,
+            prefix_caching=config.cache.enable_prefix_caching, window=self.model_config.kv_window,
         )
         self.runner = ModelRunner(
             self.loaded.module, self.kv_cache.tensor, self.layout.block_size, self.model_config.vocab_size,
@@ -149,9 +151,10 @@ class LLMEngine:
 
     def enable_static_decode(self, use_graphs: bool) -> None:
         """Run decode-only steps at static, bucketed shapes (cuda_graphs.py), replayed from CUDA
-        graphs when `use_graphs` (captured here). Reserves one KV block as the padding rows' scratch.
-        Called at start on CUDA unless enforce_eager; callable eagerly on any device (tests)."""
-        scratch = self.block_pool.reserve()
+        graphs when `use_graphs` (captured here). The padding rows write to the pool's padding block
+        (reserved here if a sliding window has not reserved it already). Called at start on CUDA
+        unless enforce_eager; callable eagerly on any device (tests)."""
+        scratch = self.block_pool.padding_block()
         static = StaticDecoder(
             self.loaded.module, self.kv_cache.tensor, self.layout.block_size, self.max_model_len,
             self.config.scheduler.max_num_seqs, scratch, self.device, use_graphs,
@@ -381,6 +384,7 @@ class LLMEngine:
             s.prefix_cache_queries, s.prefix_cache_hits,
             self.spec_stats if self.proposer is not None else None,
             s.num_preemptions, self.prompt_tokens, self.generation_tokens, running_loras, waiting_loras,
+            s.num_window_freed_blocks,
         )
 
     # ---- the loop ---------------------------------------------------------------------------

@@ -58,7 +58,11 @@ class Request:
     arrival_seq: int = 0  # set by Scheduler.add: breaks ties of arrival_time by add order
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Its block table, one entry per block of context from position 0. The first `num_freed_blocks`
+    # entries (sliding-window models: blocks freed once out of every layer's window) are the pool's
+    # padding block, not held by the request.
     block_ids: list[int] = field(default_factory=list)
+    num_freed_blocks: int = 0
     status: RequestStatus = RequestStatus.WAITING
     # Opaque to the scheduler; owned by the KV connector (typed there).
     kv_transfer_params: object | None = None
@@ -85,6 +89,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def held_block_ids(self) -> list[int]:
+        """The blocks the request holds a reference to (its table minus the early-freed head)."""
+        return self.block_ids[self.num_freed_blocks :]
 
     @property
     def max_output_tokens(self) -> int:

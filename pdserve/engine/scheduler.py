@@ -26,6 +26,12 @@ of 1 + d query tokens (its last token and d drafts) when the token budget and fr
 blocks for all 1 + d slots stay with the request whatever it accepts: slots of rejected drafts
 are past `num_computed_tokens`, so the next steps overwrite them before anything reads them, and
 no block is registered in the prefix cache before its every slot holds verified KV.
+
+Sliding windows (`window`: set when every layer of the model is windowed): before a running or
+admitted request is given blocks, the blocks that slid out of the window of all its later queries
+are freed (sliding_window.py), so a request holds about (window + chunk) / block_size + 1 blocks
+however long it runs. Not while its KV connector has a transfer of it pending (`serves`: a
+prefill-side request sends its whole prompt's blocks, a decode-side one receives into them).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pdserve.config import SchedulerConfig
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.prefix_cache import block_hashes
 from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.sliding_window import WindowReclaimer
 
 
 class SchedulerConnector(Protocol):
@@ -53,6 +60,10 @@ class SchedulerConnector(Protocol):
 
     def on_request_finished(self, request: Request) -> bool:
         """Called when a request finishes. True: the connector keeps its blocks and frees them later."""
+        ...
+
+    def serves(self, request_id: str) -> bool:
+        """Whether a KV transfer of the request is pending (its blocks must stay whole). Only asked with `window`."""
         ...
 
 
@@ -83,7 +94,10 @@ class Scheduler:
         block_size: int,
         connector: SchedulerConnector | None = None,
         prefix_caching: bool = False,
+        window: int | None = None,
     ) -> None:
+        """`window`: the model's ModelConfig.kv_window (None: no layer lets KV slide out of sight);
+        with it, blocks out of the window are freed early, their table slots on the pool's padding block."""
         self.config = config
         self.pool = block_pool
         self.block_size = block_size
@@ -98,6 +112,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # lifetime total, for metrics and tests
         self._ended: list[Request] = []  # finished outside a step (failed transfers), not yet reported
+        self.reclaimer = None if window is None else \
+            WindowReclaimer(block_pool, block_size, window, block_pool.padding_block())
 
     # ---- admission and removal -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -166,10 +182,23 @@ class Scheduler:
             self.release_blocks(req)
 
     def release_blocks(self, req: Request) -> None:
+        """Free every block the request holds (not those freed early) and clear its table."""
         if req.block_ids:
             # Tail first: a prefix's last blocks are the first evicted, its shared head stays longest.
-            self.pool.free(reversed(req.block_ids))
+            self.pool.free(reversed(req.held_block_ids))
             req.block_ids = []
+            req.num_freed_blocks = 0
+
+    @property
+    def num_window_freed_blocks(self) -> int:
+        """Blocks freed early because they slid out of the attention window, lifetime."""
+        return 0 if self.reclaimer is None else self.reclaimer.num_freed
+
+    def _reclaim_out_of_window(self, req: Request) -> None:
+        """Free the request's blocks that no later query of it sees (sliding-window models), unless
+        a KV transfer of it is pending: it moves the whole prompt's blocks."""
+        if self.reclaimer is not None and not (self.connector is not None and self.connector.serves(req.request_id)):
+            self.reclaimer.reclaim(req)
 
     # ---- prefix cache ----------------------------------------------------------------------
     def _take_cached_prefix(self, req: Request) -> bool:
@@ -198,6 +227,7 @@ class Scheduler:
     def _register_computed(self, req: Request, first: int) -> None:
         """Register the full blocks from index `first` on whose KV is now computed."""
         n = req.num_computed_tokens // self.block_size
+        first = max(first, req.num_freed_blocks)
         if n > first:
             hashes = block_hashes(req, self.block_size, n)
             for i in range(first, n):
@@ -244,7 +274,7 @@ class Scheduler:
             if id(victim) in spared:
                 continue
             victims.append(victim)
-            for b in victim.block_ids:
+            for b in victim.held_block_ids:
                 released[b] = released.get(b, 0) + 1
                 if released[b] == self.pool.ref_count(b):
                     free += 1
@@ -302,14 +332,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            self._reclaim_out_of_window(req)
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new == 1 and req.request_id in drafts and self._schedule_speculative(
                     batch, req, drafts[req.request_id], budget):
                 budget -= batch.prefills[-1][1]
                 i += 1
                 continue
-            if -(-(req.num_computed_tokens + num_new) // self.block_size) > self.pool.num_usable:
-                # Its context outgrew the whole cache: it would only preempt itself for ever.
+            if -(-(req.num_computed_tokens + num_new) // self.block_size) - req.num_freed_blocks > self.pool.num_usable:
+                # The blocks its context needs (less those freed early) outgrew the whole cache: it
+                # would only preempt itself for ever.
                 self.running.remove(req)
                 self._finalize(req, RequestStatus.FINISHED_LENGTH)
                 self._ended.append(req)
@@ -357,6 +389,7 @@ class Scheduler:
                 continue
             had_blocks = bool(req.block_ids)
             looked_up = not had_blocks and self._take_cached_prefix(req)
+            self._reclaim_out_of_window(req)
             num_new = req.num_tokens - req.num_computed_tokens
             fits = num_new <= budget or self.config.enable_chunked_prefill
             num_new = min(num_new, budget)
@@ -461,8 +494,13 @@ class Scheduler:
         self.pool.check_integrity()
         holders: dict[int, int] = {}
         for r in self.requests.values():
-            for b in r.block_ids:
+            if r.num_freed_blocks:
+                assert self.reclaimer is not None, f"request {r.request_id} freed blocks early without a window"
+                assert r.block_ids[: r.num_freed_blocks] == [self.reclaimer.padding] * r.num_freed_blocks, \
+                    f"request {r.request_id}'s early-freed slots do not name the padding block"
+            for b in r.held_block_ids:
                 holders[b] = holders.get(b, 0) + 1
+        assert self.reclaimer is None or self.reclaimer.padding not in holders, "a request holds the padding block"
         for b, n in holders.items():
             assert self.pool.ref_count(b) >= n, f"block {b} has {n} holders but fewer references"
             assert n == 1 or self.pool.is_cached(b), f"uncached block {b} is owned by {n} requests"

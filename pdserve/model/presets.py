@@ -77,6 +77,23 @@ PRESETS: dict[str, ModelConfig] = {
         qk_norm=False,
         eos_token_ids=BYTE_EOS_IDS,
     ),
+    # Mistral at test size: every layer windowed (16 tokens), so blocks slide out of sight and are
+    # freed while the request runs (engine/sliding_window.py).
+    "mistral-tiny": ModelConfig(
+        architecture="MistralForCausalLM",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        qk_norm=False,
+        sliding_windows=(16, 16),
+        eos_token_ids=BYTE_EOS_IDS,
+    ),
     # Gemma 3 at test size: local layers (16-token window, RoPE base 1e4 unscaled) around a global
     # one (base 1e6, linear scaling as in the 4B-27B checkpoints), (1 + w) norms on q and k too.
     "gemma3-tiny": ModelConfig(

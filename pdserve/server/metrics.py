@@ -41,12 +41,15 @@ class ServerMetrics:
         }
         for name, (help_text, read) in gauges.items():
             r.register(Gauge(name, help_text, read))
-        prefix = {  # vLLM's pair: hit rate = hits / queries
+        counters = {  # the prefix cache's pair, as vLLM's (hit rate = hits / queries); sliding-window frees
             "pdserve_prefix_cache_queries_total": ("Tokens looked up in the prefix cache.",
                                                    lambda: stats().prefix_cache_queries),
             "pdserve_prefix_cache_hits_total": ("Looked-up tokens found computed.", lambda: stats().prefix_cache_hits),
+            "pdserve_kv_blocks_window_freed_total": ("KV blocks freed before their request ended (out of every "
+                                                     "layer's sliding window).",
+                                                     lambda: stats().num_window_freed_blocks),
         }
-        for name, (help_text, read) in prefix.items():
+        for name, (help_text, read) in counters.items():
             r.register(Gauge(name, help_text, read, kind="counter"))
         if stats().spec_decode is not None:
             self._attach_spec_decode(stats)
