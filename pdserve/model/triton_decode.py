@@ -76,7 +76,12 @@ def supported(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # The integers that follow a step's table width or the layer are not specialized on (Triton
+    # compiles a variant per value class: == 1, divisible by 16, other), and the combine's partition
+    # tile is always the largest: eager steps, whose tables are as wide as their longest sequence,
+    # run the kernels the CUDA graphs' warm-up compiled at start (full-width tables) instead of
+    # compiling new variants mid-serving, which stalls every request of the step.
+    @triton.jit(do_not_specialize=["partition", "num_parts", "window", "stride_td"])
     def _partial_kernel(
         q_ptr,
         kv_ptr,
@@ -145,7 +150,7 @@ if triton is not None:
         tl.store(l_ptr + idx, l_i, mask=live)
         tl.store(acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc * v_scale, mask=live[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["partition", "num_parts"])
     def _combine_kernel(
         m_ptr,
         l_ptr,
@@ -244,6 +249,6 @@ def paged_decode_attention(
         out.stride(0),
         out.stride(1),
         HEAD_DIM=hd,
-        PARTS_PAD=max(2, _next_pow2(num_parts)),
+        PARTS_PAD=_MAX_PARTITIONS,
     )
     return out
