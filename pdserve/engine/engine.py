@@ -239,9 +239,16 @@ class LLMEngine:
             )
         self._check_blocks(len(token_ids) + 1)
 
-    def _check_blocks(self, num_tokens: int) -> None:
-        """ValueError when `num_tokens` need more KV blocks than the whole cache has."""
-        blocks_needed = -(-num_tokens // self.layout.block_size)
+    def _check_blocks(self, num_tokens: int, whole: bool = False) -> None:
+        """ValueError when `num_tokens` need more KV blocks at once than the whole cache has. A model
+        whose every layer is windowed, prefilled in chunks, holds at most the window plus a chunk at
+        once (scheduler.py frees what slid out of it), unless `whole`: a request whose KV moves to or
+        from another instance keeps every block of its prompt until the transfer is over."""
+        bs = self.layout.block_size
+        blocks_needed = -(-num_tokens // bs)
+        window, sched = self.model_config.kv_window, self.config.scheduler
+        if window is not None and not whole and sched.enable_chunked_prefill:
+            blocks_needed = min(blocks_needed, -(-(window + sched.max_num_batched_tokens) // bs) + 1)
         if blocks_needed > self.block_pool.num_usable:
             raise ValueError(
                 f"the prompt needs {blocks_needed} KV blocks; the cache has {self.block_pool.num_usable} in all"
@@ -281,7 +288,7 @@ class LLMEngine:
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
                              f"{self.max_model_len}")
-        self._check_blocks(len(token_ids))
+        self._check_blocks(len(token_ids), whole=True)
 
     def validate_priority(self, priority: int) -> None:
         """A priority other than 0 needs the priority policy (as in vLLM): ValueError otherwise."""
@@ -305,6 +312,8 @@ class LLMEngine:
         if kvp is not None and kvp.do_remote_prefill and params.prompt_logprobs is not None:
             raise ValueError("prompt logprobs need the prompt computed on this instance: send the request "
                              "without kv_transfer_params (a proxy routes echo requests so)")
+        if kvp is not None and (kvp.do_remote_decode or kvp.do_remote_prefill):
+            self._check_blocks(len(token_ids) + 1, whole=True)
         if self.connector is not None:
             self.connector.validate(kvp, len(token_ids))
         elif kvp is not None and (kvp.do_remote_decode or kvp.do_remote_prefill):

@@ -247,3 +247,31 @@ def test_disaggregated_prefill_keeps_the_prompt_and_decode_frees_after_landing(m
         wait_blocks_free(s, p, d)
     finally:
         close(s, p, d)
+
+
+def test_a_prompt_longer_than_the_cache_is_admitted_when_it_never_holds_it_whole(reference):
+    # 17 usable blocks of 4 (68 tokens) and a 150-token prompt: held at once at most the window and a
+    # chunk (16 + 12 tokens), so a standalone instance serves it; its tokens equal freeing-off's in a big cache.
+    prompt = engine_prompts()[1] * 5
+    sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    big = llm(80, freeing=False)
+    ref = big.generate([prompt], sp)[0].outputs[0].token_ids
+    small = llm(18, freeing=True)
+    assert small.generate([prompt], sp)[0].outputs[0].token_ids == ref
+    assert small.engine.stats().num_preemptions == 0
+    small.engine.scheduler.check_integrity()
+    # Without chunked prefill the whole prompt is one step: it must fit whole.
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm(18, freeing=True, enable_chunked_prefill=False).engine.validate_prompt(prompt, sp)
+
+
+def test_a_prompt_whose_kv_moves_must_fit_the_cache_whole():
+    p = make(MODEL, "prefill", "read", "shm", blocks=18)
+    try:
+        prompt = engine_prompts()[1] * 20  # 600 tokens: 38 blocks of 16, the cache has 17
+        sp = SamplingParams(max_tokens=1, temperature=0.0)
+        with pytest.raises(ValueError, match="KV blocks"):
+            p.engine.validate_request(prompt, sp, {"do_remote_decode": True})
+        p.engine.validate_request(prompt, sp, None)  # computed here alone: the window bounds it
+    finally:
+        close(p)
