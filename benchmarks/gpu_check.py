@@ -61,7 +61,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 WHEELS = REPO / "runs" / "gpu_wheels"
 # Worst-case seconds per stage (H100); the whole run is also capped by --budget.
 STAGES = {"tests": 150, "cuda_vs_cpu": 50, "model": 140, "disagg": 110}
-NEEDED = ("zmq", "msgspec", "fastapi", "uvicorn", "pydantic", "llguidance")
+NEEDED = ("zmq", "msgspec", "fastapi", "uvicorn", "pydantic", "llguidance", "tqdm", "prometheus_client", "psutil")
 MARK = "PDSERVE_GPU_CHECK_STAGE"  # in the environment of every process a stage starts
 
 

@@ -131,10 +131,8 @@ def config_from_sweep_args(args: argparse.Namespace) -> SweepConfig:
 
 def write_outputs(cfg: SweepConfig, series: Sequence[Series],
                   with_json: bool = True) -> tuple[tuple[SeriesSummary, ...], list[Path]]:
-    """results.json (unless not `with_json`), summary.md, Figure 3 and Figure 4 in cfg.out_dir."""
-    from pdserve.bench.phase_plots import plot_phases  # matplotlib only here
-    from pdserve.bench.sweep_plots import plot_fig3, plot_fig4
-
+    """results.json (unless not `with_json`), summary.md, Figure 3 and Figure 4 in cfg.out_dir (the
+    figures last: results and summary are on disk even where matplotlib fails to import)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(cfg, series)
@@ -144,6 +142,9 @@ def write_outputs(cfg: SweepConfig, series: Sequence[Series],
         paths[0].write_text(json.dumps(sweep_json(cfg, series, summaries), allow_nan=False) + "\n")
     paths.append(out / "summary.md")
     paths[-1].write_text(markdown_summary(cfg, summaries))
+    from pdserve.bench.phase_plots import plot_phases  # matplotlib only here
+    from pdserve.bench.sweep_plots import plot_fig3, plot_fig4
+
     if (fig3 := plot_fig3(cfg, series, out / "fig3_per_request.png")) is not None:
         paths.append(fig3)
     paths += plot_fig4(cfg, summaries, out)
