@@ -20,6 +20,7 @@ OpenAI endpoints' `use_beam_search`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -130,7 +131,12 @@ def beam_search_score(
     prompt and not a final end-of-sequence token. Higher is better; a larger penalty favours longer
     sequences (their negative sums are divided by more)."""
     length = len(tokens) - (1 if tokens and tokens[-1] in eos_token_ids else 0)
-    return cum_logprob / (length**length_penalty)
+    try:
+        return cum_logprob / (length**length_penalty)
+    except OverflowError:  # len ** penalty beyond a float (a huge penalty): the quotient's limit, -0.0
+        return cum_logprob * 0.0
+    except ZeroDivisionError:  # len ** penalty underflowed to 0 (a huge negative penalty)
+        return -math.inf if cum_logprob < 0 else 0.0
 
 
 def candidates(step: TokenLogprob, k: int) -> list[TokenLogprob]:

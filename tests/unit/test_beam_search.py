@@ -92,6 +92,10 @@ def test_score_and_candidates() -> None:
     assert beam_search_score([5, 6, EOS], -3.0, {EOS}, 1.0) == pytest.approx(-1.5)
     assert beam_search_score([5, 6, 7], -3.0, {EOS}, 1.0) == pytest.approx(-1.0)
     assert beam_search_score([5, 6, 7], -3.0, {EOS}, 0.0) == pytest.approx(-3.0)
+    # Penalties whose len ** penalty leaves a float (the server accepts any finite one): the limits,
+    # not an OverflowError / ZeroDivisionError (a 500, found by the proxy's fuzz test).
+    assert beam_search_score([5] * 1000, -3.0, {EOS}, 128.0) == 0.0
+    assert beam_search_score([5] * 1000, -3.0, {EOS}, -1e4) == -math.inf
     # vLLM's logprobs always hold the sampled token: one outside the likeliest is a candidate too.
     sampled = TokenLogprob(42, -9.0, 50, ((1, -0.1), (2, -0.5)))
     assert [(c.token_id, c.rank) for c in candidates(sampled, 2)] == [(1, 1), (2, 2), (42, 50)]
