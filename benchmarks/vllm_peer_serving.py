@@ -293,23 +293,13 @@ def idle_cpu(children: Sequence[Any], seconds: float = 3.0) -> dict[str, float]:
 
 def run_pdserve(cfg: Any, name: str, log: Callable[[str], None], idle: dict[str, dict[str, float]]) -> Any:
     """pdserve.bench.sweep.run_topology, plus the idle CPU of the started processes."""
-    from pdserve.bench.sweep import Series, run_rates
-    from pdserve.launch import Topology, TopologyError, parse_topology
+    from pdserve.bench.sweep import run_topology
 
-    spec = parse_topology(name, cfg.model, run_dir=str(Path(cfg.out_dir) / "logs" / name.replace(":", "-")),
-                          engine_args=cfg.engine_args, proxy_args=cfg.proxy_args,
-                          startup_timeout_s=cfg.startup_timeout_s)
-    log(f"starting {name} (logs in {spec.run_dir})")
-    try:
-        with Topology(spec) as topo:
-            idle[name] = idle_cpu(topo.children)
-            log(f"{name} ready at {topo.url}; idle CPU per process tree (cores) {idle[name]}")
-            points, error = run_rates(cfg, name, topo.url, log)
-            if error is None and (dead := topo.dead()):
-                error = f"{dead[0].name} died during the sweep; log {dead[0].log_path}"
-            return Series(name, "topology", topo.url, points, error)
-    except TopologyError as e:
-        return Series(name, "topology", "", (), str(e))
+    def measure_idle(topo: Any) -> None:
+        idle[name] = idle_cpu(topo.children)
+        log(f"{name}: idle CPU per process tree (cores) {idle[name]}")
+
+    return run_topology(cfg, name, log, on_ready=measure_idle)
 
 
 class VllmTopology:

@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from pdserve.bench.phase_report import PhaseRun
 from pdserve.bench.phases import PHASES, Breakdown
+from pdserve.bench.plots import save_figure
 
 _STACKS = {"proxy": ("proxy_request", "proxy_response")}  # every other role: _INSTANCE
 _INSTANCE = ("queue", "prefill", "decode")
@@ -80,8 +80,4 @@ def plot_phases(runs: Sequence[PhaseRun], path: str | Path, title: str = "") -> 
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small")
     fig.suptitle(title or "Where a request's time goes, per role (S standalone, P prefill, D decode, B both)")
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, path, dpi=110, tight=False)

@@ -26,11 +26,13 @@ _TTFT = SLO("ttft", 0.0, "ttft")  # value extractors when no such SLO was given
 _ITL_P99 = SLO("itl_p99", 0.0, "itl_pct", 99.0)
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120, tight: bool = True) -> Path:
+    """Render `fig` to `path` (PNG; its folder made), cropped to its content when `tight`."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    fig.savefig(out, dpi=dpi, bbox_inches="tight" if tight else None)
+    return out
 
 
 def _bars(records: Sequence[RequestRecord], slos: Sequence[SLO], metric: SLO, title: str, path: Path) -> Path:
@@ -56,7 +58,7 @@ def _bars(records: Sequence[RequestRecord], slos: Sequence[SLO], metric: SLO, ti
     ax.set_ylabel(f"{metric.label} (ms)")
     ax.set_xlim(-1, max(n, 1))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_request(records: Sequence[RequestRecord], slos: Sequence[SLO], out_dir: str | Path) -> list[Path]:
@@ -102,4 +104,4 @@ def plot_attainment_vs_rate(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small")
-    return _save(fig, Path(path))
+    return save_figure(fig, path)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -23,6 +24,9 @@ from pdserve.bench.client import RequestRecord
 from pdserve.bench.metrics import SLO, parse_slo, parse_slos, summarize
 from pdserve.bench.phases import Breakdown, PhaseProbe, Target
 from pdserve.bench.runner import BenchConfig, BenchResult, run_benchmark
+
+if TYPE_CHECKING:  # launch.py is imported where a topology starts (it pulls in the servers' stack)
+    from pdserve.launch import Topology
 
 DEFAULT_TOPOLOGIES = ("standard:1", "standard:2", "disagg-read", "disagg-write")
 BASELINE = "standard:2"
@@ -234,8 +238,9 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
-def run_topology(cfg: SweepConfig, name: str, log: Log) -> Series:
-    """Start topology `name`, run every rate against it, stop it (always)."""
+def run_topology(cfg: SweepConfig, name: str, log: Log, on_ready: Callable[[Topology], None] | None = None) -> Series:
+    """Start topology `name`, run every rate against it, stop it (always). `on_ready` is called with
+    the started topology before the first rate (a benchmark's own measurement of it)."""
     from pdserve.launch import Topology, TopologyError, parse_topology
 
     spec = parse_topology(name, cfg.model, run_dir=str(Path(cfg.out_dir) / "logs" / name.replace(":", "-")),
@@ -245,6 +250,8 @@ def run_topology(cfg: SweepConfig, name: str, log: Log) -> Series:
     try:
         with Topology(spec) as topo:
             log(f"{name} ready at {topo.url}")
+            if on_ready is not None:
+                on_ready(topo)
             targets = (Target("proxy", "proxy", topo.url), *(Target(c.name, c.role, c.url) for c in topo.instances))
             points, error = run_rates(cfg, name, topo.url, log, targets)
             if error is None and (dead := topo.dead()):

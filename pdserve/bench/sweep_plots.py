@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from pdserve.bench.metrics import SLO
-from pdserve.bench.plots import BAD_COLOR, FAILED_COLOR, GOOD_COLOR, plot_attainment_vs_rate
+from pdserve.bench.plots import BAD_COLOR, FAILED_COLOR, GOOD_COLOR, plot_attainment_vs_rate, save_figure
 from pdserve.bench.sweep import Series, SweepConfig
 from pdserve.bench.sweep_report import SeriesSummary
 
@@ -55,11 +54,7 @@ def plot_fig3(cfg: SweepConfig, series: Sequence[Series], path: str | Path) -> P
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize="small")
     fig.suptitle(f"Per-request TTFT and ITL at {rate:g} req/s ({cfg.headline.describe()})")
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, path, dpi=110, tight=False)
 
 
 def plot_fig4(cfg: SweepConfig, summaries: Sequence[SeriesSummary], out_dir: str | Path) -> list[Path]:

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from pdserve.config import CacheConfig, EngineConfig
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.engine import LLMEngine
 from pdserve.engine.logprobs import TokenLogprob
 from pdserve.engine.outputs import StepOutput
 from pdserve.engine.sampling_params import SamplingParams
@@ -54,15 +51,6 @@ def test_an_error_is_not_merged_with_the_tokens_before_it() -> None:
     tokens, error = merge_outputs(outs)
     assert tokens.new_token_ids == [1, 2] and not tokens.finished
     assert error is outs[2]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[AsyncEngine]:
-    llm = LLMEngine(EngineConfig(model=MODEL, cache=CacheConfig(num_kv_blocks=64)))
-    eng = AsyncEngine(llm)
-    yield eng
-    eng.shutdown()
-    llm.close()
 
 
 def test_a_reader_that_fell_behind_gets_every_token_at_once(engine: AsyncEngine) -> None:

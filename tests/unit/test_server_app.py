@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from pdserve.config import CacheConfig, EngineConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import StepOutput
@@ -19,15 +18,6 @@ from pdserve.server.context import ServerContext
 from pdserve.server.settings import ServerSettings
 
 MODEL = "dummy:qwen3-tiny"
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[AsyncEngine]:
-    llm = LLMEngine(EngineConfig(model=MODEL, cache=CacheConfig(num_kv_blocks=64)))
-    eng = AsyncEngine(llm)
-    yield eng
-    eng.shutdown()
-    llm.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import asyncio
 import json
 import random
 import re
-from collections.abc import Iterator
 
 import httpx
 import llguidance as llg
@@ -17,9 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.config import CacheConfig, EngineConfig
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.engine import LLMEngine
 from pdserve.engine.sampling_params import StructuredOutputs
 from pdserve.engine.structured import grammar_of
 from pdserve.model.tokenizer import Tokenizer
@@ -317,15 +314,6 @@ MODEL = "dummy:qwen3-tiny"
 ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["tz", "loud"],
     "properties": {"tz": {"enum": ["UTC", "CET"]}, "loud": {"type": "boolean"}}}}}
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[AsyncEngine]:
-    llm = LLMEngine(EngineConfig(model=MODEL, cache=CacheConfig(num_kv_blocks=64)))
-    eng = AsyncEngine(llm)
-    yield eng
-    eng.shutdown()
-    llm.close()
 
 
 def _post(ctx: ServerContext, path: str, body: dict) -> httpx.Response:
